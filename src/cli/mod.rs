@@ -1,0 +1,265 @@
+//! The `twintrack` command line: flag flips with guard rails, from a terminal or a script.
+//!
+//! Global options: `--database-url` (env `DATABASE_URL`), `--config` (env `TWINTRACK_CONFIG`,
+//! default `twintrack.toml`), `--json` (machine-readable output on stdout).
+//!
+//! Exit codes (stable): 0 ok; 1 verify found divergence; 2 bad usage or bad input; 3 transition
+//! refused (including a lost compare-and-set); 4 cannot reach the database; 5 any other failure.
+
+mod init;
+mod output;
+mod stage;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::db::{ConnectOptions, Database};
+use crate::{Error, Stage};
+
+pub(crate) use output::Output;
+
+/// Zero-downtime expand/contract migrations: stages, flags and instant rollback.
+#[derive(Debug, Parser)]
+#[command(name = "twintrack", version)]
+pub struct Cli {
+    /// Database holding the flag table (postgres://… or sqlite:…).
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Configuration file listing the migrations [default: twintrack.toml].
+    #[arg(long, env = "TWINTRACK_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Who is acting, for the audit log [default: cli:$USER].
+    #[arg(long, env = "TWINTRACK_ACTOR", global = true)]
+    pub actor: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create twintrack's tables and register the configured migrations at legacy_only
+    /// (idempotent: existing migrations are left as they are).
+    Init,
+    /// Show every migration's stage, or one migration in detail with the moves allowed now.
+    Status {
+        /// Only this migration, in detail.
+        migration: Option<String>,
+    },
+    /// Change a migration's stage.
+    Stage {
+        /// What to do with the stage.
+        #[command(subcommand)]
+        action: StageCommand,
+    },
+    /// Roll back to the nearest stage where legacy is authoritative (live/ramp_down -> shadow,
+    /// shadow -> dual_write, dual_write -> legacy_only). From new_only, refused unless a reverse
+    /// sync has run.
+    Rollback {
+        /// The migration.
+        migration: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Change a migration's shadow sample rate or read rollout percent.
+    Tune {
+        /// The migration.
+        migration: String,
+        /// Share of reads shadow-compared in shadow and live, 0.0 to 1.0.
+        #[arg(long)]
+        shadow_sample_rate: Option<f64>,
+        /// In live, percent of request keys whose reads are served by the new shape (0-100).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100), conflicts_with = "clear_read_rollout")]
+        read_rollout_percent: Option<u8>,
+        /// Remove the read rollout percent (all reads in live go to the new shape).
+        #[arg(long)]
+        clear_read_rollout: bool,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Only apply if the flag's version is still N.
+        #[arg(long, value_name = "N")]
+        expect_version: Option<i64>,
+    },
+}
+
+/// `twintrack stage …`
+#[derive(Debug, Subcommand)]
+pub enum StageCommand {
+    /// Move a migration to STAGE under the transition rules.
+    Set {
+        /// The migration.
+        migration: String,
+        /// legacy_only, dual_write, shadow, live, ramp_down or new_only (aliases: off, dualwrite,
+        /// rampdown, complete).
+        stage: Stage,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Override a refusal of the transition rules (audited with the refusal).
+        #[arg(long)]
+        force: bool,
+        /// Only apply if the flag's version is still N (compare-and-set).
+        #[arg(long, value_name = "N")]
+        expect_version: Option<i64>,
+    },
+}
+
+/// Parses the process arguments, runs the command, prints, and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(5);
+        }
+    };
+    let out = Output::new(cli.json);
+    match runtime.block_on(run(cli, &out)) {
+        Ok(code) => code,
+        Err(err) => {
+            out.error(&err);
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub(crate) async fn run(cli: Cli, out: &Output) -> Result<ExitCode, Error> {
+    let env = Env::from_cli(&cli)?;
+    match cli.command {
+        Command::Init => init::run(&env, out).await,
+        Command::Status { migration } => status::run(&env, out, migration.as_deref()).await,
+        Command::Stage {
+            action:
+                StageCommand::Set {
+                    migration,
+                    stage: to,
+                    reason,
+                    force,
+                    expect_version,
+                },
+        } => {
+            let change = crate::flags::StageChange {
+                migration,
+                to,
+                expected_version: expect_version,
+                actor: env.actor.clone(),
+                reason,
+                force,
+            };
+            stage::set(&env, out, change).await
+        }
+        Command::Rollback { migration, reason } => {
+            stage::rollback(&env, out, &migration, &reason).await
+        }
+        Command::Tune {
+            migration,
+            shadow_sample_rate,
+            read_rollout_percent,
+            clear_read_rollout,
+            reason,
+            expect_version,
+        } => {
+            let read_rollout_percent = match (read_rollout_percent, clear_read_rollout) {
+                (Some(p), _) => Some(Some(p)),
+                (None, true) => Some(None),
+                (None, false) => None,
+            };
+            if shadow_sample_rate.is_none() && read_rollout_percent.is_none() {
+                return Err(Error::InvalidInput(
+                    "nothing to change: pass --shadow-sample-rate, --read-rollout-percent or --clear-read-rollout".into(),
+                ));
+            }
+            let change = crate::flags::TuningChange {
+                migration,
+                shadow_sample_rate,
+                read_rollout_percent,
+                expected_version: expect_version,
+                actor: env.actor.clone(),
+                reason,
+            };
+            stage::tune(&env, out, change).await
+        }
+    }
+}
+
+/// The exit code for an error (see the module docs).
+pub fn exit_code(err: &Error) -> u8 {
+    match err {
+        Error::Refused(_) | Error::VersionConflict { .. } => 3,
+        Error::Unreachable(_) => 4,
+        Error::UnknownMigration(_)
+        | Error::InvalidStage(_)
+        | Error::InvalidFlag { .. }
+        | Error::Config(_)
+        | Error::InvalidInput(_)
+        | Error::NotInitialized => 2,
+        Error::Database(_) => 5,
+    }
+}
+
+/// What every command needs: where the database is, the config, who is acting.
+pub(crate) struct Env {
+    database_url: Option<String>,
+    config_path: PathBuf,
+    config_explicit: bool,
+    pub(crate) actor: String,
+}
+
+impl Env {
+    fn from_cli(cli: &Cli) -> Result<Env, Error> {
+        let actor = match &cli.actor {
+            Some(actor) => actor.clone(),
+            None => format!(
+                "cli:{}",
+                std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+            ),
+        };
+        Ok(Env {
+            database_url: cli.database_url.clone().filter(|u| !u.is_empty()),
+            config_explicit: cli.config.is_some(),
+            config_path: cli
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("twintrack.toml")),
+            actor,
+        })
+    }
+
+    /// The config file; `None` when the default file is absent (only an explicitly named file
+    /// must exist).
+    pub(crate) fn config(&self) -> Result<Option<Config>, Error> {
+        if !self.config_explicit && !self.config_path.exists() {
+            return Ok(None);
+        }
+        Config::load(&self.config_path).map(Some)
+    }
+
+    pub(crate) async fn database(&self) -> Result<Database, Error> {
+        let url = self.database_url.as_deref().ok_or_else(|| {
+            Error::InvalidInput("no database: pass --database-url or set DATABASE_URL".into())
+        })?;
+        Database::connect_with(
+            url,
+            ConnectOptions {
+                max_connections: 2,
+                ..ConnectOptions::default()
+            },
+        )
+        .await
+    }
+}

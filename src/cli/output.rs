@@ -1,0 +1,85 @@
+//! Printing: human text on stdout, or JSON with `--json`; errors always on stderr (and, with
+//! `--json`, also as a JSON object on stdout so scripts can read the reason).
+
+use serde::Serialize;
+
+use crate::Error;
+
+/// Where command output goes.
+pub(crate) struct Output {
+    json: bool,
+}
+
+impl Output {
+    pub(crate) fn new(json: bool) -> Output {
+        Output { json }
+    }
+
+    /// Prints `value` as JSON, or `human` when not in JSON mode.
+    pub(crate) fn print<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
+        if self.json {
+            match serde_json::to_string_pretty(value) {
+                Ok(text) => println!("{text}"),
+                Err(e) => eprintln!("error: cannot encode output as JSON: {e}"),
+            }
+        } else {
+            let text = human();
+            if !text.is_empty() {
+                println!("{text}");
+            }
+        }
+    }
+
+    pub(crate) fn error(&self, err: &Error) {
+        eprintln!("error: {err}");
+        if self.json {
+            let mut body = serde_json::json!({
+                "error": err.to_string(),
+                "exit_code": super::exit_code(err),
+            });
+            if let Error::Refused(refusal) = err {
+                body["refusal"] = serde_json::json!(refusal);
+            }
+            println!("{body}");
+        }
+    }
+}
+
+/// `2026-11-21T04:05:06Z` from µs since the Unix epoch (UTC; no time-zone database needed).
+pub(crate) fn format_micros(micros: i64) -> String {
+    if micros <= 0 {
+        return "-".into();
+    }
+    let secs = micros.div_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_micros;
+
+    #[test]
+    fn formats_utc() {
+        assert_eq!(format_micros(0), "-");
+        assert_eq!(format_micros(1_000_000), "1970-01-01T00:00:01Z");
+        assert_eq!(format_micros(951_782_400_000_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_micros(1_795_233_906_000_000), "2026-11-21T04:05:06Z");
+    }
+}

@@ -1,0 +1,153 @@
+//! `twintrack.toml`: the migrations a deployment knows about.
+//!
+//! ```toml
+//! [[migration]]
+//! name = "user_settings"          # lowercase, digits, '_'
+//! legacy_table = "users"          # plain or schema-qualified identifiers only
+//! legacy_key = "id"
+//! new_table = "user_settings"
+//! new_key = "user_id"
+//! fallback_stage = "legacy_only"  # optional: served if the flag was never loaded
+//! ```
+//!
+//! Unknown keys are an error (a typo must not silently change nothing), and so is every
+//! identifier that is not a plain SQL identifier.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::db::quote_ident;
+use crate::flags::validate_migration_name;
+use crate::{Error, Result, Stage};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The migrations, one `[[migration]]` table each.
+    #[serde(default, rename = "migration")]
+    pub migrations: Vec<MigrationConfig>,
+}
+
+/// One migration's definition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// The migration's name, used by the CLI, the flag table and metrics.
+    pub name: String,
+    /// The legacy table.
+    pub legacy_table: String,
+    /// The legacy table's key column.
+    pub legacy_key: String,
+    /// The new table.
+    pub new_table: String,
+    /// The new table's key column.
+    pub new_key: String,
+    /// The stage served when the flag was never loaded (default `legacy_only`).
+    #[serde(default = "default_fallback")]
+    pub fallback_stage: Stage,
+}
+
+fn default_fallback() -> Stage {
+    Stage::LegacyOnly
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Config::parse(&text).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks names, identifiers and uniqueness.
+    pub fn validate(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for m in &self.migrations {
+            validate_migration_name(&m.name).map_err(|e| Error::Config(e.to_string()))?;
+            if !seen.insert(m.name.as_str()) {
+                return Err(Error::Config(format!(
+                    "migration {:?} is defined twice",
+                    m.name
+                )));
+            }
+            for (field, ident) in [
+                ("legacy_table", &m.legacy_table),
+                ("legacy_key", &m.legacy_key),
+                ("new_table", &m.new_table),
+                ("new_key", &m.new_key),
+            ] {
+                quote_ident(ident)
+                    .map_err(|e| Error::Config(format!("migration {:?}, {field}: {e}", m.name)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The migration called `name`.
+    pub fn migration(&self, name: &str) -> Option<&MigrationConfig> {
+        self.migrations.iter().find(|m| m.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [[migration]]
+        name = "user_settings"
+        legacy_table = "users"
+        legacy_key = "id"
+        new_table = "app.user_settings"
+        new_key = "user_id"
+        fallback_stage = "dualwrite"
+    "#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let config = Config::parse(GOOD).unwrap();
+        let m = config.migration("user_settings").unwrap();
+        assert_eq!(m.new_table, "app.user_settings");
+        assert_eq!(m.fallback_stage, Stage::DualWrite);
+        assert!(Config::parse("").unwrap().migrations.is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_files_with_a_clear_message() {
+        let cases = [
+            (GOOD.replace("legacy_key", "legacy_kee"), "unknown field"),
+            (
+                GOOD.replace("\"users\"", "\"users; drop table x\""),
+                "invalid SQL identifier",
+            ),
+            (
+                GOOD.replace("\"id\"", "\"i\\\"d\""),
+                "invalid SQL identifier",
+            ),
+            (
+                GOOD.replace("user_settings\"\n", "User Settings\"\n"),
+                "invalid migration name",
+            ),
+            (GOOD.replace("dualwrite", "sideways"), "invalid stage"),
+            (format!("{GOOD}{GOOD}"), "defined twice"),
+            ("[[migration]]\nname = 3".to_owned(), "invalid type"),
+            ("this is not toml".to_owned(), "expected"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The request context: the flag snapshot pinned for one request.
+//!
+//! [`TwinTrackLayer`](crate::TwinTrackLayer) creates one [`RequestContext`] when a request
+//! starts and makes it reachable two ways:
+//!
+//! - in the request's extensions (`req.extensions().get::<RequestContext>()`, or axum's
+//!   `Extension<RequestContext>` extractor), to pass explicitly to repository code;
+//! - as a Tokio task-local for the whole request future, so repository code deep in a call
+//!   stack can call [`RequestContext::current`] without threading an argument through.
+//!
+//! A task-local does not cross `tokio::spawn`. Work spawned from a request that must see the
+//! request's stages re-scopes the context explicitly:
+//!
+//! ```no_run
+//! # async fn handler() {
+//! use twintrack::RequestContext;
+//!
+//! let ctx = RequestContext::current().expect("inside a request wrapped by TwinTrackLayer");
+//! tokio::spawn(ctx.clone().scope(async {
+//!     // Same pinned stages here, even if a flag flips meanwhile.
+//!     let stage = RequestContext::current().unwrap().stage("user_settings");
+//! }));
+//! # }
+//! ```
+//!
+//! Work that is not part of a request (a job, a consumer loop) takes a fresh context from the
+//! cache with [`RequestContext::from_cache`] for each unit of work.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::task::futures::TaskLocalFuture;
+
+use crate::Stage;
+use crate::flags::{FlagCache, MigrationFlag, Snapshot};
+
+tokio::task_local! {
+    static CURRENT: RequestContext;
+}
+
+/// The flag state pinned for one request. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    snapshot: Arc<Snapshot>,
+    rollout_key: u64,
+}
+
+impl RequestContext {
+    /// A context over `snapshot`. `rollout_key` places the request in the read rollout of a
+    /// `live` migration (the layer hashes the configured request-key header into it).
+    pub fn new(snapshot: Arc<Snapshot>, rollout_key: u64) -> RequestContext {
+        RequestContext {
+            snapshot,
+            rollout_key,
+        }
+    }
+
+    /// A context for work outside any request: the cache's current snapshot and a random
+    /// rollout key.
+    pub fn from_cache(flags: &FlagCache) -> RequestContext {
+        RequestContext::new(flags.snapshot(), random_key())
+    }
+
+    /// The context of the request being served by this task, if any.
+    pub fn current() -> Option<RequestContext> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// Runs `future` with this context as [`RequestContext::current`] (for spawned work).
+    pub fn scope<F: Future>(self, future: F) -> TaskLocalFuture<RequestContext, F> {
+        CURRENT.scope(self, future)
+    }
+
+    /// Runs `f` with this context as [`RequestContext::current`].
+    pub fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
+        CURRENT.sync_scope(self, f)
+    }
+
+    /// The snapshot of every registered migration taken when the request started.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// The pinned flag of `migration`.
+    pub fn flag(&self, migration: &str) -> Option<&MigrationFlag> {
+        self.snapshot.get(migration)
+    }
+
+    /// The pinned stage of `migration`: what writes follow.
+    pub fn stage(&self, migration: &str) -> Option<Stage> {
+        self.snapshot.stage(migration)
+    }
+
+    /// The stage reads follow: the pinned stage, except that in `live` with a read rollout
+    /// percent, a request whose key falls outside the percent reads as in `shadow`. Writes are
+    /// never split (use [`RequestContext::stage`] for them).
+    pub fn read_stage(&self, migration: &str) -> Option<Stage> {
+        let flag = self.flag(migration)?;
+        let stage = flag.stage();
+        match (stage, flag.state.read_rollout_percent) {
+            (Stage::Live, Some(percent)) if self.rollout_bucket(flag) >= percent => {
+                Some(Stage::Shadow)
+            }
+            _ => Some(stage),
+        }
+    }
+
+    /// The request's bucket, 0 to 99, for this migration's rollout. Mixed with the migration's
+    /// name so one key is not in the first percent of every migration.
+    fn rollout_bucket(&self, flag: &MigrationFlag) -> u8 {
+        (splitmix64(self.rollout_key ^ flag.name_hash) % 100) as u8
+    }
+}
+
+/// A well-mixed 64-bit value, different on every call (a Weyl sequence through splitmix64).
+pub(crate) fn random_key() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0x853c_49e6_748f_ea9b);
+    splitmix64(NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed))
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,108 @@
+//! The crate's one error type. Each variant is something a caller can act on; the CLI maps them
+//! to its exit codes (2 bad input, 3 refused, 4 unreachable).
+
+use crate::stage::ParseStageError;
+use crate::transition::Refusal;
+
+/// A `Result` with twintrack's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in twintrack.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database could not be reached (connection refused, I/O, pool timeout, shutting down).
+    #[error("cannot reach the database: {0}")]
+    Unreachable(#[source] sqlx::Error),
+    /// A statement reached the database and failed there.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    /// No migration of that name is registered in the flag store.
+    #[error(
+        "unknown migration {0:?} (run `twintrack init` to register the migrations in the config)"
+    )]
+    UnknownMigration(String),
+    /// A stage name that does not parse.
+    #[error(transparent)]
+    InvalidStage(#[from] ParseStageError),
+    /// The stored flag row for a migration is not valid (for example a stage edited by hand).
+    #[error("flag row for migration {migration:?} is invalid: {problem}")]
+    InvalidFlag {
+        /// The migration whose row is bad.
+        migration: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The transition rules refuse the move; `--force` overrides (and is audited).
+    #[error("{0}")]
+    Refused(Refusal),
+    /// Compare-and-set lost: someone else changed the flag first.
+    #[error(
+        "version conflict on {migration:?}: expected version {expected}, found {actual} (re-read the state and retry)"
+    )]
+    VersionConflict {
+        /// The migration.
+        migration: String,
+        /// The version the caller expected.
+        expected: i64,
+        /// The version found in the store.
+        actual: i64,
+    },
+    /// The configuration file or a configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// twintrack's own tables do not exist in this database yet.
+    #[error("twintrack's tables are missing in this database: run `twintrack init` first")]
+    NotInitialized,
+    /// An argument is invalid (a name, an identifier, a value out of range).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+}
+
+impl Error {
+    /// Sorts an sqlx error into "could not reach the database" or "the statement failed".
+    pub(crate) fn from_sqlx(err: sqlx::Error) -> Error {
+        if let sqlx::Error::Database(db) = &err {
+            let missing_table =
+                db.code().as_deref() == Some("42P01") || db.message().starts_with("no such table");
+            if missing_table && db.message().contains("twintrack_") {
+                return Error::NotInitialized;
+            }
+        }
+        if is_unreachable(&err) {
+            Error::Unreachable(err)
+        } else {
+            Error::Database(err)
+        }
+    }
+
+    /// True when the error means the database could not be reached (the CLI's exit code 4).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::Unreachable(_))
+    }
+}
+
+fn is_unreachable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            matches!(
+                db.code().as_deref(),
+                // invalid_catalog_name, too_many_connections, admin_shutdown, crash_shutdown,
+                // cannot_connect_now, invalid_authorization_specification, database_dropped
+                Some("3D000" | "53300" | "57P01" | "57P02" | "57P03" | "28000" | "28P01" | "57P04")
+            ) || db.message().contains("unable to open database file")
+        }
+        _ => false,
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        Error::from_sqlx(err)
+    }
+}

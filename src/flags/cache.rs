@@ -1,0 +1,354 @@
+//! [`FlagCache`]: the in-process copy of every registered migration's flag state.
+//!
+//! - Each migration's value in force lives in a moka cache with the time it was loaded and where
+//!   it came from ([`FlagSource`]): fresh from the store, the last known value kept while the
+//!   store fails (or while its row is unparsable), or the configured fallback stage when nothing
+//!   was ever loaded.
+//! - A background task reloads every `soft_ttl` (default 1 s), and at once when the store pushes
+//!   a change (PostgreSQL `NOTIFY`). A failed reload never evicts anything.
+//! - After each reload the values are frozen into one immutable [`Snapshot`]. Taking a snapshot
+//!   is a single atomic load: that is what the tower layer does per request, so it costs no
+//!   cache lookups, clock reads or locks on the request path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use opentelemetry::KeyValue;
+use tokio::sync::{Mutex, broadcast};
+
+use super::{FlagChange, FlagState, FlagStore};
+use crate::metrics::Metrics;
+use crate::{Result, Stage};
+
+/// Where the value in force for a migration came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlagSource {
+    /// Loaded from the store by the latest reload.
+    Fresh,
+    /// The last known value, kept because the latest reload failed or the row did not parse.
+    Stale,
+    /// Never loaded: the configured fallback stage.
+    Fallback,
+}
+
+/// One migration's flag state as the cache holds it.
+#[derive(Clone, Debug)]
+pub struct MigrationFlag {
+    /// The flag state (for a fallback: the fallback stage, version 0).
+    pub state: Arc<FlagState>,
+    /// Where it came from.
+    pub source: FlagSource,
+    /// When it was loaded from the store (`None` for a fallback).
+    pub loaded_at: Option<SystemTime>,
+    /// Stable hash of the migration name, for read rollout bucketing.
+    pub(crate) name_hash: u64,
+}
+
+impl MigrationFlag {
+    /// The migration's name.
+    pub fn name(&self) -> &str {
+        &self.state.migration
+    }
+
+    /// The stage in force.
+    pub fn stage(&self) -> Stage {
+        self.state.stage
+    }
+}
+
+/// Every registered migration's flag state at one instant. Immutable; shared by `Arc`.
+#[derive(Debug)]
+pub struct Snapshot {
+    flags: Box<[MigrationFlag]>,
+    generation: u64,
+}
+
+impl Snapshot {
+    /// The flag of `migration`, if it is registered with the cache.
+    pub fn get(&self, migration: &str) -> Option<&MigrationFlag> {
+        // A handful of migrations: a linear scan beats hashing.
+        self.flags.iter().find(|f| f.name() == migration)
+    }
+
+    /// The stage of `migration`, if it is registered with the cache.
+    pub fn stage(&self, migration: &str) -> Option<Stage> {
+        self.get(migration).map(MigrationFlag::stage)
+    }
+
+    /// Every registered migration's flag.
+    pub fn iter(&self) -> impl Iterator<Item = &MigrationFlag> {
+        self.flags.iter()
+    }
+
+    /// Increases with every reload; two snapshots with the same generation are the same.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Registered {
+    name: Arc<str>,
+    fallback: Stage,
+}
+
+/// Builds a [`FlagCache`].
+pub struct FlagCacheBuilder {
+    store: Arc<dyn FlagStore>,
+    migrations: Vec<Registered>,
+    soft_ttl: Duration,
+    metrics: Option<Metrics>,
+}
+
+impl FlagCacheBuilder {
+    /// Registers a migration, with the stage to serve if its flag was never loaded.
+    /// Registering the same name twice keeps the last fallback.
+    pub fn migration(mut self, name: impl Into<String>, fallback: Stage) -> Self {
+        let name: Arc<str> = name.into().into();
+        self.migrations.retain(|m| m.name != name);
+        self.migrations.push(Registered { name, fallback });
+        self
+    }
+
+    /// How often the cache reloads without a push from the store (default 1 s).
+    pub fn soft_ttl(mut self, ttl: Duration) -> Self {
+        self.soft_ttl = ttl.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Records metrics on these instruments instead of the global meter's.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Loads once (serving fallbacks if the store fails) and starts the background refresher,
+    /// which stops when the last clone of the cache is dropped. Needs a Tokio runtime.
+    pub async fn build(self) -> FlagCache {
+        let mut migrations = self.migrations;
+        migrations.sort_by(|a, b| a.name.cmp(&b.name));
+        let values = moka::sync::Cache::builder()
+            .max_capacity(migrations.len().max(1) as u64 * 2)
+            .build();
+        let changes = self.store.subscribe();
+        let inner = Arc::new(Inner {
+            store: self.store,
+            migrations,
+            values,
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                flags: Box::new([]),
+                generation: 0,
+            }),
+            reload_lock: Mutex::new(0),
+            metrics: self.metrics.unwrap_or_else(Metrics::global),
+        });
+        let _ = inner.reload().await;
+        tokio::spawn(refresher(Arc::downgrade(&inner), self.soft_ttl, changes));
+        FlagCache { inner }
+    }
+}
+
+/// The cached flag state of a set of migrations. Cheap to clone; clones share the cache.
+#[derive(Clone)]
+pub struct FlagCache {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for FlagCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlagCache")
+            .field("snapshot", &self.inner.snapshot.load())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    store: Arc<dyn FlagStore>,
+    migrations: Vec<Registered>,
+    values: moka::sync::Cache<Arc<str>, MigrationFlag>,
+    snapshot: ArcSwap<Snapshot>,
+    /// Serialises reloads (so an older load never overwrites a newer one); holds the generation.
+    reload_lock: Mutex<u64>,
+    metrics: Metrics,
+}
+
+impl FlagCache {
+    /// Starts building a cache over `store`.
+    pub fn builder(store: Arc<dyn FlagStore>) -> FlagCacheBuilder {
+        FlagCacheBuilder {
+            store,
+            migrations: Vec::new(),
+            soft_ttl: Duration::from_secs(1),
+            metrics: None,
+        }
+    }
+
+    /// The current snapshot of every registered migration. One atomic load.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.load_full()
+    }
+
+    /// One migration's cached flag (outside a request; inside one, use the request's snapshot).
+    pub fn get(&self, migration: &str) -> Option<MigrationFlag> {
+        self.inner.values.get(migration)
+    }
+
+    /// Reloads now, and returns the store's error if the reload failed (the cache still serves
+    /// the last known values in that case).
+    pub async fn refresh(&self) -> Result<()> {
+        self.inner.reload().await
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &Arc<dyn FlagStore> {
+        &self.inner.store
+    }
+}
+
+impl Inner {
+    async fn reload(&self) -> Result<()> {
+        let mut generation = self.reload_lock.lock().await;
+        let loaded = self.store.load_all().await;
+        let now = SystemTime::now();
+        let outcome = match &loaded {
+            Ok(_) => "ok",
+            Err(_) => "error",
+        };
+        self.metrics
+            .flag_refresh
+            .add(1, &[KeyValue::new("outcome", outcome)]);
+        let rows: HashMap<&str, &std::result::Result<FlagState, String>> = match &loaded {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| (r.migration.as_str(), &r.state))
+                .collect(),
+            Err(err) => {
+                tracing::warn!(error = %err, "flag store unreachable; serving last known flag values");
+                HashMap::new()
+            }
+        };
+        let mut flags = Vec::with_capacity(self.migrations.len());
+        for registered in &self.migrations {
+            let name = &registered.name;
+            let attrs = [KeyValue::new("migration", name.to_string())];
+            let fresh = match rows.get(&**name) {
+                Some(Ok(state)) => Some(state.clone()),
+                Some(Err(problem)) => {
+                    tracing::error!(migration = %name, %problem, "invalid flag row; the last good value stays in force");
+                    self.metrics.flag_invalid.add(1, &attrs);
+                    None
+                }
+                None if loaded.is_ok() => {
+                    tracing::warn!(migration = %name, "migration not registered in the flag store (run `twintrack init`)");
+                    None
+                }
+                None => None,
+            };
+            let flag = match (fresh, self.values.get(name)) {
+                (Some(state), _) => MigrationFlag {
+                    state: Arc::new(state),
+                    source: FlagSource::Fresh,
+                    loaded_at: Some(now),
+                    name_hash: name_hash(name.as_bytes()),
+                },
+                (None, Some(last)) if last.source != FlagSource::Fallback => {
+                    self.metrics.flag_stale.add(1, &attrs);
+                    MigrationFlag {
+                        source: FlagSource::Stale,
+                        ..last
+                    }
+                }
+                (None, _) => {
+                    self.metrics.flag_fallback.add(1, &attrs);
+                    fallback(name, registered.fallback)
+                }
+            };
+            if let Some(loaded_at) = flag.loaded_at {
+                let age = now.duration_since(loaded_at).unwrap_or_default();
+                self.metrics.flag_age.record(age.as_secs_f64(), &attrs);
+            }
+            self.values.insert(name.clone(), flag.clone());
+            flags.push(flag);
+        }
+        *generation += 1;
+        self.snapshot.store(Arc::new(Snapshot {
+            flags: flags.into_boxed_slice(),
+            generation: *generation,
+        }));
+        loaded.map(drop)
+    }
+}
+
+fn fallback(name: &str, stage: Stage) -> MigrationFlag {
+    MigrationFlag {
+        state: Arc::new(FlagState {
+            migration: name.to_owned(),
+            stage,
+            version: 0,
+            updated_at: 0,
+            updated_by: "twintrack".into(),
+            reason: "fallback: flag never loaded from the store".into(),
+            shadow_sample_rate: 1.0,
+            read_rollout_percent: None,
+        }),
+        source: FlagSource::Fallback,
+        loaded_at: None,
+        name_hash: name_hash(name.as_bytes()),
+    }
+}
+
+/// FNV-1a: stable across processes and releases, so a request key lands in the same rollout
+/// bucket on every instance.
+pub(crate) fn name_hash(bytes: impl AsRef<[u8]>) -> u64 {
+    bytes.as_ref().iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+async fn refresher(
+    cache: Weak<Inner>,
+    soft_ttl: Duration,
+    mut changes: Option<broadcast::Receiver<FlagChange>>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(soft_ttl) => {}
+            pushed = next_change(&mut changes) => {
+                if let Err(broadcast::error::RecvError::Closed) = pushed {
+                    changes = None; // the store stopped pushing: fall back to the soft TTL
+                }
+                // Coalesce a burst of notifications into one reload.
+                if let Some(rx) = changes.as_mut() {
+                    while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = rx.try_recv() {}
+                }
+            }
+        }
+        let Some(inner) = cache.upgrade() else { return };
+        // A failure is already logged and counted, and the last known values stay in force.
+        let _ = inner.reload().await;
+    }
+}
+
+async fn next_change(
+    changes: &mut Option<broadcast::Receiver<FlagChange>>,
+) -> std::result::Result<FlagChange, broadcast::error::RecvError> {
+    match changes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_hash_is_fnv1a() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(name_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(name_hash("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(name_hash("foobar"), 0x8594_4171_f739_67e8);
+    }
+}

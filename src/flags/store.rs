@@ -1,0 +1,600 @@
+//! [`SqlFlagStore`]: the flag table, the evidence columns and the audit log, in the
+//! application's own database (PostgreSQL or SQLite).
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Connection, Row};
+use tokio::sync::broadcast;
+
+use super::{
+    AuditEntry, BoxFuture, EvidenceKind, FlagChange, FlagState, FlagStore, LoadedFlag,
+    MigrationRecord, StageChange, StageOutcome, TuningChange,
+};
+use crate::db::{Backend, Database, now_micros};
+use crate::transition::{self, Evidence, Verdict};
+use crate::{Error, Result, Stage};
+
+const STATE_COLUMNS: &str = "migration, stage, version, updated_at, updated_by, reason, shadow_sample_rate, read_rollout_percent";
+const EVIDENCE_COLUMNS: &str = "backfill_finished_at, verify_clean_at, reverse_synced_at, left_legacy_only_at, entered_new_only_at, left_new_only_at";
+
+/// Longest accepted reason, actor or migration name, so a pasted log file cannot land in the
+/// audit table.
+const MAX_REASON: usize = 1000;
+const MAX_ACTOR: usize = 200;
+
+/// The SQL flag store for PostgreSQL and SQLite.
+///
+/// On PostgreSQL a background listener turns the flag table's `NOTIFY`s into [`FlagChange`]s for
+/// every [`FlagCache`](super::FlagCache) in the process; it stops when the store is dropped.
+pub struct SqlFlagStore {
+    db: Database,
+    changes: broadcast::Sender<FlagChange>,
+    #[cfg(feature = "postgres")]
+    listener: Option<super::listen::ListenerHandle>,
+}
+
+impl std::fmt::Debug for SqlFlagStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlFlagStore")
+            .field("backend", &self.db.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqlFlagStore {
+    /// Opens the store for a long-running service: creates twintrack's tables if needed and,
+    /// on PostgreSQL, starts listening for flag changes (see [`SqlFlagStore::listen`]).
+    pub async fn open(db: Database) -> Result<SqlFlagStore> {
+        crate::schema::install(&db).await?;
+        SqlFlagStore::new(db).listen().await
+    }
+
+    /// A store over `db` that neither touches the schema nor listens (for one-shot tools such
+    /// as the CLI). No I/O happens until it is used.
+    pub fn new(db: Database) -> SqlFlagStore {
+        let (changes, _) = broadcast::channel(256);
+        SqlFlagStore {
+            db,
+            changes,
+            #[cfg(feature = "postgres")]
+            listener: None,
+        }
+    }
+
+    /// Starts pushing [`FlagChange`]s to [`FlagStore::subscribe`]rs (PostgreSQL `LISTEN`; a
+    /// no-op on SQLite, where caches rely on their soft TTL). The listener reconnects by itself
+    /// and stops when the store is dropped.
+    pub async fn listen(mut self) -> Result<SqlFlagStore> {
+        #[cfg(feature = "postgres")]
+        if self.db.backend() == Backend::Postgres && self.listener.is_none() {
+            self.listener =
+                Some(super::listen::spawn(self.db.url().to_owned(), self.changes.clone()).await?);
+        }
+        Ok(self)
+    }
+
+    /// The database this store lives in.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Begins a transaction that holds the write lock for flag rows: `FOR UPDATE` row locks on
+    /// PostgreSQL (taken by [`lock_row`]), the database write lock on SQLite.
+    async fn begin<'c>(
+        &self,
+        conn: &'c mut AnyConnection,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>> {
+        let statement = match self.db.backend() {
+            Backend::Postgres => "BEGIN",
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+        };
+        Ok(conn.begin_with(statement).await?)
+    }
+
+    async fn lock_row(
+        &self,
+        tx: &mut AnyConnection,
+        migration: &str,
+    ) -> Result<(std::result::Result<FlagState, String>, Evidence)> {
+        let lock = match self.db.backend() {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "SELECT {STATE_COLUMNS}, {EVIDENCE_COLUMNS} FROM twintrack_flags WHERE migration = $1{lock}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(migration)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| Error::UnknownMigration(migration.to_owned()))?;
+        Ok((parse_state(&row)?, parse_evidence(&row)?))
+    }
+}
+
+fn check_text(what: &str, value: &str, max: usize) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(Error::InvalidInput(format!("{what} must not be empty")));
+    }
+    if value.chars().count() > max {
+        return Err(Error::InvalidInput(format!(
+            "{what} is longer than {max} characters"
+        )));
+    }
+    if value
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(Error::InvalidInput(format!(
+            "{what} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a migration name: lowercase letters, digits and `_`, starting with a letter, at most
+/// 63 characters (it is also used in metric attributes and URLs).
+pub fn validate_migration_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63;
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = name.chars().take(80).collect();
+        Err(Error::InvalidInput(format!(
+            "invalid migration name {shown:?}: lowercase letters, digits and '_', starting with a letter, at most 63 characters"
+        )))
+    }
+}
+
+fn parse_state(row: &AnyRow) -> Result<std::result::Result<FlagState, String>> {
+    let migration: String = row.try_get("migration")?;
+    let stage_text: String = row.try_get("stage")?;
+    let rate: f64 = row.try_get("shadow_sample_rate")?;
+    let percent: Option<i64> = row.try_get("read_rollout_percent")?;
+    let stage = match stage_text.parse::<Stage>() {
+        Ok(stage) => stage,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if !(0.0..=1.0).contains(&rate) {
+        return Ok(Err(format!(
+            "shadow_sample_rate {rate} is outside 0.0..=1.0"
+        )));
+    }
+    let read_rollout_percent = match percent {
+        None => None,
+        Some(p @ 0..=100) => Some(p as u8),
+        Some(p) => return Ok(Err(format!("read_rollout_percent {p} is outside 0..=100"))),
+    };
+    Ok(Ok(FlagState {
+        migration,
+        stage,
+        version: row.try_get("version")?,
+        updated_at: row.try_get("updated_at")?,
+        updated_by: row.try_get("updated_by")?,
+        reason: row.try_get("reason")?,
+        shadow_sample_rate: rate,
+        read_rollout_percent,
+    }))
+}
+
+fn parse_evidence(row: &AnyRow) -> Result<Evidence> {
+    Ok(Evidence {
+        backfill_finished_at: row.try_get("backfill_finished_at")?,
+        verify_clean_at: row.try_get("verify_clean_at")?,
+        reverse_synced_at: row.try_get("reverse_synced_at")?,
+        left_legacy_only_at: row.try_get("left_legacy_only_at")?,
+        entered_new_only_at: row.try_get("entered_new_only_at")?,
+        left_new_only_at: row.try_get("left_new_only_at")?,
+    })
+}
+
+struct AuditRecord<'a> {
+    migration: &'a str,
+    at: i64,
+    actor: &'a str,
+    action: &'static str,
+    from_stage: Option<String>,
+    to_stage: Option<&'a str>,
+    from_version: Option<i64>,
+    to_version: Option<i64>,
+    forced: bool,
+    reason: &'a str,
+    overridden: Option<String>,
+}
+
+async fn append_audit(tx: &mut AnyConnection, rec: AuditRecord<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO twintrack_audit (migration, at, actor, action, from_stage, to_stage, from_version, to_version, forced, reason, overridden)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(rec.migration)
+    .bind(rec.at)
+    .bind(rec.actor)
+    .bind(rec.action)
+    .bind(rec.from_stage)
+    .bind(rec.to_stage)
+    .bind(rec.from_version)
+    .bind(rec.to_version)
+    .bind(rec.forced)
+    .bind(rec.reason)
+    .bind(rec.overridden)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+fn check_version(migration: &str, expected: Option<i64>, actual: i64) -> Result<()> {
+    match expected {
+        Some(expected) if expected != actual => Err(Error::VersionConflict {
+            migration: migration.to_owned(),
+            expected,
+            actual,
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl FlagStore for SqlFlagStore {
+    fn load_all(&self) -> BoxFuture<'_, Result<Vec<LoadedFlag>>> {
+        Box::pin(async move {
+            let sql = format!("SELECT {STATE_COLUMNS} FROM twintrack_flags ORDER BY migration");
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(self.db.pool())
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(LoadedFlag {
+                        migration: row.try_get("migration")?,
+                        state: parse_state(row)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn get<'a>(&'a self, migration: &'a str) -> BoxFuture<'a, Result<MigrationRecord>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT {STATE_COLUMNS}, {EVIDENCE_COLUMNS} FROM twintrack_flags WHERE migration = $1"
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(migration)
+                .fetch_optional(self.db.pool())
+                .await?
+                .ok_or_else(|| Error::UnknownMigration(migration.to_owned()))?;
+            let state = parse_state(&row)?.map_err(|problem| Error::InvalidFlag {
+                migration: migration.to_owned(),
+                problem,
+            })?;
+            Ok(MigrationRecord {
+                state,
+                evidence: parse_evidence(&row)?,
+            })
+        })
+    }
+
+    fn register<'a>(&'a self, migration: &'a str, actor: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            validate_migration_name(migration)?;
+            check_text("actor", actor, MAX_ACTOR)?;
+            let now = now_micros();
+            let mut conn = self.db.pool().acquire().await?;
+            let mut tx = self.begin(&mut conn).await?;
+            let inserted = sqlx::query(
+                "INSERT INTO twintrack_flags (migration, stage, version, updated_at, updated_by, reason)
+                 VALUES ($1, 'legacy_only', 1, $2, $3, 'registered')
+                 ON CONFLICT (migration) DO NOTHING",
+            )
+            .bind(migration)
+            .bind(now)
+            .bind(actor)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if inserted {
+                append_audit(
+                    &mut tx,
+                    AuditRecord {
+                        migration,
+                        at: now,
+                        actor,
+                        action: "register",
+                        from_stage: None,
+                        to_stage: Some(Stage::LegacyOnly.as_str()),
+                        from_version: None,
+                        to_version: Some(1),
+                        forced: false,
+                        reason: "registered",
+                        overridden: None,
+                    },
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(inserted)
+        })
+    }
+
+    fn set_stage(&self, change: StageChange) -> BoxFuture<'_, Result<StageOutcome>> {
+        Box::pin(async move {
+            check_text("reason", &change.reason, MAX_REASON)?;
+            check_text("actor", &change.actor, MAX_ACTOR)?;
+            let mut conn = self.db.pool().acquire().await?;
+            let mut tx = self.begin(&mut conn).await?;
+            let (state, evidence) = self.lock_row(&mut tx, &change.migration).await?;
+            let raw_stage: String;
+            let (from, version, current) = match state {
+                Ok(state) => {
+                    raw_stage = state.stage.to_string();
+                    (Some(state.stage), state.version, Some(state))
+                }
+                Err(problem) => {
+                    // The stored stage is unreadable (edited by hand). Only --force may replace it.
+                    let row = sqlx::query(
+                        "SELECT stage, version FROM twintrack_flags WHERE migration = $1",
+                    )
+                    .bind(&change.migration)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    raw_stage = row.try_get("stage")?;
+                    if !change.force {
+                        return Err(Error::InvalidFlag {
+                            migration: change.migration.clone(),
+                            problem: format!("{problem}; pass --force to overwrite it"),
+                        });
+                    }
+                    (None, row.try_get("version")?, None)
+                }
+            };
+            check_version(&change.migration, change.expected_version, version)?;
+
+            let overridden = match from
+                .map(|from| transition::check(&change.migration, from, change.to, &evidence))
+            {
+                Some(Verdict::Unchanged) => {
+                    let state = current.expect("a parsed stage comes with its state");
+                    return Ok(StageOutcome {
+                        state,
+                        from,
+                        changed: false,
+                        overridden: None,
+                    });
+                }
+                Some(Verdict::Allowed(_)) | None => None,
+                Some(Verdict::Refused(refusal)) if change.force => Some(refusal),
+                Some(Verdict::Refused(refusal)) => return Err(Error::Refused(refusal)),
+            };
+
+            let now = now_micros();
+            let evidence = evidence.after_move(from, change.to, now);
+            let updated = sqlx::query(
+                "UPDATE twintrack_flags SET stage = $1, version = version + 1, updated_at = $2, updated_by = $3, reason = $4,
+                     left_legacy_only_at = $5, entered_new_only_at = $6, left_new_only_at = $7
+                 WHERE migration = $8 AND version = $9",
+            )
+            .bind(change.to.as_str())
+            .bind(now)
+            .bind(&change.actor)
+            .bind(&change.reason)
+            .bind(evidence.left_legacy_only_at)
+            .bind(evidence.entered_new_only_at)
+            .bind(evidence.left_new_only_at)
+            .bind(&change.migration)
+            .bind(version)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                // The row is locked, so this means the table was changed outside the rules.
+                return Err(Error::Database(sqlx::Error::Protocol(format!(
+                    "flag row {:?} changed while locked",
+                    change.migration
+                ))));
+            }
+            append_audit(
+                &mut tx,
+                AuditRecord {
+                    migration: &change.migration,
+                    at: now,
+                    actor: &change.actor,
+                    action: "set_stage",
+                    from_stage: Some(raw_stage),
+                    to_stage: Some(change.to.as_str()),
+                    from_version: Some(version),
+                    to_version: Some(version + 1),
+                    forced: change.force && (overridden.is_some() || from.is_none()),
+                    reason: &change.reason,
+                    overridden: overridden.as_ref().map(|r| r.to_string()),
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            let state = match current {
+                Some(current) => FlagState {
+                    stage: change.to,
+                    version: version + 1,
+                    updated_at: now,
+                    updated_by: change.actor.clone(),
+                    reason: change.reason.clone(),
+                    ..current
+                },
+                None => self.get(&change.migration).await?.state,
+            };
+            Ok(StageOutcome {
+                state,
+                from,
+                changed: true,
+                overridden,
+            })
+        })
+    }
+
+    fn tune(&self, change: TuningChange) -> BoxFuture<'_, Result<FlagState>> {
+        Box::pin(async move {
+            check_text("reason", &change.reason, MAX_REASON)?;
+            check_text("actor", &change.actor, MAX_ACTOR)?;
+            if let Some(rate) = change.shadow_sample_rate
+                && !(0.0..=1.0).contains(&rate)
+            {
+                return Err(Error::InvalidInput(format!(
+                    "shadow sample rate {rate} is outside 0.0..=1.0"
+                )));
+            }
+            if let Some(Some(p)) = change.read_rollout_percent
+                && p > 100
+            {
+                return Err(Error::InvalidInput(format!(
+                    "read rollout percent {p} is outside 0..=100"
+                )));
+            }
+            let mut conn = self.db.pool().acquire().await?;
+            let mut tx = self.begin(&mut conn).await?;
+            let (state, _) = self.lock_row(&mut tx, &change.migration).await?;
+            let state = state.map_err(|problem| Error::InvalidFlag {
+                migration: change.migration.clone(),
+                problem,
+            })?;
+            check_version(&change.migration, change.expected_version, state.version)?;
+            let now = now_micros();
+            let new = FlagState {
+                version: state.version + 1,
+                updated_at: now,
+                updated_by: change.actor.clone(),
+                reason: change.reason.clone(),
+                shadow_sample_rate: change
+                    .shadow_sample_rate
+                    .unwrap_or(state.shadow_sample_rate),
+                read_rollout_percent: change
+                    .read_rollout_percent
+                    .unwrap_or(state.read_rollout_percent),
+                ..state.clone()
+            };
+            sqlx::query(
+                "UPDATE twintrack_flags SET version = $1, updated_at = $2, updated_by = $3, reason = $4,
+                     shadow_sample_rate = $5, read_rollout_percent = $6
+                 WHERE migration = $7 AND version = $8",
+            )
+            .bind(new.version)
+            .bind(now)
+            .bind(&new.updated_by)
+            .bind(&new.reason)
+            .bind(new.shadow_sample_rate)
+            .bind(new.read_rollout_percent.map(i64::from))
+            .bind(&change.migration)
+            .bind(state.version)
+            .execute(&mut *tx)
+            .await?;
+            append_audit(
+                &mut tx,
+                AuditRecord {
+                    migration: &change.migration,
+                    at: now,
+                    actor: &change.actor,
+                    action: "tune",
+                    from_stage: Some(state.stage.to_string()),
+                    to_stage: Some(state.stage.as_str()),
+                    from_version: Some(state.version),
+                    to_version: Some(new.version),
+                    forced: false,
+                    reason: &change.reason,
+                    overridden: None,
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(new)
+        })
+    }
+
+    fn record_evidence<'a>(
+        &'a self,
+        migration: &'a str,
+        kind: EvidenceKind,
+        at: i64,
+        actor: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            check_text("actor", actor, MAX_ACTOR)?;
+            let mut conn = self.db.pool().acquire().await?;
+            let mut tx = self.begin(&mut conn).await?;
+            // Locks the row and fails for an unknown migration; the state itself is not needed.
+            let _ = self.lock_row(&mut tx, migration).await?;
+            let sql = format!(
+                "UPDATE twintrack_flags SET {} = $1 WHERE migration = $2",
+                kind.column()
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(at)
+                .bind(migration)
+                .execute(&mut *tx)
+                .await?;
+            let reason = format!("{} at {at}", kind.column());
+            append_audit(
+                &mut tx,
+                AuditRecord {
+                    migration,
+                    at: now_micros(),
+                    actor,
+                    action: "evidence",
+                    from_stage: None,
+                    to_stage: None,
+                    from_version: None,
+                    to_version: None,
+                    forced: false,
+                    reason: &reason,
+                    overridden: None,
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn audit_log<'a>(
+        &'a self,
+        migration: &'a str,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<AuditEntry>>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT id, migration, at, actor, action, from_stage, to_stage, from_version, to_version,
+                        CAST(forced AS INTEGER) AS forced, reason, overridden
+                 FROM twintrack_audit WHERE migration = $1 ORDER BY id DESC LIMIT $2",
+            )
+            .bind(migration)
+            .bind(i64::from(limit))
+            .fetch_all(self.db.pool())
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(AuditEntry {
+                        id: row.try_get("id")?,
+                        migration: row.try_get("migration")?,
+                        at: row.try_get("at")?,
+                        actor: row.try_get("actor")?,
+                        action: row.try_get("action")?,
+                        from_stage: row.try_get("from_stage")?,
+                        to_stage: row.try_get("to_stage")?,
+                        from_version: row.try_get("from_version")?,
+                        to_version: row.try_get("to_version")?,
+                        forced: row.try_get::<i64, _>("forced")? != 0,
+                        reason: row.try_get("reason")?,
+                        overridden: row.try_get("overridden")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn subscribe(&self) -> Option<broadcast::Receiver<FlagChange>> {
+        #[cfg(feature = "postgres")]
+        if self.listener.is_some() {
+            return Some(self.changes.subscribe());
+        }
+        None
+    }
+}

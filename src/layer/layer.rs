@@ -1,0 +1,37 @@
+use http::HeaderName;
+use tower_layer::Layer;
+
+use super::TwinTrack;
+use crate::flags::FlagCache;
+
+/// Applies [`TwinTrack`] to a service: pins the flag snapshot per request.
+#[derive(Clone, Debug)]
+pub struct TwinTrackLayer {
+    flags: FlagCache,
+    key_header: Option<HeaderName>,
+}
+
+impl TwinTrackLayer {
+    /// A layer over `flags`, with no request key (rollout buckets are assigned at random).
+    pub fn new(flags: FlagCache) -> TwinTrackLayer {
+        TwinTrackLayer {
+            flags,
+            key_header: None,
+        }
+    }
+
+    /// Hashes this header's value into the request's read rollout bucket, so the same key
+    /// (a user id, a tenant) gets the same answer on every request and every instance.
+    pub fn request_key_header(mut self, name: HeaderName) -> TwinTrackLayer {
+        self.key_header = Some(name);
+        self
+    }
+}
+
+impl<S> Layer<S> for TwinTrackLayer {
+    type Service = TwinTrack<S>;
+
+    fn layer(&self, inner: S) -> TwinTrack<S> {
+        TwinTrack::new(inner, self.flags.clone(), self.key_header.clone())
+    }
+}

@@ -1,0 +1,82 @@
+//! twintrack: zero-downtime, expand/contract schema changes for live services, with an instant
+//! way back.
+//!
+//! While a table is being reshaped, the service keeps running against both shapes. Each
+//! migration has a [`Stage`] (`legacy_only` → `dual_write` → `shadow` → `live` → `ramp_down` →
+//! `new_only`) stored as a flag; the service reads the flag through a cache, pins it per request,
+//! and routes reads and writes by it. Flipping the flag back is the rollback.
+//!
+//! ```no_run
+//! # async fn demo() -> twintrack::Result<()> {
+//! use std::sync::Arc;
+//! use twintrack::flags::{FlagCache, SqlFlagStore};
+//! use twintrack::{Database, RequestContext, Stage, TwinTrackLayer};
+//!
+//! let db = Database::connect("sqlite://app.db?mode=rwc").await?;
+//! let store = Arc::new(SqlFlagStore::open(db).await?);
+//! store.register("user_settings", "deploy").await?;
+//! let flags = FlagCache::builder(store)
+//!     .migration("user_settings", Stage::LegacyOnly)
+//!     .build()
+//!     .await;
+//!
+//! async fn handler() -> &'static str {
+//!     match RequestContext::current().and_then(|c| c.stage("user_settings")) {
+//!         Some(Stage::LegacyOnly) => "reading users.profile",
+//!         _ => "reading user_settings",
+//!     }
+//! }
+//! let app = axum::Router::new()
+//!     .route("/", axum::routing::get(handler))
+//!     .layer(TwinTrackLayer::new(flags));
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! A request flows layer → request context → (repositories) → pool:
+//!
+//! - [`stage`]: the six stages and each one's plan (write order, served side, shadow side,
+//!   authoritative side).
+//! - [`transition`]: the rules deciding which stage moves are allowed, given the evidence
+//!   (backfill, verify, reverse sync). Pure; the flag store applies it.
+//! - [`flags`]: the flag store (source of truth, compare-and-set, audit log, `LISTEN/NOTIFY`) and
+//!   the flag cache (moka, soft TTL, last known value, fallback, one immutable snapshot).
+//! - [`layer`]: the tower layer that pins one snapshot per request.
+//! - [`context`]: the per-request context (extensions and task-local) that repositories read.
+//! - [`db`]: the database handle (PostgreSQL or SQLite through sqlx `Any`) and identifier
+//!   quoting.
+//! - [`schema`]: twintrack's own tables, as embedded versioned migrations.
+//! - [`config`]: the `twintrack.toml` file.
+//! - [`metrics`]: the OpenTelemetry instruments.
+//! - [`cli`]: the `twintrack` command (the binary in `src/bin` only calls it).
+//! - [`error`]: the crate's error type.
+//!
+//! # Invariants
+//!
+//! - A request sees one snapshot of every migration's stage from start to end.
+//! - A stage changes only through [`flags::FlagStore::set_stage`]: under a row lock, by the
+//!   transition rules, compare-and-set on the version, with an audit entry in the same
+//!   transaction. `force` overrides a refusal and is audited with the refusal it overrode.
+//! - A flag value that cannot be loaded or parsed never replaces a good one.
+
+#![deny(missing_docs, unsafe_code)]
+#![warn(unreachable_pub)]
+
+pub mod cli;
+pub mod config;
+pub mod context;
+pub mod db;
+pub mod error;
+pub mod flags;
+pub mod layer;
+pub mod metrics;
+pub mod schema;
+pub mod stage;
+pub mod transition;
+
+pub use context::RequestContext;
+pub use db::{Backend, Database};
+pub use error::{Error, Result};
+pub use layer::{TwinTrack, TwinTrackLayer};
+pub use stage::{Side, Stage, StagePlan};

@@ -1,0 +1,63 @@
+//! OpenTelemetry instruments, created once per [`Meter`] and shared by the parts that record.
+//!
+//! By default twintrack records through `opentelemetry::global::meter("twintrack")`; pass your
+//! own [`Meter`] to the builders (for example one backed by the SDK's in-memory exporter in
+//! tests) to route them elsewhere.
+//!
+//! | name | kind | attributes | meaning |
+//! |---|---|---|---|
+//! | `twintrack.flags.refresh` | counter | `outcome` = `ok`/`error` | flag cache reloads |
+//! | `twintrack.flags.stale` | counter | `migration` | a reload failed and the last known value stayed in force |
+//! | `twintrack.flags.fallback` | counter | `migration` | no value was ever loaded, the fallback stage is served |
+//! | `twintrack.flags.invalid` | counter | `migration` | the stored row did not parse; the last good value stays |
+//! | `twintrack.flags.age` | gauge (s) | `migration` | age of the value in force, after each reload |
+
+use opentelemetry::metrics::{Counter, Gauge, Meter};
+
+/// The instruments twintrack records into.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub(crate) flag_refresh: Counter<u64>,
+    pub(crate) flag_stale: Counter<u64>,
+    pub(crate) flag_fallback: Counter<u64>,
+    pub(crate) flag_invalid: Counter<u64>,
+    pub(crate) flag_age: Gauge<f64>,
+}
+
+impl Metrics {
+    /// Creates the instruments on `meter`.
+    pub fn new(meter: &Meter) -> Metrics {
+        Metrics {
+            flag_refresh: meter
+                .u64_counter("twintrack.flags.refresh")
+                .with_description("Flag cache reloads from the flag store, by outcome")
+                .build(),
+            flag_stale: meter
+                .u64_counter("twintrack.flags.stale")
+                .with_description(
+                    "Reloads that failed while a last known value stayed in force, per migration",
+                )
+                .build(),
+            flag_fallback: meter
+                .u64_counter("twintrack.flags.fallback")
+                .with_description(
+                    "Reloads after which a migration still has no loaded value and serves its fallback stage",
+                )
+                .build(),
+            flag_invalid: meter
+                .u64_counter("twintrack.flags.invalid")
+                .with_description("Stored flag rows that did not parse; the last good value stays")
+                .build(),
+            flag_age: meter
+                .f64_gauge("twintrack.flags.age")
+                .with_unit("s")
+                .with_description("Age of the flag value in force, measured after each reload")
+                .build(),
+        }
+    }
+
+    /// Instruments on the global meter provider's `twintrack` meter.
+    pub fn global() -> Metrics {
+        Metrics::new(&opentelemetry::global::meter("twintrack"))
+    }
+}

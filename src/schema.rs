@@ -1,0 +1,161 @@
+//! twintrack's own tables, created by embedded, versioned migrations.
+//!
+//! [`install`] is idempotent and safe to call from several processes at once: on PostgreSQL it
+//! serialises on an advisory lock, on SQLite on the database write lock. `twintrack init` calls
+//! it, and so does [`SqlFlagStore::connect`](crate::flags::SqlFlagStore) unless told not to.
+//!
+//! Times are stored as microseconds since the Unix epoch (`BIGINT`) so both backends read them
+//! the same way.
+
+use sqlx::Connection;
+
+use crate::db::{Backend, Database};
+use crate::{Error, Result};
+
+/// One schema step, with its statements per backend.
+struct Step {
+    version: i64,
+    description: &'static str,
+    postgres: &'static [&'static str],
+    sqlite: &'static [&'static str],
+}
+
+const STEPS: &[Step] = &[Step {
+    version: 1,
+    description: "flags, evidence and audit",
+    postgres: &[
+        r#"CREATE TABLE IF NOT EXISTS twintrack_flags (
+            migration TEXT PRIMARY KEY,
+            stage TEXT NOT NULL,
+            version BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            updated_by TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            shadow_sample_rate DOUBLE PRECISION NOT NULL DEFAULT 1.0,
+            read_rollout_percent BIGINT,
+            backfill_finished_at BIGINT,
+            verify_clean_at BIGINT,
+            reverse_synced_at BIGINT,
+            left_legacy_only_at BIGINT,
+            entered_new_only_at BIGINT,
+            left_new_only_at BIGINT
+        )"#,
+        r#"CREATE TABLE IF NOT EXISTS twintrack_audit (
+            id BIGSERIAL PRIMARY KEY,
+            migration TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            from_stage TEXT,
+            to_stage TEXT,
+            from_version BIGINT,
+            to_version BIGINT,
+            forced BOOLEAN NOT NULL DEFAULT FALSE,
+            reason TEXT NOT NULL,
+            overridden TEXT
+        )"#,
+        "CREATE INDEX IF NOT EXISTS twintrack_audit_by_migration ON twintrack_audit (migration, id)",
+        // Every change to a flag row, by twintrack or by hand, wakes every listening process.
+        r#"CREATE OR REPLACE FUNCTION twintrack_flags_notify() RETURNS trigger AS $$
+        BEGIN
+            PERFORM pg_notify('twintrack_flags', COALESCE(NEW.migration, OLD.migration));
+            RETURN NULL;
+        END
+        $$ LANGUAGE plpgsql"#,
+        "DROP TRIGGER IF EXISTS twintrack_flags_notify ON twintrack_flags",
+        r#"CREATE TRIGGER twintrack_flags_notify
+            AFTER INSERT OR UPDATE OR DELETE ON twintrack_flags
+            FOR EACH ROW EXECUTE FUNCTION twintrack_flags_notify()"#,
+    ],
+    sqlite: &[
+        r#"CREATE TABLE IF NOT EXISTS twintrack_flags (
+            migration TEXT PRIMARY KEY,
+            stage TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            updated_by TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            shadow_sample_rate REAL NOT NULL DEFAULT 1.0,
+            read_rollout_percent INTEGER,
+            backfill_finished_at INTEGER,
+            verify_clean_at INTEGER,
+            reverse_synced_at INTEGER,
+            left_legacy_only_at INTEGER,
+            entered_new_only_at INTEGER,
+            left_new_only_at INTEGER
+        )"#,
+        r#"CREATE TABLE IF NOT EXISTS twintrack_audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            migration TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            from_stage TEXT,
+            to_stage TEXT,
+            from_version INTEGER,
+            to_version INTEGER,
+            forced INTEGER NOT NULL DEFAULT 0,
+            reason TEXT NOT NULL,
+            overridden TEXT
+        )"#,
+        "CREATE INDEX IF NOT EXISTS twintrack_audit_by_migration ON twintrack_audit (migration, id)",
+    ],
+}];
+
+/// The schema version this build of twintrack installs.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Creates or upgrades twintrack's tables. Idempotent; concurrent callers are serialised.
+pub async fn install(db: &Database) -> Result<()> {
+    let mut conn = db.pool().acquire().await.map_err(Error::from_sqlx)?;
+    if db.backend() == Backend::Sqlite {
+        // WAL lets the CLI flip flags while the service reads them. The setting is stored in
+        // the file, so this runs once per database; it is a no-op for in-memory databases.
+        sqlx::query("PRAGMA journal_mode = WAL")
+            .execute(&mut *conn)
+            .await?;
+    }
+    let begin = match db.backend() {
+        Backend::Postgres => "BEGIN",
+        Backend::Sqlite => "BEGIN IMMEDIATE",
+    };
+    let mut tx = conn.begin_with(begin).await?;
+    if db.backend() == Backend::Postgres {
+        // 0x7477696e = "twin": one lock id for every twintrack schema change.
+        sqlx::query("SELECT pg_advisory_xact_lock(1953986926)")
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS twintrack_schema (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let current: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM twintrack_schema")
+        .fetch_one(&mut *tx)
+        .await?;
+    if current > SCHEMA_VERSION {
+        return Err(Error::Config(format!(
+            "the database holds twintrack schema version {current}, newer than this build understands ({SCHEMA_VERSION}); upgrade twintrack"
+        )));
+    }
+    for step in STEPS.iter().filter(|s| s.version > current) {
+        let statements = match db.backend() {
+            Backend::Postgres => step.postgres,
+            Backend::Sqlite => step.sqlite,
+        };
+        for statement in statements {
+            sqlx::raw_sql(*statement).execute(&mut *tx).await?;
+        }
+        sqlx::query(
+            "INSERT INTO twintrack_schema (version, description, applied_at) VALUES ($1, $2, $3)",
+        )
+        .bind(step.version)
+        .bind(step.description)
+        .bind(crate::db::now_micros())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Shared test helpers: real databases (PostgreSQL pair in [`pg`], SQLite files) and a TCP proxy
+//! that can cut a connection the way a network failure would.
+#![allow(dead_code)]
+
+pub mod pg;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry::metrics::MeterProvider;
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+/// A fresh SQLite database file in a temp dir (removed when the returned guard drops).
+pub fn sqlite_db() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display());
+    (dir, url)
+}
+
+/// The database URLs a test runs on: SQLite always, PostgreSQL when available.
+pub async fn backends() -> Vec<(&'static str, String, Option<tempfile::TempDir>)> {
+    let (dir, sqlite) = sqlite_db();
+    let mut all = vec![("sqlite", sqlite, Some(dir))];
+    if let Some(db) = pg::fresh_db().await {
+        all.push(("postgres", db.url, None));
+    }
+    all
+}
+
+/// A TCP proxy in front of a server. [`Proxy::cut`] drops every connection and refuses new
+/// ones, as if the network went away; [`Proxy::restore`] brings it back on the same port.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    target: SocketAddr,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = Proxy {
+            addr,
+            target,
+            tasks: Arc::default(),
+            acceptor: Mutex::new(None),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    /// `url` (a postgres URL) pointed at this proxy instead of its host:port.
+    pub fn url_for(&self, url: &str) -> String {
+        let target = format!("127.0.0.1:{}", self.target.port());
+        assert!(url.contains(&target), "{url} does not point at {target}");
+        url.replace(&target, &self.addr.to_string())
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let target = self.target;
+        let tasks = self.tasks.clone();
+        let acceptor = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().unwrap().push(conn);
+            }
+        });
+        *self.acceptor.lock().unwrap() = Some(acceptor);
+    }
+
+    pub fn cut(&self) {
+        if let Some(a) = self.acceptor.lock().unwrap().take() {
+            a.abort();
+        }
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    pub async fn restore(&self) {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(self.addr).unwrap();
+        self.serve(socket.listen(128).unwrap());
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// A meter backed by the SDK's in-memory exporter, to assert on metrics.
+pub struct TestMetrics {
+    pub provider: SdkMeterProvider,
+    pub exporter: InMemoryMetricExporter,
+}
+
+impl TestMetrics {
+    pub fn new() -> TestMetrics {
+        let exporter = InMemoryMetricExporter::default();
+        let provider = SdkMeterProvider::builder()
+            .with_reader(PeriodicReader::builder(exporter.clone()).build())
+            .build();
+        TestMetrics { provider, exporter }
+    }
+
+    pub fn metrics(&self) -> twintrack::metrics::Metrics {
+        twintrack::metrics::Metrics::new(&self.provider.meter("twintrack"))
+    }
+
+    /// The current value of counter `name` for data points whose attributes include `attr`.
+    pub fn counter(&self, name: &str, attr: (&str, &str)) -> u64 {
+        use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+        self.provider.force_flush().unwrap();
+        let mut latest = 0;
+        for rm in self.exporter.get_finished_metrics().unwrap() {
+            for sm in rm.scope_metrics() {
+                for m in sm.metrics().filter(|m| m.name() == name) {
+                    if let AggregatedMetrics::U64(MetricData::Sum(sum)) = m.data() {
+                        let total: u64 = sum
+                            .data_points()
+                            .filter(|dp| {
+                                dp.attributes().any(|kv| {
+                                    kv.key.as_str() == attr.0 && kv.value.as_str() == attr.1
+                                })
+                            })
+                            .map(|dp| dp.value())
+                            .sum();
+                        // Cumulative temporality: the last export holds the running total.
+                        latest = total;
+                    }
+                }
+            }
+        }
+        latest
+    }
+}
