@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{AnyPool, any::AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, Connection, any::AnyPoolOptions};
 
 use crate::{Error, Result};
 
@@ -67,21 +67,27 @@ impl Database {
         Database::connect_with(url, ConnectOptions::default()).await
     }
 
-    /// Connects with the given options (one connection is opened to prove the URL works).
+    /// Connects with the given options. One connection is opened first, so a wrong URL or a
+    /// database that is down fails at once with the real cause (the pool alone would retry
+    /// until its acquire timeout and only report "timed out").
     pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Database> {
         let backend = Backend::from_url(url)?;
         sqlx::any::install_default_drivers();
+        let classify = |e: sqlx::Error| match e {
+            sqlx::Error::Configuration(_) => Error::InvalidInput(format!("bad database URL: {e}")),
+            other => Error::from_sqlx(other),
+        };
+        let probe = tokio::time::timeout(options.acquire_timeout, AnyConnection::connect(url))
+            .await
+            .map_err(|_| Error::Unreachable(sqlx::Error::PoolTimedOut))?
+            .map_err(classify)?;
+        let _ = probe.close().await;
         let pool = AnyPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
             .connect(url)
             .await
-            .map_err(|e| match e {
-                sqlx::Error::Configuration(_) => {
-                    Error::InvalidInput(format!("bad database URL: {e}"))
-                }
-                other => Error::from_sqlx(other),
-            })?;
+            .map_err(classify)?;
         Ok(Database {
             pool,
             backend,

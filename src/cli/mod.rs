@@ -226,7 +226,9 @@ impl Env {
             Some(actor) => actor.clone(),
             None => format!(
                 "cli:{}",
-                std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+                std::env::var("USER")
+                    .or_else(|_| std::env::var("LOGNAME"))
+                    .unwrap_or_else(|_| "anonymous".into())
             ),
         };
         Ok(Env {

@@ -1,0 +1,311 @@
+//! The twintrack quickstart: a small user service in the middle of moving a JSON column into a
+//! table, the canonical expand/contract migration.
+//!
+//! - Legacy shape: `users(id, email, profile)`, `profile` a JSON object
+//!   `{"theme": text, "notifications_enabled": bool}`.
+//! - New shape: `user_settings(user_id, theme, notifications_enabled)`.
+//!
+//! Run it with `cargo run --example quickstart`, then flip the migration's stage with the CLI
+//! while it runs (see the README). Environment:
+//!
+//! - `DATABASE_URL`: default `sqlite://twintrack-quickstart.db?mode=rwc`; a `postgres://` URL
+//!   works the same (and flag flips then arrive by `NOTIFY` instead of the 1 s refresh).
+//! - `TWINTRACK_LISTEN`: default `127.0.0.1:8080`.
+//! - `TWINTRACK_DEBUG_HEADERS=1`: every response carries `x-twintrack-stage`, the stage pinned
+//!   for the request.
+//!
+//! Routes: `POST /users`, `GET /users/{id}/settings`, `PUT /users/{id}/settings`,
+//! `DELETE /users/{id}`. In this version every route reads and writes the legacy shape; the
+//! stage is pinned per request and reported, ready for the dual store to route by it.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::Row;
+use twintrack::config::Config;
+use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
+use twintrack::{Backend, Database, RequestContext, TwinTrackLayer};
+
+const MIGRATION: &str = "user_settings";
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "sqlite://twintrack-quickstart.db?mode=rwc".into());
+    let listen = std::env::var("TWINTRACK_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
+    let debug_headers = std::env::var("TWINTRACK_DEBUG_HEADERS").as_deref() == Ok("1");
+
+    let db = Database::connect(&url).await?;
+    create_shapes(&db).await?;
+
+    // twintrack's own tables, and the migration from the same file the CLI reads.
+    let config = Config::parse(include_str!("quickstart.toml"))?;
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await?);
+    let mut flags = FlagCache::builder(store.clone());
+    for m in &config.migrations {
+        store.register(&m.name, "quickstart").await?;
+        flags = flags.migration(&m.name, m.fallback_stage);
+    }
+    let flags = flags.build().await;
+
+    let app = app(Users { db }, flags, debug_headers);
+    let listener = tokio::net::TcpListener::bind(&listen).await?;
+    // Tests and scripts read this line to find the port (TWINTRACK_LISTEN may say port 0).
+    println!(
+        "twintrack quickstart listening on http://{}",
+        listener.local_addr()?
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
+fn app(users: Users, flags: FlagCache, debug_headers: bool) -> Router {
+    let mut app = Router::new()
+        .route("/users", post(create_user))
+        .route("/users/{id}/settings", get(get_settings).put(put_settings))
+        .route("/users/{id}", axum::routing::delete(delete_user))
+        .with_state(users);
+    if debug_headers {
+        app = app.layer(middleware::from_fn(debug_stage_header));
+    }
+    app.layer(TwinTrackLayer::new(flags))
+}
+
+/// Adds `x-twintrack-stage`: the stage pinned for this request.
+async fn debug_stage_header(req: Request, next: Next) -> Response {
+    let stage = req
+        .extensions()
+        .get::<RequestContext>()
+        .and_then(|ctx| ctx.stage(MIGRATION));
+    let mut res = next.run(req).await;
+    if let Some(stage) = stage {
+        res.headers_mut().insert(
+            "x-twintrack-stage",
+            HeaderValue::from_static(stage.as_str()),
+        );
+    }
+    res
+}
+
+/// Both shapes, created idempotently. The new table has no rows until dual writes start.
+async fn create_shapes(db: &Database) -> Result<(), sqlx::Error> {
+    let statements: &[&'static str] = match db.backend() {
+        Backend::Postgres => &[
+            "CREATE TABLE IF NOT EXISTS users (id BIGSERIAL PRIMARY KEY, email TEXT NOT NULL UNIQUE, profile JSONB NOT NULL DEFAULT '{}')",
+            "CREATE TABLE IF NOT EXISTS user_settings (user_id BIGINT PRIMARY KEY, theme TEXT NOT NULL, notifications_enabled BOOLEAN NOT NULL)",
+        ],
+        Backend::Sqlite => &[
+            "CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL UNIQUE, profile TEXT NOT NULL DEFAULT '{}')",
+            "CREATE TABLE IF NOT EXISTS user_settings (user_id INTEGER PRIMARY KEY, theme TEXT NOT NULL, notifications_enabled INTEGER NOT NULL)",
+        ],
+    };
+    for sql in statements {
+        sqlx::raw_sql(*sql).execute(db.pool()).await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    theme: String,
+    notifications_enabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    email: String,
+    theme: String,
+    notifications_enabled: bool,
+}
+
+/// The users repository (legacy shape: settings live in `users.profile`).
+#[derive(Clone)]
+struct Users {
+    db: Database,
+}
+
+impl Users {
+    async fn create(&self, user: &NewUser) -> Result<i64, ApiError> {
+        let profile = profile_json(&user.theme, user.notifications_enabled);
+        let sql = match self.db.backend() {
+            Backend::Postgres => {
+                "INSERT INTO users (email, profile) VALUES ($1, CAST($2 AS JSONB)) RETURNING id"
+            }
+            Backend::Sqlite => "INSERT INTO users (email, profile) VALUES ($1, $2) RETURNING id",
+        };
+        let row = sqlx::query(sql)
+            .bind(&user.email)
+            .bind(profile)
+            .fetch_one(self.db.pool())
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(db) if db.is_unique_violation() => ApiError(
+                    StatusCode::CONFLICT,
+                    format!("a user with email {:?} already exists", user.email),
+                ),
+                _ => ApiError::internal(e),
+            })?;
+        row.try_get("id").map_err(ApiError::internal)
+    }
+
+    async fn settings(&self, id: i64) -> Result<Option<Settings>, ApiError> {
+        let sql = match self.db.backend() {
+            Backend::Postgres => "SELECT CAST(profile AS TEXT) AS profile FROM users WHERE id = $1",
+            Backend::Sqlite => "SELECT profile FROM users WHERE id = $1",
+        };
+        let row = sqlx::query(sql)
+            .bind(id)
+            .fetch_optional(self.db.pool())
+            .await
+            .map_err(ApiError::internal)?;
+        let Some(row) = row else { return Ok(None) };
+        let profile: String = row.try_get("profile").map_err(ApiError::internal)?;
+        let settings = serde_json::from_str(&profile)
+            .map_err(|e| ApiError::internal(format!("user {id} has an unreadable profile: {e}")))?;
+        Ok(Some(settings))
+    }
+
+    async fn update(&self, id: i64, s: &Settings) -> Result<bool, ApiError> {
+        let sql = match self.db.backend() {
+            Backend::Postgres => "UPDATE users SET profile = CAST($1 AS JSONB) WHERE id = $2",
+            Backend::Sqlite => "UPDATE users SET profile = $1 WHERE id = $2",
+        };
+        let done = sqlx::query(sql)
+            .bind(profile_json(&s.theme, s.notifications_enabled))
+            .bind(id)
+            .execute(self.db.pool())
+            .await
+            .map_err(ApiError::internal)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn delete(&self, id: i64) -> Result<bool, ApiError> {
+        let done = sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(id)
+            .execute(self.db.pool())
+            .await
+            .map_err(ApiError::internal)?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+fn profile_json(theme: &str, notifications_enabled: bool) -> String {
+    json!({"theme": theme, "notifications_enabled": notifications_enabled}).to_string()
+}
+
+async fn create_user(State(users): State<Users>, body: Bytes) -> Result<Response, ApiError> {
+    let user: NewUser = parse_json(&body)?;
+    if user.email.trim().is_empty() || user.email.len() > 320 || !user.email.contains('@') {
+        return Err(ApiError::bad_request("email must be an address like a@b.c"));
+    }
+    check_theme(&user.theme)?;
+    let id = users.create(&user).await?;
+    let body = json!({
+        "id": id,
+        "email": user.email,
+        "theme": user.theme,
+        "notifications_enabled": user.notifications_enabled,
+    });
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
+
+async fn get_settings(
+    State(users): State<Users>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    match users.settings(id).await? {
+        Some(settings) => Ok(axum::Json(settings).into_response()),
+        None => Err(ApiError::not_found(id)),
+    }
+}
+
+async fn put_settings(
+    State(users): State<Users>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let settings: Settings = parse_json(&body)?;
+    check_theme(&settings.theme)?;
+    if users.update(id, &settings).await? {
+        Ok(axum::Json(settings).into_response())
+    } else {
+        Err(ApiError::not_found(id))
+    }
+}
+
+async fn delete_user(
+    State(users): State<Users>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    if users.delete(id).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found(id))
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn parse_id(id: &str) -> Result<i64, ApiError> {
+    id.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| {
+        ApiError::bad_request(format!("user id must be a positive integer, got {id:?}"))
+    })
+}
+
+fn check_theme(theme: &str) -> Result<(), ApiError> {
+    if theme.trim().is_empty() || theme.chars().count() > 64 {
+        return Err(ApiError::bad_request("theme must be 1 to 64 characters"));
+    }
+    Ok(())
+}
+
+/// An error answered as `{"error": message}` with its status.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad_request(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, msg.into())
+    }
+
+    fn not_found(id: i64) -> ApiError {
+        ApiError(StatusCode::NOT_FOUND, format!("no user {id}"))
+    }
+
+    fn internal(err: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %err, "request failed");
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}

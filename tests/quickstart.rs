@@ -1,0 +1,283 @@
+//! The quickstart, tried as a new user would from the README: start it, call its routes, flip
+//! the stage with the CLI while it runs, and see the flip without a restart.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+struct Quickstart {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Quickstart {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn example_binary() -> PathBuf {
+    // target/debug/deps/quickstart-<hash> -> target/debug/examples/quickstart
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("examples/quickstart");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test` (it builds the examples)",
+        path.display()
+    );
+    path
+}
+
+impl Quickstart {
+    /// Starts the quickstart in `cwd`, as `cargo run --example quickstart` would.
+    fn start(cwd: &Path, database_url: Option<&str>) -> Quickstart {
+        let mut cmd = Command::new(example_binary());
+        cmd.current_dir(cwd)
+            .env("TWINTRACK_LISTEN", "127.0.0.1:0")
+            .env("TWINTRACK_DEBUG_HEADERS", "1")
+            .env("RUST_LOG", "warn")
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(url) = database_url {
+            cmd.env("DATABASE_URL", url);
+        }
+        let mut child = cmd.spawn().expect("start the quickstart");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("twintrack quickstart listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_owned();
+        Quickstart { child, base }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: &str) -> (u16, Option<String>, Value) {
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<Full<Bytes>>();
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        let status = res.status().as_u16();
+        let stage = res
+            .headers()
+            .get("x-twintrack-stage")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (status, stage, value)
+    }
+}
+
+fn cli(cwd: &Path, url: &str, args: &[&str]) -> (i32, String) {
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .current_dir(cwd)
+        .arg("--database-url")
+        .arg(url)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+async fn exercise_routes(qs: &Quickstart) {
+    let (status, stage, created) = qs
+        .call(
+            "POST",
+            "/users",
+            r#"{"email":"ada@example.com","theme":"dark","notifications_enabled":true}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(stage.as_deref(), Some("legacy_only"));
+    let id = created["id"].as_i64().unwrap();
+    assert_eq!(created["theme"], "dark");
+
+    let path = format!("/users/{id}/settings");
+    let (status, _, got) = qs.call("GET", &path, "").await;
+    assert_eq!(
+        (status, got.clone()),
+        (200, json!({"theme":"dark","notifications_enabled":true}))
+    );
+
+    let (status, _, _) = qs
+        .call(
+            "PUT",
+            &path,
+            r#"{"theme":"light","notifications_enabled":false}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, _, got) = qs.call("GET", &path, "").await;
+    assert_eq!(got, json!({"theme":"light","notifications_enabled":false}));
+
+    // Bad input: 400 with a message, and nothing written.
+    for (method, p, body) in [
+        ("POST", "/users", "{not json"),
+        (
+            "POST",
+            "/users",
+            r#"{"email":"x@example.com","theme":"dark","notifications_enabled":"yes"}"#,
+        ),
+        (
+            "POST",
+            "/users",
+            r#"{"email":"x@example.com","theme":"dark"}"#,
+        ),
+        (
+            "POST",
+            "/users",
+            r#"{"email":"x@example.com","theme":"","notifications_enabled":true}"#,
+        ),
+        (
+            "PUT",
+            path.as_str(),
+            r#"{"theme":5,"notifications_enabled":true}"#,
+        ),
+        ("PUT", path.as_str(), r#"[]"#),
+        ("GET", "/users/abc/settings", ""),
+        ("GET", "/users/-1/settings", ""),
+    ] {
+        let (status, _, body) = qs.call(method, p, body).await;
+        assert_eq!(status, 400, "{method} {p}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+    let (_, _, got) = qs.call("GET", &path, "").await;
+    assert_eq!(got, json!({"theme":"light","notifications_enabled":false}));
+    let (status, _, _) = qs
+        .call(
+            "POST",
+            "/users",
+            r#"{"email":"x@example.com","theme":"dark","notifications_enabled":true}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "the email rejected above was never stored");
+
+    let (status, _, _) = qs.call("DELETE", &format!("/users/{id}"), "").await;
+    assert_eq!(status, 204);
+    let (status, _, _) = qs.call("GET", &path, "").await;
+    assert_eq!(status, 404);
+}
+
+async fn wait_for_stage(qs: &Quickstart, stage: &str, within: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let (_, seen, _) = qs.call("GET", "/users/999999/settings", "").await;
+        if seen.as_deref() == Some(stage) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "still {seen:?}, expected {stage} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quickstart_on_the_default_sqlite_file_sees_cli_flips() {
+    let dir = tempfile::tempdir().unwrap();
+    let qs = Quickstart::start(dir.path(), None);
+    assert!(dir.path().join("twintrack-quickstart.db").exists());
+    exercise_routes(&qs).await;
+
+    // The README's CLI command, run from the same directory while the service runs.
+    let url = "sqlite://twintrack-quickstart.db";
+    let (code, out) = cli(
+        dir.path(),
+        url,
+        &[
+            "stage",
+            "set",
+            "user_settings",
+            "dual_write",
+            "--reason",
+            "try it",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let took = wait_for_stage(&qs, "dual_write", Duration::from_secs(5)).await;
+    eprintln!("SQLite: flip seen after {took:?} (soft TTL 1 s)");
+    let (code, out) = cli(
+        dir.path(),
+        url,
+        &["rollback", "user_settings", "--reason", "back"],
+    );
+    assert_eq!(code, 0, "{out}");
+    wait_for_stage(&qs, "legacy_only", Duration::from_secs(5)).await;
+
+    // A restart keeps the data and the stage (idempotent start-up).
+    drop(qs);
+    let qs = Quickstart::start(dir.path(), None);
+    let (status, _, _) = qs
+        .call(
+            "POST",
+            "/users",
+            r#"{"email":"x@example.com","theme":"dark","notifications_enabled":true}"#,
+        )
+        .await;
+    assert_eq!(
+        status, 409,
+        "the user created before the restart is still there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quickstart_on_postgres_sees_cli_flips_by_notify() {
+    let Some(db) = common::pg::fresh_db().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let qs = Quickstart::start(dir.path(), Some(&db.url));
+    exercise_routes(&qs).await;
+    let (code, out) = cli(
+        dir.path(),
+        &db.url,
+        &[
+            "stage",
+            "set",
+            "user_settings",
+            "dual_write",
+            "--reason",
+            "try it",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let took = wait_for_stage(&qs, "dual_write", Duration::from_secs(5)).await;
+    eprintln!("PostgreSQL: flip seen after {took:?}");
+}
