@@ -30,9 +30,10 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::Row;
+use tower::Layer as _;
 use twintrack::config::Config;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
-use twintrack::{Backend, Database, RequestContext, TwinTrackLayer};
+use twintrack::{Backend, Database, RequestContext, TwinTrack, TwinTrackLayer};
 
 const MIGRATION: &str = "user_settings";
 
@@ -69,15 +70,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "twintrack quickstart listening on http://{}",
         listener.local_addr()?
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    axum::serve(
+        listener,
+        axum::ServiceExt::<Request>::into_make_service(app),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
     Ok(())
 }
 
-fn app(users: Users, flags: FlagCache, debug_headers: bool) -> Router {
+/// The routes, wrapped by the twintrack layer. The layer goes around the whole router (not
+/// `Router::layer`, which axum re-clones per route and request) to keep its cost minimal.
+fn app(users: Users, flags: FlagCache, debug_headers: bool) -> TwinTrack<Router> {
     let mut app = Router::new()
         .route("/users", post(create_user))
         .route("/users/{id}/settings", get(get_settings).put(put_settings))
@@ -86,7 +92,7 @@ fn app(users: Users, flags: FlagCache, debug_headers: bool) -> Router {
     if debug_headers {
         app = app.layer(middleware::from_fn(debug_stage_header));
     }
-    app.layer(TwinTrackLayer::new(flags))
+    TwinTrackLayer::new(flags).layer(app)
 }
 
 /// Adds `x-twintrack-stage`: the stage pinned for this request.

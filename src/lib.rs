@@ -9,7 +9,8 @@
 //! ```no_run
 //! # async fn demo() -> twintrack::Result<()> {
 //! use std::sync::Arc;
-//! use twintrack::flags::{FlagCache, SqlFlagStore};
+//! use tower::Layer;
+//! use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
 //! use twintrack::{Database, RequestContext, Stage, TwinTrackLayer};
 //!
 //! let db = Database::connect("sqlite://app.db?mode=rwc").await?;
@@ -26,9 +27,9 @@
 //!         _ => "reading user_settings",
 //!     }
 //! }
-//! let app = axum::Router::new()
-//!     .route("/", axum::routing::get(handler))
-//!     .layer(TwinTrackLayer::new(flags));
+//! let router: axum::Router = axum::Router::new().route("/", axum::routing::get(handler));
+//! let app = TwinTrackLayer::new(flags).layer(router);
+//! # let _ = app;
 //! # Ok(()) }
 //! ```
 //!

@@ -134,6 +134,51 @@ async fn stage_is_pinned_for_the_whole_request_under_axum() {
     }
 }
 
+/// The layer keeps the cache refreshing after the caller drops its own `FlagCache` handle
+/// (the usual `TwinTrackLayer::new(flags)` move).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_layer_keeps_the_cache_refreshing_on_its_own() {
+    let (_dir, url) = common::sqlite_db();
+    let store = Arc::new(
+        SqlFlagStore::open(Database::connect(&url).await.unwrap())
+            .await
+            .unwrap(),
+    );
+    store.register(M, "t").await.unwrap();
+    let flags = FlagCache::builder(store.clone())
+        .migration(M, Stage::LegacyOnly)
+        .soft_ttl(Duration::from_millis(50))
+        .build()
+        .await;
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(TwinTrackLayer::new(flags)) // the only handle to the cache from here on
+        .service(tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, Infallible>(stage_of_current())
+        }));
+    use tower::{Service, ServiceExt};
+    let mut call = async || {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap()
+    };
+    assert_eq!(call().await, "legacy_only");
+    store
+        .set_stage(StageChange::new(M, Stage::DualWrite, "t", "flip"))
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    while call().await != "dual_write" {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the flip never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A bare hyper server with a tower `service_fn` wrapped by the layer.
 #[tokio::test(flavor = "multi_thread")]
 async fn works_under_a_bare_hyper_service() {

@@ -26,6 +26,16 @@ impl Drop for Quickstart {
 }
 
 fn example_binary() -> PathBuf {
+    // `cargo test --test quickstart` alone does not rebuild examples: make sure it is current.
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--example", "quickstart"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo");
+        assert!(status.success(), "building the quickstart failed");
+    });
     // target/debug/deps/quickstart-<hash> -> target/debug/examples/quickstart
     let exe = std::env::current_exe().unwrap();
     let path = exe

@@ -63,6 +63,7 @@ impl MigrationFlag {
 pub struct Snapshot {
     flags: Box<[MigrationFlag]>,
     generation: u64,
+    needs_rollout_key: bool,
 }
 
 impl Snapshot {
@@ -85,6 +86,38 @@ impl Snapshot {
     /// Increases with every reload; two snapshots with the same generation are the same.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Whether some migration is in `live` with a partial read rollout, so requests need a
+    /// rollout key. When not, the layer skips computing one.
+    pub fn needs_rollout_key(&self) -> bool {
+        self.needs_rollout_key
+    }
+
+    fn new(flags: Vec<MigrationFlag>, generation: u64) -> Snapshot {
+        let needs_rollout_key = flags.iter().any(|f| {
+            f.stage() == Stage::Live && f.state.read_rollout_percent.is_some_and(|p| p < 100)
+        });
+        Snapshot {
+            flags: flags.into_boxed_slice(),
+            generation,
+            needs_rollout_key,
+        }
+    }
+}
+
+/// See [`FlagCache::snapshot_reader`].
+pub(crate) type SnapshotReader = arc_swap::Cache<SnapshotSource, Arc<Snapshot>>;
+
+/// The published snapshot, reached through (and keeping alive) the whole cache.
+#[derive(Clone)]
+pub(crate) struct SnapshotSource(Arc<Inner>);
+
+impl std::ops::Deref for SnapshotSource {
+    type Target = ArcSwap<Snapshot>;
+
+    fn deref(&self) -> &ArcSwap<Snapshot> {
+        &self.0.snapshot
     }
 }
 
@@ -137,10 +170,7 @@ impl FlagCacheBuilder {
             store: self.store,
             migrations,
             values,
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                flags: Box::new([]),
-                generation: 0,
-            }),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(Vec::new(), 0)),
             reload_lock: Mutex::new(0),
             metrics: self.metrics.unwrap_or_else(Metrics::global),
         });
@@ -168,6 +198,7 @@ struct Inner {
     store: Arc<dyn FlagStore>,
     migrations: Vec<Registered>,
     values: moka::sync::Cache<Arc<str>, MigrationFlag>,
+    /// The published snapshot.
     snapshot: ArcSwap<Snapshot>,
     /// Serialises reloads (so an older load never overwrites a newer one); holds the generation.
     reload_lock: Mutex<u64>,
@@ -188,6 +219,13 @@ impl FlagCache {
     /// The current snapshot of every registered migration. One atomic load.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.inner.snapshot.load_full()
+    }
+
+    /// A per-owner cache of the published snapshot: after the first call, checking it for a
+    /// newer snapshot is one atomic load. For hot paths that own `&mut` state (the layer). It
+    /// keeps the cache, and so its refresher, alive.
+    pub(crate) fn snapshot_reader(&self) -> SnapshotReader {
+        arc_swap::Cache::new(SnapshotSource(self.inner.clone()))
     }
 
     /// One migration's cached flag (outside a request; inside one, use the request's snapshot).
@@ -273,10 +311,8 @@ impl Inner {
             flags.push(flag);
         }
         *generation += 1;
-        self.snapshot.store(Arc::new(Snapshot {
-            flags: flags.into_boxed_slice(),
-            generation: *generation,
-        }));
+        self.snapshot
+            .store(Arc::new(Snapshot::new(flags, *generation)));
         loaded.map(drop)
     }
 }

@@ -268,4 +268,4 @@ pub trait FlagStore: Send + Sync + 'static {
     /// Stores that cannot push return `None`; the cache then relies on its soft TTL.
     fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<FlagChange>>;
 }
-pub(crate) use cache::name_hash;
+pub(crate) use cache::{SnapshotReader, name_hash};

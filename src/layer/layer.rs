@@ -32,6 +32,6 @@ impl<S> Layer<S> for TwinTrackLayer {
     type Service = TwinTrack<S>;
 
     fn layer(&self, inner: S) -> TwinTrack<S> {
-        TwinTrack::new(inner, self.flags.clone(), self.key_header.clone())
+        TwinTrack::new(inner, &self.flags, self.key_header.clone())
     }
 }

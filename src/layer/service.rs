@@ -5,21 +5,32 @@ use tower_service::Service;
 
 use super::ResponseFuture;
 use crate::context::{RequestContext, random_key};
-use crate::flags::FlagCache;
+use crate::flags::{FlagCache, SnapshotReader};
 
 /// Middleware that pins one flag snapshot per request. See the [module docs](super).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TwinTrack<S> {
     inner: S,
-    flags: FlagCache,
+    // Each clone of the service (servers clone one per connection) keeps its own cached Arc of
+    // the snapshot, so a request costs one atomic load instead of a reference-counted load.
+    snapshot: SnapshotReader,
     key_header: Option<HeaderName>,
 }
 
+impl<S: std::fmt::Debug> std::fmt::Debug for TwinTrack<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TwinTrack")
+            .field("inner", &self.inner)
+            .field("key_header", &self.key_header)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S> TwinTrack<S> {
-    pub(crate) fn new(inner: S, flags: FlagCache, key_header: Option<HeaderName>) -> Self {
+    pub(crate) fn new(inner: S, flags: &FlagCache, key_header: Option<HeaderName>) -> Self {
         TwinTrack {
             inner,
-            flags,
+            snapshot: flags.snapshot_reader(),
             key_header,
         }
     }
@@ -43,17 +54,21 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let key = self
-            .key_header
-            .as_ref()
-            .and_then(|name| req.headers().get(name))
-            .map(|value| crate::flags::name_hash(value.as_bytes()))
-            .unwrap_or_else(random_key);
-        let ctx = RequestContext::new(self.flags.snapshot(), key);
+        let snapshot = self.snapshot.load().clone();
+        // The rollout key only matters while a migration is in a partial `live` rollout.
+        let key = if snapshot.needs_rollout_key() {
+            self.key_header
+                .as_ref()
+                .and_then(|name| req.headers().get(name))
+                .map(|value| crate::flags::name_hash(value.as_bytes()))
+                .unwrap_or_else(random_key)
+        } else {
+            0
+        };
+        let ctx = RequestContext::new(snapshot, key);
         req.extensions_mut().insert(ctx.clone());
-        // Scope the synchronous part of `call` too: some services do work before their future.
-        let inner = &mut self.inner;
-        let future = ctx.clone().sync_scope(|| inner.call(req));
-        ResponseFuture::new(ctx.scope(future))
+        // The task-local covers the response future, where handlers and repositories run. Code
+        // in a service's synchronous `call` reads the context from the extensions instead.
+        ResponseFuture::new(ctx.scope(self.inner.call(req)))
     }
 }
