@@ -310,3 +310,77 @@ async fn works_under_tonic() {
     assert_eq!(pong.from_task_local, "shadow");
     server.abort();
 }
+
+/// In `live` with a read rollout percent, the request key header decides which requests read
+/// as `live` and which as `shadow`: the same key always lands on the same side, about the
+/// configured share of keys read `live`, and writes (`stage`) are never split.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_key_places_requests_in_the_live_read_rollout() {
+    use tower::{Service, ServiceExt};
+    use twintrack::flags::TuningChange;
+
+    let (_dir, url) = common::sqlite_db();
+    let (store, flags) = flags_at(&url, Stage::Live).await;
+    let tune = |percent: Option<u8>| TuningChange {
+        migration: M.into(),
+        shadow_sample_rate: None,
+        read_rollout_percent: Some(percent),
+        expected_version: None,
+        actor: "t".into(),
+        reason: "rollout".into(),
+    };
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(
+            TwinTrackLayer::new(flags.clone())
+                .request_key_header(http::HeaderName::from_static("x-user-id")),
+        )
+        .service(tower::service_fn(|_req: http::Request<()>| async {
+            let ctx = RequestContext::current().unwrap();
+            Ok::<_, Infallible>((ctx.stage(M).unwrap(), ctx.read_stage(M).unwrap()))
+        }));
+    let mut call = async |user: Option<u32>| {
+        let mut req = http::Request::new(());
+        if let Some(user) = user {
+            req.headers_mut().insert("x-user-id", user.into());
+        }
+        svc.ready().await.unwrap().call(req).await.unwrap()
+    };
+
+    // No percent: everyone reads live; the key is not even looked at.
+    assert!(!flags.snapshot().needs_rollout_key());
+    assert_eq!(call(Some(1)).await, (Stage::Live, Stage::Live));
+
+    store.tune(tune(Some(30))).await.unwrap();
+    flags.refresh().await.unwrap();
+    assert!(flags.snapshot().needs_rollout_key());
+    let mut live = 0;
+    for user in 0..2000 {
+        let (write, read) = call(Some(user)).await;
+        assert_eq!(write, Stage::Live, "writes are never split");
+        assert!(matches!(read, Stage::Live | Stage::Shadow));
+        assert_eq!(call(Some(user)).await.1, read, "user {user} must be stable");
+        live += usize::from(read == Stage::Live);
+    }
+    assert!(
+        (500..=700).contains(&live),
+        "{live} of 2000 keys read live at 30%"
+    );
+    // Without the header, requests are placed at random in the same proportion.
+    let mut keyless = 0;
+    for _ in 0..2000 {
+        keyless += usize::from(call(None).await.1 == Stage::Live);
+    }
+    assert!(
+        (500..=700).contains(&keyless),
+        "{keyless} of 2000 keyless requests read live"
+    );
+
+    store.tune(tune(Some(0))).await.unwrap();
+    flags.refresh().await.unwrap();
+    for user in 0..100 {
+        assert_eq!(call(Some(user)).await, (Stage::Live, Stage::Shadow));
+    }
+    store.tune(tune(None)).await.unwrap();
+    flags.refresh().await.unwrap();
+    assert_eq!(call(Some(7)).await, (Stage::Live, Stage::Live));
+}

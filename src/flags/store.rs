@@ -27,6 +27,7 @@ const MAX_ACTOR: usize = 200;
 /// every [`FlagCache`](super::FlagCache) in the process; it stops when the store is dropped.
 pub struct SqlFlagStore {
     db: Database,
+    #[cfg(feature = "postgres")]
     changes: broadcast::Sender<FlagChange>,
     #[cfg(feature = "postgres")]
     listener: Option<super::listen::ListenerHandle>,
@@ -51,10 +52,10 @@ impl SqlFlagStore {
     /// A store over `db` that neither touches the schema nor listens (for one-shot tools such
     /// as the CLI). No I/O happens until it is used.
     pub fn new(db: Database) -> SqlFlagStore {
-        let (changes, _) = broadcast::channel(256);
         SqlFlagStore {
             db,
-            changes,
+            #[cfg(feature = "postgres")]
+            changes: broadcast::channel(256).0,
             #[cfg(feature = "postgres")]
             listener: None,
         }
@@ -63,11 +64,15 @@ impl SqlFlagStore {
     /// Starts pushing [`FlagChange`]s to [`FlagStore::subscribe`]rs (PostgreSQL `LISTEN`; a
     /// no-op on SQLite, where caches rely on their soft TTL). The listener reconnects by itself
     /// and stops when the store is dropped.
-    pub async fn listen(mut self) -> Result<SqlFlagStore> {
+    pub async fn listen(self) -> Result<SqlFlagStore> {
         #[cfg(feature = "postgres")]
         if self.db.backend() == Backend::Postgres && self.listener.is_none() {
-            self.listener =
-                Some(super::listen::spawn(self.db.url().to_owned(), self.changes.clone()).await?);
+            let listener =
+                super::listen::spawn(self.db.url().to_owned(), self.changes.clone()).await?;
+            return Ok(SqlFlagStore {
+                listener: Some(listener),
+                ..self
+            });
         }
         Ok(self)
     }
