@@ -40,6 +40,11 @@ fn twintrack(url: &str, args: &[&str]) -> Run {
     }
 }
 
+/// `twintrack <line>`, the line split on whitespace.
+fn sh(url: &str, line: &str) -> Run {
+    twintrack(url, &line.split_whitespace().collect::<Vec<_>>())
+}
+
 /// The detailed status as JSON (stage, version, audit entries).
 fn detail(url: &str) -> Value {
     let run = twintrack(url, &["--json", "status", "user_settings"]);
@@ -102,33 +107,15 @@ async fn init_status_and_flips_as_an_operator_would() {
         assert!(rb.stdout.contains("nothing to roll back"));
 
         // Compare-and-set from the CLI.
-        let stale = twintrack(
+        let stale = sh(
             &url,
-            &[
-                "stage",
-                "set",
-                "user_settings",
-                "dual_write",
-                "--reason",
-                "r",
-                "--expect-version",
-                "1",
-            ],
+            "stage set user_settings dual_write --reason r --expect-version 1",
         );
         assert_eq!(stale.code, 3, "{backend}: {}", stale.stderr);
         assert!(stale.stderr.contains("version conflict"));
-        let ok = twintrack(
+        let ok = sh(
             &url,
-            &[
-                "stage",
-                "set",
-                "user_settings",
-                "dual_write",
-                "--reason",
-                "r",
-                "--expect-version",
-                "3",
-            ],
+            "stage set user_settings dual_write --reason r --expect-version 3",
         );
         assert_eq!(ok.code, 0, "{}", ok.stderr);
 

@@ -103,7 +103,9 @@ impl Quickstart {
     }
 }
 
-fn cli(cwd: &Path, url: &str, args: &[&str]) -> (i32, String) {
+/// Runs `twintrack --database-url URL --config examples/quickstart.toml <line>` in `cwd`.
+fn cli(cwd: &Path, url: &str, line: &str) -> (i32, String) {
+    let args: Vec<&str> = line.split_whitespace().collect();
     let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
         .current_dir(cwd)
@@ -111,7 +113,7 @@ fn cli(cwd: &Path, url: &str, args: &[&str]) -> (i32, String) {
         .arg(url)
         .arg("--config")
         .arg(config)
-        .args(args)
+        .args(&args)
         .output()
         .unwrap();
     let text = format!(
@@ -231,23 +233,12 @@ async fn quickstart_on_the_default_sqlite_file_sees_cli_flips() {
     let (code, out) = cli(
         dir.path(),
         url,
-        &[
-            "stage",
-            "set",
-            "user_settings",
-            "dual_write",
-            "--reason",
-            "try it",
-        ],
+        "stage set user_settings dual_write --reason try-it",
     );
     assert_eq!(code, 0, "{out}");
     let took = wait_for_stage(&qs, "dual_write", Duration::from_secs(5)).await;
     eprintln!("SQLite: flip seen after {took:?} (soft TTL 1 s)");
-    let (code, out) = cli(
-        dir.path(),
-        url,
-        &["rollback", "user_settings", "--reason", "back"],
-    );
+    let (code, out) = cli(dir.path(), url, "rollback user_settings --reason back");
     assert_eq!(code, 0, "{out}");
     wait_for_stage(&qs, "legacy_only", Duration::from_secs(5)).await;
 
@@ -278,14 +269,7 @@ async fn quickstart_on_postgres_sees_cli_flips_by_notify() {
     let (code, out) = cli(
         dir.path(),
         &db.url,
-        &[
-            "stage",
-            "set",
-            "user_settings",
-            "dual_write",
-            "--reason",
-            "try it",
-        ],
+        "stage set user_settings dual_write --reason try-it",
     );
     assert_eq!(code, 0, "{out}");
     let took = wait_for_stage(&qs, "dual_write", Duration::from_secs(5)).await;
