@@ -51,6 +51,17 @@ pub enum Error {
     /// The configuration file or a configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A repository call on one side of a migration failed.
+    #[error("{migration}: the {side} side failed: {source}")]
+    Repository {
+        /// The migration.
+        migration: String,
+        /// The side whose repository call failed.
+        side: crate::Side,
+        /// The error it returned.
+        #[source]
+        source: sqlx::Error,
+    },
     /// twintrack's own tables do not exist in this database yet.
     #[error("twintrack's tables are missing in this database: run `twintrack init` first")]
     NotInitialized,

@@ -45,6 +45,10 @@
 //!   the flag cache (moka, soft TTL, last known value, fallback, one immutable snapshot).
 //! - [`layer`]: the tower layer that pins one snapshot per request.
 //! - [`context`]: the per-request context (extensions and task-local) that repositories read.
+//! - [`dual`]: the dual store: runs one repository operation on the side(s) the stage names;
+//!   atomic dual writes with repair intents, and the repair worker.
+//! - [`shadow`]: shadow-read comparison (normalized values, ignore/redact, field diffs),
+//!   transient/confirmed classification, and the mismatch table.
 //! - [`db`]: the database handle (PostgreSQL or SQLite through sqlx `Any`) and identifier
 //!   quoting.
 //! - [`schema`]: twintrack's own tables, as embedded versioned migrations.
@@ -68,11 +72,13 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod db;
+pub mod dual;
 pub mod error;
 pub mod flags;
 pub mod layer;
 pub mod metrics;
 pub mod schema;
+pub mod shadow;
 pub mod stage;
 pub mod transition;
 

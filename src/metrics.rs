@@ -11,8 +11,13 @@
 //! | `twintrack.flags.fallback` | counter | `migration` | no value was ever loaded, the fallback stage is served |
 //! | `twintrack.flags.invalid` | counter | `migration` | the stored row did not parse; the last good value stays |
 //! | `twintrack.flags.age` | gauge (s) | `migration` | age of the value in force, after each reload |
+//! | `twintrack.dual.operations` | counter | `migration`, `op`, `side`, `outcome` | repository calls by the dual store |
+//! | `twintrack.dual.duration` | histogram (s) | `migration`, `op`, `side` | their latency |
+//! | `twintrack.shadow.results` | counter | `migration`, `result` = `match`/`transient`/`confirmed` | compared reads |
+//! | `twintrack.shadow.errors` | counter | `migration`, `side` | compared reads where a side failed (or panicked) |
+//! | `twintrack.repair.intents` | counter | `migration`, `event` = `recorded`/`repaired`/`failed` | repair intents |
 
-use opentelemetry::metrics::{Counter, Gauge, Meter};
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 
 /// The instruments twintrack records into.
 #[derive(Clone, Debug)]
@@ -22,6 +27,11 @@ pub struct Metrics {
     pub(crate) flag_fallback: Counter<u64>,
     pub(crate) flag_invalid: Counter<u64>,
     pub(crate) flag_age: Gauge<f64>,
+    pub(crate) dual_ops: Counter<u64>,
+    pub(crate) dual_duration: Histogram<f64>,
+    pub(crate) shadow_results: Counter<u64>,
+    pub(crate) shadow_errors: Counter<u64>,
+    pub(crate) repair_intents: Counter<u64>,
 }
 
 impl Metrics {
@@ -52,6 +62,27 @@ impl Metrics {
                 .f64_gauge("twintrack.flags.age")
                 .with_unit("s")
                 .with_description("Age of the flag value in force, measured after each reload")
+                .build(),
+            dual_ops: meter
+                .u64_counter("twintrack.dual.operations")
+                .with_description("Repository calls made by the dual store, by side and outcome")
+                .build(),
+            dual_duration: meter
+                .f64_histogram("twintrack.dual.duration")
+                .with_unit("s")
+                .with_description("Latency of repository calls made by the dual store, per side")
+                .build(),
+            shadow_results: meter
+                .u64_counter("twintrack.shadow.results")
+                .with_description("Compared reads by result: match, transient or confirmed")
+                .build(),
+            shadow_errors: meter
+                .u64_counter("twintrack.shadow.errors")
+                .with_description("Compared reads in which a side failed or panicked, per side")
+                .build(),
+            repair_intents: meter
+                .u64_counter("twintrack.repair.intents")
+                .with_description("Repair intents recorded, repaired and failed")
                 .build(),
         }
     }

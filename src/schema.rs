@@ -20,11 +20,12 @@ struct Step {
     sqlite: &'static [&'static str],
 }
 
-const STEPS: &[Step] = &[Step {
-    version: 1,
-    description: "flags, evidence and audit",
-    postgres: &[
-        r#"CREATE TABLE IF NOT EXISTS twintrack_flags (
+const STEPS: &[Step] = &[
+    Step {
+        version: 1,
+        description: "flags, evidence and audit",
+        postgres: &[
+            r#"CREATE TABLE IF NOT EXISTS twintrack_flags (
             migration TEXT PRIMARY KEY,
             stage TEXT NOT NULL,
             version BIGINT NOT NULL,
@@ -40,7 +41,7 @@ const STEPS: &[Step] = &[Step {
             entered_new_only_at BIGINT,
             left_new_only_at BIGINT
         )"#,
-        r#"CREATE TABLE IF NOT EXISTS twintrack_audit (
+            r#"CREATE TABLE IF NOT EXISTS twintrack_audit (
             id BIGSERIAL PRIMARY KEY,
             migration TEXT NOT NULL,
             at BIGINT NOT NULL,
@@ -54,21 +55,21 @@ const STEPS: &[Step] = &[Step {
             reason TEXT NOT NULL,
             overridden TEXT
         )"#,
-        "CREATE INDEX IF NOT EXISTS twintrack_audit_by_migration ON twintrack_audit (migration, id)",
-        // Every change to a flag row, by twintrack or by hand, wakes every listening process.
-        r#"CREATE OR REPLACE FUNCTION twintrack_flags_notify() RETURNS trigger AS $$
+            "CREATE INDEX IF NOT EXISTS twintrack_audit_by_migration ON twintrack_audit (migration, id)",
+            // Every change to a flag row, by twintrack or by hand, wakes every listening process.
+            r#"CREATE OR REPLACE FUNCTION twintrack_flags_notify() RETURNS trigger AS $$
         BEGIN
             PERFORM pg_notify('twintrack_flags', COALESCE(NEW.migration, OLD.migration));
             RETURN NULL;
         END
         $$ LANGUAGE plpgsql"#,
-        "DROP TRIGGER IF EXISTS twintrack_flags_notify ON twintrack_flags",
-        r#"CREATE TRIGGER twintrack_flags_notify
+            "DROP TRIGGER IF EXISTS twintrack_flags_notify ON twintrack_flags",
+            r#"CREATE TRIGGER twintrack_flags_notify
             AFTER INSERT OR UPDATE OR DELETE ON twintrack_flags
             FOR EACH ROW EXECUTE FUNCTION twintrack_flags_notify()"#,
-    ],
-    sqlite: &[
-        r#"CREATE TABLE IF NOT EXISTS twintrack_flags (
+        ],
+        sqlite: &[
+            r#"CREATE TABLE IF NOT EXISTS twintrack_flags (
             migration TEXT PRIMARY KEY,
             stage TEXT NOT NULL,
             version INTEGER NOT NULL,
@@ -84,7 +85,7 @@ const STEPS: &[Step] = &[Step {
             entered_new_only_at INTEGER,
             left_new_only_at INTEGER
         )"#,
-        r#"CREATE TABLE IF NOT EXISTS twintrack_audit (
+            r#"CREATE TABLE IF NOT EXISTS twintrack_audit (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             migration TEXT NOT NULL,
             at INTEGER NOT NULL,
@@ -98,12 +99,65 @@ const STEPS: &[Step] = &[Step {
             reason TEXT NOT NULL,
             overridden TEXT
         )"#,
-        "CREATE INDEX IF NOT EXISTS twintrack_audit_by_migration ON twintrack_audit (migration, id)",
-    ],
-}];
+            "CREATE INDEX IF NOT EXISTS twintrack_audit_by_migration ON twintrack_audit (migration, id)",
+        ],
+    },
+    Step {
+        version: 2,
+        description: "repair intents and shadow-read mismatches",
+        postgres: &[
+            r#"CREATE TABLE IF NOT EXISTS twintrack_repair_intents (
+            id BIGSERIAL PRIMARY KEY,
+            migration TEXT NOT NULL,
+            key BIGINT NOT NULL,
+            target_side TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            last_error TEXT
+        )"#,
+            "CREATE INDEX IF NOT EXISTS twintrack_repair_intents_by_age ON twintrack_repair_intents (migration, created_at)",
+            r#"CREATE TABLE IF NOT EXISTS twintrack_mismatches (
+            id BIGSERIAL PRIMARY KEY,
+            migration TEXT NOT NULL,
+            key BIGINT NOT NULL,
+            class TEXT NOT NULL,
+            stage TEXT NOT NULL,
+            diff TEXT NOT NULL,
+            legacy_micros BIGINT NOT NULL,
+            new_micros BIGINT NOT NULL,
+            at BIGINT NOT NULL
+        )"#,
+            "CREATE INDEX IF NOT EXISTS twintrack_mismatches_by_migration ON twintrack_mismatches (migration, id)",
+        ],
+        sqlite: &[
+            r#"CREATE TABLE IF NOT EXISTS twintrack_repair_intents (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            migration TEXT NOT NULL,
+            key INTEGER NOT NULL,
+            target_side TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT
+        )"#,
+            "CREATE INDEX IF NOT EXISTS twintrack_repair_intents_by_age ON twintrack_repair_intents (migration, created_at)",
+            r#"CREATE TABLE IF NOT EXISTS twintrack_mismatches (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            migration TEXT NOT NULL,
+            key INTEGER NOT NULL,
+            class TEXT NOT NULL,
+            stage TEXT NOT NULL,
+            diff TEXT NOT NULL,
+            legacy_micros INTEGER NOT NULL,
+            new_micros INTEGER NOT NULL,
+            at INTEGER NOT NULL
+        )"#,
+            "CREATE INDEX IF NOT EXISTS twintrack_mismatches_by_migration ON twintrack_mismatches (migration, id)",
+        ],
+    },
+];
 
 /// The schema version this build of twintrack installs.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Creates or upgrades twintrack's tables. Idempotent; concurrent callers are serialised.
 pub async fn install(db: &Database) -> Result<()> {

@@ -93,6 +93,13 @@ async fn init_status_and_flips_as_an_operator_would() {
         assert_eq!(d["state"]["version"], 2);
         assert_eq!(d["audit"][0]["actor"], "tester");
 
+        let none = twintrack(&url, &["mismatches", "user_settings"]);
+        assert_eq!(none.code, 0, "{}", none.stderr);
+        assert!(
+            none.stdout
+                .contains("no mismatches recorded for user_settings")
+        );
+
         let list = twintrack(&url, &["--json", "status"]);
         assert_eq!(list.json()[0]["migration"], "user_settings");
         let human = twintrack(&url, &["status"]);
@@ -263,6 +270,17 @@ async fn refused_and_bad_commands_exit_with_their_code_and_change_nothing() {
                 "nothing to change",
             ),
             (&["frobnicate"], 2, "unrecognized subcommand"),
+            (&["mismatches", "no_such_thing"], 2, "unknown migration"),
+            (
+                &["mismatches", "user_settings", "--limit", "0"],
+                2,
+                "invalid value",
+            ),
+            (
+                &["mismatches", "user_settings", "--limit", "-3"],
+                2,
+                "unexpected argument",
+            ),
         ];
         for (args, code, needle) in cases {
             let run = twintrack(&url, args);

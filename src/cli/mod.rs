@@ -7,6 +7,7 @@
 //! refused (including a lost compare-and-set); 4 cannot reach the database; 5 any other failure.
 
 mod init;
+mod mismatches;
 mod output;
 mod stage;
 mod status;
@@ -69,6 +70,14 @@ pub enum Command {
         /// Why (recorded in the audit log).
         #[arg(long)]
         reason: String,
+    },
+    /// Show the newest shadow-read mismatches of a migration, with their field diffs.
+    Mismatches {
+        /// The migration.
+        migration: String,
+        /// How many to show (1-1000).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
     },
     /// Change a migration's shadow sample rate or read rollout percent.
     Tune {
@@ -163,6 +172,9 @@ pub(crate) async fn run(cli: Cli, out: &Output) -> Result<ExitCode, Error> {
             };
             stage::set(&env, out, change).await
         }
+        Command::Mismatches { migration, limit } => {
+            mismatches::run(&env, out, &migration, limit).await
+        }
         Command::Rollback { migration, reason } => {
             stage::rollback(&env, out, &migration, &reason).await
         }
@@ -208,7 +220,7 @@ pub fn exit_code(err: &Error) -> u8 {
         | Error::Config(_)
         | Error::InvalidInput(_)
         | Error::NotInitialized => 2,
-        Error::Database(_) => 5,
+        Error::Database(_) | Error::Repository { .. } => 5,
     }
 }
 

@@ -15,8 +15,8 @@
 //!   for the request.
 //!
 //! Routes: `POST /users`, `GET /users/{id}/settings`, `PUT /users/{id}/settings`,
-//! `DELETE /users/{id}`. In this version every route reads and writes the legacy shape; the
-//! stage is pinned per request and reported, ready for the dual store to route by it.
+//! `DELETE /users/{id}`. The settings go through a twintrack dual store (`repos.rs`): written to
+//! the shapes the pinned stage names, read from the one it serves, compared in `shadow`/`live`.
 
 use std::sync::Arc;
 
@@ -27,13 +27,16 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
-use sqlx::Row;
 use tower::Layer as _;
 use twintrack::config::Config;
+use twintrack::dual::DualStore;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
-use twintrack::{Backend, Database, RequestContext, TwinTrack, TwinTrackLayer};
+use twintrack::{Database, RequestContext, TwinTrack, TwinTrackLayer};
+
+mod repos;
+use repos::{Settings, SettingsResync, UserError, Users};
 
 const MIGRATION: &str = "user_settings";
 
@@ -51,10 +54,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let debug_headers = std::env::var("TWINTRACK_DEBUG_HEADERS").as_deref() == Ok("1");
 
     let db = Database::connect(&url).await?;
-    create_shapes(&db).await?;
+    repos::create_shapes(&db).await?;
 
     // twintrack's own tables, and the migration from the same file the CLI reads.
-    let config = Config::parse(include_str!("quickstart.toml"))?;
+    let config = Config::parse(include_str!("../quickstart.toml"))?;
     let store = Arc::new(SqlFlagStore::open(db.clone()).await?);
     let mut flags = FlagCache::builder(store.clone());
     for m in &config.migrations {
@@ -63,7 +66,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let flags = flags.build().await;
 
-    let app = app(Users { db }, flags, debug_headers);
+    let (legacy, new) = repos::repos(db.backend());
+    let settings =
+        DualStore::builder(MIGRATION, legacy, new, db, flags.clone(), SettingsResync).build();
+    let app = app(Users { settings }, flags, debug_headers);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     // Tests and scripts read this line to find the port (TWINTRACK_LISTEN may say port 0).
     println!(
@@ -111,31 +117,6 @@ async fn debug_stage_header(req: Request, next: Next) -> Response {
     res
 }
 
-/// Both shapes, created idempotently. The new table has no rows until dual writes start.
-async fn create_shapes(db: &Database) -> Result<(), sqlx::Error> {
-    let statements: &[&'static str] = match db.backend() {
-        Backend::Postgres => &[
-            "CREATE TABLE IF NOT EXISTS users (id BIGSERIAL PRIMARY KEY, email TEXT NOT NULL UNIQUE, profile JSONB NOT NULL DEFAULT '{}')",
-            "CREATE TABLE IF NOT EXISTS user_settings (user_id BIGINT PRIMARY KEY, theme TEXT NOT NULL, notifications_enabled BOOLEAN NOT NULL)",
-        ],
-        Backend::Sqlite => &[
-            "CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL UNIQUE, profile TEXT NOT NULL DEFAULT '{}')",
-            "CREATE TABLE IF NOT EXISTS user_settings (user_id INTEGER PRIMARY KEY, theme TEXT NOT NULL, notifications_enabled INTEGER NOT NULL)",
-        ],
-    };
-    for sql in statements {
-        sqlx::raw_sql(*sql).execute(db.pool()).await?;
-    }
-    Ok(())
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Settings {
-    theme: String,
-    notifications_enabled: bool,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
@@ -144,79 +125,17 @@ struct NewUser {
     notifications_enabled: bool,
 }
 
-/// The users repository (legacy shape: settings live in `users.profile`).
-#[derive(Clone)]
-struct Users {
-    db: Database,
-}
-
-impl Users {
-    async fn create(&self, user: &NewUser) -> Result<i64, ApiError> {
-        let profile = profile_json(&user.theme, user.notifications_enabled);
-        let sql = match self.db.backend() {
-            Backend::Postgres => {
-                "INSERT INTO users (email, profile) VALUES ($1, CAST($2 AS JSONB)) RETURNING id"
-            }
-            Backend::Sqlite => "INSERT INTO users (email, profile) VALUES ($1, $2) RETURNING id",
-        };
-        let row = sqlx::query(sql)
-            .bind(&user.email)
-            .bind(profile)
-            .fetch_one(self.db.pool())
-            .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(db) if db.is_unique_violation() => ApiError(
-                    StatusCode::CONFLICT,
-                    format!("a user with email {:?} already exists", user.email),
-                ),
-                _ => ApiError::internal(e),
-            })?;
-        row.try_get("id").map_err(ApiError::internal)
+impl From<UserError> for ApiError {
+    fn from(e: UserError) -> ApiError {
+        match e {
+            UserError::NotFound => ApiError(StatusCode::NOT_FOUND, "no such user".into()),
+            UserError::Duplicate => ApiError(
+                StatusCode::CONFLICT,
+                "a user with that email already exists".into(),
+            ),
+            UserError::Failed(e) => ApiError::internal(e),
+        }
     }
-
-    async fn settings(&self, id: i64) -> Result<Option<Settings>, ApiError> {
-        let sql = match self.db.backend() {
-            Backend::Postgres => "SELECT CAST(profile AS TEXT) AS profile FROM users WHERE id = $1",
-            Backend::Sqlite => "SELECT profile FROM users WHERE id = $1",
-        };
-        let row = sqlx::query(sql)
-            .bind(id)
-            .fetch_optional(self.db.pool())
-            .await
-            .map_err(ApiError::internal)?;
-        let Some(row) = row else { return Ok(None) };
-        let profile: String = row.try_get("profile").map_err(ApiError::internal)?;
-        let settings = serde_json::from_str(&profile)
-            .map_err(|e| ApiError::internal(format!("user {id} has an unreadable profile: {e}")))?;
-        Ok(Some(settings))
-    }
-
-    async fn update(&self, id: i64, s: &Settings) -> Result<bool, ApiError> {
-        let sql = match self.db.backend() {
-            Backend::Postgres => "UPDATE users SET profile = CAST($1 AS JSONB) WHERE id = $2",
-            Backend::Sqlite => "UPDATE users SET profile = $1 WHERE id = $2",
-        };
-        let done = sqlx::query(sql)
-            .bind(profile_json(&s.theme, s.notifications_enabled))
-            .bind(id)
-            .execute(self.db.pool())
-            .await
-            .map_err(ApiError::internal)?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn delete(&self, id: i64) -> Result<bool, ApiError> {
-        let done = sqlx::query("DELETE FROM users WHERE id = $1")
-            .bind(id)
-            .execute(self.db.pool())
-            .await
-            .map_err(ApiError::internal)?;
-        Ok(done.rows_affected() == 1)
-    }
-}
-
-fn profile_json(theme: &str, notifications_enabled: bool) -> String {
-    json!({"theme": theme, "notifications_enabled": notifications_enabled}).to_string()
 }
 
 async fn create_user(State(users): State<Users>, body: Bytes) -> Result<Response, ApiError> {
@@ -225,7 +144,11 @@ async fn create_user(State(users): State<Users>, body: Bytes) -> Result<Response
         return Err(ApiError::bad_request("email must be an address like a@b.c"));
     }
     check_theme(&user.theme)?;
-    let id = users.create(&user).await?;
+    let settings = Settings {
+        theme: user.theme.clone(),
+        notifications_enabled: user.notifications_enabled,
+    };
+    let id = users.create(&user.email, settings).await?;
     let body = json!({
         "id": id,
         "email": user.email,
@@ -240,10 +163,7 @@ async fn get_settings(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    match users.settings(id).await? {
-        Some(settings) => Ok(axum::Json(settings).into_response()),
-        None => Err(ApiError::not_found(id)),
-    }
+    Ok(axum::Json(users.settings(id).await?).into_response())
 }
 
 async fn put_settings(
@@ -254,11 +174,8 @@ async fn put_settings(
     let id = parse_id(&id)?;
     let settings: Settings = parse_json(&body)?;
     check_theme(&settings.theme)?;
-    if users.update(id, &settings).await? {
-        Ok(axum::Json(settings).into_response())
-    } else {
-        Err(ApiError::not_found(id))
-    }
+    users.update(id, settings.clone()).await?;
+    Ok(axum::Json(settings).into_response())
 }
 
 async fn delete_user(
@@ -266,11 +183,8 @@ async fn delete_user(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    if users.delete(id).await? {
-        Ok(StatusCode::NO_CONTENT.into_response())
-    } else {
-        Err(ApiError::not_found(id))
-    }
+    users.delete(id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -298,10 +212,6 @@ struct ApiError(StatusCode, String);
 impl ApiError {
     fn bad_request(msg: impl Into<String>) -> ApiError {
         ApiError(StatusCode::BAD_REQUEST, msg.into())
-    }
-
-    fn not_found(id: i64) -> ApiError {
-        ApiError(StatusCode::NOT_FOUND, format!("no user {id}"))
     }
 
     fn internal(err: impl std::fmt::Display) -> ApiError {

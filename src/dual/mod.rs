@@ -1,0 +1,475 @@
+//! The dual store: one repository call, run on the side(s) the pinned stage names.
+//!
+//! Wrap the legacy and the new implementation of your repository trait in a [`DualStore`].
+//! Handlers then call [`DualStore::read`] and [`DualStore::write`] with the operation once; the
+//! store runs it on the right side(s), in the stage's order, without any stage logic in your
+//! code. The stage comes from the request's [`RequestContext`] (or, outside a request, from the
+//! flag cache's current snapshot).
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use twintrack::dual::{DualStore, Resync};
+//! # use twintrack::flags::BoxFuture;
+//! # use sqlx::AnyConnection;
+//! trait Settings: Send + Sync {
+//!     fn get<'c>(&'c self, conn: &'c mut AnyConnection, id: i64)
+//!         -> BoxFuture<'c, sqlx::Result<Option<String>>>;
+//!     fn put<'c>(&'c self, conn: &'c mut AnyConnection, id: i64, theme: String)
+//!         -> BoxFuture<'c, sqlx::Result<()>>;
+//! }
+//! # async fn demo<X: Resync<dyn Settings>>(store: DualStore<dyn Settings, X>) -> twintrack::Result<()> {
+//! // Written to legacy, new or both (authoritative first, atomically), as the stage says.
+//! // The operation may run once per side, so it is an `Fn`: it clones what it hands over.
+//! let theme = "dark".to_owned();
+//! store
+//!     .write(42, move |repo, conn| repo.put(conn, 42, theme.clone()))
+//!     .await?;
+//! // Served by the stage's side; in `shadow` and `live` also compared with the other side.
+//! let theme = store.read(42, |repo, conn| repo.get(conn, 42)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Writes
+//!
+//! Both shapes live in one database: the sides are written in one transaction on the primary,
+//! the authoritative side first. If it fails, the other side is never called and the caller
+//! gets the error. The other side runs inside a savepoint; if it fails, the savepoint is rolled
+//! back, a *repair intent* for the key is written in the same transaction, and the write
+//! succeeds. [`DualStore::repair`] later re-syncs such keys from the authoritative side.
+//!
+//! # Reads
+//!
+//! See [`crate::shadow`] for how reads are compared in `shadow` and `live`.
+//!
+//! [`RequestContext`]: crate::RequestContext
+
+mod repair;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use opentelemetry::KeyValue;
+use serde::Serialize;
+use sqlx::{Any, AnyConnection, Connection, Transaction};
+use tracing::Instrument;
+
+pub use repair::{RepairReport, Resync, pending_intents};
+
+use crate::context::random_key;
+use crate::db::Database;
+use crate::flags::{BoxFuture, FlagCache, MigrationFlag};
+use crate::metrics::Metrics;
+use crate::shadow::{MismatchClass, ShadowMode, ShadowOptions, record_mismatch};
+use crate::{Error, RequestContext, Result, Side, Stage};
+
+/// Decides, for a test or a fault drill, whether to fail a write just before its commit.
+pub type CommitHook = Arc<dyn Fn(i64) -> bool + Send + Sync>;
+
+/// A legacy and a new implementation of repository `R`, routed by the pinned stage.
+///
+/// `R` is usually a trait object (`dyn MyRepository`); `X` tells the repair worker how to copy
+/// one key from one side to the other. Cheap to clone; `Send + Sync`.
+pub struct DualStore<R: ?Sized, X> {
+    inner: Arc<Inner<R, X>>,
+}
+
+impl<R: ?Sized, X> Clone for DualStore<R, X> {
+    fn clone(&self) -> Self {
+        DualStore {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<R: ?Sized, X> {
+    migration: Arc<str>,
+    legacy: Arc<R>,
+    new: Arc<R>,
+    db: Database,
+    flags: FlagCache,
+    resync: X,
+    shadow: ShadowOptions,
+    metrics: Metrics,
+    before_commit: Option<CommitHook>,
+}
+
+/// Builds a [`DualStore`].
+pub struct DualStoreBuilder<R: ?Sized, X> {
+    inner: Inner<R, X>,
+}
+
+impl<R: ?Sized, X> DualStoreBuilder<R, X> {
+    /// How shadow reads run and compare (default: serial, equality of normalized values).
+    pub fn shadow(mut self, options: ShadowOptions) -> Self {
+        self.inner.shadow = options;
+        self
+    }
+
+    /// Records metrics on these instruments instead of the global meter's.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.inner.metrics = metrics;
+        self
+    }
+
+    /// Fault injection: when `hook(key)` returns true, [`DualStore::write`] fails after both
+    /// sides were written and before the commit (for drills and tests of atomicity).
+    pub fn fail_before_commit(
+        mut self,
+        hook: impl Fn(i64) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.inner.before_commit = Some(Arc::new(hook));
+        self
+    }
+
+    /// The store.
+    pub fn build(self) -> DualStore<R, X> {
+        DualStore {
+            inner: Arc::new(self.inner),
+        }
+    }
+}
+
+/// Outcome of one side's read, with its latency.
+type SideRead<T> = std::result::Result<(T, Duration), Error>;
+
+impl<R, X> DualStore<R, X>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    /// A dual store for `migration`, with both shapes in `db`. `flags` must have the migration
+    /// registered.
+    pub fn builder(
+        migration: &str,
+        legacy: Arc<R>,
+        new: Arc<R>,
+        db: Database,
+        flags: FlagCache,
+        resync: X,
+    ) -> DualStoreBuilder<R, X> {
+        DualStoreBuilder {
+            inner: Inner {
+                migration: migration.into(),
+                legacy,
+                new,
+                db,
+                flags,
+                resync,
+                shadow: ShadowOptions::default(),
+                metrics: Metrics::global(),
+                before_commit: None,
+            },
+        }
+    }
+
+    /// The migration this store routes.
+    pub fn migration(&self) -> &str {
+        &self.inner.migration
+    }
+
+    /// The database both shapes live in.
+    pub fn database(&self) -> &Database {
+        &self.inner.db
+    }
+
+    fn repo(&self, side: Side) -> &R {
+        match side {
+            Side::Legacy => &self.inner.legacy,
+            Side::New => &self.inner.new,
+        }
+    }
+
+    /// The pinned flag: the request's, or the cache's current one outside a request.
+    fn flag(&self) -> Result<(MigrationFlag, Option<RequestContext>)> {
+        let ctx = RequestContext::current();
+        let flag = match &ctx {
+            Some(ctx) => ctx.flag(&self.inner.migration).cloned(),
+            None => self
+                .inner
+                .flags
+                .snapshot()
+                .get(&self.inner.migration)
+                .cloned(),
+        };
+        flag.map(|f| (f, ctx))
+            .ok_or_else(|| Error::UnknownMigration(self.inner.migration.to_string()))
+    }
+
+    fn attrs(&self, op: &'static str, side: Side) -> [KeyValue; 3] {
+        [
+            KeyValue::new("migration", self.inner.migration.to_string()),
+            KeyValue::new("op", op),
+            KeyValue::new("side", side.as_str()),
+        ]
+    }
+
+    fn observe(&self, op: &'static str, side: Side, took: Duration, ok: bool) {
+        let attrs = self.attrs(op, side);
+        self.inner
+            .metrics
+            .dual_duration
+            .record(took.as_secs_f64(), &attrs);
+        let mut with_outcome = attrs.to_vec();
+        with_outcome.push(KeyValue::new("outcome", if ok { "ok" } else { "error" }));
+        self.inner.metrics.dual_ops.add(1, &with_outcome);
+    }
+
+    /// Runs `op` on the side(s) the pinned stage writes, in one transaction (authoritative
+    /// first; the other side in a savepoint, a repair intent if it fails). Returns the
+    /// authoritative side's result.
+    pub async fn write<T, F>(&self, key: i64, op: F) -> Result<T>
+    where
+        T: Send,
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
+    {
+        let mut tx = self.inner.db.pool().begin().await?;
+        let out = self.write_in(&mut tx, key, op).await?;
+        if let Some(hook) = &self.inner.before_commit
+            && hook(key)
+        {
+            tx.rollback().await?;
+            return Err(Error::Database(sqlx::Error::Protocol(format!(
+                "fault injected before commit (key {key})"
+            ))));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Like [`DualStore::write`], inside a transaction of the caller's (for writes that also
+    /// touch tables outside the migration). Nothing is committed here.
+    pub async fn write_in<T, F>(&self, tx: &mut Transaction<'_, Any>, key: i64, op: F) -> Result<T>
+    where
+        T: Send,
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
+    {
+        let (flag, _) = self.flag()?;
+        let stage = flag.stage();
+        let plan = stage.plan();
+        let authoritative = plan.writes[0];
+        let started = Instant::now();
+        let out = op(self.repo(authoritative), tx)
+            .instrument(self.span("write", stage, authoritative))
+            .await;
+        self.observe("write", authoritative, started.elapsed(), out.is_ok());
+        let out = out.map_err(|source| Error::Repository {
+            migration: self.inner.migration.to_string(),
+            side: authoritative,
+            source,
+        })?;
+        for &side in &plan.writes[1..] {
+            let mut savepoint = (**tx).begin().await?;
+            let started = Instant::now();
+            let result = op(self.repo(side), &mut savepoint)
+                .instrument(self.span("write", stage, side))
+                .await;
+            self.observe("write", side, started.elapsed(), result.is_ok());
+            match result {
+                Ok(_) => savepoint.commit().await?,
+                Err(err) => {
+                    savepoint.rollback().await?;
+                    tracing::warn!(migration = %self.inner.migration, key, %side, error = %err,
+                        "non-authoritative write failed; repair intent recorded");
+                    repair::record_intent(tx, &self.inner.migration, key, side, &err).await?;
+                    self.inner.metrics.repair_intents.add(
+                        1,
+                        &[
+                            KeyValue::new("migration", self.inner.migration.to_string()),
+                            KeyValue::new("event", "recorded"),
+                        ],
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn span(&self, op: &'static str, stage: Stage, side: Side) -> tracing::Span {
+        tracing::debug_span!("twintrack", migration = %self.inner.migration, op, stage = %stage, side = %side)
+    }
+
+    async fn read_side<T, F>(&self, op: &F, side: Side, stage: Stage) -> SideRead<T>
+    where
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
+    {
+        let mut conn = self.inner.db.pool().acquire().await?;
+        let started = Instant::now();
+        let result = op(self.repo(side), &mut conn)
+            .instrument(self.span("read", stage, side))
+            .await;
+        let took = started.elapsed();
+        self.observe("read", side, took, result.is_ok());
+        result
+            .map(|v| (v, took))
+            .map_err(|source| Error::Repository {
+                migration: self.inner.migration.to_string(),
+                side,
+                source,
+            })
+    }
+
+    /// Runs `op` on the side the pinned stage serves and returns its result. In `shadow` and
+    /// `live`, a sampled share of reads also runs `op` on the other side and compares.
+    pub async fn read<T, F>(&self, key: i64, op: F) -> Result<T>
+    where
+        T: Serialize + Send + 'static,
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (flag, ctx) = self.flag()?;
+        let stage = match &ctx {
+            Some(ctx) => ctx
+                .read_stage(&self.inner.migration)
+                .unwrap_or(flag.stage()),
+            None => flag.stage(),
+        };
+        let plan = stage.plan();
+        let served = plan.served;
+        let shadow = plan
+            .shadow
+            .filter(|_| sampled(flag.state.shadow_sample_rate));
+        let Some(shadow) = shadow else {
+            return self.read_side(&op, served, stage).await.map(|(v, _)| v);
+        };
+
+        let shadow_read = |op| AssertUnwindSafe(self.read_side(op, shadow, stage)).catch_unwind();
+        let (served_result, shadow_result) = match self.inner.shadow.mode {
+            ShadowMode::Concurrent => {
+                tokio::join!(self.read_side(&op, served, stage), shadow_read(&op))
+            }
+            ShadowMode::Random if random_key() & 1 == 1 => {
+                let s = shadow_read(&op).await;
+                (self.read_side(&op, served, stage).await, s)
+            }
+            ShadowMode::Serial | ShadowMode::Random => {
+                let v = self.read_side(&op, served, stage).await;
+                (v, shadow_read(&op).await)
+            }
+        };
+        let shadow_value = match shadow_result {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(err)) => {
+                tracing::warn!(migration = %self.inner.migration, key, side = %shadow, error = %err, "shadow read failed");
+                self.count_shadow_error(shadow);
+                None
+            }
+            Err(_panic) => {
+                tracing::error!(migration = %self.inner.migration, key, side = %shadow, "shadow read panicked");
+                self.count_shadow_error(shadow);
+                None
+            }
+        };
+        let (value, served_took) = match served_result {
+            Ok(v) => v,
+            Err(err) => {
+                self.count_shadow_error(served);
+                return Err(err);
+            }
+        };
+        if let Some((other, shadow_took)) = shadow_value {
+            let (legacy, new, legacy_took, new_took) = match served {
+                Side::Legacy => (to_value(&value), to_value(&other), served_took, shadow_took),
+                Side::New => (to_value(&other), to_value(&value), shadow_took, served_took),
+            };
+            match self.inner.shadow.comparison.compare(&legacy, &new) {
+                Ok(()) => self.count_result("match"),
+                Err(_) => {
+                    // Classify off the request's path: a second look after a short delay.
+                    let store = self.clone();
+                    let op = Arc::new(op);
+                    tokio::spawn(async move {
+                        store
+                            .classify(key, stage, op, micros(legacy_took), micros(new_took))
+                            .await
+                    });
+                }
+            }
+        }
+        Ok(value)
+    }
+
+    async fn classify<T, F>(&self, key: i64, stage: Stage, op: Arc<F>, legacy_us: i64, new_us: i64)
+    where
+        T: Serialize + Send + 'static,
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
+    {
+        tokio::time::sleep(self.inner.shadow.recheck_delay).await;
+        let legacy = self.read_side(&*op, Side::Legacy, stage).await;
+        let new = self.read_side(&*op, Side::New, stage).await;
+        let (Ok((legacy, _)), Ok((new, _))) = (legacy, new) else {
+            tracing::warn!(migration = %self.inner.migration, key, "re-read of a mismatch failed; not classified");
+            return;
+        };
+        let (class, diff) = match self
+            .inner
+            .shadow
+            .comparison
+            .compare(&to_value(&legacy), &to_value(&new))
+        {
+            Ok(()) => (MismatchClass::Transient, Vec::new()),
+            Err(diff) => (MismatchClass::Confirmed, diff),
+        };
+        self.count_result(class.as_str());
+        let recorded = record_mismatch(
+            &self.inner.db,
+            crate::shadow::NewMismatch {
+                migration: &self.inner.migration,
+                key,
+                class,
+                stage,
+                diff: &diff,
+                legacy_micros: legacy_us,
+                new_micros: new_us,
+            },
+            self.inner.shadow.keep,
+        )
+        .await;
+        if let Err(err) = recorded {
+            tracing::warn!(migration = %self.inner.migration, key, error = %err, "could not record a mismatch");
+        }
+    }
+
+    fn count_result(&self, result: &'static str) {
+        self.inner.metrics.shadow_results.add(
+            1,
+            &[
+                KeyValue::new("migration", self.inner.migration.to_string()),
+                KeyValue::new("result", result),
+            ],
+        );
+    }
+
+    fn count_shadow_error(&self, side: Side) {
+        self.inner.metrics.shadow_errors.add(
+            1,
+            &[
+                KeyValue::new("migration", self.inner.migration.to_string()),
+                KeyValue::new("side", side.as_str()),
+            ],
+        );
+    }
+
+    /// Replays repair intents older than `min_age`: re-syncs each key from the side that is
+    /// authoritative now (copy, or delete when the key is gone there), then drops the intent.
+    pub async fn repair(&self, min_age: Duration) -> Result<RepairReport> {
+        repair::run(self, min_age).await
+    }
+}
+
+/// Whether this read is compared, for a sample rate between 0 (never) and 1 (always).
+fn sampled(rate: f64) -> bool {
+    let unit = (random_key() >> 11) as f64 / (1u64 << 53) as f64; // uniform in [0, 1)
+    rate >= 1.0 || (rate > 0.0 && unit < rate)
+}
+
+fn to_value<T: Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,219 @@
+//! Repair intents and the repair worker: converge the two sides on keys whose
+//! non-authoritative write failed.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::{AnyConnection, Connection, Row};
+
+use super::DualStore;
+use crate::db::{Backend, now_micros};
+use crate::flags::BoxFuture;
+use crate::{Error, Result, Side};
+
+/// How to copy one key from one side of a migration to the other, in your repository's terms.
+///
+/// The repair worker calls `load` on the side that is authoritative now, then `store` (or
+/// `delete`, when the key is gone there) on the other side, in one transaction. `load` should
+/// lock what it reads (`FOR SHARE` on PostgreSQL) so that a concurrent write cannot slip in
+/// between the load and the store. All three must be idempotent.
+pub trait Resync<R: ?Sized>: Send + Sync + 'static {
+    /// A key's data, in a form both sides can store.
+    type Record: Send;
+
+    /// The key's record on this side, or `None` if it has none.
+    fn load<'c>(
+        &'c self,
+        repo: &'c R,
+        conn: &'c mut AnyConnection,
+        key: i64,
+    ) -> BoxFuture<'c, sqlx::Result<Option<Self::Record>>>;
+
+    /// Makes this side hold `record` for the key (insert or update).
+    fn store<'c>(
+        &'c self,
+        repo: &'c R,
+        conn: &'c mut AnyConnection,
+        key: i64,
+        record: Self::Record,
+    ) -> BoxFuture<'c, sqlx::Result<()>>;
+
+    /// Makes this side hold nothing for the key.
+    fn delete<'c>(
+        &'c self,
+        repo: &'c R,
+        conn: &'c mut AnyConnection,
+        key: i64,
+    ) -> BoxFuture<'c, sqlx::Result<()>>;
+}
+
+/// What a repair pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairReport {
+    /// Keys copied from the authoritative side.
+    pub copied: u64,
+    /// Keys deleted on the other side because the authoritative side no longer has them.
+    pub deleted: u64,
+    /// Intents whose re-sync failed (kept, with their error, for the next pass).
+    pub failed: u64,
+    /// Intents another worker was already handling.
+    pub skipped: u64,
+}
+
+/// Records, in the caller's transaction, that `side` missed a write of `key`.
+pub(super) async fn record_intent(
+    conn: &mut AnyConnection,
+    migration: &str,
+    key: i64,
+    side: Side,
+    error: &sqlx::Error,
+) -> Result<()> {
+    let error: String = error.to_string().chars().take(1000).collect();
+    sqlx::query(
+        "INSERT INTO twintrack_repair_intents (migration, key, target_side, created_at, last_error)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(migration)
+    .bind(key)
+    .bind(side.as_str())
+    .bind(now_micros())
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One pass over the intents older than `min_age`, oldest first.
+pub(super) async fn run<R, X>(store: &DualStore<R, X>, min_age: Duration) -> Result<RepairReport>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    let inner = &store.inner;
+    let db = &inner.db;
+    let cutoff = now_micros() - i64::try_from(min_age.as_micros()).unwrap_or(i64::MAX);
+    let mut report = RepairReport::default();
+    let mut after = 0i64;
+    loop {
+        let batch = sqlx::query(
+            "SELECT id, key FROM twintrack_repair_intents
+             WHERE migration = $1 AND created_at <= $2 AND id > $3 ORDER BY id LIMIT 100",
+        )
+        .bind(&*inner.migration)
+        .bind(cutoff)
+        .bind(after)
+        .fetch_all(db.pool())
+        .await?;
+        let Some(last) = batch.last() else { break };
+        after = last.try_get("id")?;
+        for row in &batch {
+            let id: i64 = row.try_get("id")?;
+            let key: i64 = row.try_get("key")?;
+            // The side that holds the truth now (the stage may have moved since the intent).
+            let (flag, _) = store.flag()?;
+            let source = flag.stage().plan().authoritative;
+            match resync_one(store, id, key, source).await {
+                Ok(Some(true)) => report.copied += 1,
+                Ok(Some(false)) => report.deleted += 1,
+                Ok(None) => report.skipped += 1,
+                Err(err) => {
+                    report.failed += 1;
+                    tracing::warn!(migration = %inner.migration, key, error = %err, "repair failed; will retry");
+                    let message: String = err.to_string().chars().take(1000).collect();
+                    sqlx::query(
+                        "UPDATE twintrack_repair_intents SET attempts = attempts + 1, last_error = $1 WHERE id = $2",
+                    )
+                    .bind(message)
+                    .bind(id)
+                    .execute(db.pool())
+                    .await?;
+                }
+            }
+        }
+    }
+    for (event, n) in [
+        ("repaired", report.copied + report.deleted),
+        ("failed", report.failed),
+    ] {
+        if n > 0 {
+            inner.metrics.repair_intents.add(
+                n,
+                &[
+                    opentelemetry::KeyValue::new("migration", inner.migration.to_string()),
+                    opentelemetry::KeyValue::new("event", event),
+                ],
+            );
+        }
+    }
+    Ok(report)
+}
+
+/// Re-syncs one key and drops its intent, in one transaction. `Some(true)` copied,
+/// `Some(false)` deleted, `None` when another worker holds the intent or it is gone.
+async fn resync_one<R, X>(
+    store: &DualStore<R, X>,
+    id: i64,
+    key: i64,
+    source: Side,
+) -> Result<Option<bool>>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    let inner = &store.inner;
+    let mut conn = inner.db.pool().acquire().await?;
+    let (begin, lock) = match inner.db.backend() {
+        Backend::Postgres => ("BEGIN", " FOR UPDATE SKIP LOCKED"),
+        Backend::Sqlite => ("BEGIN IMMEDIATE", ""),
+    };
+    let mut tx = conn.begin_with(begin).await?;
+    let sql = format!("SELECT id FROM twintrack_repair_intents WHERE id = $1{lock}");
+    if sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let target = source.other();
+    let side_error = |side: Side| {
+        move |source: sqlx::Error| Error::Repository {
+            migration: inner.migration.to_string(),
+            side,
+            source,
+        }
+    };
+    let record = inner
+        .resync
+        .load(store.repo(source), &mut tx, key)
+        .await
+        .map_err(side_error(source))?;
+    let copied = record.is_some();
+    match record {
+        Some(record) => {
+            inner
+                .resync
+                .store(store.repo(target), &mut tx, key, record)
+                .await
+        }
+        None => inner.resync.delete(store.repo(target), &mut tx, key).await,
+    }
+    .map_err(side_error(target))?;
+    sqlx::query("DELETE FROM twintrack_repair_intents WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(copied))
+}
+
+/// The number of repair intents waiting for `migration`.
+pub async fn pending_intents(db: &crate::Database, migration: &str) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM twintrack_repair_intents WHERE migration = $1")
+            .bind(migration)
+            .fetch_one(db.pool())
+            .await?,
+    )
+}

@@ -1,0 +1,80 @@
+//! Shadow reads: read both shapes, serve one, compare, and record what differs.
+//!
+//! In `shadow` the legacy side is served and the new side compared; in `live` the other way
+//! round. A share of reads (the flag's shadow sample rate) is compared. Both sides must succeed
+//! for a comparison; each side's errors are counted apart, and a failing or panicking shadow
+//! side never changes what is served.
+//!
+//! When the two values differ, both sides are read again once after a short delay
+//! ([`ShadowOptions::recheck_delay`]), off the request's path: agreeing now means a write landed
+//! between the two reads (`transient`); still differing means the shapes diverge (`confirmed`).
+//! Every mismatch is counted by class and stored, with its field-level diff (redacted), in a
+//! capped table that `twintrack mismatches MIGRATION` prints.
+
+mod compare;
+mod record;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use compare::{Comparator, Comparison, FieldDiff, normalize};
+pub use record::{Mismatch, list_mismatches};
+pub(crate) use record::{NewMismatch, record_mismatch};
+
+/// The order in which the two sides of a compared read run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowMode {
+    /// The served side, then the shadow side, one after the other.
+    #[default]
+    Serial,
+    /// Like `Serial`, in a random order each time (so neither side is always read second).
+    Random,
+    /// Both sides at once, on two connections.
+    Concurrent,
+}
+
+/// How a dual store runs shadow reads.
+#[derive(Clone, Debug)]
+pub struct ShadowOptions {
+    /// The order of the two reads.
+    pub mode: ShadowMode,
+    /// How two results are compared.
+    pub comparison: Comparison,
+    /// How long to wait before re-reading both sides of a mismatch (default 50 ms).
+    pub recheck_delay: Duration,
+    /// How many mismatches to keep per migration in the mismatch table (default 1,000).
+    pub keep: u32,
+}
+
+impl Default for ShadowOptions {
+    fn default() -> Self {
+        ShadowOptions {
+            mode: ShadowMode::Serial,
+            comparison: Comparison::default(),
+            recheck_delay: Duration::from_millis(50),
+            keep: 1000,
+        }
+    }
+}
+
+/// What a compared read found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MismatchClass {
+    /// The sides differed, then agreed when read again: a write raced the first reads.
+    Transient,
+    /// The sides differed, and still did when read again.
+    Confirmed,
+}
+
+impl MismatchClass {
+    /// `"transient"` or `"confirmed"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MismatchClass::Transient => "transient",
+            MismatchClass::Confirmed => "confirmed",
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The mismatch table: the newest mismatches per migration, with their diffs.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use super::{FieldDiff, MismatchClass};
+use crate::db::{Database, now_micros};
+use crate::{Result, Stage};
+
+/// One recorded mismatch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mismatch {
+    /// Increasing id.
+    pub id: i64,
+    /// The migration.
+    pub migration: String,
+    /// The key read.
+    pub key: i64,
+    /// `transient` or `confirmed`.
+    pub class: MismatchClass,
+    /// The stage the read ran in.
+    pub stage: String,
+    /// The differing fields (redacted).
+    pub diff: Vec<FieldDiff>,
+    /// How long the legacy read took (µs).
+    pub legacy_micros: i64,
+    /// How long the new read took (µs).
+    pub new_micros: i64,
+    /// When (µs since the Unix epoch).
+    pub at: i64,
+}
+
+pub(crate) struct NewMismatch<'a> {
+    pub(crate) migration: &'a str,
+    pub(crate) key: i64,
+    pub(crate) class: MismatchClass,
+    pub(crate) stage: Stage,
+    pub(crate) diff: &'a [FieldDiff],
+    pub(crate) legacy_micros: i64,
+    pub(crate) new_micros: i64,
+}
+
+/// Stores a mismatch and trims the table to the newest `keep` of its migration.
+pub(crate) async fn record_mismatch(db: &Database, m: NewMismatch<'_>, keep: u32) -> Result<()> {
+    let diff = serde_json::to_string(m.diff).unwrap_or_else(|_| "[]".into());
+    let mut tx = db.pool().begin().await?;
+    sqlx::query(
+        "INSERT INTO twintrack_mismatches (migration, key, class, stage, diff, legacy_micros, new_micros, at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(m.migration)
+    .bind(m.key)
+    .bind(m.class.as_str())
+    .bind(m.stage.as_str())
+    .bind(diff)
+    .bind(m.legacy_micros)
+    .bind(m.new_micros)
+    .bind(now_micros())
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM twintrack_mismatches WHERE migration = $1 AND id <= (
+             SELECT id FROM twintrack_mismatches WHERE migration = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+    )
+    .bind(m.migration)
+    .bind(i64::from(keep))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The newest `limit` mismatches of `migration`, newest first.
+pub async fn list_mismatches(db: &Database, migration: &str, limit: u32) -> Result<Vec<Mismatch>> {
+    let rows = sqlx::query(
+        "SELECT id, migration, key, class, stage, diff, legacy_micros, new_micros, at
+         FROM twintrack_mismatches WHERE migration = $1 ORDER BY id DESC LIMIT $2",
+    )
+    .bind(migration)
+    .bind(i64::from(limit))
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let class: String = row.try_get("class")?;
+            let diff: String = row.try_get("diff")?;
+            Ok(Mismatch {
+                id: row.try_get("id")?,
+                migration: row.try_get("migration")?,
+                key: row.try_get("key")?,
+                class: if class == "transient" {
+                    MismatchClass::Transient
+                } else {
+                    MismatchClass::Confirmed
+                },
+                stage: row.try_get("stage")?,
+                diff: serde_json::from_str(&diff).unwrap_or_default(),
+                legacy_micros: row.try_get("legacy_micros")?,
+                new_micros: row.try_get("new_micros")?,
+                at: row.try_get("at")?,
+            })
+        })
+        .collect()
+}
