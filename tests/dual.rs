@@ -740,3 +740,134 @@ async fn sampling_and_modes() {
         }
     }
 }
+
+/// `background`: the response returns while the shadow read is still blocked; the comparison
+/// finishes afterwards and the mismatch is recorded. Over the cap, reads are not compared
+/// (`skipped`); a shadow read past the timeout counts as an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn background_mode_compares_after_the_response() {
+    let options = ShadowOptions {
+        mode: ShadowMode::Background,
+        background_limit: 1,
+        background_timeout: Duration::from_millis(300),
+        ..ShadowOptions::default()
+    };
+    for f in Fixture::all(options).await {
+        let b = f.backend;
+        f.stage(Stage::Shadow).await;
+        let id = f
+            .users
+            .create("bg@example.com", settings("x"))
+            .await
+            .unwrap();
+        f.plant(id, &settings("dark"), &settings("light")).await;
+
+        let release = Arc::new(tokio::sync::Notify::new());
+        let gate = release.clone();
+        *f.new.before_get.lock().unwrap() = Some(Box::pin(async move { gate.notified().await }));
+        assert_eq!(f.users.settings(id).await.unwrap(), settings("dark"), "{b}");
+        // The response is back. The shadow read runs in its own task: once it reaches the
+        // gate, it is provably still in flight after the response.
+        let start = std::time::Instant::now();
+        while f.new.gets.load(Ordering::SeqCst) == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{b}: shadow read never started"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            list_mismatches(&f.db, M, 10).await.unwrap().is_empty(),
+            "{b}: not compared yet"
+        );
+        // The cap is 1 and it is taken: this read is served and not compared.
+        assert_eq!(f.users.settings(id).await.unwrap(), settings("dark"));
+        assert_eq!(
+            f.metrics
+                .counter("twintrack.shadow.results", ("result", "skipped")),
+            1,
+            "{b}"
+        );
+        release.notify_one();
+        let found = wait_for_mismatch(&f, 1).await;
+        assert_eq!(found[0].class, MismatchClass::Confirmed, "{b}");
+
+        // A shadow read that never answers is abandoned at the timeout and counted.
+        *f.new.before_get.lock().unwrap() = Some(Box::pin(std::future::pending()));
+        assert_eq!(f.users.settings(id).await.unwrap(), settings("dark"));
+        let start = std::time::Instant::now();
+        while f
+            .metrics
+            .counter("twintrack.shadow.errors", ("side", "new"))
+            == 0
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{b}: timeout never counted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// `snapshot`: both reads in one repeatable-read transaction, so writers racing the reads never
+/// show up as mismatches. 1,000 compared reads under 4 concurrent dual writers.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshot_mode_has_no_false_mismatches_under_concurrent_writers() {
+    for mode in [ShadowMode::Snapshot, ShadowMode::Serial] {
+        let options = ShadowOptions {
+            mode,
+            ..ShadowOptions::default()
+        };
+        for f in Fixture::all(options).await {
+            let b = f.backend;
+            f.stage(Stage::Shadow).await;
+            let mut ids = Vec::new();
+            for i in 0..10 {
+                ids.push(
+                    f.users
+                        .create(&format!("w{i}@example.com"), settings("v0"))
+                        .await
+                        .unwrap(),
+                );
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut writers = Vec::new();
+            for w in 0..4 {
+                let (users, ids, stop) = (f.users.clone(), ids.clone(), stop.clone());
+                writers.push(tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = ids[(n as usize + w) % ids.len()];
+                        // SQLite allows one writer at a time; a busy error is not the point here.
+                        let _ = users.update(id, settings(&format!("w{w}-{n}"))).await;
+                        n += 1;
+                    }
+                    n
+                }));
+            }
+            for i in 0..1000 {
+                f.users.settings(ids[i % ids.len()]).await.unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            let mut writes = 0;
+            for w in writers {
+                writes += w.await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await; // let any classification finish
+            let mismatches = list_mismatches(&f.db, M, 1000).await.unwrap();
+            let matched = f
+                .metrics
+                .counter("twintrack.shadow.results", ("result", "match"));
+            eprintln!(
+                "{b} {mode:?}: 1000 reads under {writes} writes: {matched} matched, {} mismatches",
+                mismatches.len()
+            );
+            if mode == ShadowMode::Snapshot {
+                assert!(mismatches.is_empty(), "{b}: {mismatches:?}");
+                assert_eq!(matched, 1000, "{b}: every read compared and equal");
+                assert!(writes > 100, "{b}: the writers really ran ({writes})");
+            }
+        }
+    }
+}

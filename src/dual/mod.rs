@@ -58,7 +58,7 @@ use tracing::Instrument;
 pub use repair::{RepairReport, Resync, pending_intents};
 
 use crate::context::random_key;
-use crate::db::Database;
+use crate::db::{Backend, Database};
 use crate::flags::{BoxFuture, FlagCache, MigrationFlag};
 use crate::metrics::Metrics;
 use crate::shadow::{MismatchClass, ShadowMode, ShadowOptions, record_mismatch};
@@ -93,6 +93,8 @@ struct Inner<R: ?Sized, X> {
     shadow: ShadowOptions,
     metrics: Metrics,
     before_commit: Option<CommitHook>,
+    /// Caps `Background` shadow reads in flight.
+    background: Arc<tokio::sync::Semaphore>,
 }
 
 /// Builds a [`DualStore`].
@@ -124,7 +126,10 @@ impl<R: ?Sized, X> DualStoreBuilder<R, X> {
     }
 
     /// The store.
-    pub fn build(self) -> DualStore<R, X> {
+    pub fn build(mut self) -> DualStore<R, X> {
+        self.inner.background = Arc::new(tokio::sync::Semaphore::new(
+            self.inner.shadow.background_limit.max(1),
+        ));
         DualStore {
             inner: Arc::new(self.inner),
         }
@@ -160,6 +165,7 @@ where
                 shadow: ShadowOptions::default(),
                 metrics: Metrics::global(),
                 before_commit: None,
+                background: Arc::new(tokio::sync::Semaphore::new(1)),
             },
         }
     }
@@ -338,6 +344,12 @@ where
 
         let shadow_read = |op| AssertUnwindSafe(self.read_side(op, shadow, stage)).catch_unwind();
         let (served_result, shadow_result) = match self.inner.shadow.mode {
+            ShadowMode::Background => {
+                let (value, took) = self.read_side(&op, served, stage).await?;
+                self.compare_in_background(key, stage, served, to_value(&value), took, op);
+                return Ok(value);
+            }
+            ShadowMode::Snapshot => self.read_snapshot(&op, served, shadow, stage).await?,
             ShadowMode::Concurrent => {
                 tokio::join!(self.read_side(&op, served, stage), shadow_read(&op))
             }
@@ -371,25 +383,162 @@ where
             }
         };
         if let Some((other, shadow_took)) = shadow_value {
-            let (legacy, new, legacy_took, new_took) = match served {
-                Side::Legacy => (to_value(&value), to_value(&other), served_took, shadow_took),
-                Side::New => (to_value(&other), to_value(&value), shadow_took, served_took),
-            };
-            match self.inner.shadow.comparison.compare(&legacy, &new) {
-                Ok(()) => self.count_result("match"),
-                Err(_) => {
-                    // Classify off the request's path: a second look after a short delay.
-                    let store = self.clone();
-                    let op = Arc::new(op);
-                    tokio::spawn(async move {
-                        store
-                            .classify(key, stage, op, micros(legacy_took), micros(new_took))
-                            .await
-                    });
-                }
+            let served_read = (to_value(&value), served_took);
+            let shadow_read = (to_value(&other), shadow_took);
+            let store = self.clone();
+            let op = Arc::new(op);
+            // A mismatch is classified off the request's path (a second look after a delay).
+            if let Some(classify) =
+                store.compare_or_classify_later(key, stage, served, served_read, shadow_read, op)
+            {
+                tokio::spawn(classify);
             }
         }
         Ok(value)
+    }
+
+    /// Compares; on a mismatch returns the classification work (re-read and record), to be run
+    /// off the caller's path.
+    fn compare_or_classify_later<T, F>(
+        self,
+        key: i64,
+        stage: Stage,
+        served: Side,
+        served_read: (serde_json::Value, Duration),
+        shadow_read: (serde_json::Value, Duration),
+        op: Arc<F>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static>
+    where
+        T: Serialize + Send + 'static,
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let ((legacy, legacy_took), (new, new_took)) = match served {
+            Side::Legacy => (served_read, shadow_read),
+            Side::New => (shadow_read, served_read),
+        };
+        if self.inner.shadow.comparison.compare(&legacy, &new).is_ok() {
+            self.count_result("match");
+            return None;
+        }
+        Some(async move {
+            self.classify(key, stage, op, micros(legacy_took), micros(new_took))
+                .await
+        })
+    }
+
+    async fn compare_and_classify<T, F>(
+        &self,
+        key: i64,
+        stage: Stage,
+        served: Side,
+        served_read: (serde_json::Value, Duration),
+        shadow_read: (serde_json::Value, Duration),
+        op: Arc<F>,
+    ) where
+        T: Serialize + Send + 'static,
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        if let Some(classify) =
+            self.clone()
+                .compare_or_classify_later(key, stage, served, served_read, shadow_read, op)
+        {
+            classify.await;
+        }
+    }
+
+    /// Reads the shadow side and compares, in a task of its own (`Background` mode).
+    fn compare_in_background<T, F>(
+        &self,
+        key: i64,
+        stage: Stage,
+        served: Side,
+        served_value: serde_json::Value,
+        served_took: Duration,
+        op: F,
+    ) where
+        T: Serialize + Send + 'static,
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let Ok(permit) = self.inner.background.clone().try_acquire_owned() else {
+            self.count_result("skipped");
+            return;
+        };
+        let store = self.clone();
+        let shadow = served.other();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let read = AssertUnwindSafe(store.read_side(&op, shadow, stage)).catch_unwind();
+            let (other, other_took) =
+                match tokio::time::timeout(store.inner.shadow.background_timeout, read).await {
+                    Ok(Ok(Ok(read))) => read,
+                    _ => {
+                        tracing::warn!(migration = %store.inner.migration, key, side = %shadow,
+                            "background shadow read failed, panicked or timed out");
+                        store.count_shadow_error(shadow);
+                        return;
+                    }
+                };
+            let other = to_value(&other);
+            store
+                .compare_and_classify(
+                    key,
+                    stage,
+                    served,
+                    (served_value, served_took),
+                    (other, other_took),
+                    Arc::new(op),
+                )
+                .await;
+        });
+    }
+
+    /// Both reads in one repeatable-read transaction: the served side, then the shadow side.
+    async fn read_snapshot<T, F>(
+        &self,
+        op: &F,
+        served: Side,
+        shadow: Side,
+        stage: Stage,
+    ) -> Result<(SideRead<T>, std::thread::Result<SideRead<T>>)>
+    where
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
+    {
+        let begin = match self.inner.db.backend() {
+            Backend::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            // A deferred SQLite transaction reads one snapshot from its first read on (WAL).
+            Backend::Sqlite => "BEGIN",
+        };
+        let mut conn = self.inner.db.pool().acquire().await?;
+        let mut tx = conn.begin_with(begin).await?;
+        let mut timed = async |side: Side| {
+            let started = Instant::now();
+            let result = op(self.repo(side), &mut tx)
+                .instrument(self.span("read", stage, side))
+                .await;
+            let took = started.elapsed();
+            self.observe("read", side, took, result.is_ok());
+            result
+                .map(|v| (v, took))
+                .map_err(|source| Error::Repository {
+                    migration: self.inner.migration.to_string(),
+                    side,
+                    source,
+                })
+        };
+        let served_result = timed(served).await;
+        let shadow_result = AssertUnwindSafe(timed(shadow)).catch_unwind().await;
+        // Read-only: nothing to keep. A failed read may have aborted it already.
+        let _ = tx.rollback().await;
+        Ok((served_result, shadow_result))
     }
 
     async fn classify<T, F>(&self, key: i64, stage: Stage, op: Arc<F>, legacy_us: i64, new_us: i64)

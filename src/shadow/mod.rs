@@ -33,6 +33,15 @@ pub enum ShadowMode {
     Random,
     /// Both sides at once, on two connections.
     Concurrent,
+    /// The served side only, then the response; the shadow read and the comparison run
+    /// afterwards in a task of their own, off the latency path. Bounded by
+    /// [`ShadowOptions::background_timeout`] and [`ShadowOptions::background_limit`] (reads
+    /// over the limit are not compared, and counted as `skipped`); never cancelled by the
+    /// request ending.
+    Background,
+    /// Both reads in one `REPEATABLE READ` transaction (both shapes in one database), so a
+    /// write landing between them cannot show up as a mismatch.
+    Snapshot,
 }
 
 /// How a dual store runs shadow reads.
@@ -46,6 +55,10 @@ pub struct ShadowOptions {
     pub recheck_delay: Duration,
     /// How many mismatches to keep per migration in the mismatch table (default 1,000).
     pub keep: u32,
+    /// `Background` mode: the longest a shadow read may take (default 2 s).
+    pub background_timeout: Duration,
+    /// `Background` mode: the most shadow reads in flight at once (default 64).
+    pub background_limit: usize,
 }
 
 impl Default for ShadowOptions {
@@ -55,6 +68,8 @@ impl Default for ShadowOptions {
             comparison: Comparison::default(),
             recheck_delay: Duration::from_millis(50),
             keep: 1000,
+            background_timeout: Duration::from_secs(2),
+            background_limit: 64,
         }
     }
 }
