@@ -178,7 +178,7 @@ impl Fixture {
         .shadow(shadow)
         .metrics(metrics.metrics());
         let users = Users {
-            settings: customize(builder).build(),
+            settings: customize(builder).build().unwrap(),
         };
         Fixture {
             backend,
@@ -869,5 +869,271 @@ async fn snapshot_mode_has_no_false_mismatches_under_concurrent_writers() {
                 assert!(writes > 100, "{b}: the writers really ran ({writes})");
             }
         }
+    }
+}
+
+/// A key-value repository for the two-database test: one table per side, each in its own
+/// database.
+trait Kv: Send + Sync {
+    fn get<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        k: i64,
+        lock: bool,
+    ) -> BoxFuture<'c, sqlx::Result<Option<String>>>;
+    fn put<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        k: i64,
+        v: String,
+    ) -> BoxFuture<'c, sqlx::Result<()>>;
+    fn delete<'c>(&'c self, conn: &'c mut AnyConnection, k: i64)
+    -> BoxFuture<'c, sqlx::Result<()>>;
+}
+
+struct KvTable {
+    table: &'static str,
+    backend: Backend,
+    /// Fail one `put` in this many (0: never).
+    fail_one_in: usize,
+    puts: AtomicUsize,
+}
+
+impl Kv for KvTable {
+    fn get<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        k: i64,
+        lock: bool,
+    ) -> BoxFuture<'c, sqlx::Result<Option<String>>> {
+        Box::pin(async move {
+            let lock = if lock && self.backend == Backend::Postgres {
+                " FOR SHARE"
+            } else {
+                ""
+            };
+            let sql = format!("SELECT v FROM {} WHERE k = $1{lock}", self.table);
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(k)
+                .fetch_optional(conn)
+                .await
+        })
+    }
+
+    fn put<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        k: i64,
+        v: String,
+    ) -> BoxFuture<'c, sqlx::Result<()>> {
+        Box::pin(async move {
+            let n = self.puts.fetch_add(1, Ordering::SeqCst);
+            if self.fail_one_in > 0 && n.is_multiple_of(self.fail_one_in) {
+                return Err(injected());
+            }
+            let sql = format!(
+                "INSERT INTO {t} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                t = self.table
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(k)
+                .bind(v)
+                .execute(conn)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn delete<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+        k: i64,
+    ) -> BoxFuture<'c, sqlx::Result<()>> {
+        Box::pin(async move {
+            let sql = format!("DELETE FROM {} WHERE k = $1", self.table);
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(k)
+                .execute(conn)
+                .await
+                .map(drop)
+        })
+    }
+}
+
+struct KvResync;
+
+impl twintrack::dual::Resync<dyn Kv> for KvResync {
+    type Record = String;
+    fn load<'c>(
+        &'c self,
+        repo: &'c dyn Kv,
+        conn: &'c mut AnyConnection,
+        key: i64,
+    ) -> BoxFuture<'c, sqlx::Result<Option<String>>> {
+        repo.get(conn, key, true)
+    }
+    fn store<'c>(
+        &'c self,
+        repo: &'c dyn Kv,
+        conn: &'c mut AnyConnection,
+        key: i64,
+        v: String,
+    ) -> BoxFuture<'c, sqlx::Result<()>> {
+        repo.put(conn, key, v)
+    }
+    fn delete<'c>(
+        &'c self,
+        repo: &'c dyn Kv,
+        conn: &'c mut AnyConnection,
+        key: i64,
+    ) -> BoxFuture<'c, sqlx::Result<()>> {
+        repo.delete(conn, key)
+    }
+}
+
+async fn kv_rows(db: &Database, table: &str) -> Vec<(i64, String)> {
+    let sql = format!("SELECT k, v FROM {table} ORDER BY k");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            use sqlx::Row;
+            (r.get::<i64, _>("k"), r.get::<String, _>("v"))
+        })
+        .collect()
+}
+
+/// Two databases: every write's future is dropped right after the authoritative commit, 1,000
+/// times, while one in seven copies to the other side fails. Once repair has run, both sides
+/// hold exactly what was acknowledged: nothing lost, nothing stale.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_databases_lose_nothing_when_every_write_is_dropped_after_commit() {
+    let mut pairs: Vec<(&str, String, String, Vec<tempfile::TempDir>)> = Vec::new();
+    let (d1, u1) = common::sqlite_db();
+    let (d2, u2) = common::sqlite_db();
+    pairs.push(("sqlite", u1, u2, vec![d1, d2]));
+    if let (Some(a), Some(b)) = (common::pg::fresh_db().await, common::pg::fresh_db().await) {
+        pairs.push(("postgres", a.url, b.url, vec![]));
+    }
+    for (backend, legacy_url, new_url, _guards) in pairs {
+        let legacy_db = Database::connect(&legacy_url).await.unwrap();
+        let new_db = Database::connect(&new_url).await.unwrap();
+        for (db, table) in [(&legacy_db, "kv_legacy"), (&new_db, "kv_new")] {
+            twintrack::schema::install(db).await.unwrap();
+            let sql = format!("CREATE TABLE {table} (k BIGINT PRIMARY KEY, v TEXT NOT NULL)");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(db.pool())
+                .await
+                .unwrap();
+        }
+        let flags_store = Arc::new(SqlFlagStore::open(legacy_db.clone()).await.unwrap());
+        flags_store.register(M, "t").await.unwrap();
+        let flags = FlagCache::builder(flags_store.clone())
+            .migration(M, Stage::LegacyOnly)
+            .soft_ttl(Duration::from_secs(3600))
+            .build()
+            .await;
+        let committed = Arc::new(tokio::sync::Notify::new());
+        let signal = committed.clone();
+        let kv = |table, fail_one_in| -> Arc<dyn Kv> {
+            Arc::new(KvTable {
+                table,
+                backend: legacy_db.backend(),
+                fail_one_in,
+                puts: AtomicUsize::new(0),
+            })
+        };
+        let store = DualStore::builder(
+            M,
+            kv("kv_legacy", 7),
+            kv("kv_new", 7),
+            legacy_db.clone(),
+            flags.clone(),
+            KvResync,
+        )
+        .new_database(new_db.clone())
+        .on_authoritative_commit(move |_| signal.notify_one())
+        .build()
+        .unwrap();
+
+        let mut model = std::collections::BTreeMap::new();
+        let (mut dropped, mut failed) = (0, 0);
+        for i in 0..1000u32 {
+            if i == 0 || i == 500 {
+                let stage = if i == 0 {
+                    Stage::DualWrite
+                } else {
+                    Stage::Live
+                };
+                flags_store
+                    .set_stage(StageChange::new(M, stage, "t", "t").force(true))
+                    .await
+                    .unwrap();
+                flags.refresh().await.unwrap();
+            }
+            let key = i64::from(i % 97) + 1;
+            let delete = i % 13 == 0;
+            let value = format!("v{i}");
+            let written = value.clone();
+            let write = store.write(key, move |repo, conn| {
+                if delete {
+                    repo.delete(conn, key)
+                } else {
+                    repo.put(conn, key, written.clone())
+                }
+            });
+            tokio::select! {
+                biased;
+                _ = committed.notified() => dropped += 1,
+                result = write => {
+                    // Only an injected failure on the authoritative side may end a write here.
+                    assert!(result.is_err(), "{backend}: a write finished without its commit hook");
+                    failed += 1;
+                    continue;
+                }
+            }
+            if delete {
+                model.remove(&key);
+            } else {
+                model.insert(key, value);
+            }
+        }
+        assert!(
+            dropped > 800,
+            "{backend}: {dropped} writes dropped after commit"
+        );
+
+        // Let the detached copies finish, then repair what they could not do.
+        let start = std::time::Instant::now();
+        loop {
+            store.repair(Duration::ZERO).await.unwrap();
+            let pending = pending_intents(&legacy_db, M).await.unwrap()
+                + pending_intents(&new_db, M).await.unwrap();
+            if pending == 0 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{backend}: {pending} intents left"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let expected: Vec<(i64, String)> = model.into_iter().collect();
+        let legacy = kv_rows(&legacy_db, "kv_legacy").await;
+        let new = kv_rows(&new_db, "kv_new").await;
+        eprintln!(
+            "{backend}: {dropped} writes dropped after commit, {failed} refused; {} keys on each side",
+            expected.len()
+        );
+        assert_eq!(
+            legacy, expected,
+            "{backend}: legacy holds every acknowledged write"
+        );
+        assert_eq!(
+            new, expected,
+            "{backend}: new holds every acknowledged write"
+        );
     }
 }

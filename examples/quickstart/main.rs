@@ -68,7 +68,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (legacy, new) = repos::repos(db.backend());
     let settings =
-        DualStore::builder(MIGRATION, legacy, new, db, flags.clone(), SettingsResync).build();
+        DualStore::builder(MIGRATION, legacy, new, db, flags.clone(), SettingsResync).build()?;
     let app = app(Users { settings }, flags, debug_headers);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     // Tests and scripts read this line to find the port (TWINTRACK_LISTEN may say port 0).

@@ -87,12 +87,17 @@ struct Inner<R: ?Sized, X> {
     migration: Arc<str>,
     legacy: Arc<R>,
     new: Arc<R>,
+    /// The legacy shape's database (both shapes', unless `new_db` is set). twintrack's own
+    /// tables (mismatches) live here.
     db: Database,
+    /// The new shape's database, when it is not `db`.
+    new_db: Option<Database>,
     flags: FlagCache,
     resync: X,
     shadow: ShadowOptions,
     metrics: Metrics,
     before_commit: Option<CommitHook>,
+    after_authoritative_commit: Option<Arc<dyn Fn(i64) + Send + Sync>>,
     /// Caps `Background` shadow reads in flight.
     background: Arc<tokio::sync::Semaphore>,
 }
@@ -125,14 +130,36 @@ impl<R: ?Sized, X> DualStoreBuilder<R, X> {
         self
     }
 
-    /// The store.
-    pub fn build(mut self) -> DualStore<R, X> {
+    /// The new shape lives in this other database. Writes then commit on the authoritative
+    /// side together with a repair intent, and the other side is written by a task that
+    /// survives the caller being dropped; the intent is cleared when it succeeds. Both
+    /// databases need twintrack's tables ([`crate::schema::install`]).
+    pub fn new_database(mut self, db: Database) -> Self {
+        self.inner.new_db = Some(db);
+        self
+    }
+
+    /// Drills and tests: called with the key right after the authoritative side committed
+    /// (two-database writes).
+    pub fn on_authoritative_commit(mut self, hook: impl Fn(i64) + Send + Sync + 'static) -> Self {
+        self.inner.after_authoritative_commit = Some(Arc::new(hook));
+        self
+    }
+
+    /// The store, or [`Error::Config`] for a combination that cannot work (`Snapshot` shadow
+    /// reads need both shapes in one database).
+    pub fn build(mut self) -> Result<DualStore<R, X>> {
+        if self.inner.new_db.is_some() && self.inner.shadow.mode == ShadowMode::Snapshot {
+            return Err(Error::Config(
+                "snapshot shadow reads need both shapes in one database; use concurrent or background".into(),
+            ));
+        }
         self.inner.background = Arc::new(tokio::sync::Semaphore::new(
             self.inner.shadow.background_limit.max(1),
         ));
-        DualStore {
+        Ok(DualStore {
             inner: Arc::new(self.inner),
-        }
+        })
     }
 }
 
@@ -165,6 +192,8 @@ where
                 shadow: ShadowOptions::default(),
                 metrics: Metrics::global(),
                 before_commit: None,
+                after_authoritative_commit: None,
+                new_db: None,
                 background: Arc::new(tokio::sync::Semaphore::new(1)),
             },
         }
@@ -175,9 +204,22 @@ where
         &self.inner.migration
     }
 
-    /// The database both shapes live in.
+    /// The legacy shape's database (both shapes', unless a separate new database was set).
     pub fn database(&self) -> &Database {
         &self.inner.db
+    }
+
+    /// The database holding `side`.
+    pub fn database_of(&self, side: Side) -> &Database {
+        match (side, &self.inner.new_db) {
+            (Side::New, Some(db)) => db,
+            _ => &self.inner.db,
+        }
+    }
+
+    /// Whether the two shapes live in separate databases.
+    pub fn is_split(&self) -> bool {
+        self.inner.new_db.is_some()
     }
 
     fn repo(&self, side: Side) -> &R {
@@ -222,14 +264,18 @@ where
         self.inner.metrics.dual_ops.add(1, &with_outcome);
     }
 
-    /// Runs `op` on the side(s) the pinned stage writes, in one transaction (authoritative
-    /// first; the other side in a savepoint, a repair intent if it fails). Returns the
-    /// authoritative side's result.
+    /// Runs `op` on the side(s) the pinned stage writes, authoritative first, and returns the
+    /// authoritative side's result. One database: one transaction, the other side in a
+    /// savepoint (a repair intent if it fails). Two databases: see
+    /// [`DualStoreBuilder::new_database`].
     pub async fn write<T, F>(&self, key: i64, op: F) -> Result<T>
     where
         T: Send,
         F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
     {
+        if self.is_split() {
+            return self.write_split(key, op).await;
+        }
         let mut tx = self.inner.db.pool().begin().await?;
         let out = self.write_in(&mut tx, key, op).await?;
         if let Some(hook) = &self.inner.before_commit
@@ -245,12 +291,18 @@ where
     }
 
     /// Like [`DualStore::write`], inside a transaction of the caller's (for writes that also
-    /// touch tables outside the migration). Nothing is committed here.
+    /// touch tables outside the migration). Nothing is committed here. Both shapes must be in
+    /// the transaction's database.
     pub async fn write_in<T, F>(&self, tx: &mut Transaction<'_, Any>, key: i64, op: F) -> Result<T>
     where
         T: Send,
         F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
     {
+        if self.is_split() {
+            return Err(Error::Config(
+                "write_in needs both shapes in one database; use write".into(),
+            ));
+        }
         let (flag, _) = self.flag()?;
         let stage = flag.stage();
         let plan = stage.plan();
@@ -278,18 +330,109 @@ where
                     savepoint.rollback().await?;
                     tracing::warn!(migration = %self.inner.migration, key, %side, error = %err,
                         "non-authoritative write failed; repair intent recorded");
-                    repair::record_intent(tx, &self.inner.migration, key, side, &err).await?;
-                    self.inner.metrics.repair_intents.add(
-                        1,
-                        &[
-                            KeyValue::new("migration", self.inner.migration.to_string()),
-                            KeyValue::new("event", "recorded"),
-                        ],
-                    );
+                    repair::record_intent(tx, &self.inner.migration, key, side, &err.to_string())
+                        .await?;
+                    self.count_intent("recorded");
                 }
             }
         }
         Ok(out)
+    }
+
+    fn count_intent(&self, event: &'static str) {
+        self.inner.metrics.repair_intents.add(
+            1,
+            &[
+                KeyValue::new("migration", self.inner.migration.to_string()),
+                KeyValue::new("event", event),
+            ],
+        );
+    }
+
+    /// Two databases: authoritative side + intent in one transaction, then the other side in a
+    /// task of its own, which clears the intent when it succeeds.
+    ///
+    /// The task does not replay `op`: it copies the key's *current* state from the
+    /// authoritative side (the repair worker's re-sync), holding the source row locked until
+    /// the copy commits. Two writes' tasks finishing out of order therefore cannot leave the
+    /// other side with the older value.
+    async fn write_split<T, F>(&self, key: i64, op: F) -> Result<T>
+    where
+        T: Send,
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
+    {
+        let (flag, _) = self.flag()?;
+        let stage = flag.stage();
+        let plan = stage.plan();
+        let authoritative = plan.writes[0];
+        let other = plan.writes.get(1).copied();
+        let mut tx = self.database_of(authoritative).pool().begin().await?;
+        let started = Instant::now();
+        let out = op(self.repo(authoritative), &mut tx)
+            .instrument(self.span("write", stage, authoritative))
+            .await;
+        self.observe("write", authoritative, started.elapsed(), out.is_ok());
+        let out = out.map_err(|source| Error::Repository {
+            migration: self.inner.migration.to_string(),
+            side: authoritative,
+            source,
+        })?;
+        // Written before the commit, so that no crash or drop can lose the other side's write.
+        let intent = match other {
+            Some(side) => Some(
+                repair::record_intent(&mut tx, &self.inner.migration, key, side, "pending").await?,
+            ),
+            None => None,
+        };
+        if let Some(hook) = &self.inner.before_commit
+            && hook(key)
+        {
+            tx.rollback().await?;
+            return Err(Error::Database(sqlx::Error::Protocol(format!(
+                "fault injected before commit (key {key})"
+            ))));
+        }
+        tx.commit().await?;
+        if let Some(hook) = &self.inner.after_authoritative_commit {
+            hook(key);
+        }
+        if let (Some(side), Some(intent)) = (other, intent) {
+            let store = self.clone();
+            let task = tokio::spawn(async move {
+                store
+                    .write_other_side(key, stage, side, authoritative, intent)
+                    .await
+            });
+            // The caller normally waits for both sides; if it is dropped here, the task goes on.
+            let _ = task.await;
+        }
+        Ok(out)
+    }
+
+    async fn write_other_side(
+        &self,
+        key: i64,
+        stage: Stage,
+        side: Side,
+        authoritative: Side,
+        intent: i64,
+    ) {
+        let started = Instant::now();
+        let attempt = async {
+            repair::resync_across(self, key, authoritative)
+                .instrument(self.span("write", stage, side))
+                .await?;
+            repair::clear_intent(self.database_of(authoritative), intent).await
+        };
+        let result = attempt.await;
+        self.observe("write", side, started.elapsed(), result.is_ok());
+        if let Err(err) = result {
+            tracing::warn!(migration = %self.inner.migration, key, %side, error = %err,
+                "non-authoritative write failed; the repair intent stays");
+            self.count_intent("recorded");
+            let _ = repair::note_failure(self.database_of(authoritative), intent, &err.to_string())
+                .await;
+        }
     }
 
     fn span(&self, op: &'static str, stage: Stage, side: Side) -> tracing::Span {
@@ -300,7 +443,7 @@ where
     where
         F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
     {
-        let mut conn = self.inner.db.pool().acquire().await?;
+        let mut conn = self.database_of(side).pool().acquire().await?;
         let started = Instant::now();
         let result = op(self.repo(side), &mut conn)
             .instrument(self.span("read", stage, side))

@@ -60,25 +60,47 @@ pub struct RepairReport {
     pub skipped: u64,
 }
 
-/// Records, in the caller's transaction, that `side` missed a write of `key`.
+/// Records, in the caller's transaction, that `side` missed (or may miss) a write of `key`.
+/// Returns the intent's id.
 pub(super) async fn record_intent(
     conn: &mut AnyConnection,
     migration: &str,
     key: i64,
     side: Side,
-    error: &sqlx::Error,
-) -> Result<()> {
-    let error: String = error.to_string().chars().take(1000).collect();
-    sqlx::query(
+    error: &str,
+) -> Result<i64> {
+    let error: String = error.chars().take(1000).collect();
+    Ok(sqlx::query_scalar(
         "INSERT INTO twintrack_repair_intents (migration, key, target_side, created_at, last_error)
-         VALUES ($1, $2, $3, $4, $5)",
+         VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
     .bind(migration)
     .bind(key)
     .bind(side.as_str())
     .bind(now_micros())
     .bind(error)
-    .execute(conn)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Drops an intent whose write has landed.
+pub(super) async fn clear_intent(db: &crate::Database, id: i64) -> Result<()> {
+    sqlx::query("DELETE FROM twintrack_repair_intents WHERE id = $1")
+        .bind(id)
+        .execute(db.pool())
+        .await?;
+    Ok(())
+}
+
+/// Notes why an intent's write failed (it stays for the repair worker).
+pub(super) async fn note_failure(db: &crate::Database, id: i64, error: &str) -> Result<()> {
+    let error: String = error.chars().take(1000).collect();
+    sqlx::query(
+        "UPDATE twintrack_repair_intents SET attempts = attempts + 1, last_error = $1 WHERE id = $2",
+    )
+    .bind(error)
+    .bind(id)
+    .execute(db.pool())
     .await?;
     Ok(())
 }
@@ -90,9 +112,44 @@ where
     X: Resync<R>,
 {
     let inner = &store.inner;
-    let db = &inner.db;
     let cutoff = now_micros() - i64::try_from(min_age.as_micros()).unwrap_or(i64::MAX);
     let mut report = RepairReport::default();
+    // Intents live in the database of the side that was authoritative when they were written.
+    let mut databases = vec![store.database_of(Side::Legacy)];
+    if store.is_split() {
+        databases.push(store.database_of(Side::New));
+    }
+    for db in databases {
+        pass(store, db, cutoff, &mut report).await?;
+    }
+    for (event, n) in [
+        ("repaired", report.copied + report.deleted),
+        ("failed", report.failed),
+    ] {
+        if n > 0 {
+            inner.metrics.repair_intents.add(
+                n,
+                &[
+                    opentelemetry::KeyValue::new("migration", inner.migration.to_string()),
+                    opentelemetry::KeyValue::new("event", event),
+                ],
+            );
+        }
+    }
+    Ok(report)
+}
+
+async fn pass<R, X>(
+    store: &DualStore<R, X>,
+    db: &crate::Database,
+    cutoff: i64,
+    report: &mut RepairReport,
+) -> Result<()>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    let inner = &store.inner;
     let mut after = 0i64;
     loop {
         let batch = sqlx::query(
@@ -112,46 +169,26 @@ where
             // The side that holds the truth now (the stage may have moved since the intent).
             let (flag, _) = store.flag()?;
             let source = flag.stage().plan().authoritative;
-            match resync_one(store, id, key, source).await {
+            match resync_one(store, db, id, key, source).await {
                 Ok(Some(true)) => report.copied += 1,
                 Ok(Some(false)) => report.deleted += 1,
                 Ok(None) => report.skipped += 1,
                 Err(err) => {
                     report.failed += 1;
                     tracing::warn!(migration = %inner.migration, key, error = %err, "repair failed; will retry");
-                    let message: String = err.to_string().chars().take(1000).collect();
-                    sqlx::query(
-                        "UPDATE twintrack_repair_intents SET attempts = attempts + 1, last_error = $1 WHERE id = $2",
-                    )
-                    .bind(message)
-                    .bind(id)
-                    .execute(db.pool())
-                    .await?;
+                    note_failure(db, id, &err.to_string()).await?;
                 }
             }
         }
     }
-    for (event, n) in [
-        ("repaired", report.copied + report.deleted),
-        ("failed", report.failed),
-    ] {
-        if n > 0 {
-            inner.metrics.repair_intents.add(
-                n,
-                &[
-                    opentelemetry::KeyValue::new("migration", inner.migration.to_string()),
-                    opentelemetry::KeyValue::new("event", event),
-                ],
-            );
-        }
-    }
-    Ok(report)
+    Ok(())
 }
 
 /// Re-syncs one key and drops its intent, in one transaction. `Some(true)` copied,
 /// `Some(false)` deleted, `None` when another worker holds the intent or it is gone.
 async fn resync_one<R, X>(
     store: &DualStore<R, X>,
+    intents: &crate::Database,
     id: i64,
     key: i64,
     source: Side,
@@ -161,8 +198,8 @@ where
     X: Resync<R>,
 {
     let inner = &store.inner;
-    let mut conn = inner.db.pool().acquire().await?;
-    let (begin, lock) = match inner.db.backend() {
+    let mut conn = intents.pool().acquire().await?;
+    let (begin, lock) = match intents.backend() {
         Backend::Postgres => ("BEGIN", " FOR UPDATE SKIP LOCKED"),
         Backend::Sqlite => ("BEGIN IMMEDIATE", ""),
     };
@@ -184,28 +221,93 @@ where
             source,
         }
     };
-    let record = inner
-        .resync
-        .load(store.repo(source), &mut tx, key)
-        .await
-        .map_err(side_error(source))?;
-    let copied = record.is_some();
-    match record {
-        Some(record) => {
-            inner
-                .resync
-                .store(store.repo(target), &mut tx, key, record)
-                .await
+    let copied = if store.is_split() {
+        if intents.backend() == Backend::Sqlite {
+            // SQLite has no row locks: release the file's write lock before the copy takes it
+            // (the intents may live in the source's file).
+            tx.rollback().await?;
+            let copied = resync_across(store, key, source).await?;
+            clear_intent(intents, id).await?;
+            return Ok(Some(copied));
         }
-        None => inner.resync.delete(store.repo(target), &mut tx, key).await,
-    }
-    .map_err(side_error(target))?;
+        resync_across(store, key, source).await?
+    } else {
+        let record = inner
+            .resync
+            .load(store.repo(source), &mut tx, key)
+            .await
+            .map_err(side_error(source))?;
+        let copied = record.is_some();
+        match record {
+            Some(record) => {
+                let repo = store.repo(target);
+                inner.resync.store(repo, &mut tx, key, record).await
+            }
+            None => inner.resync.delete(store.repo(target), &mut tx, key).await,
+        }
+        .map_err(side_error(target))?;
+        copied
+    };
     sqlx::query("DELETE FROM twintrack_repair_intents WHERE id = $1")
         .bind(id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
     Ok(Some(copied))
+}
+
+/// Two databases: copies `key` from `source` to the other side. The source transaction holds
+/// the key's row (the `Resync::load` lock on PostgreSQL, the write lock on SQLite) until the
+/// target has committed, so concurrent copies of one key land in commit order. Returns whether
+/// a record was copied (`false`: deleted on the target).
+pub(super) async fn resync_across<R, X>(
+    store: &DualStore<R, X>,
+    key: i64,
+    source: Side,
+) -> Result<bool>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    let inner = &store.inner;
+    let target = source.other();
+    let side_error = |side: Side| {
+        move |source: sqlx::Error| Error::Repository {
+            migration: inner.migration.to_string(),
+            side,
+            source,
+        }
+    };
+    let source_db = store.database_of(source);
+    let begin = match source_db.backend() {
+        Backend::Postgres => "BEGIN",
+        Backend::Sqlite => "BEGIN IMMEDIATE",
+    };
+    let mut source_conn = source_db.pool().acquire().await?;
+    let mut source_tx = source_conn.begin_with(begin).await?;
+    let record = inner
+        .resync
+        .load(store.repo(source), &mut source_tx, key)
+        .await
+        .map_err(side_error(source))?;
+    let copied = record.is_some();
+    let mut target_tx = store.database_of(target).pool().begin().await?;
+    match record {
+        Some(record) => {
+            let repo = store.repo(target);
+            inner.resync.store(repo, &mut target_tx, key, record).await
+        }
+        None => {
+            inner
+                .resync
+                .delete(store.repo(target), &mut target_tx, key)
+                .await
+        }
+    }
+    .map_err(side_error(target))?;
+    target_tx.commit().await?;
+    source_tx.commit().await?;
+    Ok(copied)
 }
 
 /// The number of repair intents waiting for `migration`.
