@@ -13,7 +13,7 @@
 //! | `twintrack.flags.age` | gauge (s) | `migration` | age of the value in force, after each reload |
 //! | `twintrack.dual.operations` | counter | `migration`, `op`, `side`, `outcome` | repository calls by the dual store |
 //! | `twintrack.dual.duration` | histogram (s) | `migration`, `op`, `side` | their latency |
-//! | `twintrack.shadow.results` | counter | `migration`, `result` = `match`/`transient`/`confirmed` | compared reads |
+//! | `twintrack.shadow.results` | counter | `migration`, `result` = `match`/`transient`/`confirmed`/`skipped`/`unclassified` | compared reads (`skipped`: over the background cap; `unclassified`: a mismatch over the re-check cap) |
 //! | `twintrack.shadow.errors` | counter | `migration`, `side` | compared reads where a side failed (or panicked) |
 //! | `twintrack.repair.intents` | counter | `migration`, `event` = `recorded`/`repaired`/`failed` | repair intents |
 

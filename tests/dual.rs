@@ -1137,3 +1137,61 @@ async fn two_databases_lose_nothing_when_every_write_is_dropped_after_commit() {
         );
     }
 }
+
+/// A real divergence makes every compared read a mismatch. A storm of them must neither stall
+/// the service (re-checks and their records hold pooled connections) nor grow the table past
+/// its cap.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mismatch_storm_neither_stalls_reads_nor_grows_the_table() {
+    let options = ShadowOptions {
+        mode: ShadowMode::Concurrent,
+        keep: 5,
+        recheck_delay: Duration::from_millis(10),
+        ..ShadowOptions::default()
+    };
+    for f in Fixture::all(options).await {
+        let b = f.backend;
+        f.stage(Stage::Shadow).await;
+        let mut ids = Vec::new();
+        for i in 0..30 {
+            let id = f
+                .users
+                .create(&format!("storm{i}@example.com"), settings("x"))
+                .await
+                .unwrap();
+            f.plant(id, &settings("dark"), &settings("light")).await;
+            ids.push(id);
+        }
+        let reads: Vec<_> = (0..300)
+            .map(|i| {
+                let (users, id) = (f.users.clone(), ids[i % ids.len()]);
+                tokio::spawn(async move { users.settings(id).await })
+            })
+            .collect();
+        for read in reads {
+            let served = read
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{b}: a read failed: {e:?}"));
+            assert_eq!(served, settings("dark"), "{b}");
+        }
+        // Let the re-checks finish, then the table holds at most `keep` rows.
+        let start = std::time::Instant::now();
+        while f
+            .metrics
+            .counter("twintrack.shadow.results", ("result", "confirmed"))
+            + f.metrics
+                .counter("twintrack.shadow.results", ("result", "unclassified"))
+            < 300
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{b}: re-checks never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let kept = list_mismatches(&f.db, M, 1000).await.unwrap().len();
+        assert!((1..=5).contains(&kept), "{b}: {kept} rows kept");
+    }
+}

@@ -100,6 +100,8 @@ struct Inner<R: ?Sized, X> {
     after_authoritative_commit: Option<Arc<dyn Fn(i64) + Send + Sync>>,
     /// Caps `Background` shadow reads in flight.
     background: Arc<tokio::sync::Semaphore>,
+    /// Caps mismatch classifications in flight (a real divergence can make every read one).
+    classifying: Arc<tokio::sync::Semaphore>,
 }
 
 /// Builds a [`DualStore`].
@@ -154,9 +156,9 @@ impl<R: ?Sized, X> DualStoreBuilder<R, X> {
                 "snapshot shadow reads need both shapes in one database; use concurrent or background".into(),
             ));
         }
-        self.inner.background = Arc::new(tokio::sync::Semaphore::new(
-            self.inner.shadow.background_limit.max(1),
-        ));
+        let limit = self.inner.shadow.background_limit.max(1);
+        self.inner.background = Arc::new(tokio::sync::Semaphore::new(limit));
+        self.inner.classifying = Arc::new(tokio::sync::Semaphore::new(limit));
         Ok(DualStore {
             inner: Arc::new(self.inner),
         })
@@ -195,6 +197,7 @@ where
                 after_authoritative_commit: None,
                 new_db: None,
                 background: Arc::new(tokio::sync::Semaphore::new(1)),
+                classifying: Arc::new(tokio::sync::Semaphore::new(1)),
             },
         }
     }
@@ -566,7 +569,13 @@ where
             self.count_result("match");
             return None;
         }
+        let Ok(permit) = self.inner.classifying.clone().try_acquire_owned() else {
+            // Too many re-checks in flight already: count it, do not pile up more work.
+            self.count_result("unclassified");
+            return None;
+        };
         Some(async move {
+            let _permit = permit;
             self.classify(key, stage, op, micros(legacy_took), micros(new_took))
                 .await
         })

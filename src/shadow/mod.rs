@@ -57,7 +57,8 @@ pub struct ShadowOptions {
     pub keep: u32,
     /// `Background` mode: the longest a shadow read may take (default 2 s).
     pub background_timeout: Duration,
-    /// `Background` mode: the most shadow reads in flight at once (default 64).
+    /// `Background` mode: the most shadow reads in flight at once (default 64). Also the most
+    /// mismatch re-checks in flight, in every mode.
     pub background_limit: usize,
 }
 

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use super::{FieldDiff, MismatchClass};
-use crate::db::{Database, now_micros};
+use crate::db::{Backend, Database, now_micros};
 use crate::{Result, Stage};
 
 /// One recorded mismatch.
@@ -40,10 +40,13 @@ pub(crate) struct NewMismatch<'a> {
     pub(crate) new_micros: i64,
 }
 
-/// Stores a mismatch and trims the table to the newest `keep` of its migration.
+/// Stores a mismatch, then trims the table to the newest `keep` of its migration.
+///
+/// The insert commits on its own, and the trim skips rows another trim is deleting
+/// (`SKIP LOCKED`): a storm of mismatches must never make recorders wait on each other (each
+/// holds a pooled connection while it waits).
 pub(crate) async fn record_mismatch(db: &Database, m: NewMismatch<'_>, keep: u32) -> Result<()> {
     let diff = serde_json::to_string(m.diff).unwrap_or_else(|_| "[]".into());
-    let mut tx = db.pool().begin().await?;
     sqlx::query(
         "INSERT INTO twintrack_mismatches (migration, key, class, stage, diff, legacy_micros, new_micros, at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -56,17 +59,25 @@ pub(crate) async fn record_mismatch(db: &Database, m: NewMismatch<'_>, keep: u32
     .bind(m.legacy_micros)
     .bind(m.new_micros)
     .bind(now_micros())
-    .execute(&mut *tx)
+    .execute(db.pool())
     .await?;
-    sqlx::query(
-        "DELETE FROM twintrack_mismatches WHERE migration = $1 AND id <= (
-             SELECT id FROM twintrack_mismatches WHERE migration = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
-    )
-    .bind(m.migration)
-    .bind(i64::from(keep))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    let trim = match db.backend() {
+        Backend::Postgres => {
+            "DELETE FROM twintrack_mismatches WHERE id IN (
+                 SELECT id FROM twintrack_mismatches WHERE migration = $1
+                 ORDER BY id DESC OFFSET $2 FOR UPDATE SKIP LOCKED)"
+        }
+        Backend::Sqlite => {
+            "DELETE FROM twintrack_mismatches WHERE id IN (
+                 SELECT id FROM twintrack_mismatches WHERE migration = $1
+                 ORDER BY id DESC LIMIT -1 OFFSET $2)"
+        }
+    };
+    sqlx::query(trim)
+        .bind(m.migration)
+        .bind(i64::from(keep))
+        .execute(db.pool())
+        .await?;
     Ok(())
 }
 

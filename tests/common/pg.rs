@@ -45,6 +45,7 @@ struct Servers {
     pub primary_port: u16,
     pub replica_port: u16,
     stop_on_drop: bool,
+    durable: bool,
 }
 
 static SHARED: OnceLock<Option<Cluster>> = OnceLock::new();
@@ -71,7 +72,7 @@ pub fn shared() -> Option<&'static Cluster> {
                     servers: None,
                 });
             }
-            match Cluster::provision(delay_ms(), false) {
+            match Cluster::provision(delay_ms(), false, false) {
                 Ok(cluster) => Some(cluster),
                 Err(why) => {
                     if std::env::var("TWINTRACK_REQUIRE_POSTGRES").as_deref() == Ok("1") {
@@ -103,7 +104,13 @@ fn delay_ms() -> u64 {
 impl Cluster {
     /// A private primary + replica pair, stopped when dropped.
     pub fn start(replica_delay_ms: u64) -> Result<Cluster, String> {
-        Cluster::provision(replica_delay_ms, true)
+        Cluster::provision(replica_delay_ms, true, false)
+    }
+
+    /// A private pair with durable commits (`fsync=on`, `synchronous_commit=on`), for
+    /// benchmarks whose figures must include the cost of a real commit.
+    pub fn start_durable() -> Result<Cluster, String> {
+        Cluster::provision(0, true, true)
     }
 
     /// Creates a fresh, empty database and returns its URLs.
@@ -144,7 +151,11 @@ impl Cluster {
         s.pg_ctl(&s.replica_data, "start", &[]);
     }
 
-    fn provision(replica_delay_ms: u64, stop_on_drop: bool) -> Result<Cluster, String> {
+    fn provision(
+        replica_delay_ms: u64,
+        stop_on_drop: bool,
+        durable: bool,
+    ) -> Result<Cluster, String> {
         let bin = find_bin()?;
         let as_postgres = is_root();
         let dir = tempfile::Builder::new()
@@ -168,6 +179,7 @@ impl Cluster {
             primary_port,
             replica_port,
             stop_on_drop,
+            durable,
         };
         if !stop_on_drop {
             servers.spawn_watchdog()?;
@@ -233,9 +245,11 @@ impl Servers {
         append(
             &self.primary_data.join("postgresql.conf"),
             &format!(
-                "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = replica\nmax_wal_senders = 10\nfsync = off\nsynchronous_commit = on\nfull_page_writes = off\nmax_connections = 200\nwal_keep_size = '256MB'\nshared_buffers = '128MB'\n",
+                "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nwal_level = replica\nmax_wal_senders = 10\nfsync = {}\nsynchronous_commit = on\nfull_page_writes = {}\nmax_connections = 200\nwal_keep_size = '256MB'\nshared_buffers = '128MB'\n",
                 self.primary_port,
-                self.dir.display()
+                self.dir.display(),
+                if self.durable { "on" } else { "off" },
+                if self.durable { "on" } else { "off" },
             ),
         )?;
         append(
