@@ -310,29 +310,19 @@ where
         let stage = flag.stage();
         let plan = stage.plan();
         let authoritative = plan.writes[0];
-        let started = Instant::now();
-        let out = op(self.repo(authoritative), tx)
-            .instrument(self.span("write", stage, authoritative))
-            .await;
-        self.observe("write", authoritative, started.elapsed(), out.is_ok());
-        let out = out.map_err(|source| Error::Repository {
-            migration: self.inner.migration.to_string(),
-            side: authoritative,
-            source,
-        })?;
+        let (out, _) = self
+            .call_side("write", &op, authoritative, stage, tx)
+            .await?;
         for &side in &plan.writes[1..] {
             let mut savepoint = (**tx).begin().await?;
-            let started = Instant::now();
-            let result = op(self.repo(side), &mut savepoint)
-                .instrument(self.span("write", stage, side))
+            let result = self
+                .call_side("write", &op, side, stage, &mut savepoint)
                 .await;
-            self.observe("write", side, started.elapsed(), result.is_ok());
             match result {
                 Ok(_) => savepoint.commit().await?,
                 Err(err) => {
                     savepoint.rollback().await?;
-                    tracing::warn!(migration = %self.inner.migration, key, %side, error = %err,
-                        "non-authoritative write failed; repair intent recorded");
+                    tracing::warn!(key, error = %err, "non-authoritative write failed; repair intent recorded");
                     repair::record_intent(tx, &self.inner.migration, key, side, &err.to_string())
                         .await?;
                     self.count_intent("recorded");
@@ -370,16 +360,9 @@ where
         let authoritative = plan.writes[0];
         let other = plan.writes.get(1).copied();
         let mut tx = self.database_of(authoritative).pool().begin().await?;
-        let started = Instant::now();
-        let out = op(self.repo(authoritative), &mut tx)
-            .instrument(self.span("write", stage, authoritative))
-            .await;
-        self.observe("write", authoritative, started.elapsed(), out.is_ok());
-        let out = out.map_err(|source| Error::Repository {
-            migration: self.inner.migration.to_string(),
-            side: authoritative,
-            source,
-        })?;
+        let (out, _) = self
+            .call_side("write", &op, authoritative, stage, &mut tx)
+            .await?;
         // Written before the commit, so that no crash or drop can lose the other side's write.
         let intent = match other {
             Some(side) => Some(
@@ -442,24 +425,42 @@ where
         tracing::debug_span!("twintrack", migration = %self.inner.migration, op, stage = %stage, side = %side)
     }
 
+    /// Tags a repository error with the side it came from.
+    pub(crate) fn side_error(&self, side: Side) -> impl Fn(sqlx::Error) -> Error + '_ {
+        move |source| Error::Repository {
+            migration: self.inner.migration.to_string(),
+            side,
+            source,
+        }
+    }
+
+    /// Runs `op` on `side` over `conn`, in a span, timed and counted.
+    async fn call_side<T, F>(
+        &self,
+        what: &'static str,
+        op: &F,
+        side: Side,
+        stage: Stage,
+        conn: &mut AnyConnection,
+    ) -> SideRead<T>
+    where
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
+    {
+        let started = Instant::now();
+        let result = op(self.repo(side), conn)
+            .instrument(self.span(what, stage, side))
+            .await;
+        let took = started.elapsed();
+        self.observe(what, side, took, result.is_ok());
+        result.map(|v| (v, took)).map_err(self.side_error(side))
+    }
+
     async fn read_side<T, F>(&self, op: &F, side: Side, stage: Stage) -> SideRead<T>
     where
         F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
     {
         let mut conn = self.database_of(side).pool().acquire().await?;
-        let started = Instant::now();
-        let result = op(self.repo(side), &mut conn)
-            .instrument(self.span("read", stage, side))
-            .await;
-        let took = started.elapsed();
-        self.observe("read", side, took, result.is_ok());
-        result
-            .map(|v| (v, took))
-            .map_err(|source| Error::Repository {
-                migration: self.inner.migration.to_string(),
-                side,
-                source,
-            })
+        self.call_side("read", op, side, stage, &mut conn).await
     }
 
     /// Runs `op` on the side the pinned stage serves and returns its result. In `shadow` and
@@ -671,21 +672,7 @@ where
         };
         let mut conn = self.inner.db.pool().acquire().await?;
         let mut tx = conn.begin_with(begin).await?;
-        let mut timed = async |side: Side| {
-            let started = Instant::now();
-            let result = op(self.repo(side), &mut tx)
-                .instrument(self.span("read", stage, side))
-                .await;
-            let took = started.elapsed();
-            self.observe("read", side, took, result.is_ok());
-            result
-                .map(|v| (v, took))
-                .map_err(|source| Error::Repository {
-                    migration: self.inner.migration.to_string(),
-                    side,
-                    source,
-                })
-        };
+        let mut timed = async |side: Side| self.call_side("read", op, side, stage, &mut tx).await;
         let served_result = timed(served).await;
         let shadow_result = AssertUnwindSafe(timed(shadow)).catch_unwind().await;
         // Read-only: nothing to keep. A failed read may have aborted it already.

@@ -9,7 +9,7 @@ use sqlx::{AnyConnection, Connection, Row};
 use super::DualStore;
 use crate::db::{Backend, now_micros};
 use crate::flags::BoxFuture;
-use crate::{Error, Result, Side};
+use crate::{Result, Side};
 
 /// How to copy one key from one side of a migration to the other, in your repository's terms.
 ///
@@ -214,13 +214,6 @@ where
         return Ok(None);
     }
     let target = source.other();
-    let side_error = |side: Side| {
-        move |source: sqlx::Error| Error::Repository {
-            migration: inner.migration.to_string(),
-            side,
-            source,
-        }
-    };
     let copied = if store.is_split() {
         if intents.backend() == Backend::Sqlite {
             // SQLite has no row locks: release the file's write lock before the copy takes it
@@ -236,7 +229,7 @@ where
             .resync
             .load(store.repo(source), &mut tx, key)
             .await
-            .map_err(side_error(source))?;
+            .map_err(store.side_error(source))?;
         let copied = record.is_some();
         match record {
             Some(record) => {
@@ -245,7 +238,7 @@ where
             }
             None => inner.resync.delete(store.repo(target), &mut tx, key).await,
         }
-        .map_err(side_error(target))?;
+        .map_err(store.side_error(target))?;
         copied
     };
     sqlx::query("DELETE FROM twintrack_repair_intents WHERE id = $1")
@@ -271,13 +264,6 @@ where
 {
     let inner = &store.inner;
     let target = source.other();
-    let side_error = |side: Side| {
-        move |source: sqlx::Error| Error::Repository {
-            migration: inner.migration.to_string(),
-            side,
-            source,
-        }
-    };
     let source_db = store.database_of(source);
     let begin = match source_db.backend() {
         Backend::Postgres => "BEGIN",
@@ -289,7 +275,7 @@ where
         .resync
         .load(store.repo(source), &mut source_tx, key)
         .await
-        .map_err(side_error(source))?;
+        .map_err(store.side_error(source))?;
     let copied = record.is_some();
     let mut target_tx = store.database_of(target).pool().begin().await?;
     match record {
@@ -304,7 +290,7 @@ where
                 .await
         }
     }
-    .map_err(side_error(target))?;
+    .map_err(store.side_error(target))?;
     target_tx.commit().await?;
     source_tx.commit().await?;
     Ok(copied)
