@@ -1195,3 +1195,74 @@ async fn a_mismatch_storm_neither_stalls_reads_nor_grows_the_table() {
         assert!((1..=5).contains(&kept), "{b}: {kept} rows kept");
     }
 }
+
+/// Every repository call runs in a span that names the migration, the operation, the stage
+/// and the side.
+#[tokio::test]
+async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
+    use std::collections::BTreeMap;
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    type Spans = Arc<Mutex<Vec<BTreeMap<String, String>>>>;
+    struct Recorder(Spans);
+    struct Fields<'a>(&'a mut BTreeMap<String, String>);
+    impl tracing::field::Visit for Fields<'_> {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0.insert(field.name().into(), format!("{value:?}"));
+        }
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            self.0.insert(field.name().into(), value.into());
+        }
+    }
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorder {
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: Context<'_, S>,
+        ) {
+            if attrs.metadata().name() == "twintrack" {
+                let mut fields = BTreeMap::new();
+                attrs.record(&mut Fields(&mut fields));
+                self.0.lock().unwrap().push(fields);
+            }
+        }
+    }
+
+    let spans: Spans = Arc::default();
+    let _default = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(Recorder(spans.clone())),
+    );
+    let (dir, url) = common::sqlite_db();
+    let f = Fixture::new("sqlite", &url, Some(dir), ShadowOptions::default(), |b| b).await;
+    f.stage(Stage::Shadow).await;
+    let id = f
+        .users
+        .create("span@example.com", settings("x"))
+        .await
+        .unwrap();
+    f.users.settings(id).await.unwrap();
+
+    let seen: Vec<String> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {} {}",
+                s["migration"], s["op"], s["stage"], s["side"]
+            )
+        })
+        .collect();
+    for expected in [
+        "user_settings write shadow legacy",
+        "user_settings write shadow new",
+        "user_settings read shadow legacy",
+        "user_settings read shadow new",
+    ] {
+        assert!(
+            seen.iter().any(|s| s == expected),
+            "{expected} not in {seen:?}"
+        );
+    }
+}
