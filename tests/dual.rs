@@ -1059,9 +1059,14 @@ async fn two_databases_lose_nothing_when_every_write_is_dropped_after_commit() {
         .unwrap();
 
         let mut model = std::collections::BTreeMap::new();
-        let (mut dropped, mut failed) = (0, 0);
-        for i in 0..1000u32 {
-            if i == 0 || i == 500 {
+        let (mut dropped, mut completed, mut refused) = (0u32, 0u32, 0u32);
+        let mut i = 0u32;
+        // Until 1,000 writes have been dropped right after their authoritative commit. (Under
+        // load a write sometimes finishes in the very poll that commits it: then it is simply
+        // acknowledged, and the loop goes on.)
+        while dropped < 1000 {
+            assert!(i < 5000, "{backend}: only {dropped} drops in {i} writes");
+            if i == 0 || (dropped == 500 && flags.snapshot().stage(M) != Some(Stage::Live)) {
                 let stage = if i == 0 {
                     Stage::DualWrite
                 } else {
@@ -1074,8 +1079,9 @@ async fn two_databases_lose_nothing_when_every_write_is_dropped_after_commit() {
                 flags.refresh().await.unwrap();
             }
             let key = i64::from(i % 97) + 1;
-            let delete = i % 13 == 0;
+            let delete = i.is_multiple_of(13);
             let value = format!("v{i}");
+            i += 1;
             let written = value.clone();
             let write = store.write(key, move |repo, conn| {
                 if delete {
@@ -1087,12 +1093,14 @@ async fn two_databases_lose_nothing_when_every_write_is_dropped_after_commit() {
             tokio::select! {
                 biased;
                 _ = committed.notified() => dropped += 1,
-                result = write => {
-                    // Only an injected failure on the authoritative side may end a write here.
-                    assert!(result.is_err(), "{backend}: a write finished without its commit hook");
-                    failed += 1;
-                    continue;
-                }
+                result = write => match result {
+                    Ok(()) => completed += 1,
+                    // An injected failure on the authoritative side: refused, nothing written.
+                    Err(_) => {
+                        refused += 1;
+                        continue;
+                    }
+                },
             }
             if delete {
                 model.remove(&key);
@@ -1100,10 +1108,6 @@ async fn two_databases_lose_nothing_when_every_write_is_dropped_after_commit() {
                 model.insert(key, value);
             }
         }
-        assert!(
-            dropped > 800,
-            "{backend}: {dropped} writes dropped after commit"
-        );
 
         // Let the detached copies finish, then repair what they could not do.
         let start = std::time::Instant::now();
@@ -1124,7 +1128,7 @@ async fn two_databases_lose_nothing_when_every_write_is_dropped_after_commit() {
         let legacy = kv_rows(&legacy_db, "kv_legacy").await;
         let new = kv_rows(&new_db, "kv_new").await;
         eprintln!(
-            "{backend}: {dropped} writes dropped after commit, {failed} refused; {} keys on each side",
+            "{backend}: {dropped} writes dropped after commit, {completed} completed, {refused} refused; {} keys on each side",
             expected.len()
         );
         assert_eq!(
