@@ -54,6 +54,7 @@
 //! - [`schema`]: twintrack's own tables, as embedded versioned migrations.
 //! - [`config`]: the `twintrack.toml` file.
 //! - [`metrics`]: the OpenTelemetry instruments.
+//! - [`ryw`]: read-your-writes: the signed WAL-position token (the replica router is coming).
 //! - [`cli`]: the `twintrack` command (the binary in `src/bin` only calls it).
 //! - [`error`]: the crate's error type.
 //!
@@ -77,6 +78,7 @@ pub mod error;
 pub mod flags;
 pub mod layer;
 pub mod metrics;
+pub mod ryw;
 pub mod schema;
 pub mod shadow;
 pub mod stage;
