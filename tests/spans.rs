@@ -1,0 +1,107 @@
+//! Every repository call the dual store makes runs in a span naming the migration, the
+//! operation, the stage and the side.
+//!
+//! In a test binary of its own: tracing caches whether a callsite is enabled process-wide, so a
+//! thread-scoped recorder must not share the process with other tests hitting the same spans.
+
+mod common;
+#[path = "../examples/quickstart/repos.rs"]
+mod repos;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use repos::{Settings, SettingsResync, Users};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use twintrack::dual::DualStore;
+use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
+use twintrack::{Database, Stage};
+
+type Spans = Arc<Mutex<Vec<BTreeMap<String, String>>>>;
+
+struct Recorder(Spans);
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().into(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorder {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: Context<'_, S>,
+    ) {
+        if attrs.metadata().name() == "twintrack" {
+            let mut fields = BTreeMap::new();
+            attrs.record(&mut Fields(&mut fields));
+            self.0.lock().unwrap().push(fields);
+        }
+    }
+}
+
+#[tokio::test]
+async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
+    let spans: Spans = Arc::default();
+    let _default = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(Recorder(spans.clone())),
+    );
+    tracing::callsite::rebuild_interest_cache();
+
+    let (_dir, url) = common::sqlite_db();
+    let db = Database::connect(&url).await.unwrap();
+    repos::create_shapes(&db).await.unwrap();
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    store.register("user_settings", "t").await.unwrap();
+    store
+        .set_stage(StageChange::new("user_settings", Stage::Shadow, "t", "t").force(true))
+        .await
+        .unwrap();
+    let flags = FlagCache::builder(store)
+        .migration("user_settings", Stage::LegacyOnly)
+        .soft_ttl(Duration::from_secs(3600))
+        .build()
+        .await;
+    let (legacy, new) = repos::repos(db.backend());
+    let users = Users {
+        settings: DualStore::builder("user_settings", legacy, new, db, flags, SettingsResync)
+            .build()
+            .unwrap(),
+    };
+    let settings = Settings {
+        theme: "x".into(),
+        notifications_enabled: true,
+    };
+    let id = users.create("span@example.com", settings).await.unwrap();
+    users.settings(id).await.unwrap();
+
+    let seen: Vec<String> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} {} {}",
+                s["migration"], s["op"], s["stage"], s["side"]
+            )
+        })
+        .collect();
+    for expected in [
+        "user_settings write shadow legacy",
+        "user_settings write shadow new",
+        "user_settings read shadow legacy",
+        "user_settings read shadow new",
+    ] {
+        assert!(
+            seen.iter().any(|s| s == expected),
+            "{expected} not in {seen:?}"
+        );
+    }
+}
