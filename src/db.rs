@@ -95,6 +95,28 @@ impl Database {
         })
     }
 
+    /// A handle that connects on first use (for a server that may be down at start-up, such as
+    /// a replica). Only the URL is checked now.
+    pub fn connect_lazy(url: &str) -> Result<Database> {
+        Database::connect_lazy_with(url, ConnectOptions::default())
+    }
+
+    /// [`Database::connect_lazy`] with options.
+    pub fn connect_lazy_with(url: &str, options: ConnectOptions) -> Result<Database> {
+        let backend = Backend::from_url(url)?;
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy(url)
+            .map_err(|e| Error::InvalidInput(format!("bad database URL: {e}")))?;
+        Ok(Database {
+            pool,
+            backend,
+            url: url.into(),
+        })
+    }
+
     /// The pool, for running statements.
     pub fn pool(&self) -> &AnyPool {
         &self.pool

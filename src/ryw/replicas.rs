@@ -1,0 +1,305 @@
+//! Replica health: which replicas have replayed how far, and which may serve reads.
+//!
+//! A [`ReplicaSet`] polls each replica in the background (at a jittered interval, each poll
+//! bounded by a timeout): its replayed WAL position, and its lag behind the primary in bytes
+//! and in time. A replica that lags past the configured limits, is not in recovery, or fails to
+//! answer is taken out until a later poll finds it healthy again. [`ReplicaSet::pick`] chooses
+//! among the healthy ones, optionally only those that have replayed at least a given position
+//! (a read-your-writes token's).
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use sqlx::Row;
+
+use super::token::{ClusterId, Lsn};
+use crate::db::Database;
+use crate::{Error, Result};
+
+/// How replicas are watched and when they are taken out.
+#[derive(Clone, Debug)]
+pub struct ReplicaOptions {
+    /// Time between polls of one replica (jittered by up to ±25%). Default 100 ms.
+    pub poll_interval: Duration,
+    /// Longest a poll may take before the replica counts as failing. Default 1 s.
+    pub poll_timeout: Duration,
+    /// A replica further behind the primary than this (by replay time) is taken out. Default 5 s.
+    pub max_lag: Duration,
+    /// A replica further behind than this many WAL bytes is taken out. Default 64 MiB.
+    pub max_lag_bytes: u64,
+}
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        ReplicaOptions {
+            poll_interval: Duration::from_millis(100),
+            poll_timeout: Duration::from_secs(1),
+            max_lag: Duration::from_secs(5),
+            max_lag_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What the latest poll found out about one replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaHealth {
+    /// Whether it may serve reads now.
+    pub healthy: bool,
+    /// How far it has replayed.
+    pub replay_lsn: Option<Lsn>,
+    /// Bytes of WAL it is behind the primary.
+    pub lag_bytes: Option<u64>,
+    /// How far behind in time (zero when it has replayed everything the primary wrote).
+    pub lag: Option<Duration>,
+    /// Why it is out, when it is.
+    pub problem: Option<String>,
+}
+
+impl ReplicaHealth {
+    fn unknown() -> ReplicaHealth {
+        ReplicaHealth {
+            healthy: false,
+            replay_lsn: None,
+            lag_bytes: None,
+            lag: None,
+            problem: Some("not polled yet".into()),
+        }
+    }
+}
+
+struct Replica {
+    db: Database,
+    health: Mutex<ReplicaHealth>,
+}
+
+struct Inner {
+    primary: Database,
+    replicas: Vec<Replica>,
+    cluster: ClusterId,
+    options: ReplicaOptions,
+}
+
+/// A primary and its replicas, with a background health poller. Cheap to clone.
+#[derive(Clone)]
+pub struct ReplicaSet {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ReplicaSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaSet")
+            .field("replicas", &self.inner.replicas.len())
+            .field("cluster", &self.inner.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicaSet {
+    /// Reads the primary's cluster identity, connects to each replica (a replica that is down
+    /// now only starts out of service) and starts polling. PostgreSQL only.
+    pub async fn connect(
+        primary: Database,
+        replica_urls: &[String],
+        options: ReplicaOptions,
+    ) -> Result<ReplicaSet> {
+        let cluster = cluster_id(&primary).await?;
+        let mut replicas = Vec::with_capacity(replica_urls.len());
+        for url in replica_urls {
+            let db = Database::connect_lazy(url)?;
+            replicas.push(Replica {
+                db,
+                health: Mutex::new(ReplicaHealth::unknown()),
+            });
+        }
+        let set = ReplicaSet {
+            inner: Arc::new(Inner {
+                primary,
+                replicas,
+                cluster,
+                options,
+            }),
+        };
+        set.poll_all().await;
+        for index in 0..set.inner.replicas.len() {
+            tokio::spawn(poller(Arc::downgrade(&set.inner), index));
+        }
+        Ok(set)
+    }
+
+    /// The primary.
+    pub fn primary(&self) -> &Database {
+        &self.inner.primary
+    }
+
+    /// Replica `index`.
+    pub fn replica(&self, index: usize) -> &Database {
+        &self.inner.replicas[index].db
+    }
+
+    /// How many replicas there are.
+    pub fn len(&self) -> usize {
+        self.inner.replicas.len()
+    }
+
+    /// Whether there are no replicas.
+    pub fn is_empty(&self) -> bool {
+        self.inner.replicas.is_empty()
+    }
+
+    /// The primary's cluster identity (for tokens).
+    pub fn cluster(&self) -> ClusterId {
+        self.inner.cluster
+    }
+
+    /// Each replica's latest health.
+    pub fn health(&self) -> Vec<ReplicaHealth> {
+        self.inner
+            .replicas
+            .iter()
+            .map(|r| r.health.lock().expect("replica health lock").clone())
+            .collect()
+    }
+
+    /// A healthy replica that has replayed at least `min_lsn` (any healthy one without it),
+    /// preferring the one least behind. `None` means: read from the primary.
+    pub fn pick(&self, min_lsn: Option<Lsn>) -> Option<usize> {
+        self.health()
+            .into_iter()
+            .enumerate()
+            .filter(|(_, h)| h.healthy)
+            .filter(|(_, h)| match (min_lsn, h.replay_lsn) {
+                (None, _) => true,
+                (Some(min), Some(replayed)) => replayed >= min,
+                (Some(_), None) => false,
+            })
+            .min_by_key(|(_, h)| h.lag_bytes.unwrap_or(u64::MAX))
+            .map(|(i, _)| i)
+    }
+
+    /// Polls every replica now (the background poller does this on its own).
+    pub async fn poll_all(&self) {
+        let primary = self.primary_lsn().await.ok();
+        for replica in &self.inner.replicas {
+            let health = poll(replica, primary, &self.inner.options).await;
+            *replica.health.lock().expect("replica health lock") = health;
+        }
+    }
+
+    /// The primary's current WAL position: after a commit, the position a reader must see.
+    pub async fn primary_lsn(&self) -> Result<Lsn> {
+        let text: String = sqlx::query_scalar("SELECT CAST(pg_current_wal_lsn() AS TEXT)")
+            .fetch_one(self.inner.primary.pool())
+            .await?;
+        text.parse()
+    }
+}
+
+/// The cluster's identity: system identifier and the primary's timeline.
+pub async fn cluster_id(primary: &Database) -> Result<ClusterId> {
+    let row = sqlx::query(
+        "SELECT CAST(s.system_identifier AS TEXT) AS sysid, CAST(c.timeline_id AS TEXT) AS timeline
+         FROM pg_control_system() s, pg_control_checkpoint() c",
+    )
+    .fetch_one(primary.pool())
+    .await?;
+    let field = |name: &str| -> Result<String> { Ok(row.try_get(name)?) };
+    let bad = |what: &str| Error::Database(sqlx::Error::Protocol(format!("unreadable {what}")));
+    Ok(ClusterId {
+        system_identifier: field("sysid")?
+            .parse()
+            .map_err(|_| bad("system identifier"))?,
+        timeline: field("timeline")?.parse().map_err(|_| bad("timeline"))?,
+    })
+}
+
+async fn poll(replica: &Replica, primary: Option<Lsn>, options: &ReplicaOptions) -> ReplicaHealth {
+    let query = sqlx::query(
+        "SELECT CAST(pg_is_in_recovery() AS INTEGER) AS recovering,
+                CAST(pg_last_wal_replay_lsn() AS TEXT) AS replayed,
+                CAST(COALESCE(EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp())) * 1000, 0) AS BIGINT) AS lag_ms",
+    )
+    .fetch_one(replica.db.pool());
+    let row = match tokio::time::timeout(options.poll_timeout, query).await {
+        Ok(Ok(row)) => row,
+        Ok(Err(err)) => return out_of_service(format!("poll failed: {err}")),
+        Err(_) => return out_of_service(format!("no answer within {:?}", options.poll_timeout)),
+    };
+    let read = || -> std::result::Result<(i64, Option<String>, i64), sqlx::Error> {
+        Ok((
+            row.try_get("recovering")?,
+            row.try_get("replayed")?,
+            row.try_get("lag_ms")?,
+        ))
+    };
+    let (recovering, replayed, lag_ms) = match read() {
+        Ok(v) => v,
+        Err(err) => return out_of_service(format!("unreadable poll: {err}")),
+    };
+    if recovering == 0 {
+        return out_of_service("not in recovery (promoted, or not a replica)".into());
+    }
+    let Some(replay_lsn) = replayed.and_then(|t| t.parse::<Lsn>().ok()) else {
+        return out_of_service("no replayed WAL position yet".into());
+    };
+    let lag_bytes = primary.map(|p| p.0.saturating_sub(replay_lsn.0));
+    // The replay timestamp is that of the last replayed transaction: a caught-up replica on an
+    // idle primary looks old by it. Caught up in bytes means no lag.
+    let lag = match lag_bytes {
+        Some(0) => Duration::ZERO,
+        _ => Duration::from_millis(u64::try_from(lag_ms.max(0)).unwrap_or(0)),
+    };
+    let problem = if lag_bytes.is_some_and(|b| b > options.max_lag_bytes) {
+        Some(format!(
+            "{} WAL bytes behind",
+            lag_bytes.unwrap_or_default()
+        ))
+    } else if lag > options.max_lag {
+        Some(format!("{lag:?} behind"))
+    } else {
+        None
+    };
+    ReplicaHealth {
+        healthy: problem.is_none(),
+        replay_lsn: Some(replay_lsn),
+        lag_bytes,
+        lag: Some(lag),
+        problem,
+    }
+}
+
+fn out_of_service(problem: String) -> ReplicaHealth {
+    ReplicaHealth {
+        problem: Some(problem),
+        ..ReplicaHealth::unknown()
+    }
+}
+
+async fn poller(set: Weak<Inner>, index: usize) {
+    let mut jitter = crate::context::random_key();
+    loop {
+        let Some(inner) = set.upgrade() else { return };
+        let base = inner.options.poll_interval;
+        // ±25% so a fleet of instances does not poll in lockstep.
+        jitter = jitter.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15;
+        let spread = base.as_micros() as u64 / 2;
+        let delay = base.saturating_sub(Duration::from_micros(spread / 2))
+            + Duration::from_micros(if spread == 0 { 0 } else { jitter % spread });
+        drop(inner);
+        tokio::time::sleep(delay).await;
+        let Some(inner) = set.upgrade() else { return };
+        let started = Instant::now();
+        let primary = sqlx::query_scalar::<_, String>("SELECT CAST(pg_current_wal_lsn() AS TEXT)")
+            .fetch_one(inner.primary.pool());
+        let primary = match tokio::time::timeout(inner.options.poll_timeout, primary).await {
+            Ok(Ok(text)) => text.parse().ok(),
+            _ => None,
+        };
+        let replica = &inner.replicas[index];
+        let health = poll(replica, primary, &inner.options).await;
+        if health.healthy != replica.health.lock().expect("replica health lock").healthy {
+            tracing::info!(replica = index, healthy = health.healthy, problem = ?health.problem,
+                took = ?started.elapsed(), "replica health changed");
+        }
+        *replica.health.lock().expect("replica health lock") = health;
+    }
+}
