@@ -314,19 +314,20 @@ where
             .call_side("write", &op, authoritative, stage, tx)
             .await?;
         for &side in &plan.writes[1..] {
-            let mut savepoint = (**tx).begin().await?;
-            let result = self
-                .call_side("write", &op, side, stage, &mut savepoint)
-                .await;
-            match result {
-                Ok(_) => savepoint.commit().await?,
-                Err(err) => {
-                    savepoint.rollback().await?;
-                    tracing::warn!(key, error = %err, "non-authoritative write failed; repair intent recorded");
-                    repair::record_intent(tx, &self.inner.migration, key, side, &err.to_string())
-                        .await?;
-                    self.count_intent("recorded");
-                }
+            // A savepoint of our own rather than a nested sqlx transaction: on success it is
+            // left for the COMMIT to release, which saves the RELEASE round trip on every dual
+            // write; only a failure costs the ROLLBACK TO.
+            sqlx::query("SAVEPOINT twintrack_other_side")
+                .execute(&mut **tx)
+                .await?;
+            if let Err(err) = self.call_side("write", &op, side, stage, tx).await {
+                sqlx::query("ROLLBACK TO SAVEPOINT twintrack_other_side")
+                    .execute(&mut **tx)
+                    .await?;
+                tracing::warn!(key, error = %err, "non-authoritative write failed; repair intent recorded");
+                repair::record_intent(tx, &self.inner.migration, key, side, &err.to_string())
+                    .await?;
+                self.count_intent("recorded");
             }
         }
         Ok(out)
