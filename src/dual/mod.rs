@@ -281,15 +281,7 @@ where
         }
         let mut tx = self.inner.db.pool().begin().await?;
         let out = self.write_in(&mut tx, key, op).await?;
-        if let Some(hook) = &self.inner.before_commit
-            && hook(key)
-        {
-            tx.rollback().await?;
-            return Err(Error::Database(sqlx::Error::Protocol(format!(
-                "fault injected before commit (key {key})"
-            ))));
-        }
-        tx.commit().await?;
+        self.commit(tx, key).await?;
         Ok(out)
     }
 
@@ -333,6 +325,19 @@ where
         Ok(out)
     }
 
+    /// Commits a write's transaction, unless the fault-injection hook asks to fail it here.
+    async fn commit(&self, tx: Transaction<'_, Any>, key: i64) -> Result<()> {
+        if let Some(hook) = &self.inner.before_commit
+            && hook(key)
+        {
+            tx.rollback().await?;
+            return Err(Error::Database(sqlx::Error::Protocol(format!(
+                "fault injected before commit (key {key})"
+            ))));
+        }
+        Ok(tx.commit().await?)
+    }
+
     fn count_intent(&self, event: &'static str) {
         self.inner.metrics.repair_intents.add(
             1,
@@ -371,15 +376,7 @@ where
             ),
             None => None,
         };
-        if let Some(hook) = &self.inner.before_commit
-            && hook(key)
-        {
-            tx.rollback().await?;
-            return Err(Error::Database(sqlx::Error::Protocol(format!(
-                "fault injected before commit (key {key})"
-            ))));
-        }
-        tx.commit().await?;
+        self.commit(tx, key).await?;
         if let Some(hook) = &self.inner.after_authoritative_commit {
             hook(key);
         }
