@@ -248,23 +248,23 @@ where
             .ok_or_else(|| Error::UnknownMigration(self.inner.migration.to_string()))
     }
 
-    fn attrs(&self, op: &'static str, side: Side) -> [KeyValue; 3] {
-        [
-            KeyValue::new("migration", self.inner.migration.to_string()),
-            KeyValue::new("op", op),
-            KeyValue::new("side", side.as_str()),
-        ]
+    /// The `migration` attribute, sharing the name rather than copying it per call.
+    pub(crate) fn migration_attr(&self) -> KeyValue {
+        KeyValue::new("migration", self.inner.migration.clone())
     }
 
     fn observe(&self, op: &'static str, side: Side, took: Duration, ok: bool) {
-        let attrs = self.attrs(op, side);
-        self.inner
-            .metrics
+        let attrs = [
+            self.migration_attr(),
+            KeyValue::new("op", op),
+            KeyValue::new("side", side.as_str()),
+            KeyValue::new("outcome", if ok { "ok" } else { "error" }),
+        ];
+        let metrics = &self.inner.metrics;
+        metrics
             .dual_duration
-            .record(took.as_secs_f64(), &attrs);
-        let mut with_outcome = attrs.to_vec();
-        with_outcome.push(KeyValue::new("outcome", if ok { "ok" } else { "error" }));
-        self.inner.metrics.dual_ops.add(1, &with_outcome);
+            .record(took.as_secs_f64(), &attrs[..3]);
+        metrics.dual_ops.add(1, &attrs);
     }
 
     /// Runs `op` on the side(s) the pinned stage writes, authoritative first, and returns the
@@ -339,13 +339,10 @@ where
     }
 
     fn count_intent(&self, event: &'static str) {
-        self.inner.metrics.repair_intents.add(
-            1,
-            &[
-                KeyValue::new("migration", self.inner.migration.to_string()),
-                KeyValue::new("event", event),
-            ],
-        );
+        self.inner
+            .metrics
+            .repair_intents
+            .add(1, &[self.migration_attr(), KeyValue::new("event", event)]);
     }
 
     /// Two databases: authoritative side + intent in one transaction, then the other side in a
@@ -720,22 +717,16 @@ where
     }
 
     fn count_result(&self, result: &'static str) {
-        self.inner.metrics.shadow_results.add(
-            1,
-            &[
-                KeyValue::new("migration", self.inner.migration.to_string()),
-                KeyValue::new("result", result),
-            ],
-        );
+        self.inner
+            .metrics
+            .shadow_results
+            .add(1, &[self.migration_attr(), KeyValue::new("result", result)]);
     }
 
     fn count_shadow_error(&self, side: Side) {
         self.inner.metrics.shadow_errors.add(
             1,
-            &[
-                KeyValue::new("migration", self.inner.migration.to_string()),
-                KeyValue::new("side", side.as_str()),
-            ],
+            &[self.migration_attr(), KeyValue::new("side", side.as_str())],
         );
     }
 

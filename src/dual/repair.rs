@@ -130,7 +130,7 @@ where
             inner.metrics.repair_intents.add(
                 n,
                 &[
-                    opentelemetry::KeyValue::new("migration", inner.migration.to_string()),
+                    store.migration_attr(),
                     opentelemetry::KeyValue::new("event", event),
                 ],
             );
