@@ -34,16 +34,18 @@ use tokio::task::futures::TaskLocalFuture;
 
 use crate::Stage;
 use crate::flags::{FlagCache, MigrationFlag, Snapshot};
+use crate::ryw::{ReadTarget, RequestRyw, Token};
 
 tokio::task_local! {
     static CURRENT: RequestContext;
 }
 
-/// The flag state pinned for one request. Cheap to clone.
+/// The flag state pinned for one request, and its read-your-writes state. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct RequestContext {
     snapshot: Arc<Snapshot>,
     rollout_key: u64,
+    ryw: Option<Arc<RequestRyw>>,
 }
 
 impl RequestContext {
@@ -53,13 +55,55 @@ impl RequestContext {
         RequestContext {
             snapshot,
             rollout_key,
+            ryw: None,
         }
     }
 
-    /// A context for work outside any request: the cache's current snapshot and a random
-    /// rollout key.
+    /// This context with read-your-writes state: writes made under it pin its later reads to
+    /// the primary, and reads honour `token` (an incoming request's verified token). The layer
+    /// does this when it has a [`Router`](crate::ryw::Router).
+    pub fn with_read_your_writes(mut self, token: Option<Token>) -> RequestContext {
+        self.ryw = Some(Arc::new(RequestRyw::new(token)));
+        self
+    }
+
+    /// A context for work outside any request (a job, one message of a consumer): the cache's
+    /// current snapshot, a random rollout key, and read-your-writes state of its own.
     pub fn from_cache(flags: &FlagCache) -> RequestContext {
-        RequestContext::new(flags.snapshot(), random_key())
+        RequestContext::new(flags.snapshot(), random_key()).with_read_your_writes(None)
+    }
+
+    pub(crate) fn ryw_arc(&self) -> Option<Arc<RequestRyw>> {
+        self.ryw.clone()
+    }
+
+    pub(crate) fn ryw_state(&self) -> Option<&RequestRyw> {
+        self.ryw.as_deref()
+    }
+
+    /// Marks this request as having written: its later reads go to the primary and its
+    /// response carries a read-your-writes token. The dual store and
+    /// [`Router::begin`](crate::ryw::Router::begin) do this for you.
+    pub fn note_write(&self) {
+        if let Some(ryw) = &self.ryw {
+            ryw.note_write();
+        }
+    }
+
+    /// Whether this request wrote (through the dual store, the router, or
+    /// [`RequestContext::note_write`]).
+    pub fn wrote(&self) -> bool {
+        self.ryw.as_ref().is_some_and(|r| r.wrote())
+    }
+
+    /// The verified read-your-writes token the request carried, if any.
+    pub fn token(&self) -> Option<Token> {
+        self.ryw.as_ref().and_then(|r| r.token())
+    }
+
+    /// Where this request's latest routed read went (`None` before its first one).
+    pub fn read_from(&self) -> Option<ReadTarget> {
+        self.ryw.as_ref().and_then(|r| r.last_read())
     }
 
     /// The context of the request being served by this task, if any.

@@ -54,7 +54,8 @@
 //! - [`schema`]: twintrack's own tables, as embedded versioned migrations.
 //! - [`config`]: the `twintrack.toml` file.
 //! - [`metrics`]: the OpenTelemetry instruments.
-//! - [`ryw`]: read-your-writes: the signed WAL-position token (the replica router is coming).
+//! - [`ryw`]: read-your-writes: the read router (primary or a replica, per request), the signed
+//!   WAL-position token and the replica health poller.
 //! - [`cli`]: the `twintrack` command (the binary in `src/bin` only calls it).
 //! - [`error`]: the crate's error type.
 //!

@@ -16,6 +16,11 @@
 //! | `twintrack.shadow.results` | counter | `migration`, `result` = `match`/`transient`/`confirmed`/`skipped`/`unclassified` | compared reads (`skipped`: over the background cap; `unclassified`: a mismatch over the re-check cap) |
 //! | `twintrack.shadow.errors` | counter | `migration`, `side` | compared reads where a side failed (or panicked) |
 //! | `twintrack.repair.intents` | counter | `migration`, `event` = `recorded`/`repaired`/`failed` | repair intents |
+//! | `twintrack.reads` | counter | `target` = `primary`/`replica`, `pin` = `none`/`wrote_in_request`/`token`/`replica_lagging`/`replica_down`/`replica_conflict`/`migration_rule`/`no_replicas` | routed reads, and why a read went to the primary |
+//! | `twintrack.ryw.tokens` | counter | `verdict` = `issued`/`accepted`/`missing`/`oversized`/`garbled`/`forged`/`expired`/`future`/`foreign_cluster` | read-your-writes tokens issued, and incoming ones by verdict |
+//! | `twintrack.replica.lag` | gauge (s) | `replica` | replay lag by time, after each poll |
+//! | `twintrack.replica.lag_bytes` | gauge (By) | `replica` | replay lag in WAL bytes, after each poll |
+//! | `twintrack.replica.healthy` | gauge | `replica` | 1 while the replica serves reads, 0 while it is out |
 
 use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 
@@ -32,6 +37,11 @@ pub struct Metrics {
     pub(crate) shadow_results: Counter<u64>,
     pub(crate) shadow_errors: Counter<u64>,
     pub(crate) repair_intents: Counter<u64>,
+    pub(crate) reads: Counter<u64>,
+    pub(crate) ryw_tokens: Counter<u64>,
+    pub(crate) replica_lag: Gauge<f64>,
+    pub(crate) replica_lag_bytes: Gauge<u64>,
+    pub(crate) replica_healthy: Gauge<u64>,
 }
 
 impl Metrics {
@@ -83,6 +93,30 @@ impl Metrics {
             repair_intents: meter
                 .u64_counter("twintrack.repair.intents")
                 .with_description("Repair intents recorded, repaired and failed")
+                .build(),
+            reads: meter
+                .u64_counter("twintrack.reads")
+                .with_description(
+                    "Routed reads by target, and the reason a read was pinned to the primary",
+                )
+                .build(),
+            ryw_tokens: meter
+                .u64_counter("twintrack.ryw.tokens")
+                .with_description("Read-your-writes tokens issued, and incoming ones by verdict")
+                .build(),
+            replica_lag: meter
+                .f64_gauge("twintrack.replica.lag")
+                .with_unit("s")
+                .with_description("Replica replay lag by time, measured by each poll")
+                .build(),
+            replica_lag_bytes: meter
+                .u64_gauge("twintrack.replica.lag_bytes")
+                .with_unit("By")
+                .with_description("Replica replay lag in WAL bytes, measured by each poll")
+                .build(),
+            replica_healthy: meter
+                .u64_gauge("twintrack.replica.healthy")
+                .with_description("1 while the replica serves reads, 0 while it is out of service")
                 .build(),
         }
     }

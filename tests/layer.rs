@@ -153,7 +153,7 @@ async fn the_layer_keeps_the_cache_refreshing_on_its_own() {
     let mut svc = tower::ServiceBuilder::new()
         .layer(TwinTrackLayer::new(flags)) // the only handle to the cache from here on
         .service(tower::service_fn(|_req: http::Request<()>| async {
-            Ok::<_, Infallible>(stage_of_current())
+            Ok::<_, Infallible>(http::Response::new(stage_of_current()))
         }));
     use tower::{Service, ServiceExt};
     let mut call = async || {
@@ -163,6 +163,7 @@ async fn the_layer_keeps_the_cache_refreshing_on_its_own() {
             .call(http::Request::new(()))
             .await
             .unwrap()
+            .into_body()
     };
     assert_eq!(call().await, "legacy_only");
     store
@@ -336,14 +337,23 @@ async fn request_key_places_requests_in_the_live_read_rollout() {
         )
         .service(tower::service_fn(|_req: http::Request<()>| async {
             let ctx = RequestContext::current().unwrap();
-            Ok::<_, Infallible>((ctx.stage(M).unwrap(), ctx.read_stage(M).unwrap()))
+            Ok::<_, Infallible>(http::Response::new((
+                ctx.stage(M).unwrap(),
+                ctx.read_stage(M).unwrap(),
+            )))
         }));
     let mut call = async |user: Option<u32>| {
         let mut req = http::Request::new(());
         if let Some(user) = user {
             req.headers_mut().insert("x-user-id", user.into());
         }
-        svc.ready().await.unwrap().call(req).await.unwrap()
+        svc.ready()
+            .await
+            .unwrap()
+            .call(req)
+            .await
+            .unwrap()
+            .into_body()
     };
 
     // No percent: everyone reads live; the key is not even looked at.

@@ -137,13 +137,13 @@ async fn replica_health_follows_real_lag_and_outages() {
     .await;
 
     // Replica down: out of service (reads fall back to the primary); up again: back in.
-    cluster.stop_replica();
+    cluster.stop_replica(0);
     wait_for("the stopped replica to be taken out", &set, |s| {
         s.pick(None).is_none()
     })
     .await;
     assert!(set.health()[0].problem.is_some());
-    cluster.start_replica();
+    cluster.start_replica(0);
     wait_for("the restarted replica to come back", &set, |s| {
         s.pick(None) == Some(0)
     })

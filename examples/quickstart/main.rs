@@ -11,8 +11,14 @@
 //! - `DATABASE_URL`: default `sqlite://twintrack-quickstart.db?mode=rwc`; a `postgres://` URL
 //!   works the same (and flag flips then arrive by `NOTIFY` instead of the 1 s refresh).
 //! - `TWINTRACK_LISTEN`: default `127.0.0.1:8080`.
+//! - `REPLICA_DATABASE_URLS`: comma-separated streaming replicas of a `postgres://` primary.
+//!   Reads go to them unless the request wrote, or carries a read-your-writes token that no
+//!   replica has replayed yet.
+//! - `TWINTRACK_RYW_SECRET`: the key (16 bytes or more) that signs read-your-writes tokens;
+//!   every instance must share it. Unset: a random one per process (tokens then only work
+//!   with this process, until it restarts).
 //! - `TWINTRACK_DEBUG_HEADERS=1`: every response carries `x-twintrack-stage`, the stage pinned
-//!   for the request.
+//!   for the request, and `x-twintrack-read-from`, `primary` or `replica`.
 //!
 //! Routes: `POST /users`, `GET /users/{id}/settings`, `PUT /users/{id}/settings`,
 //! `DELETE /users/{id}`. The settings go through a twintrack dual store (`repos.rs`): written to
@@ -20,29 +26,23 @@
 
 use std::sync::Arc;
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde::Deserialize;
-use serde_json::json;
-use tower::Layer as _;
+use axum::extract::Request;
 use twintrack::config::Config;
 use twintrack::dual::DualStore;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
-use twintrack::{Database, RequestContext, TwinTrack, TwinTrackLayer};
+use twintrack::ryw::{ReplicaOptions, ReplicaSet, Router};
+use twintrack::{Backend, Database};
 
+mod app;
 mod repos;
-use repos::{Settings, SettingsResync, UserError, Users};
-
-const MIGRATION: &str = "user_settings";
+use app::MIGRATION;
+use repos::{SettingsResync, Users};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Logs go to stderr: stdout carries the one "listening on" line scripts wait for.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,sqlx=warn".into()),
@@ -66,10 +66,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let flags = flags.build().await;
 
+    let router = read_router(&db).await?;
     let (legacy, new) = repos::repos(db.backend());
-    let settings =
-        DualStore::builder(MIGRATION, legacy, new, db, flags.clone(), SettingsResync).build()?;
-    let app = app(Users { settings }, flags, debug_headers);
+    let settings = DualStore::builder(MIGRATION, legacy, new, db, flags.clone(), SettingsResync)
+        .router(router.clone())
+        .build()?;
+    let app = app::app(Users { settings }, flags, Some(router), debug_headers);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     // Tests and scripts read this line to find the port (TWINTRACK_LISTEN may say port 0).
     println!(
@@ -87,141 +89,44 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The routes, wrapped by the twintrack layer. The layer goes around the whole router (not
-/// `Router::layer`, which axum re-clones per route and request) to keep its cost minimal.
-fn app(users: Users, flags: FlagCache, debug_headers: bool) -> TwinTrack<Router> {
-    let mut app = Router::new()
-        .route("/users", post(create_user))
-        .route("/users/{id}/settings", get(get_settings).put(put_settings))
-        .route("/users/{id}", axum::routing::delete(delete_user))
-        .with_state(users);
-    if debug_headers {
-        app = app.layer(middleware::from_fn(debug_stage_header));
-    }
-    TwinTrackLayer::new(flags).layer(app)
-}
-
-/// Adds `x-twintrack-stage`: the stage pinned for this request.
-async fn debug_stage_header(req: Request, next: Next) -> Response {
-    let stage = req
-        .extensions()
-        .get::<RequestContext>()
-        .and_then(|ctx| ctx.stage(MIGRATION));
-    let mut res = next.run(req).await;
-    if let Some(stage) = stage {
-        res.headers_mut().insert(
-            "x-twintrack-stage",
-            HeaderValue::from_static(stage.as_str()),
-        );
-    }
-    res
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewUser {
-    email: String,
-    theme: String,
-    notifications_enabled: bool,
-}
-
-impl From<UserError> for ApiError {
-    fn from(e: UserError) -> ApiError {
-        match e {
-            UserError::NotFound => ApiError(StatusCode::NOT_FOUND, "no such user".into()),
-            UserError::Duplicate => ApiError(
-                StatusCode::CONFLICT,
-                "a user with that email already exists".into(),
-            ),
-            UserError::Failed(e) => ApiError::internal(e),
+/// The read router: the replicas in `REPLICA_DATABASE_URLS` (if any) and the token secret.
+async fn read_router(db: &Database) -> Result<Router, Box<dyn std::error::Error>> {
+    let urls: Vec<String> = std::env::var("REPLICA_DATABASE_URLS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let secret = match std::env::var("TWINTRACK_RYW_SECRET") {
+        Ok(secret) => secret.into_bytes(),
+        Err(_) => {
+            tracing::warn!(
+                "TWINTRACK_RYW_SECRET is not set: read-your-writes tokens are signed with a random key and only this process honours them"
+            );
+            random_secret()
         }
-    }
-}
-
-async fn create_user(State(users): State<Users>, body: Bytes) -> Result<Response, ApiError> {
-    let user: NewUser = parse_json(&body)?;
-    if user.email.trim().is_empty() || user.email.len() > 320 || !user.email.contains('@') {
-        return Err(ApiError::bad_request("email must be an address like a@b.c"));
-    }
-    check_theme(&user.theme)?;
-    let settings = Settings {
-        theme: user.theme.clone(),
-        notifications_enabled: user.notifications_enabled,
     };
-    let id = users.create(&user.email, settings).await?;
-    let body = json!({
-        "id": id,
-        "email": user.email,
-        "theme": user.theme,
-        "notifications_enabled": user.notifications_enabled,
-    });
-    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
-}
-
-async fn get_settings(
-    State(users): State<Users>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    Ok(axum::Json(users.settings(id).await?).into_response())
-}
-
-async fn put_settings(
-    State(users): State<Users>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let settings: Settings = parse_json(&body)?;
-    check_theme(&settings.theme)?;
-    users.update(id, settings.clone()).await?;
-    Ok(axum::Json(settings).into_response())
-}
-
-async fn delete_user(
-    State(users): State<Users>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    users.delete(id).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-}
-
-fn parse_id(id: &str) -> Result<i64, ApiError> {
-    id.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| {
-        ApiError::bad_request(format!("user id must be a positive integer, got {id:?}"))
-    })
-}
-
-fn check_theme(theme: &str) -> Result<(), ApiError> {
-    if theme.trim().is_empty() || theme.chars().count() > 64 {
-        return Err(ApiError::bad_request("theme must be 1 to 64 characters"));
+    let mut router = Router::builder(db.clone(), secret);
+    if !urls.is_empty() {
+        if db.backend() != Backend::Postgres {
+            return Err("REPLICA_DATABASE_URLS needs a postgres:// DATABASE_URL".into());
+        }
+        let replicas = ReplicaSet::connect(db.clone(), &urls, ReplicaOptions::default()).await?;
+        router = router.replicas(replicas);
     }
-    Ok(())
+    Ok(router.build().await?)
 }
 
-/// An error answered as `{"error": message}` with its status.
-#[derive(Debug)]
-struct ApiError(StatusCode, String);
-
-impl ApiError {
-    fn bad_request(msg: impl Into<String>) -> ApiError {
-        ApiError(StatusCode::BAD_REQUEST, msg.into())
-    }
-
-    fn internal(err: impl std::fmt::Display) -> ApiError {
-        tracing::error!(error = %err, "request failed");
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
-    }
+/// 32 bytes from the standard library's per-process random hash keys (good enough for a key
+/// that lives as long as this demo process; set TWINTRACK_RYW_SECRET for real use).
+fn random_secret() -> Vec<u8> {
+    use std::hash::{BuildHasher, Hasher};
+    (0..4u8)
+        .flat_map(|i| {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u8(i);
+            h.finish().to_le_bytes()
+        })
+        .collect()
 }

@@ -61,6 +61,7 @@ use crate::context::random_key;
 use crate::db::{Backend, Database};
 use crate::flags::{BoxFuture, FlagCache, MigrationFlag};
 use crate::metrics::Metrics;
+use crate::ryw::{ReadTarget, ReplicaFailure, Router, pin_after};
 use crate::shadow::{MismatchClass, ShadowMode, ShadowOptions, record_mismatch};
 use crate::{Error, RequestContext, Result, Side, Stage};
 
@@ -102,6 +103,19 @@ struct Inner<R: ?Sized, X> {
     background: Arc<tokio::sync::Semaphore>,
     /// Caps mismatch classifications in flight (a real divergence can make every read one).
     classifying: Arc<tokio::sync::Semaphore>,
+    /// Routes reads between the primary and replicas (of `db`); none: every read on `db`.
+    router: Option<Router>,
+    /// The migration reads from the primary only.
+    primary_reads: bool,
+}
+
+/// Where a read may go.
+#[derive(Clone, Copy)]
+enum Reading<'a> {
+    /// Where the router sends this request's reads.
+    Routed(Option<&'a RequestContext>),
+    /// The primary, whatever the request (mismatch re-checks).
+    Primary,
 }
 
 /// Builds a [`DualStore`].
@@ -141,6 +155,23 @@ impl<R: ?Sized, X> DualStoreBuilder<R, X> {
         self
     }
 
+    /// Reads go where `router` says: a replica of the database, unless the request wrote,
+    /// carries a token no replica has replayed, or the migration asks for primary reads (see
+    /// [`crate::ryw`]). The router's primary must be this store's database (same URL). With
+    /// two databases ([`DualStoreBuilder::new_database`]) only the legacy database's reads
+    /// are routed; the new database's are served by its primary.
+    pub fn router(mut self, router: Router) -> Self {
+        self.inner.router = Some(router);
+        self
+    }
+
+    /// This migration reads from the primary only, whatever the request (for data that must
+    /// never be read stale, or a replica that does not have the new shape yet).
+    pub fn primary_reads(mut self, primary_only: bool) -> Self {
+        self.inner.primary_reads = primary_only;
+        self
+    }
+
     /// Drills and tests: called with the key right after the authoritative side committed
     /// (two-database writes).
     pub fn on_authoritative_commit(mut self, hook: impl Fn(i64) + Send + Sync + 'static) -> Self {
@@ -154,6 +185,13 @@ impl<R: ?Sized, X> DualStoreBuilder<R, X> {
         if self.inner.new_db.is_some() && self.inner.shadow.mode == ShadowMode::Snapshot {
             return Err(Error::Config(
                 "snapshot shadow reads need both shapes in one database; use concurrent or background".into(),
+            ));
+        }
+        if let Some(router) = &self.inner.router
+            && router.primary().url() != self.inner.db.url()
+        {
+            return Err(Error::Config(
+                "the router's primary is not the dual store's database (their URLs differ)".into(),
             ));
         }
         let limit = self.inner.shadow.background_limit.max(1);
@@ -198,6 +236,8 @@ where
                 new_db: None,
                 background: Arc::new(tokio::sync::Semaphore::new(1)),
                 classifying: Arc::new(tokio::sync::Semaphore::new(1)),
+                router: None,
+                primary_reads: false,
             },
         }
     }
@@ -298,7 +338,11 @@ where
                 "write_in needs both shapes in one database; use write".into(),
             ));
         }
-        let (flag, _) = self.flag()?;
+        let (flag, ctx) = self.flag()?;
+        // From here the outcome may be committed (by us or the caller): pin the request.
+        if let Some(ctx) = &ctx {
+            ctx.note_write();
+        }
         let stage = flag.stage();
         let plan = stage.plan();
         let authoritative = plan.writes[0];
@@ -357,7 +401,10 @@ where
         T: Send,
         F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
     {
-        let (flag, _) = self.flag()?;
+        let (flag, ctx) = self.flag()?;
+        if let Some(ctx) = &ctx {
+            ctx.note_write();
+        }
         let stage = flag.stage();
         let plan = stage.plan();
         let authoritative = plan.writes[0];
@@ -450,12 +497,48 @@ where
         result.map(|v| (v, took)).map_err(self.side_error(side))
     }
 
-    async fn read_side<T, F>(&self, op: &F, side: Side, stage: Stage) -> SideRead<T>
+    /// Reads `side`, where the router sends this request's reads (retrying on another replica,
+    /// then the primary, after a hot-standby conflict or a dead replica).
+    async fn read_side<T, F>(
+        &self,
+        op: &F,
+        side: Side,
+        stage: Stage,
+        reading: Reading<'_>,
+    ) -> SideRead<T>
     where
         F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
     {
-        let mut conn = self.database_of(side).pool().acquire().await?;
-        self.call_side("read", op, side, stage, &mut conn).await
+        let routed = match (&self.inner.router, reading) {
+            (Some(router), Reading::Routed(ctx)) if !(side == Side::New && self.is_split()) => {
+                Some((router, ctx))
+            }
+            _ => None,
+        };
+        let Some((router, ctx)) = routed else {
+            let mut conn = self.database_of(side).pool().acquire().await?;
+            return self.call_side("read", op, side, stage, &mut conn).await;
+        };
+        let mut excluded = 0u64;
+        let mut last_failure = None;
+        loop {
+            let mut route = router.route(ctx, self.inner.primary_reads, excluded);
+            if excluded != 0 && route.target == ReadTarget::Primary {
+                route.pin = Some(pin_after(last_failure));
+            }
+            let attempt = match router.connect(ctx, route).await {
+                Ok(mut conn) => self.call_side("read", op, side, stage, &mut conn).await,
+                Err(err) => Err(Error::from_sqlx(err)),
+            };
+            if let (ReadTarget::Replica(index), Err(err)) = (route.target, &attempt)
+                && let Some(failure) = ReplicaFailure::of_error(err)
+            {
+                excluded |= router.replica_failed(ctx, index, failure, err);
+                last_failure = Some(failure);
+                continue;
+            }
+            return attempt;
+        }
     }
 
     /// Runs `op` on the side the pinned stage serves and returns its result. In `shadow` and
@@ -481,26 +564,39 @@ where
             .shadow
             .filter(|_| sampled(flag.state.shadow_sample_rate));
         let Some(shadow) = shadow else {
-            return self.read_side(&op, served, stage).await.map(|(v, _)| v);
+            return self
+                .read_side(&op, served, stage, Reading::Routed(ctx.as_ref()))
+                .await
+                .map(|(v, _)| v);
         };
 
-        let shadow_read = |op| AssertUnwindSafe(self.read_side(op, shadow, stage)).catch_unwind();
+        // Both sides go where this request's reads go: the primary once it wrote (so replica
+        // lag never shows up as a mismatch), else the one replica chosen for the request.
+        let reading = Reading::Routed(ctx.as_ref());
+        let shadow_read =
+            |op| AssertUnwindSafe(self.read_side(op, shadow, stage, reading)).catch_unwind();
         let (served_result, shadow_result) = match self.inner.shadow.mode {
             ShadowMode::Background => {
-                let (value, took) = self.read_side(&op, served, stage).await?;
-                self.compare_in_background(key, stage, served, to_value(&value), took, op);
+                let (value, took) = self.read_side(&op, served, stage, reading).await?;
+                self.compare_in_background(key, stage, served, (to_value(&value), took), op, ctx);
                 return Ok(value);
             }
-            ShadowMode::Snapshot => self.read_snapshot(&op, served, shadow, stage).await?,
+            ShadowMode::Snapshot => {
+                self.read_snapshot(&op, served, shadow, stage, ctx.as_ref())
+                    .await?
+            }
             ShadowMode::Concurrent => {
-                tokio::join!(self.read_side(&op, served, stage), shadow_read(&op))
+                tokio::join!(
+                    self.read_side(&op, served, stage, reading),
+                    shadow_read(&op)
+                )
             }
             ShadowMode::Random if random_key() & 1 == 1 => {
                 let s = shadow_read(&op).await;
-                (self.read_side(&op, served, stage).await, s)
+                (self.read_side(&op, served, stage, reading).await, s)
             }
             ShadowMode::Serial | ShadowMode::Random => {
-                let v = self.read_side(&op, served, stage).await;
+                let v = self.read_side(&op, served, stage, reading).await;
                 (v, shadow_read(&op).await)
             }
         };
@@ -606,9 +702,9 @@ where
         key: i64,
         stage: Stage,
         served: Side,
-        served_value: serde_json::Value,
-        served_took: Duration,
+        served_read: (serde_json::Value, Duration),
         op: F,
+        ctx: Option<RequestContext>,
     ) where
         T: Serialize + Send + 'static,
         F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>>
@@ -624,7 +720,10 @@ where
         let shadow = served.other();
         tokio::spawn(async move {
             let _permit = permit;
-            let read = AssertUnwindSafe(store.read_side(&op, shadow, stage)).catch_unwind();
+            // The request's read-your-writes state (it may have written since) travels along.
+            let reading = Reading::Routed(ctx.as_ref());
+            let read =
+                AssertUnwindSafe(store.read_side(&op, shadow, stage, reading)).catch_unwind();
             let (other, other_took) =
                 match tokio::time::timeout(store.inner.shadow.background_timeout, read).await {
                     Ok(Ok(Ok(read))) => read,
@@ -641,7 +740,7 @@ where
                     key,
                     stage,
                     served,
-                    (served_value, served_took),
+                    served_read,
                     (other, other_took),
                     Arc::new(op),
                 )
@@ -650,12 +749,15 @@ where
     }
 
     /// Both reads in one repeatable-read transaction: the served side, then the shadow side.
+    /// On a replica (read-only transactions run on a hot standby), a hot-standby conflict or a
+    /// dead replica retries the pair elsewhere.
     async fn read_snapshot<T, F>(
         &self,
         op: &F,
         served: Side,
         shadow: Side,
         stage: Stage,
+        ctx: Option<&RequestContext>,
     ) -> Result<(SideRead<T>, std::thread::Result<SideRead<T>>)>
     where
         F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
@@ -665,14 +767,47 @@ where
             // A deferred SQLite transaction reads one snapshot from its first read on (WAL).
             Backend::Sqlite => "BEGIN",
         };
-        let mut conn = self.inner.db.pool().acquire().await?;
-        let mut tx = conn.begin_with(begin).await?;
-        let mut timed = async |side: Side| self.call_side("read", op, side, stage, &mut tx).await;
-        let served_result = timed(served).await;
-        let shadow_result = AssertUnwindSafe(timed(shadow)).catch_unwind().await;
-        // Read-only: nothing to keep. A failed read may have aborted it already.
-        let _ = tx.rollback().await;
-        Ok((served_result, shadow_result))
+        let mut excluded = 0u64;
+        let mut last_failure = None;
+        loop {
+            let (mut conn, target) = match &self.inner.router {
+                Some(router) => {
+                    let mut route = router.route(ctx, self.inner.primary_reads, excluded);
+                    if excluded != 0 && route.target == ReadTarget::Primary {
+                        route.pin = Some(pin_after(last_failure));
+                    }
+                    match router.connect(ctx, route).await {
+                        Ok(conn) => (conn, route.target),
+                        Err(err) => match (route.target, ReplicaFailure::of(&err)) {
+                            (ReadTarget::Replica(index), Some(failure)) => {
+                                excluded |= router.replica_failed(ctx, index, failure, &err);
+                                last_failure = Some(failure);
+                                continue;
+                            }
+                            _ => return Err(Error::from_sqlx(err)),
+                        },
+                    }
+                }
+                None => (self.inner.db.pool().acquire().await?, ReadTarget::Primary),
+            };
+            let mut tx = conn.begin_with(begin).await?;
+            let mut timed =
+                async |side: Side| self.call_side("read", op, side, stage, &mut tx).await;
+            let served_result = timed(served).await;
+            if let (ReadTarget::Replica(index), Err(err), Some(router)) =
+                (target, &served_result, &self.inner.router)
+                && let Some(failure) = ReplicaFailure::of_error(err)
+            {
+                drop(tx);
+                excluded |= router.replica_failed(ctx, index, failure, err);
+                last_failure = Some(failure);
+                continue;
+            }
+            let shadow_result = AssertUnwindSafe(timed(shadow)).catch_unwind().await;
+            // Read-only: nothing to keep. A failed read may have aborted it already.
+            let _ = tx.rollback().await;
+            return Ok((served_result, shadow_result));
+        }
     }
 
     async fn classify<T, F>(&self, key: i64, stage: Stage, op: Arc<F>, legacy_us: i64, new_us: i64)
@@ -681,8 +816,13 @@ where
         F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
     {
         tokio::time::sleep(self.inner.shadow.recheck_delay).await;
-        let legacy = self.read_side(&*op, Side::Legacy, stage).await;
-        let new = self.read_side(&*op, Side::New, stage).await;
+        // The second look is on the primary: the truth, whatever served the first.
+        let legacy = self
+            .read_side(&*op, Side::Legacy, stage, Reading::Primary)
+            .await;
+        let new = self
+            .read_side(&*op, Side::New, stage, Reading::Primary)
+            .await;
         let (Ok((legacy, _)), Ok((new, _))) = (legacy, new) else {
             tracing::warn!(migration = %self.inner.migration, key, "re-read of a mismatch failed; not classified");
             return;

@@ -3,12 +3,15 @@ use tower_layer::Layer;
 
 use super::TwinTrack;
 use crate::flags::FlagCache;
+use crate::ryw::Router;
 
-/// Applies [`TwinTrack`] to a service: pins the flag snapshot per request.
+/// Applies [`TwinTrack`] to a service: pins the flag snapshot per request, and with a
+/// [`Router`] tracks read-your-writes per request.
 #[derive(Clone, Debug)]
 pub struct TwinTrackLayer {
     flags: FlagCache,
     key_header: Option<HeaderName>,
+    router: Option<Router>,
 }
 
 impl TwinTrackLayer {
@@ -17,6 +20,7 @@ impl TwinTrackLayer {
         TwinTrackLayer {
             flags,
             key_header: None,
+            router: None,
         }
     }
 
@@ -26,12 +30,25 @@ impl TwinTrackLayer {
         self.key_header = Some(name);
         self
     }
+
+    /// Read-your-writes through `router`: each request's incoming token (header
+    /// `x-twintrack-ryw`, or the router's cookie) is verified and counted; a request that
+    /// wrote answers with a fresh token, even when its handler then failed.
+    pub fn read_your_writes(mut self, router: Router) -> TwinTrackLayer {
+        self.router = Some(router);
+        self
+    }
 }
 
 impl<S> Layer<S> for TwinTrackLayer {
     type Service = TwinTrack<S>;
 
     fn layer(&self, inner: S) -> TwinTrack<S> {
-        TwinTrack::new(inner, &self.flags, self.key_header.clone())
+        TwinTrack::new(
+            inner,
+            &self.flags,
+            self.key_header.clone(),
+            self.router.clone(),
+        )
     }
 }

@@ -1,11 +1,13 @@
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderName, Request};
+use http::{HeaderName, Request, Response};
 use tower_service::Service;
 
 use super::ResponseFuture;
 use crate::context::{RequestContext, random_key};
 use crate::flags::{FlagCache, SnapshotReader};
+use crate::ryw::{RequestRyw, Router};
 
 /// Middleware that pins one flag snapshot per request. See the [module docs](super).
 #[derive(Clone)]
@@ -15,6 +17,7 @@ pub struct TwinTrack<S> {
     // the snapshot, so a request costs one atomic load instead of a reference-counted load.
     snapshot: SnapshotReader,
     key_header: Option<HeaderName>,
+    router: Option<Router>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for TwinTrack<S> {
@@ -22,16 +25,23 @@ impl<S: std::fmt::Debug> std::fmt::Debug for TwinTrack<S> {
         f.debug_struct("TwinTrack")
             .field("inner", &self.inner)
             .field("key_header", &self.key_header)
+            .field("router", &self.router)
             .finish_non_exhaustive()
     }
 }
 
 impl<S> TwinTrack<S> {
-    pub(crate) fn new(inner: S, flags: &FlagCache, key_header: Option<HeaderName>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        flags: &FlagCache,
+        key_header: Option<HeaderName>,
+        router: Option<Router>,
+    ) -> Self {
         TwinTrack {
             inner,
             snapshot: flags.snapshot_reader(),
             key_header,
+            router,
         }
     }
 
@@ -41,9 +51,9 @@ impl<S> TwinTrack<S> {
     }
 }
 
-impl<S, B> Service<Request<B>> for TwinTrack<S>
+impl<S, B, ResBody> Service<Request<B>> for TwinTrack<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = Response<ResBody>>,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -65,10 +75,19 @@ where
         } else {
             0
         };
-        let ctx = RequestContext::new(snapshot, key);
+        let mut ctx = RequestContext::new(snapshot, key);
+        let mut ryw = None;
+        if let Some(router) = &self.router {
+            // An incoming token is only ever a hint: a bad one is counted and ignored.
+            let token = router.accept(req.headers());
+            ctx = ctx.with_read_your_writes(token);
+            ryw = ctx
+                .ryw_arc()
+                .map(|state: Arc<RequestRyw>| (router.clone(), state));
+        }
         req.extensions_mut().insert(ctx.clone());
         // The task-local covers the response future, where handlers and repositories run. Code
         // in a service's synchronous `call` reads the context from the extensions instead.
-        ResponseFuture::new(ctx.scope(self.inner.call(req)))
+        ResponseFuture::new(ctx.scope(self.inner.call(req)), ryw)
     }
 }

@@ -7,13 +7,16 @@
 //! among the healthy ones, optionally only those that have replayed at least a given position
 //! (a read-your-writes token's).
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+use opentelemetry::KeyValue;
 use sqlx::Row;
 
 use super::token::{ClusterId, Lsn};
-use crate::db::Database;
+use crate::db::{ConnectOptions, Database};
+use crate::metrics::Metrics;
 use crate::{Error, Result};
 
 /// How replicas are watched and when they are taken out.
@@ -27,6 +30,10 @@ pub struct ReplicaOptions {
     pub max_lag: Duration,
     /// A replica further behind than this many WAL bytes is taken out. Default 64 MiB.
     pub max_lag_bytes: u64,
+    /// Connection pool size per replica. Default 10.
+    pub max_connections: u32,
+    /// Where replica lag and health are recorded (default: the global meter).
+    pub metrics: Metrics,
 }
 
 impl Default for ReplicaOptions {
@@ -36,6 +43,8 @@ impl Default for ReplicaOptions {
             poll_timeout: Duration::from_secs(1),
             max_lag: Duration::from_secs(5),
             max_lag_bytes: 64 << 20,
+            max_connections: 10,
+            metrics: Metrics::global(),
         }
     }
 }
@@ -53,6 +62,28 @@ pub struct ReplicaHealth {
     pub lag: Option<Duration>,
     /// Why it is out, when it is.
     pub problem: Option<String>,
+    /// What kind of problem that is.
+    pub out: Option<OutReason>,
+}
+
+/// Why a replica is out of service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutReason {
+    /// Further behind than the configured limits.
+    Lagging,
+    /// Not answering, failing, not a replica, or not polled yet.
+    Down,
+}
+
+/// Why [`ReplicaSet::choose`] found no replica for a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoReplica {
+    /// Healthy replicas exist but none has replayed the required position yet.
+    NotReplayed,
+    /// Every usable replica is out for lag.
+    Lagging,
+    /// Every usable replica is down (or there are none).
+    Down,
 }
 
 impl ReplicaHealth {
@@ -63,13 +94,32 @@ impl ReplicaHealth {
             lag_bytes: None,
             lag: None,
             problem: Some("not polled yet".into()),
+            out: Some(OutReason::Down),
         }
     }
 }
 
 struct Replica {
     db: Database,
-    health: Mutex<ReplicaHealth>,
+    health: ArcSwap<ReplicaHealth>,
+    /// The `replica` metric attribute.
+    attr: KeyValue,
+}
+
+impl Replica {
+    fn set_health(&self, health: ReplicaHealth, metrics: &Metrics) {
+        let attrs = std::slice::from_ref(&self.attr);
+        metrics
+            .replica_healthy
+            .record(u64::from(health.healthy), attrs);
+        if let Some(lag) = health.lag {
+            metrics.replica_lag.record(lag.as_secs_f64(), attrs);
+        }
+        if let Some(bytes) = health.lag_bytes {
+            metrics.replica_lag_bytes.record(bytes, attrs);
+        }
+        self.health.store(Arc::new(health));
+    }
 }
 
 struct Inner {
@@ -102,13 +152,28 @@ impl ReplicaSet {
         replica_urls: &[String],
         options: ReplicaOptions,
     ) -> Result<ReplicaSet> {
+        if replica_urls.len() > 64 {
+            return Err(Error::Config(format!(
+                "{} replicas configured; at most 64 are supported",
+                replica_urls.len()
+            )));
+        }
         let cluster = cluster_id(&primary).await?;
         let mut replicas = Vec::with_capacity(replica_urls.len());
-        for url in replica_urls {
-            let db = Database::connect_lazy(url)?;
+        for (index, url) in replica_urls.iter().enumerate() {
+            // A short acquire timeout: a replica that cannot hand out a connection quickly is
+            // skipped for the primary, not waited for.
+            let db = Database::connect_lazy_with(
+                url,
+                ConnectOptions {
+                    max_connections: options.max_connections,
+                    acquire_timeout: options.poll_timeout,
+                },
+            )?;
             replicas.push(Replica {
                 db,
-                health: Mutex::new(ReplicaHealth::unknown()),
+                health: ArcSwap::from_pointee(ReplicaHealth::unknown()),
+                attr: KeyValue::new("replica", index as i64),
             });
         }
         let set = ReplicaSet {
@@ -156,24 +221,81 @@ impl ReplicaSet {
         self.inner
             .replicas
             .iter()
-            .map(|r| r.health.lock().expect("replica health lock").clone())
+            .map(|r| ReplicaHealth::clone(&r.health.load()))
             .collect()
     }
 
     /// A healthy replica that has replayed at least `min_lsn` (any healthy one without it),
     /// preferring the one least behind. `None` means: read from the primary.
     pub fn pick(&self, min_lsn: Option<Lsn>) -> Option<usize> {
-        self.health()
-            .into_iter()
-            .enumerate()
-            .filter(|(_, h)| h.healthy)
-            .filter(|(_, h)| match (min_lsn, h.replay_lsn) {
+        self.choose(min_lsn, 0).ok()
+    }
+
+    /// Like [`ReplicaSet::pick`], skipping the replicas whose bit is set in `excluded`
+    /// (replica `i` is bit `i`; replicas from the 64th on cannot be excluded), and saying why
+    /// there is none.
+    pub fn choose(
+        &self,
+        min_lsn: Option<Lsn>,
+        excluded: u64,
+    ) -> std::result::Result<usize, NoReplica> {
+        let mut best: Option<(usize, u64)> = None;
+        let mut why = NoReplica::Down;
+        for (index, replica) in self.inner.replicas.iter().enumerate() {
+            if index < 64 && excluded & (1 << index) != 0 {
+                continue;
+            }
+            let health = replica.health.load();
+            if !health.healthy {
+                if health.out == Some(OutReason::Lagging) && why == NoReplica::Down {
+                    why = NoReplica::Lagging;
+                }
+                continue;
+            }
+            let replayed = match (min_lsn, health.replay_lsn) {
                 (None, _) => true,
                 (Some(min), Some(replayed)) => replayed >= min,
                 (Some(_), None) => false,
-            })
-            .min_by_key(|(_, h)| h.lag_bytes.unwrap_or(u64::MAX))
-            .map(|(i, _)| i)
+            };
+            if !replayed {
+                why = NoReplica::NotReplayed;
+                continue;
+            }
+            let behind = health.lag_bytes.unwrap_or(u64::MAX);
+            if best.is_none_or(|(_, b)| behind < b) {
+                best = Some((index, behind));
+            }
+        }
+        best.map(|(index, _)| index).ok_or(why)
+    }
+
+    /// Whether replica `index` is in service and has replayed at least `min_lsn`.
+    pub fn usable(&self, index: usize, min_lsn: Option<Lsn>) -> bool {
+        let Some(replica) = self.inner.replicas.get(index) else {
+            return false;
+        };
+        let health = replica.health.load();
+        health.healthy
+            && match (min_lsn, health.replay_lsn) {
+                (None, _) => true,
+                (Some(min), Some(replayed)) => replayed >= min,
+                (Some(_), None) => false,
+            }
+    }
+
+    /// Takes replica `index` out of service now (a read on it failed the way a down server
+    /// fails); the poller puts it back once it answers again.
+    pub fn mark_down(&self, index: usize, problem: String) {
+        if let Some(replica) = self.inner.replicas.get(index) {
+            tracing::warn!(replica = index, %problem, "replica taken out after a failed read");
+            replica.set_health(
+                ReplicaHealth {
+                    problem: Some(problem),
+                    ..ReplicaHealth::unknown()
+                },
+                &self.inner.options.metrics,
+            );
+        }
     }
 
     /// Polls every replica now (the background poller does this on its own).
@@ -181,7 +303,7 @@ impl ReplicaSet {
         let primary = self.primary_lsn().await.ok();
         for replica in &self.inner.replicas {
             let health = poll(replica, primary, &self.inner.options).await;
-            *replica.health.lock().expect("replica health lock") = health;
+            replica.set_health(health, &self.inner.options.metrics);
         }
     }
 
@@ -248,7 +370,7 @@ async fn poll(replica: &Replica, primary: Option<Lsn>, options: &ReplicaOptions)
         Some(0) => Duration::ZERO,
         _ => Duration::from_millis(u64::try_from(lag_ms.max(0)).unwrap_or(0)),
     };
-    let problem = if lag_bytes.is_some_and(|b| b > options.max_lag_bytes) {
+    let lagging = if lag_bytes.is_some_and(|b| b > options.max_lag_bytes) {
         Some(format!(
             "{} WAL bytes behind",
             lag_bytes.unwrap_or_default()
@@ -259,11 +381,12 @@ async fn poll(replica: &Replica, primary: Option<Lsn>, options: &ReplicaOptions)
         None
     };
     ReplicaHealth {
-        healthy: problem.is_none(),
+        healthy: lagging.is_none(),
         replay_lsn: Some(replay_lsn),
         lag_bytes,
         lag: Some(lag),
-        problem,
+        out: lagging.as_ref().map(|_| OutReason::Lagging),
+        problem: lagging,
     }
 }
 
@@ -296,10 +419,10 @@ async fn poller(set: Weak<Inner>, index: usize) {
         };
         let replica = &inner.replicas[index];
         let health = poll(replica, primary, &inner.options).await;
-        if health.healthy != replica.health.lock().expect("replica health lock").healthy {
+        if health.healthy != replica.health.load().healthy {
             tracing::info!(replica = index, healthy = health.healthy, problem = ?health.problem,
                 took = ?started.elapsed(), "replica health changed");
         }
-        *replica.health.lock().expect("replica health lock") = health;
+        replica.set_health(health, &inner.options.metrics);
     }
 }

@@ -119,6 +119,12 @@ impl TestMetrics {
 
     /// The current value of counter `name` for data points whose attributes include `attr`.
     pub fn counter(&self, name: &str, attr: (&str, &str)) -> u64 {
+        self.counter_all(name, &[attr])
+    }
+
+    /// The current value of counter `name` for data points whose attributes include all of
+    /// `attrs`.
+    pub fn counter_all(&self, name: &str, attrs: &[(&str, &str)]) -> u64 {
         use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
         self.provider.force_flush().unwrap();
         let mut latest = 0;
@@ -129,8 +135,10 @@ impl TestMetrics {
                         let total: u64 = sum
                             .data_points()
                             .filter(|dp| {
-                                dp.attributes().any(|kv| {
-                                    kv.key.as_str() == attr.0 && kv.value.as_str() == attr.1
+                                attrs.iter().all(|attr| {
+                                    dp.attributes().any(|kv| {
+                                        kv.key.as_str() == attr.0 && kv.value.as_str() == attr.1
+                                    })
                                 })
                             })
                             .map(|dp| dp.value())

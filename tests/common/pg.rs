@@ -41,11 +41,33 @@ struct Servers {
     bin: PathBuf,
     as_postgres: bool,
     primary_data: PathBuf,
-    replica_data: PathBuf,
+    replicas: Vec<ReplicaSpec>,
     pub primary_port: u16,
-    pub replica_port: u16,
     stop_on_drop: bool,
     durable: bool,
+}
+
+/// One replica of a private cluster: its apply delay and any extra `postgresql.conf` lines.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaSpec {
+    pub delay_ms: u64,
+    pub extra_conf: String,
+    data: PathBuf,
+    port: u16,
+}
+
+impl ReplicaSpec {
+    pub fn delayed(delay_ms: u64) -> ReplicaSpec {
+        ReplicaSpec {
+            delay_ms,
+            ..ReplicaSpec::default()
+        }
+    }
+
+    pub fn with_conf(mut self, conf: &str) -> ReplicaSpec {
+        self.extra_conf = conf.to_owned();
+        self
+    }
 }
 
 static SHARED: OnceLock<Option<Cluster>> = OnceLock::new();
@@ -72,7 +94,7 @@ pub fn shared() -> Option<&'static Cluster> {
                     servers: None,
                 });
             }
-            match Cluster::provision(delay_ms(), false, false) {
+            match Cluster::provision(vec![ReplicaSpec::delayed(delay_ms())], false, false) {
                 Ok(cluster) => Some(cluster),
                 Err(why) => {
                     if std::env::var("TWINTRACK_REQUIRE_POSTGRES").as_deref() == Ok("1") {
@@ -104,13 +126,33 @@ fn delay_ms() -> u64 {
 impl Cluster {
     /// A private primary + replica pair, stopped when dropped.
     pub fn start(replica_delay_ms: u64) -> Result<Cluster, String> {
-        Cluster::provision(replica_delay_ms, true, false)
+        Cluster::provision(vec![ReplicaSpec::delayed(replica_delay_ms)], true, false)
+    }
+
+    /// A private primary with these replicas, stopped when dropped.
+    pub fn start_with(replicas: Vec<ReplicaSpec>) -> Result<Cluster, String> {
+        Cluster::provision(replicas, true, false)
+    }
+
+    /// [`Cluster::start_with`], or `None` (after a loud notice) without PostgreSQL here;
+    /// panics when `TWINTRACK_REQUIRE_POSTGRES=1`.
+    pub fn start_or_skip(replicas: Vec<ReplicaSpec>) -> Option<Cluster> {
+        match Cluster::start_with(replicas) {
+            Ok(cluster) => Some(cluster),
+            Err(why) if std::env::var("TWINTRACK_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+                panic!("TWINTRACK_REQUIRE_POSTGRES=1 but PostgreSQL cannot run here: {why}")
+            }
+            Err(why) => {
+                eprintln!("\n!!!!!!!! SKIPPING POSTGRESQL TEST: {why}\n");
+                None
+            }
+        }
     }
 
     /// A private pair with durable commits (`fsync=on`, `synchronous_commit=on`), for
     /// benchmarks whose figures must include the cost of a real commit.
     pub fn start_durable() -> Result<Cluster, String> {
-        Cluster::provision(0, true, true)
+        Cluster::provision(vec![ReplicaSpec::delayed(0)], true, true)
     }
 
     /// Creates a fresh, empty database and returns its URLs.
@@ -139,20 +181,20 @@ impl Cluster {
         }
     }
 
-    /// Stops the replica (private clusters only).
-    pub fn stop_replica(&self) {
+    /// Stops replica `index` (private clusters only).
+    pub fn stop_replica(&self, index: usize) {
         let s = self.servers.as_ref().expect("a self-provisioned cluster");
-        s.pg_ctl(&s.replica_data, "stop", &["-m", "fast"]);
+        s.pg_ctl(&s.replicas[index].data, "stop", &["-m", "fast"]);
     }
 
-    /// Starts the replica again (private clusters only).
-    pub fn start_replica(&self) {
+    /// Starts replica `index` again (private clusters only).
+    pub fn start_replica(&self, index: usize) {
         let s = self.servers.as_ref().expect("a self-provisioned cluster");
-        s.pg_ctl(&s.replica_data, "start", &[]);
+        s.pg_ctl(&s.replicas[index].data, "start", &[]);
     }
 
     fn provision(
-        replica_delay_ms: u64,
+        mut replicas: Vec<ReplicaSpec>,
         stop_on_drop: bool,
         durable: bool,
     ) -> Result<Cluster, String> {
@@ -169,15 +211,17 @@ impl Cluster {
                 .arg(&dir))?;
         }
         let primary_port = free_port()?;
-        let replica_port = free_port()?;
+        for (i, replica) in replicas.iter_mut().enumerate() {
+            replica.data = dir.join(format!("replica{i}"));
+            replica.port = free_port()?;
+        }
         let servers = Servers {
             primary_data: dir.join("primary"),
-            replica_data: dir.join("replica"),
+            replicas,
             dir: dir.clone(),
             bin,
             as_postgres,
             primary_port,
-            replica_port,
             stop_on_drop,
             durable,
         };
@@ -185,11 +229,13 @@ impl Cluster {
             servers.spawn_watchdog()?;
         }
         servers.init_primary()?;
-        servers.init_replica(replica_delay_ms)?;
+        for replica in &servers.replicas {
+            servers.init_replica(replica)?;
+        }
         let url = |port: u16| format!("postgres://postgres@127.0.0.1:{port}/postgres");
         Ok(Cluster {
             primary_url: url(primary_port),
-            replica_urls: vec![url(replica_port)],
+            replica_urls: servers.replicas.iter().map(|r| url(r.port)).collect(),
             servers: Some(servers),
         })
     }
@@ -198,7 +244,9 @@ impl Cluster {
 impl Drop for Servers {
     fn drop(&mut self) {
         if self.stop_on_drop {
-            self.pg_ctl_quiet(&self.replica_data, "stop", &["-m", "immediate"]);
+            for replica in &self.replicas {
+                self.pg_ctl_quiet(&replica.data, "stop", &["-m", "immediate"]);
+            }
             self.pg_ctl_quiet(&self.primary_data, "stop", &["-m", "immediate"]);
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -265,25 +313,25 @@ impl Servers {
         run(&mut c)
     }
 
-    fn init_replica(&self, delay_ms: u64) -> Result<(), String> {
+    fn init_replica(&self, replica: &ReplicaSpec) -> Result<(), String> {
         run(self
             .command("pg_basebackup")
             .args(["-h", "127.0.0.1", "-p", &self.primary_port.to_string()])
             .args(["-U", "postgres", "-D"])
-            .arg(&self.replica_data)
+            .arg(&replica.data)
             .args(["-R", "-X", "stream"]))?;
         append(
-            &self.replica_data.join("postgresql.conf"),
+            &replica.data.join("postgresql.conf"),
             &format!(
-                "port = {}\nrecovery_min_apply_delay = '{delay_ms}ms'\nhot_standby = on\nhot_standby_feedback = on\n",
-                self.replica_port
+                "port = {}\nrecovery_min_apply_delay = '{}ms'\nhot_standby = on\nhot_standby_feedback = on\n{}\n",
+                replica.port, replica.delay_ms, replica.extra_conf
             ),
         )?;
         let mut c = self.command("pg_ctl");
         c.arg("-D")
-            .arg(&self.replica_data)
+            .arg(&replica.data)
             .arg("-l")
-            .arg(self.dir.join("replica.log"))
+            .arg(replica.data.with_extension("log"))
             .args(["-w", "start"]);
         run(&mut c)
     }
@@ -299,7 +347,7 @@ impl Servers {
         };
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; \
-             {prefix}{ctl} -D {dir}/replica stop -m immediate >/dev/null 2>&1; \
+             for r in {dir}/replica*/; do {prefix}{ctl} -D $r stop -m immediate >/dev/null 2>&1; done; \
              {prefix}{ctl} -D {dir}/primary stop -m immediate >/dev/null 2>&1; \
              rm -rf {dir}",
             pid = std::process::id(),

@@ -1,0 +1,662 @@
+//! The read router: which server each read goes to, decided per request by what happened.
+//!
+//! A [`Router`] holds the primary, the [`ReplicaSet`] (if any) and the token signer. For each
+//! read it asks the request's [`RequestContext`]:
+//!
+//! 1. the migration asks for primary reads → primary (`migration_rule`);
+//! 2. there are no replicas → primary (`no_replicas`);
+//! 3. the request already wrote → primary (`wrote_in_request`);
+//! 4. the request carried a valid token → the replica chosen earlier in this request if it is
+//!    still in service, else the least-behind healthy replica that has replayed the token's WAL
+//!    position, else the primary (`token`). A token without a position (SQLite, or a write
+//!    whose position could not be read) pins to the primary for [`RywOptions::fallback_window`];
+//! 5. otherwise → the replica chosen earlier in this request, else the least-behind healthy
+//!    one, else the primary (`replica_lagging` / `replica_down`).
+//!
+//! A read that fails on a replica with a hot-standby conflict (SQLSTATE `40001`) or a dead
+//! connection is retried on another replica, then on the primary; a dead replica is taken out
+//! at once. Writes and transactions always go to the primary ([`Router::begin`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::KeyValue;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, Transaction};
+
+use super::replicas::{NoReplica, ReplicaSet};
+use super::token::{ClusterId, HEADER, Lsn, Rejection, Token, TokenSigner};
+use crate::RequestContext;
+use crate::db::{Backend, Database};
+use crate::flags::BoxFuture;
+use crate::metrics::Metrics;
+use crate::{Error, Result};
+
+/// How read-your-writes tokens are issued and honoured.
+#[derive(Clone, Debug)]
+pub struct RywOptions {
+    /// How long a token is honoured. Default 30 s, at most 10 min.
+    pub ttl: Duration,
+    /// How long a token without a WAL position (SQLite; or a write whose position could not be
+    /// read) pins reads to the primary. Default 5 s, the replicas' default lag limit: a replica
+    /// in service is never further behind than that. Capped by `ttl`.
+    pub fallback_window: Duration,
+    /// Also set and read the token as this cookie (`HttpOnly; SameSite=Lax; Path=/`), for
+    /// browsers that do not echo headers. Default: header only.
+    pub cookie: Option<String>,
+    /// Longest wait for the primary's WAL position when issuing a token; past it, the token
+    /// carries no position and falls back to the time window. Default 1 s.
+    pub lsn_timeout: Duration,
+}
+
+impl Default for RywOptions {
+    fn default() -> Self {
+        RywOptions {
+            ttl: Duration::from_secs(30),
+            fallback_window: Duration::from_secs(5),
+            cookie: None,
+            lsn_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where one read went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReadTarget {
+    /// The primary.
+    Primary,
+    /// Replica `i` of the [`ReplicaSet`].
+    Replica(usize),
+}
+
+impl ReadTarget {
+    /// `primary` or `replica`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadTarget::Primary => "primary",
+            ReadTarget::Replica(_) => "replica",
+        }
+    }
+}
+
+/// Why a read was sent to the primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PinReason {
+    /// The request already wrote.
+    WroteInRequest,
+    /// The request's token names a WAL position no replica in service has replayed yet (or
+    /// carries no position and is inside the fallback window).
+    Token,
+    /// Every replica is out for lag.
+    ReplicaLagging,
+    /// Every replica is down.
+    ReplicaDown,
+    /// The read hit a hot-standby conflict on every replica it tried.
+    ReplicaConflict,
+    /// The migration reads from the primary only.
+    MigrationRule,
+    /// No replicas are configured.
+    NoReplicas,
+}
+
+impl PinReason {
+    /// The `pin` label used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinReason::WroteInRequest => "wrote_in_request",
+            PinReason::Token => "token",
+            PinReason::ReplicaLagging => "replica_lagging",
+            PinReason::ReplicaDown => "replica_down",
+            PinReason::ReplicaConflict => "replica_conflict",
+            PinReason::MigrationRule => "migration_rule",
+            PinReason::NoReplicas => "no_replicas",
+        }
+    }
+}
+
+/// A routing decision: the target, and for the primary, why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Where the read goes.
+    pub target: ReadTarget,
+    /// Why it goes to the primary (`None` for a replica).
+    pub pin: Option<PinReason>,
+}
+
+impl Route {
+    fn primary(reason: PinReason) -> Route {
+        Route {
+            target: ReadTarget::Primary,
+            pin: Some(reason),
+        }
+    }
+}
+
+/// One request's read-your-writes state, shared by everything the request runs (also spawned
+/// work it re-scopes).
+#[derive(Debug)]
+pub(crate) struct RequestRyw {
+    wrote: AtomicBool,
+    token: Option<Token>,
+    /// The replica chosen for this request, plus one (0: none yet).
+    replica: AtomicUsize,
+    /// Where the latest read went: 0 none, 1 primary, 2 replica.
+    last_read: AtomicU8,
+}
+
+impl RequestRyw {
+    pub(crate) fn new(token: Option<Token>) -> RequestRyw {
+        RequestRyw {
+            wrote: AtomicBool::new(false),
+            token,
+            replica: AtomicUsize::new(0),
+            last_read: AtomicU8::new(0),
+        }
+    }
+
+    pub(crate) fn note_write(&self) {
+        self.wrote.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn wrote(&self) -> bool {
+        self.wrote.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn token(&self) -> Option<Token> {
+        self.token
+    }
+
+    pub(crate) fn last_read(&self) -> Option<ReadTarget> {
+        match self.last_read.load(Ordering::Relaxed) {
+            1 => Some(ReadTarget::Primary),
+            2 => Some(ReadTarget::Replica(
+                self.replica.load(Ordering::Relaxed).saturating_sub(1),
+            )),
+            _ => None,
+        }
+    }
+
+    fn chosen(&self) -> Option<usize> {
+        self.replica.load(Ordering::Acquire).checked_sub(1)
+    }
+
+    /// Keeps `index` as the request's replica unless a concurrent read chose first; returns
+    /// the one in force.
+    fn choose(&self, index: usize) -> usize {
+        match self
+            .replica
+            .compare_exchange(0, index + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => index,
+            Err(current) => current - 1,
+        }
+    }
+
+    fn forget(&self, index: usize) {
+        let _ = self
+            .replica
+            .compare_exchange(index + 1, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    fn note_read(&self, target: ReadTarget) {
+        let code = match target {
+            ReadTarget::Primary => 1,
+            ReadTarget::Replica(_) => 2,
+        };
+        self.last_read.store(code, Ordering::Relaxed);
+    }
+}
+
+struct Inner {
+    primary: Database,
+    replicas: Option<ReplicaSet>,
+    signer: TokenSigner,
+    cluster: ClusterId,
+    options: RywOptions,
+    metrics: Metrics,
+    cookie_prefix: Option<String>,
+}
+
+/// A primary and its replicas, routed per request. Cheap to clone. See the [module
+/// docs](self).
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("replicas", &self.inner.replicas)
+            .field("cluster", &self.inner.cluster)
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Router`].
+#[derive(Debug)]
+pub struct RouterBuilder {
+    primary: Database,
+    replicas: Option<ReplicaSet>,
+    secret: Vec<u8>,
+    options: RywOptions,
+    metrics: Option<Metrics>,
+}
+
+impl RouterBuilder {
+    /// Reads go to these replicas (of the primary's cluster) when the request allows it.
+    pub fn replicas(mut self, replicas: ReplicaSet) -> Self {
+        self.replicas = Some(replicas);
+        self
+    }
+
+    /// Token lifetime, fallback window and cookie.
+    pub fn options(mut self, options: RywOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Records on these instruments instead of the global meter's.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The router. Reads the primary's cluster identity (PostgreSQL); fails with
+    /// [`Error::Config`] for a short secret, a TTL out of range, a bad cookie name, or replicas
+    /// of another cluster.
+    pub async fn build(self) -> Result<Router> {
+        let signer = TokenSigner::new(&self.secret, self.options.ttl)?;
+        if let Some(name) = &self.options.cookie {
+            let token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+            if name.is_empty() || name.len() > 64 || !name.chars().all(token_char) {
+                return Err(Error::Config(format!(
+                    "invalid read-your-writes cookie name {name:?}: 1 to 64 letters, digits or !#$%&'*+-.^_`|~"
+                )));
+            }
+        }
+        let cluster = match (&self.replicas, self.primary.backend()) {
+            (Some(set), _) => {
+                let primary = super::cluster_id(&self.primary).await?;
+                if primary != set.cluster() {
+                    return Err(Error::Config(
+                        "the replica set belongs to another primary than the router's".into(),
+                    ));
+                }
+                primary
+            }
+            (None, Backend::Postgres) => super::cluster_id(&self.primary).await?,
+            // No WAL positions: tokens carry none and only need to be this application's.
+            (None, Backend::Sqlite) => ClusterId {
+                system_identifier: 0,
+                timeline: 0,
+            },
+        };
+        let cookie_prefix = self.options.cookie.as_ref().map(|name| format!("{name}="));
+        Ok(Router {
+            inner: Arc::new(Inner {
+                primary: self.primary,
+                replicas: self.replicas,
+                signer,
+                cluster,
+                options: self.options,
+                metrics: self.metrics.unwrap_or_else(Metrics::global),
+                cookie_prefix,
+            }),
+        })
+    }
+}
+
+/// Whether a failed replica read is worth retrying elsewhere, and what it says of the replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReplicaFailure {
+    /// A hot-standby conflict: the replica is fine, this query lost to replay.
+    Conflict,
+    /// The connection or the server is gone.
+    Down,
+}
+
+impl ReplicaFailure {
+    pub(crate) fn of(err: &sqlx::Error) -> Option<ReplicaFailure> {
+        match err {
+            sqlx::Error::Database(db) => {
+                let code = db.code()?;
+                if code == "40001" {
+                    Some(ReplicaFailure::Conflict)
+                } else if code.starts_with("08") || code.starts_with("57P") {
+                    // connection exceptions; admin/crash shutdown, cannot connect now
+                    Some(ReplicaFailure::Down)
+                } else {
+                    None
+                }
+            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Some(ReplicaFailure::Down),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn of_error(err: &Error) -> Option<ReplicaFailure> {
+        match err {
+            Error::Repository { source, .. } => ReplicaFailure::of(source),
+            Error::Database(source) | Error::Unreachable(source) => ReplicaFailure::of(source),
+            _ => None,
+        }
+    }
+}
+
+impl Router {
+    /// A router over `primary`, signing tokens with `secret` (at least 16 bytes; the same on
+    /// every instance that must honour another's tokens).
+    pub fn builder(primary: Database, secret: impl Into<Vec<u8>>) -> RouterBuilder {
+        RouterBuilder {
+            primary,
+            replicas: None,
+            secret: secret.into(),
+            options: RywOptions::default(),
+            metrics: None,
+        }
+    }
+
+    /// The primary.
+    pub fn primary(&self) -> &Database {
+        &self.inner.primary
+    }
+
+    /// The replicas, if any.
+    pub fn replicas(&self) -> Option<&ReplicaSet> {
+        self.inner.replicas.as_ref()
+    }
+
+    /// The cluster tokens are issued for.
+    pub fn cluster(&self) -> ClusterId {
+        self.inner.cluster
+    }
+
+    /// The token options.
+    pub fn options(&self) -> &RywOptions {
+        &self.inner.options
+    }
+
+    /// The database behind `target`.
+    pub fn database(&self, target: ReadTarget) -> &Database {
+        match (target, &self.inner.replicas) {
+            (ReadTarget::Replica(i), Some(set)) if i < set.len() => set.replica(i),
+            _ => &self.inner.primary,
+        }
+    }
+
+    /// Where a read in `ctx` goes now (see the [module docs](self)), skipping the replicas
+    /// whose bit is set in `excluded`. `primary_only` is the migration's rule.
+    pub fn route(&self, ctx: Option<&RequestContext>, primary_only: bool, excluded: u64) -> Route {
+        if primary_only {
+            return Route::primary(PinReason::MigrationRule);
+        }
+        let Some(set) = self.inner.replicas.as_ref().filter(|s| !s.is_empty()) else {
+            return Route::primary(PinReason::NoReplicas);
+        };
+        let ryw = ctx.and_then(RequestContext::ryw_state);
+        let mut min_lsn: Option<Lsn> = None;
+        if let Some(ryw) = ryw {
+            if ryw.wrote() {
+                return Route::primary(PinReason::WroteInRequest);
+            }
+            if let Some(token) = ryw.token() {
+                match token.lsn {
+                    Some(lsn) => min_lsn = Some(lsn),
+                    None => {
+                        let window = self
+                            .inner
+                            .options
+                            .fallback_window
+                            .min(self.inner.options.ttl);
+                        let until = token
+                            .issued_at_ms
+                            .saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+                        if now_ms() < until {
+                            return Route::primary(PinReason::Token);
+                        }
+                    }
+                }
+            }
+            if let Some(index) = ryw.chosen()
+                && !excluded_bit(excluded, index)
+                && set.usable(index, min_lsn)
+            {
+                return Route {
+                    target: ReadTarget::Replica(index),
+                    pin: None,
+                };
+            }
+        }
+        match set.choose(min_lsn, excluded) {
+            Ok(index) => {
+                let index = match ryw {
+                    Some(ryw) => {
+                        if let Some(old) = ryw.chosen() {
+                            ryw.forget(old);
+                        }
+                        ryw.choose(index)
+                    }
+                    None => index,
+                };
+                Route {
+                    target: ReadTarget::Replica(index),
+                    pin: None,
+                }
+            }
+            Err(NoReplica::NotReplayed) => Route::primary(PinReason::Token),
+            Err(NoReplica::Lagging) => Route::primary(PinReason::ReplicaLagging),
+            Err(NoReplica::Down) => Route::primary(PinReason::ReplicaDown),
+        }
+    }
+
+    /// A connection for `route`, counted in `twintrack.reads` and remembered as the request's
+    /// latest read target.
+    pub(crate) async fn connect(
+        &self,
+        ctx: Option<&RequestContext>,
+        route: Route,
+    ) -> std::result::Result<PoolConnection<Any>, sqlx::Error> {
+        let conn = self.database(route.target).pool().acquire().await?;
+        self.note(ctx, route);
+        Ok(conn)
+    }
+
+    fn note(&self, ctx: Option<&RequestContext>, route: Route) {
+        if let Some(ryw) = ctx.and_then(RequestContext::ryw_state) {
+            ryw.note_read(route.target);
+        }
+        let pin = route.pin.map_or("none", PinReason::as_str);
+        self.inner.metrics.reads.add(
+            1,
+            &[
+                KeyValue::new("target", route.target.as_str()),
+                KeyValue::new("pin", pin),
+            ],
+        );
+    }
+
+    /// Records that a read on replica `index` failed as `failure`: a dead replica is taken out;
+    /// either way the request stops using it. Returns the bit to exclude it by.
+    pub(crate) fn replica_failed(
+        &self,
+        ctx: Option<&RequestContext>,
+        index: usize,
+        failure: ReplicaFailure,
+        err: &dyn std::fmt::Display,
+    ) -> u64 {
+        if failure == ReplicaFailure::Down
+            && let Some(set) = &self.inner.replicas
+        {
+            set.mark_down(index, format!("read failed: {err}"));
+        }
+        if let Some(ryw) = ctx.and_then(RequestContext::ryw_state) {
+            ryw.forget(index);
+        }
+        tracing::debug!(replica = index, ?failure, error = %err, "replica read failed; retrying elsewhere");
+        if index < 64 { 1 << index } else { 0 }
+    }
+
+    /// Runs the read `op` where the current request's state says (see the [module
+    /// docs](self)), retrying on another replica and then on the primary after a hot-standby
+    /// conflict or a dead replica.
+    pub async fn read<T, F>(&self, op: F) -> Result<T>
+    where
+        F: for<'c> Fn(&'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>>,
+    {
+        let ctx = RequestContext::current();
+        let ctx = ctx.as_ref();
+        let mut excluded = 0u64;
+        let mut last_failure = None;
+        loop {
+            let mut route = self.route(ctx, false, excluded);
+            if excluded != 0 && route.target == ReadTarget::Primary {
+                route.pin = Some(pin_after(last_failure));
+            }
+            let result = match self.connect(ctx, route).await {
+                Ok(mut conn) => op(&mut conn).await,
+                Err(err) => Err(err),
+            };
+            match (route.target, result) {
+                (ReadTarget::Replica(index), Err(err)) => match ReplicaFailure::of(&err) {
+                    Some(failure) => {
+                        excluded |= self.replica_failed(ctx, index, failure, &err);
+                        last_failure = Some(failure);
+                    }
+                    None => return Err(Error::from_sqlx(err)),
+                },
+                (_, result) => return result.map_err(Error::from_sqlx),
+            }
+        }
+    }
+
+    /// A transaction on the primary, for a write; marks the current request as having written
+    /// (its later reads go to the primary and its response carries a token).
+    pub async fn begin(&self) -> Result<Transaction<'static, Any>> {
+        note_write();
+        Ok(self.inner.primary.pool().begin().await?)
+    }
+
+    /// The token for an incoming request's headers: the `x-twintrack-ryw` header, else the
+    /// configured cookie. Every verdict is counted; only a valid token is returned.
+    pub fn accept(&self, headers: &HeaderMap) -> Option<Token> {
+        let value = headers
+            .get(HEADER)
+            .map(HeaderValue::as_bytes)
+            .or_else(|| self.cookie_value(headers));
+        let verdict = match value {
+            None => Err("missing"),
+            Some(bytes) => match std::str::from_utf8(bytes) {
+                Err(_) => Err(Rejection::Garbled.as_str()),
+                Ok(text) => self
+                    .inner
+                    .signer
+                    .verify(text, self.inner.cluster, now_ms())
+                    .map_err(Rejection::as_str),
+            },
+        };
+        self.count_token(match verdict {
+            Ok(_) => "accepted",
+            Err(why) => why,
+        });
+        verdict.ok()
+    }
+
+    fn cookie_value<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
+        let prefix = self.inner.cookie_prefix.as_deref()?.as_bytes();
+        headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|b| *b == b';'))
+            .map(<[u8]>::trim_ascii)
+            .find_map(|pair| pair.strip_prefix(prefix))
+    }
+
+    fn count_token(&self, verdict: &'static str) {
+        self.inner
+            .metrics
+            .ryw_tokens
+            .add(1, &[KeyValue::new("verdict", verdict)]);
+    }
+
+    /// A token for a request that wrote: the primary's WAL position now (after the request's
+    /// commits), this cluster, now. Without a position (SQLite, or the primary did not answer
+    /// in time) the token pins for the fallback window instead.
+    pub async fn issue(&self) -> String {
+        let lsn = match self.inner.primary.backend() {
+            Backend::Postgres => {
+                // The insert position: past every record already inserted, so past our commits
+                // even with synchronous_commit off.
+                let query = sqlx::query_scalar::<_, String>(
+                    "SELECT CAST(pg_current_wal_insert_lsn() AS TEXT)",
+                )
+                .fetch_one(self.inner.primary.pool());
+                match tokio::time::timeout(self.inner.options.lsn_timeout, query).await {
+                    Ok(Ok(text)) => text.parse().ok(),
+                    Ok(Err(err)) => {
+                        tracing::warn!(error = %err, "could not read the WAL position; token falls back to the time window");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "reading the WAL position timed out; token falls back to the time window"
+                        );
+                        None
+                    }
+                }
+            }
+            Backend::Sqlite => None,
+        };
+        self.count_token("issued");
+        self.inner.signer.sign(&Token {
+            lsn,
+            cluster: self.inner.cluster,
+            issued_at_ms: now_ms(),
+        })
+    }
+
+    /// The `Set-Cookie` value carrying `token`, when a cookie is configured.
+    pub fn set_cookie(&self, token: &str) -> Option<String> {
+        let name = self.inner.options.cookie.as_deref()?;
+        Some(format!(
+            "{name}={token}; Max-Age={}; Path=/; HttpOnly; SameSite=Lax",
+            self.inner.options.ttl.as_secs().max(1)
+        ))
+    }
+}
+
+/// Marks the current request (if any) as having written: its later reads go to the primary and
+/// its response carries a read-your-writes token. The dual store and [`Router::begin`] call it;
+/// call it after writing to the primary any other way.
+pub fn note_write() {
+    if let Some(ctx) = RequestContext::current() {
+        ctx.note_write();
+    }
+}
+
+pub(crate) fn pin_after(failure: Option<ReplicaFailure>) -> PinReason {
+    match failure {
+        Some(ReplicaFailure::Conflict) => PinReason::ReplicaConflict,
+        _ => PinReason::ReplicaDown,
+    }
+}
+
+fn excluded_bit(excluded: u64, index: usize) -> bool {
+    index < 64 && excluded & (1 << index) != 0
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
