@@ -54,12 +54,20 @@ fn example_binary() -> PathBuf {
 impl Quickstart {
     /// Starts the quickstart in `cwd`, as `cargo run --example quickstart` would.
     fn start(cwd: &Path, database_url: Option<&str>) -> Quickstart {
+        Quickstart::start_with(cwd, database_url, &[])
+    }
+
+    /// [`Quickstart::start`] with more environment variables.
+    fn start_with(cwd: &Path, database_url: Option<&str>, env: &[(&str, &str)]) -> Quickstart {
         let mut cmd = Command::new(example_binary());
         cmd.current_dir(cwd)
             .env("TWINTRACK_LISTEN", "127.0.0.1:0")
             .env("TWINTRACK_DEBUG_HEADERS", "1")
             .env("RUST_LOG", "warn")
             .env_remove("DATABASE_URL")
+            .env_remove("REPLICA_DATABASE_URLS")
+            .env_remove("TWINTRACK_RYW_SECRET")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(url) = database_url {
@@ -79,27 +87,41 @@ impl Quickstart {
     }
 
     async fn call(&self, method: &str, path: &str, body: &str) -> (u16, Option<String>, Value) {
-        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .build_http::<Full<Bytes>>();
-        let req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_owned())))
-            .unwrap();
-        let res = client.request(req).await.unwrap();
-        let status = res.status().as_u16();
-        let stage = res
-            .headers()
+        let (status, headers, value) = self.request(method, path, body, None).await;
+        let stage = headers
             .get("x-twintrack-stage")
             .map(|v| v.to_str().unwrap().to_owned());
+        (status, stage, value)
+    }
+
+    /// One call, with an optional read-your-writes token; the status, headers and JSON body.
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+        token: Option<&str>,
+    ) -> (u16, http::HeaderMap, Value) {
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build_http::<Full<Bytes>>();
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json");
+        if let Some(token) = token {
+            req = req.header("x-twintrack-ryw", token);
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+        let res = client.request(req).await.unwrap();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
         let value = if bytes.is_empty() {
             Value::Null
         } else {
             serde_json::from_slice(&bytes).unwrap()
         };
-        (status, stage, value)
+        (status, headers, value)
     }
 }
 
@@ -274,4 +296,63 @@ async fn quickstart_on_postgres_sees_cli_flips_by_notify() {
     assert_eq!(code, 0, "{out}");
     let took = wait_for_stage(&qs, "dual_write", Duration::from_secs(5)).await;
     eprintln!("PostgreSQL: flip seen after {took:?}");
+}
+
+/// The README's replica set-up: `REPLICA_DATABASE_URLS` and `TWINTRACK_RYW_SECRET`, on a real
+/// replica 300 ms behind. A write answers with a token; a read with it sees the write (from the
+/// primary); a read without it is served by the replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn quickstart_reads_its_writes_through_a_lagging_replica() {
+    let Some(db) = common::pg::fresh_db().await else {
+        return;
+    };
+    assert!(
+        !db.replica_urls.is_empty(),
+        "the test cluster has a replica"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = db.replica_urls.join(",");
+    let qs = Quickstart::start_with(
+        dir.path(),
+        Some(&db.url),
+        &[
+            ("REPLICA_DATABASE_URLS", replicas.as_str()),
+            ("TWINTRACK_RYW_SECRET", "a shared secret of 32 bytes ...."),
+        ],
+    );
+    let (status, headers, created) = qs
+        .request(
+            "POST",
+            "/users",
+            r#"{"email":"r@example.com","theme":"dark","notifications_enabled":true}"#,
+            None,
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let token = headers["x-twintrack-ryw"].to_str().unwrap().to_owned();
+    let path = format!("/users/{}/settings", created["id"]);
+    let (status, headers, got) = qs.request("GET", &path, "", Some(&token)).await;
+    assert_eq!((status, got["theme"].as_str()), (200, Some("dark")));
+    assert_eq!(headers["x-twintrack-read-from"], "primary");
+    assert!(
+        headers.get("x-twintrack-ryw").is_none(),
+        "a read issues no token"
+    );
+    // Without the token, once the replica is in service: served by the replica.
+    let start = std::time::Instant::now();
+    loop {
+        let (status, headers, _) = qs.request("GET", &path, "", None).await;
+        assert!(status == 200 || status == 404, "{status}");
+        if headers["x-twintrack-read-from"] == "replica" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the replica was never used"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A garbage token is ignored, not an error.
+    let (status, _, _) = qs.request("GET", &path, "", Some("v1.garbage")).await;
+    assert_eq!(status, 200);
 }
