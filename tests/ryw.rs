@@ -52,7 +52,15 @@ struct Reply {
 
 impl Svc {
     async fn start(db: &TestDb, stage: Stage, options: RywOptions) -> Svc {
-        Svc::start_with(&db.url, &db.replica_urls, stage, options, false).await
+        Svc::start_with(
+            &db.url,
+            &db.replica_urls,
+            stage,
+            options,
+            false,
+            Duration::from_millis(20),
+        )
+        .await
     }
 
     async fn start_with(
@@ -61,6 +69,7 @@ impl Svc {
         stage: Stage,
         options: RywOptions,
         primary_reads: bool,
+        poll_interval: Duration,
     ) -> Svc {
         let metrics = TestMetrics::new();
         let primary = Database::connect(url).await.unwrap();
@@ -82,7 +91,7 @@ impl Svc {
             primary.clone(),
             replica_urls,
             ReplicaOptions {
-                poll_interval: Duration::from_millis(20),
+                poll_interval,
                 poll_timeout: Duration::from_millis(500),
                 metrics: metrics.metrics(),
                 ..ReplicaOptions::default()
@@ -205,6 +214,7 @@ impl Svc {
         let lsn = self.replicas.primary_lsn().await.unwrap();
         let start = Instant::now();
         loop {
+            self.replicas.poll_all().await;
             let health = self.replicas.health();
             if health
                 .iter()
@@ -755,6 +765,7 @@ async fn a_migration_can_ask_for_primary_reads() {
         Stage::LegacyOnly,
         RywOptions::default(),
         true,
+        Duration::from_millis(20),
     )
     .await;
     let (id, _) = svc.create_user("j@example.com").await;
@@ -982,4 +993,47 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+/// Between polls, a replica that should have replayed a token by now is asked directly, on the
+/// connection that then serves the read: the token holder is back on the replica as soon as the
+/// replica has the write, not when the next poll says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_is_proven_on_demand_between_polls() {
+    let Some(db) = pg::fresh_db().await else {
+        return;
+    };
+    // A poller so slow it never runs during the test: only the on-demand check can help.
+    let svc = Svc::start_with(
+        &db.url,
+        &db.replica_urls,
+        Stage::LegacyOnly,
+        RywOptions::default(),
+        false,
+        Duration::from_secs(600),
+    )
+    .await;
+    let (id, _) = svc.create_user("n@example.com").await;
+    svc.wait_replicas_caught_up().await;
+    let token = svc.put_theme(id, "proven").await;
+    let written = Instant::now();
+    loop {
+        let r = svc.get(id, Some(&token)).await;
+        assert_eq!(theme(&r), "proven", "a stale read with the token: {r:?}");
+        if r.read_from.as_deref() == Some("replica") {
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(5),
+            "never proven on the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = written.elapsed();
+    eprintln!("proven on the replica {took:?} after the write");
+    assert!(
+        took >= Duration::from_millis(250),
+        "served by the replica before its apply delay"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
 }

@@ -61,7 +61,7 @@ use crate::context::random_key;
 use crate::db::{Backend, Database};
 use crate::flags::{BoxFuture, FlagCache, MigrationFlag};
 use crate::metrics::Metrics;
-use crate::ryw::{ReadTarget, ReplicaFailure, Router, pin_after};
+use crate::ryw::{ReadTarget, ReplicaFailure, Router};
 use crate::shadow::{MismatchClass, ShadowMode, ShadowOptions, record_mismatch};
 use crate::{Error, RequestContext, Result, Side, Stage};
 
@@ -522,11 +522,10 @@ where
         let mut excluded = 0u64;
         let mut last_failure = None;
         loop {
-            let mut route = router.route(ctx, self.inner.primary_reads, excluded);
-            if excluded != 0 && route.target == ReadTarget::Primary {
-                route.pin = Some(pin_after(last_failure));
-            }
-            let attempt = match router.connect(ctx, route).await {
+            let (route, conn) = router
+                .open(ctx, self.inner.primary_reads, excluded, last_failure)
+                .await;
+            let attempt = match conn {
                 Ok(mut conn) => self.call_side("read", op, side, stage, &mut conn).await,
                 Err(err) => Err(Error::from_sqlx(err)),
             };
@@ -772,11 +771,10 @@ where
         loop {
             let (mut conn, target) = match &self.inner.router {
                 Some(router) => {
-                    let mut route = router.route(ctx, self.inner.primary_reads, excluded);
-                    if excluded != 0 && route.target == ReadTarget::Primary {
-                        route.pin = Some(pin_after(last_failure));
-                    }
-                    match router.connect(ctx, route).await {
+                    let (route, conn) = router
+                        .open(ctx, self.inner.primary_reads, excluded, last_failure)
+                        .await;
+                    match conn {
                         Ok(conn) => (conn, route.target),
                         Err(err) => match (route.target, ReplicaFailure::of(&err)) {
                             (ReadTarget::Replica(index), Some(failure)) => {

@@ -107,7 +107,15 @@ struct Replica {
 }
 
 impl Replica {
-    fn set_health(&self, health: ReplicaHealth, metrics: &Metrics) {
+    fn set_health(&self, mut health: ReplicaHealth, metrics: &Metrics) {
+        // Replay only moves forward: a poll that started before an on-demand check (or before
+        // another poll) must not move the known position back.
+        let known = self.health.load().replay_lsn;
+        if let (Some(known), Some(polled)) = (known, health.replay_lsn)
+            && known > polled
+        {
+            health.replay_lsn = Some(known);
+        }
         let attrs = std::slice::from_ref(&self.attr);
         metrics
             .replica_healthy
@@ -281,6 +289,52 @@ impl ReplicaSet {
                 (Some(min), Some(replayed)) => replayed >= min,
                 (Some(_), None) => false,
             }
+    }
+
+    /// A replica in service to prove a position on: `prefer` if it is in service, else the
+    /// least behind; with its lag by time.
+    pub(crate) fn candidate(
+        &self,
+        excluded: u64,
+        prefer: Option<usize>,
+    ) -> Option<(usize, Duration)> {
+        let healthy = |index: usize| {
+            let health = self.inner.replicas.get(index)?.health.load();
+            let skip = index < 64 && excluded & (1 << index) != 0;
+            (health.healthy && !skip).then(|| {
+                (
+                    health.lag.unwrap_or_default(),
+                    health.lag_bytes.unwrap_or(u64::MAX),
+                )
+            })
+        };
+        if let Some(index) = prefer
+            && let Some((lag, _)) = healthy(index)
+        {
+            return Some((index, lag));
+        }
+        (0..self.inner.replicas.len())
+            .filter_map(|i| healthy(i).map(|(lag, bytes)| (i, lag, bytes)))
+            .min_by_key(|(_, _, bytes)| *bytes)
+            .map(|(i, lag, _)| (i, lag))
+    }
+
+    /// Records a replayed position read from replica `index` outside the poller.
+    pub(crate) fn observe_replay(&self, index: usize, lsn: Lsn) {
+        if let Some(replica) = self.inner.replicas.get(index) {
+            let health = replica.health.load();
+            if health.replay_lsn.is_none_or(|known| known < lsn) {
+                let mut updated = ReplicaHealth::clone(&health);
+                updated.replay_lsn = Some(lsn);
+                // A lost race with the poller only costs one more primary read.
+                replica.health.store(Arc::new(updated));
+            }
+        }
+    }
+
+    /// The longest a poll (or an on-demand replay check) may take.
+    pub(crate) fn poll_timeout(&self) -> Duration {
+        self.inner.options.poll_timeout
     }
 
     /// Takes replica `index` out of service now (a read on it failed the way a down server

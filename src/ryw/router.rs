@@ -458,16 +458,82 @@ impl Router {
         }
     }
 
-    /// A connection for `route`, counted in `twintrack.reads` and remembered as the request's
-    /// latest read target.
-    pub(crate) async fn connect(
+    /// Routes a read and opens its connection, counted in `twintrack.reads` and remembered as
+    /// the request's latest read target. `excluded` and `last_failure` come from earlier
+    /// attempts of the same read.
+    ///
+    /// When the request's token is ahead of every replica's last polled position but a replica
+    /// should have replayed it by now (the token's age exceeds the replica's lag), the replica
+    /// is asked directly, on the connection that will serve the read: proven, it serves; not
+    /// yet, the primary does. This keeps reads on replicas without waiting for the next poll.
+    pub(crate) async fn open(
         &self,
         ctx: Option<&RequestContext>,
-        route: Route,
-    ) -> std::result::Result<PoolConnection<Any>, sqlx::Error> {
-        let conn = self.database(route.target).pool().acquire().await?;
-        self.note(ctx, route);
-        Ok(conn)
+        primary_only: bool,
+        excluded: u64,
+        last_failure: Option<ReplicaFailure>,
+    ) -> (Route, std::result::Result<PoolConnection<Any>, sqlx::Error>) {
+        let mut route = self.route(ctx, primary_only, excluded);
+        if excluded != 0 && route.target == ReadTarget::Primary {
+            route.pin = Some(pin_after(last_failure));
+        }
+        if route.pin == Some(PinReason::Token)
+            && let Some((index, conn)) = self.prove(ctx, excluded).await
+        {
+            let route = Route {
+                target: ReadTarget::Replica(index),
+                pin: None,
+            };
+            self.note(ctx, route);
+            return (route, Ok(conn));
+        }
+        let conn = self.database(route.target).pool().acquire().await;
+        if conn.is_ok() {
+            self.note(ctx, route);
+        }
+        (route, conn)
+    }
+
+    /// Asks a replica that should have replayed the request's token by now whether it has.
+    async fn prove(
+        &self,
+        ctx: Option<&RequestContext>,
+        excluded: u64,
+    ) -> Option<(usize, PoolConnection<Any>)> {
+        let set = self.inner.replicas.as_ref()?;
+        let ryw = ctx?.ryw_state()?;
+        let token = ryw.token()?;
+        let min = token.lsn?;
+        let (index, lag) = set.candidate(excluded, ryw.chosen())?;
+        let due = token
+            .issued_at_ms
+            .saturating_add(u64::try_from(lag.as_millis()).unwrap_or(u64::MAX));
+        if now_ms() < due {
+            return None; // not worth a round trip yet
+        }
+        let check = async {
+            let mut conn = set.replica(index).pool().acquire().await?;
+            let replayed: Option<String> =
+                sqlx::query_scalar("SELECT CAST(pg_last_wal_replay_lsn() AS TEXT)")
+                    .fetch_one(&mut *conn)
+                    .await?;
+            Ok::<_, sqlx::Error>((conn, replayed))
+        };
+        let (conn, replayed) = tokio::time::timeout(set.poll_timeout(), check)
+            .await
+            .ok()?
+            .ok()?;
+        let replayed: Lsn = replayed?.parse().ok()?;
+        set.observe_replay(index, replayed);
+        if replayed < min {
+            return None;
+        }
+        if let Some(old) = ryw.chosen()
+            && old != index
+        {
+            ryw.forget(old);
+        }
+        Some((ryw.choose(index), conn)).filter(|(chosen, _)| *chosen == index)
     }
 
     fn note(&self, ctx: Option<&RequestContext>, route: Route) {
@@ -517,11 +583,8 @@ impl Router {
         let mut excluded = 0u64;
         let mut last_failure = None;
         loop {
-            let mut route = self.route(ctx, false, excluded);
-            if excluded != 0 && route.target == ReadTarget::Primary {
-                route.pin = Some(pin_after(last_failure));
-            }
-            let result = match self.connect(ctx, route).await {
+            let (route, conn) = self.open(ctx, false, excluded, last_failure).await;
+            let result = match conn {
                 Ok(mut conn) => op(&mut conn).await,
                 Err(err) => Err(err),
             };
@@ -642,7 +705,7 @@ pub fn note_write() {
     }
 }
 
-pub(crate) fn pin_after(failure: Option<ReplicaFailure>) -> PinReason {
+fn pin_after(failure: Option<ReplicaFailure>) -> PinReason {
     match failure {
         Some(ReplicaFailure::Conflict) => PinReason::ReplicaConflict,
         _ => PinReason::ReplicaDown,
