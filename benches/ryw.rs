@@ -13,7 +13,9 @@
 //!   to the primary for 2 s, then to the replica. (Implemented with the same router, as a token
 //!   that carries no WAL position and a 2 s window.)
 //!
-//! Stale read: a read that returned anything but the client's last written value.
+//! Stale read: a read that returned anything but the client's last written value. Ceiling: the
+//! share of reads made at least 200 ms after the client's own last write, the most a replica
+//! 200 ms behind can serve without a stale read.
 //!
 //! Run: `cargo bench --bench ryw` (starts its own PostgreSQL pair). Options:
 //! `--think-ms N[,N...]` (default `100,250`), `--clients N` per policy (default 16),
@@ -49,6 +51,9 @@ const WINDOW: Duration = Duration::from_secs(2);
 struct Tally {
     reads: AtomicU64,
     on_replica: AtomicU64,
+    /// Reads made at least the replica's lag after the client's own last write: the most a
+    /// replica that far behind could serve without a stale read.
+    could_be_replica: AtomicU64,
     stale: AtomicU64,
     writes: AtomicU64,
     errors: AtomicU64,
@@ -98,6 +103,7 @@ impl Client {
         mut token: Option<String>,
     ) -> (String, Option<String>) {
         let path = format!("/users/{}/settings", self.id);
+        let mut wrote_at: Option<Instant> = None;
         let mut n = 0u64;
         while Instant::now() < until {
             let pause = -self.next().max(1e-9).ln() * think.as_secs_f64();
@@ -115,6 +121,7 @@ impl Client {
                     continue;
                 };
                 last_written = value;
+                wrote_at = Some(Instant::now());
                 self.tally.writes.fetch_add(1, Ordering::Relaxed);
                 let issued = headers
                     .get(HEADER)
@@ -126,6 +133,9 @@ impl Client {
                     Policy::FixedWindow => issued.map(|t| self.window_token(&t)),
                 };
             } else {
+                if wrote_at.is_none_or(|at| at.elapsed() >= Duration::from_millis(LAG_MS)) {
+                    self.tally.could_be_replica.fetch_add(1, Ordering::Relaxed);
+                }
                 let mut req = http::Request::get(&path);
                 if let Some(token) = &token {
                     req = req.header(HEADER, token);
@@ -265,8 +275,10 @@ async fn main() {
     println!(
         "\nread-your-writes: {clients} clients per policy, 10% writes, replica {LAG_MS} ms behind, {seconds} s per pacing\n"
     );
-    println!("| think time (mean) | policy | reads | on replica | stale reads | writes | errors |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| think time (mean) | policy | reads | on replica | ceiling | stale reads | writes | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let mut state: Vec<(String, Option<String>)> = vec![("t0".to_owned(), None); ids.len()];
     for think in thinks {
         let until = Instant::now() + Duration::from_secs(seconds);
@@ -305,10 +317,12 @@ async fn main() {
             ("fixed 2 s window", &tallies[1]),
         ] {
             let reads = tally.reads.load(Ordering::Relaxed);
-            let on_replica = tally.on_replica.load(Ordering::Relaxed);
+            let share =
+                |n: &AtomicU64| 100.0 * n.load(Ordering::Relaxed) as f64 / reads.max(1) as f64;
             println!(
-                "| {think} ms | {name} | {reads} | {:.1}% | {} | {} | {} |",
-                100.0 * on_replica as f64 / reads.max(1) as f64,
+                "| {think} ms | {name} | {reads} | {:.1}% | {:.1}% | {} | {} | {} |",
+                share(&tally.on_replica),
+                share(&tally.could_be_replica),
                 tally.stale.load(Ordering::Relaxed),
                 tally.writes.load(Ordering::Relaxed),
                 tally.errors.load(Ordering::Relaxed),

@@ -8,6 +8,7 @@
 //! new_table = "user_settings"
 //! new_key = "user_id"
 //! fallback_stage = "legacy_only"  # optional: served if the flag was never loaded
+//! primary_reads = false           # optional: true keeps this migration's reads off replicas
 //! ```
 //!
 //! Unknown keys are an error (a typo must not silently change nothing), and so is every
@@ -47,6 +48,10 @@ pub struct MigrationConfig {
     /// The stage served when the flag was never loaded (default `legacy_only`).
     #[serde(default = "default_fallback")]
     pub fallback_stage: Stage,
+    /// Read from the primary only, never a replica (default `false`); see
+    /// [`DualStoreBuilder::primary_reads`](crate::dual::DualStoreBuilder::primary_reads).
+    #[serde(default)]
+    pub primary_reads: bool,
 }
 
 fn default_fallback() -> Stage {
@@ -121,6 +126,9 @@ mod tests {
         let m = config.migration("user_settings").unwrap();
         assert_eq!(m.new_table, "app.user_settings");
         assert_eq!(m.fallback_stage, Stage::DualWrite);
+        assert!(!m.primary_reads);
+        let primary = format!("{GOOD}primary_reads = true\n");
+        assert!(Config::parse(&primary).unwrap().migrations[0].primary_reads);
         assert!(Config::parse("").unwrap().migrations.is_empty());
     }
 
@@ -144,6 +152,7 @@ mod tests {
             (format!("{GOOD}{GOOD}"), "defined twice"),
             ("[[migration]]\nname = 3".to_owned(), "invalid type"),
             ("this is not toml".to_owned(), "expected"),
+            (format!("{GOOD}primary_reads = \"yes\"\n"), "invalid type"),
         ];
         for (text, needle) in cases {
             let err = Config::parse(&text).unwrap_err().to_string();

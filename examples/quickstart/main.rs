@@ -68,8 +68,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let router = read_router(&db).await?;
     let (legacy, new) = repos::repos(db.backend());
+    let primary_reads = config.migration(MIGRATION).is_some_and(|m| m.primary_reads);
     let settings = DualStore::builder(MIGRATION, legacy, new, db, flags.clone(), SettingsResync)
         .router(router.clone())
+        .primary_reads(primary_reads)
         .build()?;
     let app = app::app(Users { settings }, flags, Some(router), debug_headers);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
