@@ -19,9 +19,15 @@ pin_project! {
         #[pin]
         inner: TaskLocalFuture<RequestContext, F>,
         ryw: Option<(Router, Arc<RequestRyw>)>,
-        output: Option<F::Output>,
-        token: Option<BoxFuture<'static, String>>,
+        // Boxed: only requests that wrote get here, and the others keep a small future.
+        finishing: Option<Box<Finishing<F::Output>>>,
     }
+}
+
+/// The response, held while the token is read.
+struct Finishing<O> {
+    output: Option<O>,
+    token: BoxFuture<'static, String>,
 }
 
 impl<F: Future> ResponseFuture<F> {
@@ -32,8 +38,7 @@ impl<F: Future> ResponseFuture<F> {
         ResponseFuture {
             inner,
             ryw,
-            output: None,
-            token: None,
+            finishing: None,
         }
     }
 }
@@ -47,13 +52,14 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
-            if let Some(token) = this.token.as_mut() {
-                let token = ready!(token.as_mut().poll(cx));
-                *this.token = None;
-                let mut output = this
-                    .output
-                    .take()
-                    .expect("the response is kept while the token is read");
+            if let Some(finishing) = this.finishing.as_mut() {
+                let token = ready!(finishing.token.as_mut().poll(cx));
+                let output = finishing.output.take();
+                *this.finishing = None;
+                let Some(mut output) = output else {
+                    // Polled again after completion: nothing left to give.
+                    return Poll::Pending;
+                };
                 if let (Ok(response), Some((router, _))) = (&mut output, this.ryw.as_ref()) {
                     add_token(response, router, &token);
                 }
@@ -64,8 +70,10 @@ where
                 // Also after a handler error: whatever it committed must be readable next.
                 Some((router, state)) if state.wrote() && output.is_ok() => {
                     let router = router.clone();
-                    *this.output = Some(output);
-                    *this.token = Some(Box::pin(async move { router.issue().await }));
+                    *this.finishing = Some(Box::new(Finishing {
+                        output: Some(output),
+                        token: Box::pin(async move { router.issue().await }),
+                    }));
                 }
                 _ => return Poll::Ready(output),
             }
