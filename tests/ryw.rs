@@ -414,6 +414,12 @@ async fn a_stopped_replica_sends_reads_to_the_primary_without_errors() {
         svc.get(id, None).await.read_from.as_deref() == Some("primary")
     })
     .await;
+    // The gauge says so too.
+    let healthy = || {
+        svc.metrics
+            .gauge_u64("twintrack.replica.healthy", ("replica", 0))
+    };
+    assert_eq!(healthy(), Some(0));
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.start_replica(0);
     common::pg::eventually(
@@ -422,6 +428,13 @@ async fn a_stopped_replica_sends_reads_to_the_primary_without_errors() {
         || async { svc.get(id, None).await.read_from.as_deref() == Some("replica") },
     )
     .await;
+    assert_eq!(healthy(), Some(1));
+    assert!(
+        svc.metrics
+            .gauge_u64("twintrack.replica.lag_bytes", ("replica", 0))
+            .is_some(),
+        "replica lag is reported"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, errors) = reader.await.unwrap();
     assert!(
