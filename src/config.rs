@@ -9,6 +9,11 @@
 //! new_key = "user_id"
 //! fallback_stage = "legacy_only"  # optional: served if the flag was never loaded
 //! primary_reads = false           # optional: true keeps this migration's reads off replicas
+//! # The SQL backfill, verify and repair use (see `twintrack::definition`); one string for
+//! # every backend, or a table with `postgres` and `sqlite` keys:
+//! copy = "INSERT INTO user_settings (user_id, theme) SELECT id, theme FROM users WHERE id > $1 AND id <= $2 ON CONFLICT (user_id) DO UPDATE SET theme = excluded.theme"
+//! legacy_projection = "SELECT id AS key, theme FROM users"
+//! new_projection = "SELECT user_id AS key, theme FROM user_settings"
 //! ```
 //!
 //! Unknown keys are an error (a typo must not silently change nothing), and so is every
@@ -18,7 +23,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::db::quote_ident;
+use crate::db::{Backend, quote_ident};
+use crate::definition::{MigrationDef, SqlText};
 use crate::flags::validate_migration_name;
 use crate::{Error, Result, Stage};
 
@@ -52,6 +58,46 @@ pub struct MigrationConfig {
     /// [`DualStoreBuilder::primary_reads`](crate::dual::DualStoreBuilder::primary_reads).
     #[serde(default)]
     pub primary_reads: bool,
+    /// Upserts new rows from legacy rows with key in `($1, $2]`.
+    #[serde(default)]
+    pub copy: Option<SqlText>,
+    /// Upserts legacy rows from new rows with key in `($1, $2]`.
+    #[serde(default)]
+    pub reverse_copy: Option<SqlText>,
+    /// `SELECT key, …` over the legacy shape, in canonical form.
+    #[serde(default)]
+    pub legacy_projection: Option<SqlText>,
+    /// `SELECT key, …` over the new shape, in the same form.
+    #[serde(default)]
+    pub new_projection: Option<SqlText>,
+}
+
+impl MigrationConfig {
+    /// The definition for `backend` (its SQL picked for that backend).
+    pub fn definition(&self, backend: Backend) -> Result<MigrationDef> {
+        fn pick(sql: &Option<SqlText>, backend: Backend) -> Option<&str> {
+            sql.as_ref().and_then(|s| s.for_backend(backend))
+        }
+        let mut builder = MigrationDef::builder(&self.name).tables(
+            &self.legacy_table,
+            &self.legacy_key,
+            &self.new_table,
+            &self.new_key,
+        );
+        if let Some(sql) = pick(&self.copy, backend) {
+            builder = builder.copy(sql);
+        }
+        if let Some(sql) = pick(&self.reverse_copy, backend) {
+            builder = builder.reverse_copy(sql);
+        }
+        if let (Some(l), Some(n)) = (
+            pick(&self.legacy_projection, backend),
+            pick(&self.new_projection, backend),
+        ) {
+            builder = builder.projections(l, n);
+        }
+        builder.build()
+    }
 }
 
 fn default_fallback() -> Stage {
@@ -95,6 +141,12 @@ impl Config {
             ] {
                 quote_ident(ident)
                     .map_err(|e| Error::Config(format!("migration {:?}, {field}: {e}", m.name)))?;
+            }
+            for backend in [Backend::Postgres, Backend::Sqlite] {
+                m.definition(backend).map_err(|e| match e {
+                    Error::Config(msg) => Error::Config(format!("migration {:?}: {msg}", m.name)),
+                    other => other,
+                })?;
             }
         }
         Ok(())

@@ -36,6 +36,10 @@ pub enum Error {
     /// The transition rules refuse the move; `--force` overrides (and is audited).
     #[error("{0}")]
     Refused(Refusal),
+    /// An operation that would be unsafe in the migration's current state (a backfill in
+    /// `legacy_only`, say); the message says what to do first.
+    #[error("refused: {0}")]
+    Precondition(String),
     /// Compare-and-set lost: someone else changed the flag first.
     #[error(
         "version conflict on {migration:?}: expected version {expected}, found {actual} (re-read the state and retry)"

@@ -56,6 +56,10 @@
 //! - [`metrics`]: the OpenTelemetry instruments.
 //! - [`ryw`]: read-your-writes: the read router (primary or a replica, per request), the signed
 //!   WAL-position token and the replica health poller.
+//! - [`definition`]: a migration's definition (tables, keys, copy and projection SQL), checked
+//!   against the database before use.
+//! - [`backfill`]: resumable, throttled, parallel keyset copies with chunk leases.
+//! - [`verify`]: segment hashes, bisection to rows, re-checks, repair.
 //! - [`cli`]: the `twintrack` command (the binary in `src/bin` only calls it).
 //! - [`error`]: the crate's error type.
 //!
@@ -70,10 +74,12 @@
 #![deny(missing_docs, unsafe_code)]
 #![warn(unreachable_pub)]
 
+pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod context;
 pub mod db;
+pub mod definition;
 pub mod dual;
 pub mod error;
 pub mod flags;
@@ -84,6 +90,7 @@ pub mod schema;
 pub mod shadow;
 pub mod stage;
 pub mod transition;
+pub mod verify;
 
 pub use context::RequestContext;
 pub use db::{Backend, Database};

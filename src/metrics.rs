@@ -21,6 +21,9 @@
 //! | `twintrack.replica.lag` | gauge (s) | `replica` | replay lag by time, after each poll |
 //! | `twintrack.replica.lag_bytes` | gauge (By) | `replica` | replay lag in WAL bytes, after each poll |
 //! | `twintrack.replica.healthy` | gauge | `replica` | 1 while the replica serves reads, 0 while it is out |
+//! | `twintrack.backfill.rows` | counter | `migration`, `direction` | rows written by backfill copies |
+//! | `twintrack.backfill.pauses` | counter | `migration` | backfill pauses for replica lag |
+//! | `twintrack.verify.runs` | counter | `migration`, `result` = `clean`/`divergent` | verify runs |
 
 use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 
@@ -42,6 +45,9 @@ pub struct Metrics {
     pub(crate) replica_lag: Gauge<f64>,
     pub(crate) replica_lag_bytes: Gauge<u64>,
     pub(crate) replica_healthy: Gauge<u64>,
+    pub(crate) backfill_rows: Counter<u64>,
+    pub(crate) backfill_pauses: Counter<u64>,
+    pub(crate) verify_runs: Counter<u64>,
 }
 
 impl Metrics {
@@ -117,6 +123,18 @@ impl Metrics {
             replica_healthy: meter
                 .u64_gauge("twintrack.replica.healthy")
                 .with_description("1 while the replica serves reads, 0 while it is out of service")
+                .build(),
+            backfill_rows: meter
+                .u64_counter("twintrack.backfill.rows")
+                .with_description("Rows written by backfill copies")
+                .build(),
+            backfill_pauses: meter
+                .u64_counter("twintrack.backfill.pauses")
+                .with_description("Backfill pauses because a replica lagged past the limit")
+                .build(),
+            verify_runs: meter
+                .u64_counter("twintrack.verify.runs")
+                .with_description("Verify runs by result: clean or divergent")
                 .build(),
         }
     }

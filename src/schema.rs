@@ -154,10 +154,64 @@ const STEPS: &[Step] = &[
             "CREATE INDEX IF NOT EXISTS twintrack_mismatches_by_migration ON twintrack_mismatches (migration, id)",
         ],
     },
+    Step {
+        version: 3,
+        description: "backfill runs and chunk leases",
+        postgres: &[
+            r#"CREATE TABLE IF NOT EXISTS twintrack_backfill_runs (
+            id BIGSERIAL PRIMARY KEY,
+            migration TEXT NOT NULL,
+            direction TEXT NOT NULL,
+            lower_bound BIGINT NOT NULL,
+            upper_bound BIGINT NOT NULL,
+            started_at BIGINT NOT NULL,
+            finished_at BIGINT
+        )"#,
+            "CREATE UNIQUE INDEX IF NOT EXISTS twintrack_backfill_one_open_run ON twintrack_backfill_runs (migration, direction) WHERE finished_at IS NULL",
+            r#"CREATE TABLE IF NOT EXISTS twintrack_backfill_chunks (
+            run_id BIGINT NOT NULL,
+            chunk BIGINT NOT NULL,
+            lo BIGINT NOT NULL,
+            hi BIGINT NOT NULL,
+            next_key BIGINT NOT NULL,
+            rows_copied BIGINT NOT NULL DEFAULT 0,
+            batches BIGINT NOT NULL DEFAULT 0,
+            owner TEXT,
+            leased_until BIGINT,
+            done_at BIGINT,
+            PRIMARY KEY (run_id, chunk)
+        )"#,
+        ],
+        sqlite: &[
+            r#"CREATE TABLE IF NOT EXISTS twintrack_backfill_runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            migration TEXT NOT NULL,
+            direction TEXT NOT NULL,
+            lower_bound INTEGER NOT NULL,
+            upper_bound INTEGER NOT NULL,
+            started_at INTEGER NOT NULL,
+            finished_at INTEGER
+        )"#,
+            "CREATE UNIQUE INDEX IF NOT EXISTS twintrack_backfill_one_open_run ON twintrack_backfill_runs (migration, direction) WHERE finished_at IS NULL",
+            r#"CREATE TABLE IF NOT EXISTS twintrack_backfill_chunks (
+            run_id INTEGER NOT NULL,
+            chunk INTEGER NOT NULL,
+            lo INTEGER NOT NULL,
+            hi INTEGER NOT NULL,
+            next_key INTEGER NOT NULL,
+            rows_copied INTEGER NOT NULL DEFAULT 0,
+            batches INTEGER NOT NULL DEFAULT 0,
+            owner TEXT,
+            leased_until INTEGER,
+            done_at INTEGER,
+            PRIMARY KEY (run_id, chunk)
+        )"#,
+        ],
+    },
 ];
 
 /// The schema version this build of twintrack installs.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Creates or upgrades twintrack's tables. Idempotent; concurrent callers are serialised.
 pub async fn install(db: &Database) -> Result<()> {

@@ -6,6 +6,7 @@
 //! Exit codes (stable): 0 ok; 1 verify found divergence; 2 bad usage or bad input; 3 transition
 //! refused (including a lost compare-and-set); 4 cannot reach the database; 5 any other failure.
 
+mod data;
 mod init;
 mod mismatches;
 mod output;
@@ -78,6 +79,41 @@ pub enum Command {
         /// How many to show (1-1000).
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
+    },
+    /// Copy the rows that existed before dual writes (keyset batches, resumable, throttled).
+    /// Refused in legacy_only: turn dual writes on first.
+    Backfill {
+        /// The migration (defined in the config file, with its `copy` SQL).
+        migration: String,
+        /// Rows in the first batch; later batches are tuned toward --target-chunk-ms.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch_size: u32,
+        /// Target time per batch, in milliseconds.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        target_chunk_ms: u64,
+        /// Pause while a streaming replica replays more than this many milliseconds behind.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+        max_lag_ms: Option<u64>,
+        /// At most this many rows per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Concurrent workers in this process (more processes may run at once).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+        workers: u64,
+        /// Copy new -> legacy with `reverse_copy` (the reverse sync that makes leaving new_only safe).
+        #[arg(long)]
+        reverse: bool,
+    },
+    /// Compare both shapes (counts and hashes per segment, then rows); exit 1 if they differ.
+    Verify {
+        /// The migration (defined in the config file, with its projections).
+        migration: String,
+        /// Segments the key range is cut into.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        segments: u64,
+        /// Re-sync each difference from the authoritative side, then check again.
+        #[arg(long)]
+        repair: bool,
     },
     /// Change a migration's shadow sample rate or read rollout percent.
     Tune {
@@ -172,6 +208,38 @@ pub(crate) async fn run(cli: Cli, out: &Output) -> Result<ExitCode, Error> {
             };
             stage::set(&env, out, change).await
         }
+        Command::Backfill {
+            migration,
+            batch_size,
+            target_chunk_ms,
+            max_lag_ms,
+            rate,
+            workers,
+            reverse,
+        } => {
+            if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                return Err(Error::InvalidInput(
+                    "--rate must be a positive number of rows per second".into(),
+                ));
+            }
+            let args = data::BackfillArgs {
+                batch_size,
+                target_chunk_ms,
+                max_lag_ms,
+                rate,
+                workers: usize::try_from(workers).unwrap_or(1),
+                reverse,
+            };
+            data::backfill(&env, out, &migration, args).await
+        }
+        Command::Verify {
+            migration,
+            segments,
+            repair,
+        } => {
+            let segments = usize::try_from(segments).unwrap_or(64);
+            data::verify(&env, out, &migration, segments, repair).await
+        }
         Command::Mismatches { migration, limit } => {
             mismatches::run(&env, out, &migration, limit).await
         }
@@ -212,7 +280,7 @@ pub(crate) async fn run(cli: Cli, out: &Output) -> Result<ExitCode, Error> {
 /// The exit code for an error (see the module docs).
 pub fn exit_code(err: &Error) -> u8 {
     match err {
-        Error::Refused(_) | Error::VersionConflict { .. } => 3,
+        Error::Refused(_) | Error::VersionConflict { .. } | Error::Precondition(_) => 3,
         Error::Unreachable(_) => 4,
         Error::UnknownMigration(_)
         | Error::InvalidStage(_)
@@ -264,13 +332,17 @@ impl Env {
     }
 
     pub(crate) async fn database(&self) -> Result<Database, Error> {
+        self.database_with(2).await
+    }
+
+    pub(crate) async fn database_with(&self, max_connections: u32) -> Result<Database, Error> {
         let url = self.database_url.as_deref().ok_or_else(|| {
             Error::InvalidInput("no database: pass --database-url or set DATABASE_URL".into())
         })?;
         Database::connect_with(
             url,
             ConnectOptions {
-                max_connections: 2,
+                max_connections,
                 ..ConnectOptions::default()
             },
         )

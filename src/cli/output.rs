@@ -30,6 +30,10 @@ impl Output {
         }
     }
 
+    pub(crate) fn is_json(&self) -> bool {
+        self.json
+    }
+
     pub(crate) fn error(&self, err: &Error) {
         eprintln!("error: {err}");
         if self.json {

@@ -1,0 +1,170 @@
+//! `twintrack backfill MIGRATION …` and `twintrack verify MIGRATION …`
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::{Env, Output};
+use crate::backfill::{self, BackfillOptions, Progress};
+use crate::definition::{Direction, MigrationDef};
+use crate::flags::SqlFlagStore;
+use crate::metrics::Metrics;
+use crate::verify::{self, VerifyOptions};
+use crate::Error;
+
+/// The migration's definition from the config file, for the database's backend.
+fn definition(env: &Env, migration: &str, db: &crate::Database) -> Result<MigrationDef, Error> {
+    let config = env.config()?.ok_or_else(|| {
+        Error::Config(
+            "backfill and verify need the migration's definition: pass --config or create twintrack.toml".into(),
+        )
+    })?;
+    let m = config.migration(migration).ok_or_else(|| {
+        Error::Config(format!("migration {migration:?} is not defined in the config file"))
+    })?;
+    m.definition(db.backend())
+}
+
+/// The options of `twintrack backfill`.
+pub(crate) struct BackfillArgs {
+    pub(crate) batch_size: u32,
+    pub(crate) target_chunk_ms: u64,
+    pub(crate) max_lag_ms: Option<u64>,
+    pub(crate) rate: Option<f64>,
+    pub(crate) workers: usize,
+    pub(crate) reverse: bool,
+}
+
+pub(crate) async fn backfill(
+    env: &Env,
+    out: &Output,
+    migration: &str,
+    args: BackfillArgs,
+) -> Result<ExitCode, Error> {
+    let db = env.database_with(args.workers as u32 + 2).await?;
+    let def = definition(env, migration, &db)?;
+    let flags = SqlFlagStore::new(db.clone());
+    let options = BackfillOptions {
+        direction: if args.reverse {
+            Direction::Reverse
+        } else {
+            Direction::Forward
+        },
+        batch_size: args.batch_size,
+        target_batch_time: Duration::from_millis(args.target_chunk_ms),
+        max_lag: args.max_lag_ms.map(Duration::from_millis),
+        rate: args.rate,
+        workers: args.workers,
+        actor: env.actor.clone(),
+        ..BackfillOptions::default()
+    };
+    let bar = std::io::stderr().is_terminal() && !out.is_json();
+    let report = backfill::run(&db, &flags, &def, options, Metrics::global(), move |p| {
+        if bar {
+            draw(p);
+        } else if p.paused {
+            // Scripts and logs see pauses too (one line per report while paused).
+            eprintln!("paused: replica lag over --max-lag-ms");
+        }
+    })
+    .await;
+    if bar {
+        eprintln!();
+    }
+    let report = report?;
+    out.print(&report, || {
+        format!(
+            "{} {} backfill of {migration}: {} rows copied by this run ({} in total) over keys ({}, {}] in {:.1} s{}{}",
+            if report.finished { "finished" } else { "done here; other processes still hold chunks of" },
+            report.direction.as_str(),
+            report.rows_copied,
+            report.run_rows_copied,
+            report.lower_bound,
+            report.upper_bound,
+            report.elapsed_seconds,
+            if report.resumed { " (resumed an interrupted run)" } else { "" },
+            if report.paused_seconds > 0.0 {
+                format!(", paused {:.1} s for replica lag", report.paused_seconds)
+            } else {
+                String::new()
+            }
+        )
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+fn draw(p: &Progress) {
+    let share = if p.keys_total == 0 {
+        1.0
+    } else {
+        p.keys_done as f64 / p.keys_total as f64
+    };
+    let filled = (share * 30.0).round() as usize;
+    let eta = p
+        .eta_seconds
+        .map_or_else(|| "?".to_owned(), |s| format!("{s:.0}s"));
+    let mut err = std::io::stderr();
+    let _ = write!(
+        err,
+        "\r[{}{}] {:5.1}%  {} rows  {:.0} rows/s  ETA {eta}  batch {}{}   ",
+        "#".repeat(filled.min(30)),
+        " ".repeat(30 - filled.min(30)),
+        share * 100.0,
+        p.rows_copied,
+        p.rows_per_second,
+        p.batch_size,
+        if p.paused { "  PAUSED (replica lag)" } else { "" }
+    );
+    let _ = err.flush();
+}
+
+pub(crate) async fn verify(
+    env: &Env,
+    out: &Output,
+    migration: &str,
+    segments: usize,
+    repair: bool,
+) -> Result<ExitCode, Error> {
+    let parallel = 4;
+    let db = env.database_with(parallel as u32 * 2 + 2).await?;
+    let def = definition(env, migration, &db)?;
+    let flags = SqlFlagStore::new(db.clone());
+    let options = VerifyOptions {
+        segments,
+        parallel,
+        repair,
+        actor: env.actor.clone(),
+        ..VerifyOptions::default()
+    };
+    let report = verify::run(&db, &flags, &def, options, Metrics::global()).await?;
+    out.print(&report, || {
+        let mut text = format!(
+            "{migration}: {} ({} legacy rows, {} new rows, {} segments, {} differing) in {:.1} s",
+            if report.clean { "CLEAN" } else { "DIVERGENT" },
+            report.legacy_rows,
+            report.new_rows,
+            report.segments,
+            report.differing_segments,
+            report.elapsed_seconds
+        );
+        for line in report.lines() {
+            text.push_str("\n  ");
+            text.push_str(&line);
+        }
+        if !report.repaired.is_empty() {
+            text.push_str(&format!("\n  repaired {} keys", report.repaired.len()));
+        }
+        if report.in_flight > 0 {
+            text.push_str(&format!(
+                "\n  {} differences were writes in flight (gone on a second look)",
+                report.in_flight
+            ));
+        }
+        text
+    });
+    Ok(if report.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
