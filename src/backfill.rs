@@ -52,6 +52,10 @@ pub struct BackfillOptions {
     pub lease: Duration,
     /// Who runs it (recorded with the evidence).
     pub actor: String,
+    /// For demonstrations and tests only: copy without locking the source rows `FOR SHARE`,
+    /// which lets a racing dual write be overwritten by a batch's older copy. Never set it in
+    /// production.
+    pub unsafe_no_row_locks: bool,
 }
 
 impl Default for BackfillOptions {
@@ -65,6 +69,7 @@ impl Default for BackfillOptions {
             workers: 1,
             lease: Duration::from_secs(30),
             actor: "twintrack backfill".into(),
+            unsafe_no_row_locks: false,
         }
     }
 }
@@ -159,13 +164,17 @@ pub async fn run(
     progress: impl Fn(&Progress) + Send + Sync + 'static,
 ) -> Result<BackfillReport> {
     if options.workers == 0 || options.workers > 64 {
-        return Err(Error::InvalidInput("workers must be between 1 and 64".into()));
+        return Err(Error::InvalidInput(
+            "workers must be between 1 and 64".into(),
+        ));
     }
     if options.batch_size == 0 {
         return Err(Error::InvalidInput("batch size must be at least 1".into()));
     }
     if options.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return Err(Error::InvalidInput("rate must be a positive number of rows per second".into()));
+        return Err(Error::InvalidInput(
+            "rate must be a positive number of rows per second".into(),
+        ));
     }
     let direction = options.direction;
     let copy_sql = def.copy_sql(direction)?.to_owned();
@@ -220,7 +229,9 @@ pub async fn run(
             Ok(Ok(())) => {}
             Ok(Err(err)) => failure = failure.or(Some(err)),
             Err(join) => {
-                failure = failure.or(Some(Error::InvalidInput(format!("a backfill worker died: {join}"))))
+                failure = failure.or(Some(Error::InvalidInput(format!(
+                    "a backfill worker died: {join}"
+                ))))
             }
         }
     }
@@ -282,7 +293,9 @@ async fn open_run(db: &Database, def: &MigrationDef, direction: Direction) -> Re
     let bounds = format!(
         "SELECT CAST(COALESCE(MIN({key}), 0) AS BIGINT) AS lo, CAST(COALESCE(MAX({key}), 0) AS BIGINT) AS hi FROM {table}"
     );
-    let row = sqlx::query(AssertSqlSafe(bounds)).fetch_one(&mut *tx).await?;
+    let row = sqlx::query(AssertSqlSafe(bounds))
+        .fetch_one(&mut *tx)
+        .await?;
     let (min, max): (i64, i64) = (row.try_get("lo")?, row.try_get("hi")?);
     let lower = min.saturating_sub(1);
     let upper = max.max(lower);
@@ -304,7 +317,11 @@ async fn open_run(db: &Database, def: &MigrationDef, direction: Direction) -> Re
     let mut lo = lower;
     let mut index = 0i64;
     while lo < upper || index == 0 {
-        let hi = if width == 0 { upper } else { (lo + width).min(upper) };
+        let hi = if width == 0 {
+            upper
+        } else {
+            (lo + width).min(upper)
+        };
         sqlx::query(
             "INSERT INTO twintrack_backfill_chunks (run_id, chunk, lo, hi, next_key, done_at)
              VALUES ($1, $2, $3, $4, $3, $5)",
@@ -437,6 +454,7 @@ async fn copy_batch(
     let db = &shared.db;
     let (table, key) = shared.def.source(shared.options.direction);
     let lock = match db.backend() {
+        Backend::Postgres if shared.options.unsafe_no_row_locks => "",
         Backend::Postgres => " FOR SHARE",
         // SQLite: BEGIN IMMEDIATE holds the database's write lock for the whole batch.
         Backend::Sqlite => "",
@@ -458,7 +476,10 @@ async fn copy_batch(
         .await?;
     // A full batch ends at its last key; a short one covers the rest of the chunk.
     let upto = if rows.len() == batch as usize {
-        rows.last().map(|r| r.try_get::<i64, _>("k")).transpose()?.unwrap_or(lease.hi)
+        rows.last()
+            .map(|r| r.try_get::<i64, _>("k"))
+            .transpose()?
+            .unwrap_or(lease.hi)
     } else {
         lease.hi
     };
@@ -558,10 +579,10 @@ async fn wait_for_replicas(shared: &Shared) -> Result<()> {
         if paused_since.is_none() {
             paused_since = Some(Instant::now());
             shared.paused_now.store(true, Ordering::Relaxed);
-            shared.metrics.backfill_pauses.add(
-                1,
-                &[KeyValue::new("migration", shared.def.name.clone())],
-            );
+            shared
+                .metrics
+                .backfill_pauses
+                .add(1, &[KeyValue::new("migration", shared.def.name.clone())]);
             tracing::info!(migration = %shared.def.name, lag_ms, "replica lag over the limit; backfill paused");
         }
         report(shared, shared.options.batch_size, true).await;
@@ -600,7 +621,10 @@ async fn progress_totals(db: &Database, run: i64) -> Result<(u64, u64)> {
     .await?;
     let done: i64 = row.try_get("done")?;
     let copied: i64 = row.try_get("copied")?;
-    Ok((u64::try_from(done).unwrap_or(0), u64::try_from(copied).unwrap_or(0)))
+    Ok((
+        u64::try_from(done).unwrap_or(0),
+        u64::try_from(copied).unwrap_or(0),
+    ))
 }
 
 async fn unfinished_chunks(db: &Database, run: i64) -> Result<i64> {
@@ -622,7 +646,10 @@ async fn run_totals(db: &Database, run: i64) -> Result<(u64, u64)> {
     .await?;
     let copied: i64 = row.try_get("copied")?;
     let chunks: i64 = row.try_get("chunks")?;
-    Ok((u64::try_from(copied).unwrap_or(0), u64::try_from(chunks).unwrap_or(0)))
+    Ok((
+        u64::try_from(copied).unwrap_or(0),
+        u64::try_from(chunks).unwrap_or(0),
+    ))
 }
 
 /// Marks the run finished once every chunk is done and records the evidence (once).
@@ -645,7 +672,12 @@ async fn finish_run(shared: &Shared, flags: &dyn FlagStore) -> Result<bool> {
         };
         // The run's start time: rows dual-written since then are covered, older ones copied.
         flags
-            .record_evidence(&shared.def.name, kind, shared.run.started_at, &shared.options.actor)
+            .record_evidence(
+                &shared.def.name,
+                kind,
+                shared.run.started_at,
+                &shared.options.actor,
+            )
             .await?;
     }
     Ok(true)

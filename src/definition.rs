@@ -134,9 +134,7 @@ impl MigrationDefBuilder {
         };
         let non_empty = |what: &str, sql: Option<String>| -> Result<Option<String>> {
             match sql {
-                Some(s) if s.trim().is_empty() => {
-                    Err(Error::Config(format!("{what} is empty")))
-                }
+                Some(s) if s.trim().is_empty() => Err(Error::Config(format!("{what} is empty"))),
                 other => Ok(other),
             }
         };
@@ -228,10 +226,18 @@ impl MigrationDef {
         let mut conn = db.pool().acquire().await.map_err(Error::from_sqlx)?;
         let mut tx = conn.begin().await.map_err(Error::from_sqlx)?;
         let bad = |what: &str, e: sqlx::Error| {
-            Error::Config(format!("migration {:?}: {what}: {}", self.name, db_message(&e)))
+            Error::Config(format!(
+                "migration {:?}: {what}: {}",
+                self.name,
+                db_message(&e)
+            ))
         };
         for (what, table, key) in [
-            ("legacy_table/legacy_key", &self.legacy_table, &self.legacy_key),
+            (
+                "legacy_table/legacy_key",
+                &self.legacy_table,
+                &self.legacy_key,
+            ),
             ("new_table/new_key", &self.new_table, &self.new_key),
         ] {
             let sql = format!("SELECT {key} FROM {table} WHERE 1 = 0");
@@ -239,6 +245,28 @@ impl MigrationDef {
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(|e| bad(what, e))?;
+            if db.backend() == Backend::Sqlite {
+                // SQLite reads a double-quoted name that is no column as a string literal, so
+                // the statement above proves only the table: ask for the column by name.
+                let unquote = |s: &str| s.replace('"', "");
+                let table = unquote(table);
+                let (schema, name) = table.split_once('.').unwrap_or(("main", &table));
+                let found: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pragma_table_info($1, $2) WHERE name = $3",
+                )
+                .bind(name)
+                .bind(schema)
+                .bind(unquote(key))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| bad(what, e))?;
+                if found == 0 {
+                    return Err(Error::Config(format!(
+                        "migration {:?}: {what}: no column {key} in {table}",
+                        self.name
+                    )));
+                }
+            }
         }
         for (what, sql) in [("copy", &self.copy), ("reverse_copy", &self.reverse_copy)] {
             if let Some(sql) = sql {

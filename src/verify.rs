@@ -101,8 +101,16 @@ impl VerifyReport {
     /// Every difference, one per line, for people.
     pub fn lines(&self) -> Vec<String> {
         let mut out = Vec::new();
-        out.extend(self.missing_in_new.iter().map(|k| format!("missing_in_new {k}")));
-        out.extend(self.missing_in_legacy.iter().map(|k| format!("missing_in_legacy {k}")));
+        out.extend(
+            self.missing_in_new
+                .iter()
+                .map(|k| format!("missing_in_new {k}")),
+        );
+        out.extend(
+            self.missing_in_legacy
+                .iter()
+                .map(|k| format!("missing_in_legacy {k}")),
+        );
         out.extend(
             self.different
                 .iter()
@@ -139,10 +147,14 @@ pub async fn run(
     metrics: Metrics,
 ) -> Result<VerifyReport> {
     if options.segments == 0 || options.segments > 100_000 {
-        return Err(Error::InvalidInput("segments must be between 1 and 100000".into()));
+        return Err(Error::InvalidInput(
+            "segments must be between 1 and 100000".into(),
+        ));
     }
     if options.parallel == 0 || options.parallel > 64 {
-        return Err(Error::InvalidInput("parallel must be between 1 and 64".into()));
+        return Err(Error::InvalidInput(
+            "parallel must be between 1 and 64".into(),
+        ));
     }
     let started = Instant::now();
     let started_at = now_micros();
@@ -244,7 +256,12 @@ pub async fn run(
     );
     if clean {
         flags
-            .record_evidence(&def.name, EvidenceKind::VerifyClean, started_at, &options.actor)
+            .record_evidence(
+                &def.name,
+                EvidenceKind::VerifyClean,
+                started_at,
+                &options.actor,
+            )
             .await?;
     }
     report.elapsed_seconds = started.elapsed().as_secs_f64();
@@ -302,7 +319,10 @@ async fn bounds(ctx: &Ctx) -> Result<(i64, i64)> {
 }
 
 fn projection_error(name: &str, e: &sqlx::Error) -> Error {
-    Error::Config(format!("migration {name:?}: a projection failed: {}", db_message(e)))
+    Error::Config(format!(
+        "migration {name:?}: a projection failed: {}",
+        db_message(e)
+    ))
 }
 
 type BoxedFound<'a> = Pin<Box<dyn Future<Output = Result<Found>> + Send + 'a>>;
@@ -311,7 +331,11 @@ type BoxedFound<'a> = Pin<Box<dyn Future<Output = Result<Found>> + Send + 'a>>;
 fn compare_range(ctx: Arc<Ctx>, lo: i64, hi: i64, top: bool) -> BoxedFound<'static> {
     Box::pin(async move {
         let (l, n) = {
-            let _permit = ctx.limit.acquire().await.map_err(|_| Error::InvalidInput("verify stopped".into()))?;
+            let _permit = ctx
+                .limit
+                .acquire()
+                .await
+                .map_err(|_| Error::InvalidInput("verify stopped".into()))?;
             tokio::try_join!(
                 summarize(&ctx, &ctx.legacy, lo, hi),
                 summarize(&ctx, &ctx.new, lo, hi)
@@ -329,7 +353,11 @@ fn compare_range(ctx: Arc<Ctx>, lo: i64, hi: i64, top: bool) -> BoxedFound<'stat
             found.differing_segments = 1;
         }
         if l.rows.max(n.rows) <= ROW_COMPARE || hi - lo <= 1 {
-            let _permit = ctx.limit.acquire().await.map_err(|_| Error::InvalidInput("verify stopped".into()))?;
+            let _permit = ctx
+                .limit
+                .acquire()
+                .await
+                .map_err(|_| Error::InvalidInput("verify stopped".into()))?;
             found.rows = compare_rows(&ctx, lo, hi).await?;
             return Ok(found);
         }
@@ -408,7 +436,10 @@ async fn fetch_rows(ctx: &Ctx, proj: &str, lo: i64, hi: i64) -> Result<BTreeMap<
             for row in rows {
                 let doc = row_to_json(&row);
                 let key = doc.get("key").and_then(Value::as_i64).ok_or_else(|| {
-                    Error::Config(format!("migration {:?}: a projection's `key` is not an integer", ctx.name))
+                    Error::Config(format!(
+                        "migration {:?}: a projection's `key` is not an integer",
+                        ctx.name
+                    ))
                 })?;
                 out.insert(key, Value::Object(doc));
             }
@@ -463,7 +494,9 @@ async fn compare_rows(ctx: &Ctx, lo: i64, hi: i64) -> Result<BTreeMap<i64, Kind>
 
 /// One key compared again: `None` when both sides agree now.
 async fn compare_key(ctx: &Ctx, key: i64) -> Result<Option<Kind>> {
-    Ok(compare_rows(ctx, key.saturating_sub(1), key).await?.remove(&key))
+    Ok(compare_rows(ctx, key.saturating_sub(1), key)
+        .await?
+        .remove(&key))
 }
 
 fn differing_columns(l: &Value, n: &Value) -> Vec<String> {
@@ -504,7 +537,10 @@ async fn resync_key(
     let done = match (authoritative, kind) {
         (crate::Side::Legacy, Kind::MissingInLegacy) => {
             let sql = format!("DELETE FROM {} WHERE {} = $1", def.new_table, def.new_key);
-            sqlx::query(AssertSqlSafe(sql)).bind(key).execute(&mut *tx).await?;
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
             true
         }
         (crate::Side::Legacy, _) => {

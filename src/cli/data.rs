@@ -5,12 +5,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{Env, Output};
+use crate::Error;
 use crate::backfill::{self, BackfillOptions, Progress};
 use crate::definition::{Direction, MigrationDef};
 use crate::flags::SqlFlagStore;
 use crate::metrics::Metrics;
 use crate::verify::{self, VerifyOptions};
-use crate::Error;
 
 /// The migration's definition from the config file, for the database's backend.
 fn definition(env: &Env, migration: &str, db: &crate::Database) -> Result<MigrationDef, Error> {
@@ -20,7 +20,9 @@ fn definition(env: &Env, migration: &str, db: &crate::Database) -> Result<Migrat
         )
     })?;
     let m = config.migration(migration).ok_or_else(|| {
-        Error::Config(format!("migration {migration:?} is not defined in the config file"))
+        Error::Config(format!(
+            "migration {migration:?} is not defined in the config file"
+        ))
     })?;
     m.definition(db.backend())
 }
@@ -113,7 +115,11 @@ fn draw(p: &Progress) {
         p.rows_copied,
         p.rows_per_second,
         p.batch_size,
-        if p.paused { "  PAUSED (replica lag)" } else { "" }
+        if p.paused {
+            "  PAUSED (replica lag)"
+        } else {
+            ""
+        }
     );
     let _ = err.flush();
 }

@@ -1,0 +1,472 @@
+//! Backfill, verify and repair on real databases, through the quickstart's own definition
+//! (`examples/quickstart.toml`) and repositories: copies that race dual writes, planted
+//! divergences, the stage gates fed by real evidence, and bad definitions.
+
+mod common;
+#[path = "../examples/quickstart/repos.rs"]
+mod repos;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use repos::{Settings, SettingsResync, Users};
+use twintrack::backfill::{self, BackfillOptions};
+use twintrack::config::Config;
+use twintrack::definition::MigrationDef;
+use twintrack::dual::DualStore;
+use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
+use twintrack::metrics::Metrics;
+use twintrack::verify::{self, VerifyOptions};
+use twintrack::{Backend, Database, Error, Stage};
+
+const M: &str = "user_settings";
+
+fn quickstart_config() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.toml")
+}
+
+fn definition(backend: Backend) -> MigrationDef {
+    let config = Config::load(&quickstart_config()).unwrap();
+    config.migration(M).unwrap().definition(backend).unwrap()
+}
+
+struct Fixture {
+    db: Database,
+    store: Arc<SqlFlagStore>,
+    def: MigrationDef,
+    url: String,
+    _guard: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    async fn new(url: &str, guard: Option<tempfile::TempDir>) -> Fixture {
+        let db = Database::connect(url).await.unwrap();
+        repos::create_shapes(&db).await.unwrap();
+        let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+        store.register(M, "test").await.unwrap();
+        Fixture {
+            def: definition(db.backend()),
+            db,
+            store,
+            url: url.to_owned(),
+            _guard: guard,
+        }
+    }
+
+    async fn all() -> Vec<Fixture> {
+        let mut out = Vec::new();
+        for (_, url, guard) in common::backends().await {
+            out.push(Fixture::new(&url, guard).await);
+        }
+        out
+    }
+
+    /// `n` legacy users with settings in the JSON profile, as before the migration.
+    async fn seed(&self, n: i64) {
+        let sql = match self.db.backend() {
+            Backend::Postgres => {
+                "INSERT INTO users (email, profile)
+                 SELECT 'u' || g || '@example.com',
+                        jsonb_build_object('theme', 'theme-' || (g % 7), 'notifications_enabled', g % 2 = 0)
+                 FROM generate_series(1, $1) AS g"
+            }
+            Backend::Sqlite => {
+                "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < $1)
+                 INSERT INTO users (email, profile)
+                 SELECT 'u' || i || '@example.com',
+                        json_object('theme', 'theme-' || (i % 7), 'notifications_enabled',
+                                    json(CASE WHEN i % 2 = 0 THEN 'true' ELSE 'false' END))
+                 FROM g"
+            }
+        };
+        sqlx::query(sql)
+            .bind(n)
+            .execute(self.db.pool())
+            .await
+            .unwrap();
+    }
+
+    async fn stage(&self, stage: Stage) {
+        self.store
+            .set_stage(StageChange::new(M, stage, "test", "setup").force(true))
+            .await
+            .unwrap();
+    }
+
+    async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+            .fetch_one(self.db.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn backfill(
+        &self,
+        options: BackfillOptions,
+    ) -> twintrack::Result<backfill::BackfillReport> {
+        backfill::run(
+            &self.db,
+            &*self.store,
+            &self.def,
+            options,
+            Metrics::global(),
+            |_| {},
+        )
+        .await
+    }
+
+    async fn verify(&self, repair: bool) -> verify::VerifyReport {
+        let options = VerifyOptions {
+            segments: 8,
+            repair,
+            recheck_delay: Duration::from_millis(50),
+            ..VerifyOptions::default()
+        };
+        verify::run(
+            &self.db,
+            &*self.store,
+            &self.def,
+            options,
+            Metrics::global(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn cli(&self, cwd: &Path, line: &str) -> (i32, String) {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+            .current_dir(cwd)
+            .arg("--database-url")
+            .arg(&self.url)
+            .arg("--config")
+            .arg(quickstart_config())
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backfill_copies_every_row_and_verify_finds_them_equal() {
+    for f in Fixture::all().await {
+        let backend = f.db.backend();
+        f.seed(5_000).await;
+        // Refused while dual writes are off: rows written meanwhile would be missed.
+        f.stage(Stage::LegacyOnly).await;
+        let err = f.backfill(BackfillOptions::default()).await.unwrap_err();
+        assert!(matches!(err, Error::Precondition(_)), "{backend:?}: {err}");
+        assert!(err.to_string().contains("dual_write"), "{err}");
+        assert_eq!(f.count("user_settings").await, 0);
+
+        f.stage(Stage::DualWrite).await;
+        let report = f
+            .backfill(BackfillOptions {
+                batch_size: 300,
+                workers: 3,
+                ..BackfillOptions::default()
+            })
+            .await
+            .unwrap();
+        assert!(report.finished);
+        assert_eq!(report.rows_copied, 5_000, "{backend:?}");
+        assert_eq!(report.run_rows_copied, 5_000);
+        assert_eq!(f.count("user_settings").await, 5_000);
+        let record = f.store.get(M).await.unwrap();
+        assert!(record.evidence.backfill_finished_at.is_some());
+
+        let v = f.verify(false).await;
+        assert!(v.clean, "{backend:?}: {:?}", v.lines());
+        assert_eq!((v.legacy_rows, v.new_rows), (5_000, 5_000));
+        assert!(
+            f.store
+                .get(M)
+                .await
+                .unwrap()
+                .evidence
+                .verify_clean_at
+                .is_some()
+        );
+
+        // A second backfill starts a new run and changes nothing.
+        let again = f.backfill(BackfillOptions::default()).await.unwrap();
+        assert!(!again.resumed);
+        assert_eq!(f.count("user_settings").await, 5_000);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn planted_divergences_are_reported_exactly_and_repaired() {
+    for f in Fixture::all().await {
+        let backend = f.db.backend();
+        f.seed(2_000).await;
+        f.stage(Stage::DualWrite).await;
+        f.backfill(BackfillOptions::default()).await.unwrap();
+        assert!(f.verify(false).await.clean);
+
+        // Missing in new, missing in legacy (a user whose legacy settings are gone), and one
+        // column different.
+        sqlx::query("DELETE FROM user_settings WHERE user_id = 17")
+            .execute(f.db.pool())
+            .await
+            .unwrap();
+        sqlx::query("UPDATE users SET profile = '{}' WHERE id = 1234")
+            .execute(f.db.pool())
+            .await
+            .unwrap();
+        sqlx::query("UPDATE user_settings SET theme = 'planted' WHERE user_id = 1999")
+            .execute(f.db.pool())
+            .await
+            .unwrap();
+        let v = f.verify(false).await;
+        assert!(!v.clean);
+        assert_eq!(v.missing_in_new, vec![17], "{backend:?}");
+        assert_eq!(v.missing_in_legacy, vec![1234], "{backend:?}");
+        assert_eq!(v.different.len(), 1, "{:?}", v.different);
+        assert_eq!(v.different[0].key, 1999);
+        assert_eq!(v.different[0].columns, vec!["theme".to_owned()]);
+        assert_eq!(
+            v.differing_segments,
+            3.min(v.segments),
+            "{backend:?}: {v:?}"
+        );
+
+        // --repair re-syncs exactly those keys from legacy (authoritative in dual_write).
+        let r = f.verify(true).await;
+        assert!(r.clean, "{:?}", r.lines());
+        let mut repaired = r.repaired.clone();
+        repaired.sort();
+        assert_eq!(repaired, vec![17, 1234, 1999]);
+        assert!(f.verify(false).await.clean);
+        assert_eq!(f.count("user_settings").await, 1_999);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stage_gates_follow_real_evidence() {
+    for f in Fixture::all().await {
+        let dir = tempfile::tempdir().unwrap();
+        f.seed(500).await;
+        f.cli(dir.path(), "stage set user_settings dual_write --reason go");
+        let (code, out) = f.cli(
+            dir.path(),
+            "stage set user_settings shadow --reason compare",
+        );
+        assert_eq!(code, 3, "{out}");
+        assert!(out.contains("twintrack backfill user_settings"), "{out}");
+
+        let (code, out) = f.cli(dir.path(), "backfill user_settings --batch-size 100");
+        assert_eq!(code, 0, "{out}");
+        let (code, out) = f.cli(
+            dir.path(),
+            "stage set user_settings shadow --reason compare",
+        );
+        assert_eq!(code, 3, "{out}");
+        assert!(out.contains("twintrack verify user_settings"), "{out}");
+        let (code, out) = f.cli(dir.path(), "verify user_settings --segments 4");
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("CLEAN"), "{out}");
+        let (code, out) = f.cli(
+            dir.path(),
+            "stage set user_settings shadow --reason compare",
+        );
+        assert_eq!(code, 0, "{out}");
+
+        // Back to legacy_only and forward again: the old proof no longer counts.
+        let (code, out) = f.cli(
+            dir.path(),
+            "stage set user_settings legacy_only --reason back",
+        );
+        assert_eq!(code, 0, "{out}");
+        let (code, _) = f.cli(
+            dir.path(),
+            "stage set user_settings dual_write --reason again",
+        );
+        assert_eq!(code, 0);
+        let (code, out) = f.cli(dir.path(), "stage set user_settings shadow --reason again");
+        assert_eq!(code, 3, "{out}");
+        let (code, out) = f.cli(dir.path(), "backfill user_settings");
+        assert_eq!(code, 0, "{out}");
+        let (code, out) = f.cli(dir.path(), "verify user_settings");
+        assert_eq!(code, 0, "{out}");
+        let (code, out) = f.cli(dir.path(), "stage set user_settings shadow --reason again");
+        assert_eq!(code, 0, "{out}");
+
+        // A divergence: verify exits 1 and names it.
+        sqlx::query("UPDATE user_settings SET theme = 'x' WHERE user_id = 3")
+            .execute(f.db.pool())
+            .await
+            .unwrap();
+        let (code, out) = f.cli(dir.path(), "verify user_settings");
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("different 3 (theme)"), "{out}");
+        let (code, out) = f.cli(dir.path(), "--json verify user_settings --repair");
+        assert_eq!(code, 0, "{out}");
+        let json: serde_json::Value =
+            serde_json::from_str(&out[..out.rfind('}').unwrap() + 1]).unwrap();
+        assert_eq!(json["repaired"], serde_json::json!([3]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_definitions_are_refused_before_anything_is_written() {
+    for f in Fixture::all().await {
+        let dir = tempfile::tempdir().unwrap();
+        f.seed(50).await;
+        f.stage(Stage::DualWrite).await;
+        let good = std::fs::read_to_string(quickstart_config()).unwrap();
+        let cases = [
+            (
+                good.replace(
+                    "legacy_table = \"users\"",
+                    "legacy_table = \"no_such_table\"",
+                ),
+                "legacy_table",
+            ),
+            (
+                good.replace("legacy_key = \"id\"", "legacy_key = \"no_such_column\""),
+                "legacy_table/legacy_key",
+            ),
+            (
+                good.replace(
+                    "legacy_table = \"users\"",
+                    "legacy_table = \"users; drop table users\"",
+                ),
+                "invalid SQL identifier",
+            ),
+            (
+                good.replace("new_key = \"user_id\"", "new_key = \"user\\\"_id\""),
+                "invalid SQL identifier",
+            ),
+            (
+                good.replace("ON CONFLICT (user_id)", "ON CONFLICT (no_such)"),
+                "copy SQL fails",
+            ),
+            (
+                good.replace("SELECT user_id AS key,", "SELECT user_id AS k,"),
+                "new_projection",
+            ),
+        ];
+        for (text, needle) in cases {
+            let path = dir.path().join("bad.toml");
+            std::fs::write(&path, &text).unwrap();
+            for command in ["backfill user_settings", "verify user_settings"] {
+                let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+                    .arg("--database-url")
+                    .arg(&f.url)
+                    .arg("--config")
+                    .arg(&path)
+                    .args(command.split_whitespace())
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(
+                    out.status.code(),
+                    Some(2),
+                    "{command} with {needle}: {text}"
+                );
+                assert!(
+                    text.contains(needle),
+                    "{command}: expected {needle:?} in {text}"
+                );
+            }
+        }
+        assert_eq!(f.count("user_settings").await, 0, "nothing was copied");
+        assert_eq!(
+            f.count("twintrack_backfill_runs").await,
+            0,
+            "no run was started"
+        );
+        let record = f.store.get(M).await.unwrap();
+        assert!(record.evidence.backfill_finished_at.is_none());
+        assert!(record.evidence.verify_clean_at.is_none());
+    }
+}
+
+/// The `FOR SHARE` lock is what keeps a racing dual write from being overwritten by a batch's
+/// older copy. A copy statement made slow on purpose (it sleeps after taking its snapshot)
+/// gives a write the time to land in between: with the lock the write waits for the batch and
+/// wins; without it, the batch's stale copy overwrites it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_row_lock_keeps_racing_writes_from_being_overwritten() {
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    for lock in [true, false] {
+        let f = Fixture::new(&pg.url, None).await;
+        sqlx::query(
+            "TRUNCATE users, user_settings, twintrack_backfill_runs, twintrack_backfill_chunks RESTART IDENTITY",
+        )
+        .execute(f.db.pool())
+        .await
+        .unwrap();
+        f.seed(10).await;
+        f.stage(Stage::DualWrite).await;
+        let mut def = f.def.clone();
+        // The snapshot is taken when the statement starts; the sleep runs before any row is read
+        // out of it.
+        def.copy = Some(def.copy.clone().unwrap().replace(
+            "FROM users\nWHERE",
+            "FROM users, (SELECT pg_sleep(0.5)) AS slow\nWHERE",
+        ));
+        assert!(def.copy.as_ref().unwrap().contains("pg_sleep"));
+        let flags = FlagCache::builder(f.store.clone())
+            .migration(M, Stage::LegacyOnly)
+            .build()
+            .await;
+        let (legacy, new) = repos::repos(Backend::Postgres);
+        let users = Users {
+            settings: DualStore::builder(M, legacy, new, f.db.clone(), flags, SettingsResync)
+                .build()
+                .unwrap(),
+        };
+        let options = BackfillOptions {
+            batch_size: 100,
+            unsafe_no_row_locks: !lock,
+            ..BackfillOptions::default()
+        };
+        let (db, store) = (f.db.clone(), f.store.clone());
+        let run = tokio::spawn(async move {
+            backfill::run(&db, &*store, &def, options, Metrics::global(), |_| {}).await
+        });
+        // The run exists once the definition was checked; its first batch starts right after.
+        common::pg::eventually(Duration::from_secs(10), "the run to start", || async {
+            f.count("twintrack_backfill_runs").await > 0
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        users
+            .update(
+                5,
+                Settings {
+                    theme: "written-during-backfill".into(),
+                    notifications_enabled: true,
+                },
+            )
+            .await
+            .unwrap();
+        run.await.unwrap().unwrap();
+        let v = f.verify(false).await;
+        if lock {
+            assert!(v.clean, "with the lock: {:?}", v.lines());
+        } else {
+            assert_eq!(
+                v.different.len(),
+                1,
+                "without the lock the race is real: {:?}",
+                v.lines()
+            );
+            assert_eq!(v.different[0].key, 5);
+        }
+    }
+}
