@@ -470,3 +470,159 @@ async fn the_row_lock_keeps_racing_writes_from_being_overwritten() {
         }
     }
 }
+
+/// Rows copied by every batch of every run so far: each row once means no range was copied
+/// twice.
+async fn rows_copied(db: &Database) -> i64 {
+    sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) FROM twintrack_backfill_chunks",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap()
+}
+
+fn backfill_process(url: &str, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .arg("--database-url")
+        .arg(url)
+        .arg("--config")
+        .arg(quickstart_config())
+        .arg("--json")
+        .args(["backfill", M])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_million_row_backfill_killed_halfway_resumes_without_gap_or_duplicate() {
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let f = Fixture::new(&pg.url, None).await;
+    f.seed(1_000_000).await;
+    f.stage(Stage::DualWrite).await;
+
+    let mut first = backfill_process(&f.url, &["--workers", "2"]);
+    common::pg::eventually(Duration::from_secs(120), "half the rows copied", || async {
+        rows_copied(&f.db).await >= 500_000
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL: no chance to clean up
+    let _ = first.wait();
+    let at_kill = rows_copied(&f.db).await;
+    assert!(
+        at_kill < 1_000_000,
+        "the run finished before it was killed ({at_kill})"
+    );
+    eprintln!("killed after {at_kill} rows");
+
+    let second = backfill_process(&f.url, &["--workers", "2"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(report["resumed"], true);
+    assert_eq!(report["finished"], true);
+    assert_eq!(report["run_rows_copied"], 1_000_000, "{report}");
+    // The resumed run copied exactly what the first had not: together, every row once.
+    assert_eq!(
+        report["rows_copied"].as_i64().unwrap() + at_kill,
+        1_000_000,
+        "{report}"
+    );
+    assert_eq!(f.count("user_settings").await, 1_000_000);
+    let v = f.verify(false).await;
+    assert!(v.clean, "{:?}", v.lines());
+    assert_eq!(v.legacy_rows, 1_000_000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_backfill_processes_share_the_range_without_overlap() {
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let f = Fixture::new(&pg.url, None).await;
+    f.seed(200_000).await;
+    f.stage(Stage::DualWrite).await;
+    let args = [
+        "--workers",
+        "2",
+        "--batch-size",
+        "500",
+        "--target-chunk-ms",
+        "20",
+    ];
+    let a = backfill_process(&f.url, &args);
+    let b = backfill_process(&f.url, &args);
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let a: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
+    let b: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
+    assert_eq!(a["run_id"], b["run_id"], "both joined one run");
+    let (ra, rb) = (
+        a["rows_copied"].as_i64().unwrap(),
+        b["rows_copied"].as_i64().unwrap(),
+    );
+    eprintln!("process A copied {ra} rows, process B {rb}");
+    assert!(
+        ra > 0 && rb > 0,
+        "both processes did part of the work: {a} {b}"
+    );
+    assert_eq!(ra + rb, 200_000, "every row copied exactly once");
+    assert_eq!(rows_copied(&f.db).await, 200_000);
+    assert_eq!(f.count("user_settings").await, 200_000);
+    assert!(f.verify(false).await.clean);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lagging_replica_pauses_the_backfill_until_it_catches_up() {
+    let Some(cluster) =
+        common::pg::Cluster::start_or_skip(vec![common::pg::ReplicaSpec::delayed(300)])
+    else {
+        return;
+    };
+    let db = cluster.fresh_db().await;
+    let f = Fixture::new(&db.url, None).await;
+    f.seed(2_000).await;
+    f.stage(Stage::DualWrite).await;
+    let metrics = common::TestMetrics::new();
+    let paused_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = paused_seen.clone();
+    let report = backfill::run(
+        &f.db,
+        &*f.store,
+        &f.def,
+        BackfillOptions {
+            batch_size: 200,
+            target_batch_time: Duration::from_millis(5),
+            max_lag: Some(Duration::from_millis(50)),
+            ..BackfillOptions::default()
+        },
+        metrics.metrics(),
+        move |p| {
+            if p.paused {
+                seen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.finished);
+    assert_eq!(f.count("user_settings").await, 2_000);
+    assert!(
+        paused_seen.load(std::sync::atomic::Ordering::Relaxed),
+        "progress never showed a pause"
+    );
+    assert!(report.paused_seconds > 0.2, "{report:?}");
+    assert!(metrics.counter("twintrack.backfill.pauses", ("migration", M)) > 0);
+    assert!(f.verify(false).await.clean);
+}
