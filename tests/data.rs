@@ -626,3 +626,127 @@ async fn a_lagging_replica_pauses_the_backfill_until_it_catches_up() {
     assert!(metrics.counter("twintrack.backfill.pauses", ("migration", M)) > 0);
     assert!(f.verify(false).await.clean);
 }
+
+/// Updates and deletes through the dual store while a backfill runs (small batches, several
+/// workers): afterwards verify finds both shapes equal.
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_and_deletes_racing_the_backfill_leave_both_shapes_equal() {
+    for f in Fixture::all().await {
+        let backend = f.db.backend();
+        let n = 20_000;
+        f.seed(n).await;
+        f.stage(Stage::DualWrite).await;
+        let flags = FlagCache::builder(f.store.clone())
+            .migration(M, Stage::LegacyOnly)
+            .build()
+            .await;
+        let (legacy, new) = repos::repos(backend);
+        let users = Users {
+            settings: DualStore::builder(M, legacy, new, f.db.clone(), flags, SettingsResync)
+                .build()
+                .unwrap(),
+        };
+        let (db, store, def) = (f.db.clone(), f.store.clone(), f.def.clone());
+        let run = tokio::spawn(async move {
+            let options = BackfillOptions {
+                batch_size: 200,
+                target_batch_time: Duration::from_millis(10),
+                workers: 3,
+                // About 2 s, so plenty of writes land while batches run.
+                rate: Some(10_000.0),
+                ..BackfillOptions::default()
+            };
+            backfill::run(&db, &*store, &def, options, Metrics::global(), |_| {}).await
+        });
+        let mut writes = 0;
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        while !run.is_finished() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let id = 1 + (rng % n as u64) as i64;
+            let result = if rng.is_multiple_of(5) {
+                users.delete(id).await
+            } else {
+                users
+                    .update(
+                        id,
+                        Settings {
+                            theme: format!("raced-{writes}"),
+                            notifications_enabled: rng.is_multiple_of(2),
+                        },
+                    )
+                    .await
+            };
+            match result {
+                Ok(()) | Err(repos::UserError::NotFound) => writes += 1,
+                Err(e) => panic!("{backend:?}: a racing write failed: {e:?}"),
+            }
+        }
+        run.await.unwrap().unwrap();
+        eprintln!("{backend:?}: {writes} updates and deletes raced the backfill");
+        assert!(
+            writes > 50,
+            "{backend:?}: only {writes} writes raced the backfill"
+        );
+        let v = f.verify(false).await;
+        assert!(v.clean, "{backend:?}: {:?}", v.lines());
+    }
+}
+
+/// Leaving `new_only` for a stage that reads legacy needs a reverse sync: `backfill --reverse`
+/// (the definition's `reverse_copy`) copies what only the new shape received.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reverse_backfill_makes_leaving_new_only_safe() {
+    for f in Fixture::all().await {
+        let backend = f.db.backend();
+        f.seed(500).await;
+        let set = |stage: Stage| {
+            let store = f.store.clone();
+            async move {
+                store
+                    .set_stage(StageChange::new(M, stage, "test", "walk"))
+                    .await
+            }
+        };
+        set(Stage::DualWrite).await.unwrap();
+        f.backfill(BackfillOptions::default()).await.unwrap();
+        assert!(f.verify(false).await.clean);
+        for stage in [Stage::Shadow, Stage::Live, Stage::RampDown, Stage::NewOnly] {
+            set(stage)
+                .await
+                .unwrap_or_else(|e| panic!("{backend:?} → {stage}: {e}"));
+        }
+        // In new_only only the new shape is written.
+        sqlx::query("UPDATE user_settings SET theme = 'new-only' WHERE user_id <= 10")
+            .execute(f.db.pool())
+            .await
+            .unwrap();
+        let err = set(Stage::Shadow).await.unwrap_err();
+        assert!(err.to_string().contains("--reverse"), "{backend:?}: {err}");
+        // Reverse backfill is refused until legacy receives writes again...
+        let reverse = BackfillOptions {
+            direction: twintrack::definition::Direction::Reverse,
+            ..BackfillOptions::default()
+        };
+        assert!(matches!(
+            f.backfill(reverse.clone()).await.unwrap_err(),
+            Error::Precondition(_)
+        ));
+        // ...which ramp_down does (it still reads new, so it needs no proof).
+        set(Stage::RampDown).await.unwrap();
+        let report = f.backfill(reverse).await.unwrap();
+        assert!(report.finished);
+        assert!(
+            f.store
+                .get(M)
+                .await
+                .unwrap()
+                .evidence
+                .reverse_synced_at
+                .is_some()
+        );
+        assert!(f.verify(false).await.clean, "{backend:?}");
+        set(Stage::Shadow).await.unwrap();
+    }
+}
