@@ -16,10 +16,10 @@
 //! is rolled back), and the projections have a `key` column.
 
 use serde::{Deserialize, Serialize};
-use sqlx::{AssertSqlSafe, Connection};
+use sqlx::{AnyConnection, AssertSqlSafe, Connection};
 
 use crate::db::{Backend, Database, quote_ident};
-use crate::{Error, Result};
+use crate::{Error, Result, Side};
 
 /// SQL text, the same for every backend or one per backend.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,5 +312,75 @@ pub(crate) fn db_message(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Database(db) => db.message().to_owned(),
         other => other.to_string(),
+    }
+}
+
+/// What [`resync_key`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resynced {
+    /// The source's row was copied over the other side's.
+    Copied,
+    /// The source has no row: the new side's row was deleted.
+    Deleted,
+    /// The new side is the source and has no row: the legacy row was left alone (it usually
+    /// holds more than the migrated columns).
+    LeftAlone,
+}
+
+/// Re-syncs one key from `source` to the other side, in the caller's transaction, with the
+/// definition's SQL: the one way twintrack re-syncs a key from SQL (verify's `--repair`, and
+/// the dual store's repair worker when it has a definition).
+///
+/// The source row is locked first (`FOR SHARE` on PostgreSQL) so no write slips in between;
+/// then, if the source projection has the key, `copy` (or `reverse_copy`) runs for `(key-1,
+/// key]`; if not, the new side's row is deleted (legacy source) or left alone (new source).
+pub async fn resync_key(
+    conn: &mut AnyConnection,
+    def: &MigrationDef,
+    key: i64,
+    source: Side,
+) -> Result<Resynced> {
+    let backend = conn.backend_name().to_ascii_lowercase();
+    let (direction, table, key_column) = match source {
+        Side::Legacy => (Direction::Forward, &def.legacy_table, &def.legacy_key),
+        Side::New => (Direction::Reverse, &def.new_table, &def.new_key),
+    };
+    let (legacy_projection, new_projection) = def.projections()?;
+    let projection = match source {
+        Side::Legacy => legacy_projection,
+        Side::New => new_projection,
+    };
+    if backend.contains("postgres") {
+        let lock = format!("SELECT 1 FROM {table} WHERE {key_column} = $1 FOR SHARE");
+        sqlx::query(AssertSqlSafe(lock))
+            .bind(key)
+            .fetch_all(&mut *conn)
+            .await?;
+    }
+    let present = format!("SELECT COUNT(*) FROM ({projection}) p WHERE p.key = $1");
+    let present: i64 = sqlx::query_scalar(AssertSqlSafe(present))
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await?;
+    if present > 0 {
+        let sql = def.copy_sql(direction)?.to_owned();
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(key.saturating_sub(1))
+            .bind(key)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(Resynced::Copied);
+    }
+    match source {
+        Side::Legacy => {
+            let sql = format!("DELETE FROM {} WHERE {} = $1", def.new_table, def.new_key);
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(key)
+                .execute(&mut *conn)
+                .await?;
+            Ok(Resynced::Deleted)
+        }
+        Side::New => Ok(Resynced::LeftAlone),
     }
 }

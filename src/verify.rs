@@ -27,7 +27,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Column, Row};
 
 use crate::db::{Backend, Database, now_micros};
-use crate::definition::{Direction, MigrationDef, db_message};
+use crate::definition::{MigrationDef, Resynced, db_message, resync_key};
 use crate::flags::{EvidenceKind, FlagStore};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
@@ -207,8 +207,8 @@ pub async fn run(
     if options.repair && !found.rows.is_empty() {
         let stage = record.state.stage;
         let authoritative = stage.plan().writes[0];
-        for (&key, kind) in &found.rows {
-            if resync_key(db, def, key, authoritative, kind).await? {
+        for &key in found.rows.keys() {
+            if resync(db, def, key, authoritative).await? {
                 repaired.push(key);
             }
         }
@@ -524,45 +524,21 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
-/// Re-syncs one key from the authoritative side with the definition's SQL. Returns whether it
-/// changed something (a legacy row an authoritative new side lacks is left alone).
-async fn resync_key(
+/// Re-syncs one key from the authoritative side ([`resync_key`]). Returns whether it changed
+/// something.
+async fn resync(
     db: &Database,
     def: &MigrationDef,
     key: i64,
     authoritative: crate::Side,
-    kind: &Kind,
 ) -> Result<bool> {
-    let mut tx = db.pool().begin().await?;
-    let done = match (authoritative, kind) {
-        (crate::Side::Legacy, Kind::MissingInLegacy) => {
-            let sql = format!("DELETE FROM {} WHERE {} = $1", def.new_table, def.new_key);
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-            true
-        }
-        (crate::Side::Legacy, _) => {
-            let sql = def.copy_sql(Direction::Forward)?.to_owned();
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(key.saturating_sub(1))
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-            true
-        }
-        (crate::Side::New, Kind::MissingInNew) => false,
-        (crate::Side::New, _) => {
-            let sql = def.copy_sql(Direction::Reverse)?.to_owned();
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(key.saturating_sub(1))
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-            true
-        }
+    let mut conn = db.pool().acquire().await?;
+    let begin = match db.backend() {
+        Backend::Postgres => "BEGIN",
+        Backend::Sqlite => "BEGIN IMMEDIATE",
     };
+    let mut tx = sqlx::Connection::begin_with(&mut *conn, begin).await?;
+    let outcome = resync_key(&mut tx, def, key, authoritative).await?;
     tx.commit().await?;
-    Ok(done)
+    Ok(outcome != Resynced::LeftAlone)
 }

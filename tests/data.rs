@@ -750,3 +750,99 @@ async fn a_reverse_backfill_makes_leaving_new_only_safe() {
         set(Stage::Shadow).await.unwrap();
     }
 }
+
+/// A `Resync` that must not be called: proves the repair worker used the definition's SQL.
+struct NoResync;
+
+impl twintrack::dual::Resync<dyn repos::SettingsRepo> for NoResync {
+    type Record = Settings;
+
+    fn load<'c>(
+        &'c self,
+        _: &'c dyn repos::SettingsRepo,
+        _: &'c mut sqlx::AnyConnection,
+        _: i64,
+    ) -> twintrack::flags::BoxFuture<'c, sqlx::Result<Option<Settings>>> {
+        Box::pin(async {
+            Err(sqlx::Error::Protocol(
+                "Resync::load must not be called".into(),
+            ))
+        })
+    }
+
+    fn store<'c>(
+        &'c self,
+        _: &'c dyn repos::SettingsRepo,
+        _: &'c mut sqlx::AnyConnection,
+        _: i64,
+        _: Settings,
+    ) -> twintrack::flags::BoxFuture<'c, sqlx::Result<()>> {
+        Box::pin(async {
+            Err(sqlx::Error::Protocol(
+                "Resync::store must not be called".into(),
+            ))
+        })
+    }
+
+    fn delete<'c>(
+        &'c self,
+        _: &'c dyn repos::SettingsRepo,
+        _: &'c mut sqlx::AnyConnection,
+        _: i64,
+    ) -> twintrack::flags::BoxFuture<'c, sqlx::Result<()>> {
+        Box::pin(async {
+            Err(sqlx::Error::Protocol(
+                "Resync::delete must not be called".into(),
+            ))
+        })
+    }
+}
+
+/// The dual store's repair worker and `verify --repair` re-sync a key the same way: with the
+/// definition's SQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_repair_worker_resyncs_keys_with_the_definition() {
+    for f in Fixture::all().await {
+        let backend = f.db.backend();
+        f.seed(100).await;
+        f.stage(Stage::DualWrite).await;
+        f.backfill(BackfillOptions::default()).await.unwrap();
+        // Three keys drift (different, missing in new, settings gone from legacy), each with
+        // the repair intent a failed non-authoritative write would have left.
+        for sql in [
+            "UPDATE user_settings SET theme = 'drift' WHERE user_id = 7",
+            "DELETE FROM user_settings WHERE user_id = 8",
+            "UPDATE users SET profile = '{}' WHERE id = 9",
+        ] {
+            sqlx::query(sql).execute(f.db.pool()).await.unwrap();
+        }
+        for key in [7i64, 8, 9] {
+            sqlx::query(
+                "INSERT INTO twintrack_repair_intents (migration, key, target_side, created_at) VALUES ($1, $2, 'new', 0)",
+            )
+            .bind(M)
+            .bind(key)
+            .execute(f.db.pool())
+            .await
+            .unwrap();
+        }
+        assert!(!f.verify(false).await.clean);
+        let flags = FlagCache::builder(f.store.clone())
+            .migration(M, Stage::LegacyOnly)
+            .build()
+            .await;
+        let (legacy, new) = repos::repos(backend);
+        let store = DualStore::builder(M, legacy, new, f.db.clone(), flags, NoResync)
+            .definition(f.def.clone())
+            .build()
+            .unwrap();
+        let report = store.repair(Duration::ZERO).await.unwrap();
+        assert_eq!(
+            (report.copied, report.deleted, report.failed),
+            (2, 1, 0),
+            "{backend:?}: {report:?}"
+        );
+        assert_eq!(twintrack::dual::pending_intents(&f.db, M).await.unwrap(), 0);
+        assert!(f.verify(false).await.clean, "{backend:?}");
+    }
+}

@@ -68,10 +68,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let router = read_router(&db).await?;
     let (legacy, new) = repos::repos(db.backend());
-    let primary_reads = config.migration(MIGRATION).is_some_and(|m| m.primary_reads);
+    let migration = config
+        .migration(MIGRATION)
+        .ok_or("examples/quickstart.toml defines no user_settings migration")?;
+    let definition = migration.definition(db.backend())?;
+    // The repair worker re-syncs keys with the same SQL as `twintrack verify --repair`.
     let settings = DualStore::builder(MIGRATION, legacy, new, db, flags.clone(), SettingsResync)
         .router(router.clone())
-        .primary_reads(primary_reads)
+        .primary_reads(migration.primary_reads)
+        .definition(definition)
         .build()?;
     let app = app::app(Users { settings }, flags, Some(router), debug_headers);
     let listener = tokio::net::TcpListener::bind(&listen).await?;

@@ -107,6 +107,8 @@ struct Inner<R: ?Sized, X> {
     router: Option<Router>,
     /// The migration reads from the primary only.
     primary_reads: bool,
+    /// Re-sync keys with the definition's SQL (one database only).
+    definition: Option<crate::definition::MigrationDef>,
 }
 
 /// Where a read may go.
@@ -162,6 +164,15 @@ impl<R: ?Sized, X> DualStoreBuilder<R, X> {
     /// are routed; the new database's are served by its primary.
     pub fn router(mut self, router: Router) -> Self {
         self.inner.router = Some(router);
+        self
+    }
+
+    /// The repair worker re-syncs keys with this definition's SQL
+    /// ([`resync_key`](crate::definition::resync_key), the same way `twintrack verify --repair`
+    /// does) instead of through [`Resync`]; `Resync` still deletes a legacy row an
+    /// authoritative new side no longer has, and still serves two-database stores.
+    pub fn definition(mut self, definition: crate::definition::MigrationDef) -> Self {
+        self.inner.definition = Some(definition);
         self
     }
 
@@ -238,6 +249,7 @@ where
                 classifying: Arc::new(tokio::sync::Semaphore::new(1)),
                 router: None,
                 primary_reads: false,
+                definition: None,
             },
         }
     }

@@ -224,6 +224,11 @@ where
             return Ok(Some(copied));
         }
         resync_across(store, key, source).await?
+    } else if let Some(def) = &inner.definition
+        && let outcome = crate::definition::resync_key(&mut tx, def, key, source).await?
+        && outcome != crate::definition::Resynced::LeftAlone
+    {
+        outcome == crate::definition::Resynced::Copied
     } else {
         let record = inner
             .resync
