@@ -202,7 +202,14 @@ pub async fn run(
         )));
     }
     def.check(db).await?;
-    let run = open_run(db, def, direction).await?;
+    // A run started before the target shape last missed writes (the migration went back to
+    // legacy_only, or through new_only for a reverse run) cannot be resumed: its done chunks
+    // no longer prove anything.
+    let stale_before = match direction {
+        Direction::Forward => record.evidence.left_legacy_only_at,
+        Direction::Reverse => record.evidence.left_new_only_at,
+    };
+    let run = open_run(db, def, direction, stale_before).await?;
     let shared = Arc::new(Shared {
         db: db.clone(),
         def: def.clone(),
@@ -258,7 +265,12 @@ pub async fn run(
 }
 
 /// The open run for this migration and direction, or a new one over the source's keys now.
-async fn open_run(db: &Database, def: &MigrationDef, direction: Direction) -> Result<Run> {
+async fn open_run(
+    db: &Database,
+    def: &MigrationDef,
+    direction: Direction,
+    stale_before: Option<i64>,
+) -> Result<Run> {
     let mut conn = db.pool().acquire().await?;
     let begin = match db.backend() {
         Backend::Postgres => "BEGIN",
@@ -280,14 +292,24 @@ async fn open_run(db: &Database, def: &MigrationDef, direction: Direction) -> Re
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(row) = open {
-        tx.commit().await?;
-        return Ok(Run {
+        let run = Run {
             id: row.try_get("id")?,
             lower: row.try_get("lower_bound")?,
             upper: row.try_get("upper_bound")?,
             started_at: row.try_get("started_at")?,
             resumed: true,
-        });
+        };
+        if stale_before.is_none_or(|at| run.started_at > at) {
+            tx.commit().await?;
+            return Ok(run);
+        }
+        tracing::warn!(migration = %def.name, run = run.id,
+            "abandoning an interrupted backfill run older than the last time the target shape missed writes");
+        // Closed without evidence (finished_at < started_at marks it abandoned).
+        sqlx::query("UPDATE twintrack_backfill_runs SET finished_at = 0 WHERE id = $1")
+            .bind(run.id)
+            .execute(&mut *tx)
+            .await?;
     }
     let (table, key) = def.source(direction);
     let bounds = format!(
