@@ -206,7 +206,7 @@ async fn service(
     .router(router.clone())
     .build()
     .unwrap();
-    app::app(Users { settings }, flags.clone(), Some(router), true)
+    app::app(Users { settings }, flags.clone(), Some(router), true, None)
 }
 
 #[tokio::main]

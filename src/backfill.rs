@@ -704,3 +704,56 @@ async fn finish_run(shared: &Shared, flags: &dyn FlagStore) -> Result<bool> {
     }
     Ok(true)
 }
+
+/// Where one backfill run stands (for status pages and the control plane).
+#[derive(Clone, Debug, Serialize)]
+pub struct RunStatus {
+    /// The run's id.
+    pub run_id: i64,
+    /// `forward` or `reverse`.
+    pub direction: String,
+    /// Key range `(lower, upper]`.
+    pub lower_bound: i64,
+    /// See `lower_bound`.
+    pub upper_bound: i64,
+    /// Keys of the range covered so far.
+    pub keys_done: i64,
+    /// Rows copied so far.
+    pub rows_copied: i64,
+    /// When it started (µs).
+    pub started_at: i64,
+    /// When it finished (µs); `None` while open. `Some(0)`: abandoned.
+    pub finished_at: Option<i64>,
+}
+
+/// The newest run of `migration` in each direction.
+pub async fn latest_runs(db: &Database, migration: &str) -> Result<Vec<RunStatus>> {
+    let rows = sqlx::query(
+        "SELECT r.id, r.direction, r.lower_bound, r.upper_bound, r.started_at, r.finished_at,
+                CAST(COALESCE(SUM(c.next_key - c.lo), 0) AS BIGINT) AS done,
+                CAST(COALESCE(SUM(c.rows_copied), 0) AS BIGINT) AS copied
+         FROM twintrack_backfill_runs r LEFT JOIN twintrack_backfill_chunks c ON c.run_id = r.id
+         WHERE r.migration = $1 AND r.id IN (
+             SELECT MAX(id) FROM twintrack_backfill_runs WHERE migration = $1 GROUP BY direction)
+         GROUP BY r.id, r.direction, r.lower_bound, r.upper_bound, r.started_at, r.finished_at
+         ORDER BY r.direction",
+    )
+    .bind(migration)
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(RunStatus {
+                run_id: row.try_get("id")?,
+                direction: row.try_get("direction")?,
+                lower_bound: row.try_get("lower_bound")?,
+                upper_bound: row.try_get("upper_bound")?,
+                keys_done: row.try_get("done")?,
+                rows_copied: row.try_get("copied")?,
+                started_at: row.try_get("started_at")?,
+                finished_at: row.try_get("finished_at")?,
+            })
+        })
+        .collect::<std::result::Result<_, sqlx::Error>>()
+        .map_err(Error::from_sqlx)
+}

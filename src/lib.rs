@@ -60,6 +60,7 @@
 //!   against the database before use.
 //! - [`backfill`]: resumable, throttled, parallel keyset copies with chunk leases.
 //! - [`verify`]: segment hashes, bisection to rows, re-checks, repair.
+//! - [`control`]: the control plane: gRPC API, admin page, `/metrics`, bearer-token auth.
 //! - [`cli`]: the `twintrack` command (the binary in `src/bin` only calls it).
 //! - [`error`]: the crate's error type.
 //!
@@ -78,6 +79,7 @@ pub mod backfill;
 pub mod cli;
 pub mod config;
 pub mod context;
+pub mod control;
 pub mod db;
 pub mod definition;
 pub mod dual;

@@ -121,7 +121,13 @@ impl Svc {
         .build()
         .unwrap();
         let users = Users { settings };
-        let app = app::app(users.clone(), flags.clone(), Some(router.clone()), true);
+        let app = app::app(
+            users.clone(),
+            flags.clone(),
+            Some(router.clone()),
+            true,
+            None,
+        );
         Svc {
             app,
             router,
@@ -916,7 +922,7 @@ async fn on_sqlite_tokens_fall_back_to_a_time_window() {
     .router(router.clone())
     .build()
     .unwrap();
-    let app = app::app(Users { settings }, flags, Some(router.clone()), true);
+    let app = app::app(Users { settings }, flags, Some(router.clone()), true, None);
     let res = app
         .clone()
         .oneshot(

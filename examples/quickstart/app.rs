@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tower::Layer as _;
 use twintrack::flags::FlagCache;
+use twintrack::metrics::PrometheusExporter;
 use twintrack::ryw::{ReadTarget, Router as ReadRouter};
 use twintrack::{RequestContext, TwinTrack, TwinTrackLayer};
 
@@ -31,6 +32,7 @@ pub fn app(
     flags: FlagCache,
     router: Option<ReadRouter>,
     debug_headers: bool,
+    metrics: Option<&PrometheusExporter>,
 ) -> TwinTrack<Router> {
     let mut app = Router::new()
         .route("/users", post(create_user))
@@ -39,6 +41,10 @@ pub fn app(
         .with_state(users);
     if debug_headers {
         app = app.layer(middleware::from_fn(debug_headers_middleware));
+    }
+    if let Some(metrics) = metrics {
+        // GET /metrics: twintrack's series (and any of the service's own), Prometheus format.
+        app = app.merge(metrics.router());
     }
     let layer = TwinTrackLayer::new(flags);
     match router {

@@ -21,8 +21,9 @@
 //!   for the request, and `x-twintrack-read-from`, `primary` or `replica`.
 //!
 //! Routes: `POST /users`, `GET /users/{id}/settings`, `PUT /users/{id}/settings`,
-//! `DELETE /users/{id}`. The settings go through a twintrack dual store (`repos.rs`): written to
-//! the shapes the pinned stage names, read from the one it serves, compared in `shadow`/`live`.
+//! `DELETE /users/{id}`, and `GET /metrics` (Prometheus). The settings go through a twintrack
+//! dual store (`repos.rs`): written to the shapes the pinned stage names, read from the one it
+//! serves, compared in `shadow`/`live`.
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ use axum::extract::Request;
 use twintrack::config::Config;
 use twintrack::dual::DualStore;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
+use twintrack::metrics::PrometheusExporter;
 use twintrack::ryw::{ReplicaOptions, ReplicaSet, Router};
 use twintrack::{Backend, Database};
 
@@ -53,6 +55,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listen = std::env::var("TWINTRACK_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let debug_headers = std::env::var("TWINTRACK_DEBUG_HEADERS").as_deref() == Ok("1");
 
+    // First: twintrack's parts record through the global meter, which this makes Prometheus.
+    let prometheus = PrometheusExporter::install_global()?;
     let db = Database::connect(&url).await?;
     repos::create_shapes(&db).await?;
 
@@ -78,7 +82,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .primary_reads(migration.primary_reads)
         .definition(definition)
         .build()?;
-    let app = app::app(Users { settings }, flags, Some(router), debug_headers);
+    let app = app::app(
+        Users { settings },
+        flags,
+        Some(router),
+        debug_headers,
+        Some(&prometheus),
+    );
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     // Tests and scripts read this line to find the port (TWINTRACK_LISTEN may say port 0).
     println!(

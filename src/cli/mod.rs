@@ -9,7 +9,8 @@
 mod data;
 mod init;
 mod mismatches;
-mod output;
+pub(crate) mod output;
+mod serve;
 mod stage;
 mod status;
 
@@ -114,6 +115,13 @@ pub enum Command {
         /// Re-sync each difference from the authoritative side, then check again.
         #[arg(long)]
         repair: bool,
+    },
+    /// Serve the control plane: gRPC, the admin page and /metrics, on one listener. Every call
+    /// but /metrics needs a token from TWINTRACK_ADMIN_TOKEN (`token`, or `name=token,…`).
+    Serve {
+        /// host:port to listen on.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
     },
     /// Change a migration's shadow sample rate or read rollout percent.
     Tune {
@@ -240,6 +248,7 @@ pub(crate) async fn run(cli: Cli, out: &Output) -> Result<ExitCode, Error> {
             let segments = usize::try_from(segments).unwrap_or(64);
             data::verify(&env, out, &migration, segments, repair).await
         }
+        Command::Serve { listen } => serve::run(&env, &listen).await,
         Command::Mismatches { migration, limit } => {
             mismatches::run(&env, out, &migration, limit).await
         }

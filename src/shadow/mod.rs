@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use compare::{Comparator, Comparison, FieldDiff, normalize};
-pub use record::{Mismatch, list_mismatches};
+pub use record::{Mismatch, list_mismatches, mismatch_counts};
 pub(crate) use record::{NewMismatch, record_mismatch};
 
 /// The order in which the two sides of a compared read run.

@@ -113,3 +113,31 @@ pub async fn list_mismatches(db: &Database, migration: &str, limit: u32) -> Resu
         })
         .collect()
 }
+
+/// Mismatches of `migration` recorded since `since` (µs), counted by class.
+pub async fn mismatch_counts(
+    db: &Database,
+    migration: &str,
+    since: i64,
+) -> Result<Vec<(MismatchClass, i64)>> {
+    let rows = sqlx::query(
+        "SELECT class, COUNT(*) AS n FROM twintrack_mismatches
+         WHERE migration = $1 AND at >= $2 GROUP BY class ORDER BY class",
+    )
+    .bind(migration)
+    .bind(since)
+    .fetch_all(db.pool())
+    .await?;
+    let mut out = Vec::new();
+    for row in rows {
+        let class: String = row.try_get("class")?;
+        let n: i64 = row.try_get("n")?;
+        let class = if class == "transient" {
+            MismatchClass::Transient
+        } else {
+            MismatchClass::Confirmed
+        };
+        out.push((class, n));
+    }
+    Ok(out)
+}

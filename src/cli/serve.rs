@@ -1,0 +1,67 @@
+//! `twintrack serve --listen ADDR`: the control plane (gRPC, admin page, `/metrics`).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use opentelemetry::KeyValue;
+
+use super::Env;
+use crate::Error;
+use crate::control::{AdminTokens, ControlServer};
+use crate::flags::{FlagCache, FlagStore, SqlFlagStore};
+use crate::metrics::PrometheusExporter;
+
+pub(crate) async fn run(env: &Env, listen: &str) -> Result<ExitCode, Error> {
+    let spec = std::env::var("TWINTRACK_ADMIN_TOKEN").unwrap_or_default();
+    let tokens = AdminTokens::parse(&spec)?;
+    let addr: std::net::SocketAddr = listen.parse().map_err(|e| {
+        Error::InvalidInput(format!("--listen {listen:?}: {e} (expected host:port)"))
+    })?;
+    let prometheus = PrometheusExporter::install_global()?;
+    let db = env.database_with(8).await?;
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await?);
+    // The stage of every migration known at start, as a gauge for dashboards and alerts.
+    let mut cache = FlagCache::builder(store.clone());
+    for flag in store.load_all().await? {
+        cache = cache.migration(&flag.migration, crate::Stage::LegacyOnly);
+    }
+    let cache = cache.build().await;
+    let _gauge = prometheus
+        .meter("twintrack")
+        .u64_observable_gauge("twintrack.migration.stage")
+        .with_description(
+            "Each migration's stage: 0 legacy_only … 5 new_only (label `stage` names it)",
+        )
+        .with_callback(move |observer| {
+            for flag in cache.snapshot().iter() {
+                let stage = flag.stage();
+                let index = crate::Stage::ALL
+                    .iter()
+                    .position(|s| *s == stage)
+                    .unwrap_or(0);
+                observer.observe(
+                    index as u64,
+                    &[
+                        KeyValue::new("migration", flag.name().to_owned()),
+                        KeyValue::new("stage", stage.as_str()),
+                    ],
+                );
+            }
+        })
+        .build();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::InvalidInput(format!("cannot listen on {addr}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::InvalidInput(format!("cannot listen on {addr}: {e}")))?;
+    // Scripts and tests read this line to find the port (the address may say port 0).
+    println!("twintrack control plane listening on http://{local}");
+    ControlServer::new(store, db, tokens)
+        .prometheus(prometheus)
+        .serve(listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,101 @@
+//! The control plane: a gRPC API (`proto/twintrack/v1/control.proto`), an admin page with
+//! one-click rollback, and Prometheus `/metrics`, on one listener (`twintrack serve`).
+//!
+//! ```no_run
+//! # async fn demo() -> twintrack::Result<()> {
+//! use std::sync::Arc;
+//! use twintrack::control::{AdminTokens, ControlServer};
+//! use twintrack::flags::SqlFlagStore;
+//!
+//! let db = twintrack::Database::connect("postgres://localhost/app").await?;
+//! let store = Arc::new(SqlFlagStore::open(db.clone()).await?);
+//! let tokens = AdminTokens::parse("oncall=a-long-random-token-here")?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await.unwrap();
+//! ControlServer::new(store, db, tokens)
+//!     .serve(listener, std::future::pending())
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Every gRPC call and page needs `authorization: Bearer <token>` (the admin page signs in with
+//! a form that sets an `HttpOnly` cookie instead); `/metrics` is open and read-only. Errors map
+//! to gRPC codes: a refused transition is `FAILED_PRECONDITION` with the reason, a lost
+//! compare-and-set `ABORTED`, an unknown migration `NOT_FOUND`, bad arguments
+//! `INVALID_ARGUMENT`, no or a wrong token `UNAUTHENTICATED`.
+
+mod admin;
+mod auth;
+mod grpc;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use auth::{AdminIdentity, AdminTokens};
+pub use grpc::{ControlPlane, status};
+
+use crate::db::Database;
+use crate::flags::SqlFlagStore;
+use crate::metrics::PrometheusExporter;
+use crate::{Error, Result};
+
+/// The generated gRPC types (`twintrack.v1`).
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("twintrack.v1");
+}
+
+/// gRPC, the admin page and `/metrics` on one listener.
+#[derive(Debug)]
+pub struct ControlServer {
+    plane: ControlPlane,
+    tokens: Arc<AdminTokens>,
+    prometheus: Option<PrometheusExporter>,
+}
+
+impl ControlServer {
+    /// A server over `store` (its database also holds mismatches and backfill runs).
+    pub fn new(store: Arc<SqlFlagStore>, db: Database, tokens: AdminTokens) -> ControlServer {
+        ControlServer {
+            plane: ControlPlane { store, db },
+            tokens: Arc::new(tokens),
+            prometheus: None,
+        }
+    }
+
+    /// Also serve `GET /metrics` from this exporter.
+    pub fn prometheus(mut self, exporter: PrometheusExporter) -> ControlServer {
+        self.prometheus = Some(exporter);
+        self
+    }
+
+    /// The routes: gRPC (`/twintrack.v1.ControlService/*`), `/admin`, `/login`, and `/metrics`
+    /// when an exporter is set; everything but `/metrics` and `/login` behind the tokens.
+    pub fn router(&self) -> axum::Router {
+        let grpc = proto::control_service_server::ControlServiceServer::new(self.plane.clone())
+            .max_decoding_message_size(grpc::MAX_MESSAGE);
+        let mut app = admin::router(admin::AdminState {
+            plane: self.plane.clone(),
+            tokens: self.tokens.clone(),
+        })
+        .merge(tonic::service::Routes::new(grpc).into_axum_router());
+        if let Some(exporter) = &self.prometheus {
+            app = app.merge(exporter.router());
+        }
+        app.layer(axum::middleware::from_fn_with_state(
+            self.tokens.clone(),
+            auth::require,
+        ))
+    }
+
+    /// Serves until `shutdown` completes (HTTP/1.1 for pages, HTTP/2 for gRPC).
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| Error::InvalidInput(format!("the control server failed: {e}")))
+    }
+}
