@@ -1,0 +1,611 @@
+//! The control plane against a real PostgreSQL: every gRPC call and its error codes, a CLI flip
+//! pushed to a watcher, the admin page's forms (auth, CSRF, refusals), and `/metrics`.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioExecutor;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use twintrack::control::proto::control_service_client::ControlServiceClient;
+use twintrack::control::proto::*;
+use twintrack::control::{AdminTokens, ControlServer};
+use twintrack::flags::{FlagStore, SqlFlagStore};
+use twintrack::{Database, Stage};
+
+const TOKEN: &str = "oncall-token-0123456789";
+const M: &str = "user_settings";
+
+struct Server {
+    base: String,
+    url: String,
+    store: Arc<SqlFlagStore>,
+    db: Database,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn server() -> Option<Server> {
+    let pg = common::pg::fresh_db().await?;
+    let db = Database::connect(&pg.url).await.unwrap();
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    store.register(M, "test").await.unwrap();
+    store.register("other", "test").await.unwrap();
+    let tokens =
+        AdminTokens::parse(&format!("oncall={TOKEN},robot=robot-token-abcdefghij")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let exporter = twintrack::metrics::PrometheusExporter::new().unwrap();
+    let control = ControlServer::new(store.clone(), db.clone(), tokens).prometheus(exporter);
+    let task = tokio::spawn(async move {
+        control
+            .serve(listener, std::future::pending())
+            .await
+            .unwrap();
+    });
+    Some(Server {
+        base,
+        url: pg.url,
+        store,
+        db,
+        _task: task,
+    })
+}
+
+type Intercept =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Client =
+    ControlServiceClient<tonic::service::interceptor::InterceptedService<Channel, Intercept>>;
+
+async fn client(base: &str, token: Option<&str>) -> Client {
+    let channel = Channel::from_shared(base.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let header: Option<MetadataValue<_>> = token.map(|t| format!("Bearer {t}").parse().unwrap());
+    let intercept: Intercept = Box::new(move |mut req: tonic::Request<()>| {
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    });
+    ControlServiceClient::with_interceptor(channel, intercept)
+}
+
+async fn stage_of(store: &SqlFlagStore, m: &str) -> Stage {
+    store.get(m).await.unwrap().state.stage
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (Code, String) {
+    let status = r.expect_err("expected an error");
+    (status.code(), status.message().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rpc_answers_and_maps_errors_to_grpc_codes() {
+    let Some(s) = server().await else { return };
+
+    // No token, a wrong token: UNAUTHENTICATED, and nothing else is reachable.
+    for token in [None, Some("wrong-token-wrong-token")] {
+        let mut c = client(&s.base, token).await;
+        let (code_, msg) = code(c.list_migrations(ListMigrationsRequest {}).await);
+        assert_eq!(code_, Code::Unauthenticated, "{msg}");
+        let (code_, _) = code(
+            c.set_stage(SetStageRequest {
+                name: M.into(),
+                stage: "dual_write".into(),
+                reason: "sneaky".into(),
+                ..Default::default()
+            })
+            .await,
+        );
+        assert_eq!(code_, Code::Unauthenticated);
+    }
+    assert_eq!(stage_of(&s.store, M).await, Stage::LegacyOnly);
+
+    let mut c = client(&s.base, Some(TOKEN)).await;
+    let list = c
+        .list_migrations(ListMigrationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = list.migrations.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, vec!["other", M]);
+
+    // GetMigration: state, evidence, the moves allowed now.
+    let got = c
+        .get_migration(GetMigrationRequest { name: M.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.migration.unwrap().stage, "legacy_only");
+    let shadow = got.moves.iter().find(|m| m.to_stage == "shadow").unwrap();
+    assert!(
+        !shadow.allowed && shadow.remedy.contains("twintrack"),
+        "{shadow:?}"
+    );
+    assert!(
+        got.moves
+            .iter()
+            .any(|m| m.to_stage == "dual_write" && m.allowed)
+    );
+    assert_eq!(
+        code(
+            c.get_migration(GetMigrationRequest {
+                name: "nope".into()
+            })
+            .await
+        )
+        .0,
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            c.get_migration(GetMigrationRequest { name: "".into() })
+                .await
+        )
+        .0,
+        Code::InvalidArgument
+    );
+
+    // SetStage: allowed, invalid stage, empty reason, refused, stale version, oversized.
+    let set = |stage: &str, reason: &str, expected_version: i64| SetStageRequest {
+        name: M.into(),
+        stage: stage.into(),
+        expected_version,
+        reason: reason.into(),
+        force: false,
+    };
+    let done = c
+        .set_stage(set("dual_write", "start", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.changed);
+    let version = done.migration.unwrap().version;
+    let audit = s.store.audit_log(M, 1).await.unwrap();
+    assert_eq!(
+        audit[0].actor, "admin:oncall",
+        "the audit log names the token's holder"
+    );
+    assert_eq!(
+        code(c.set_stage(set("sideways", "x", 0)).await).0,
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.set_stage(set("shadow", "", 0)).await).0,
+        Code::InvalidArgument
+    );
+    let (refused, msg) = code(c.set_stage(set("shadow", "compare", 0)).await);
+    assert_eq!(refused, Code::FailedPrecondition);
+    assert!(
+        msg.contains("twintrack backfill"),
+        "the refusal names the remedy: {msg}"
+    );
+    assert_eq!(
+        code(c.set_stage(set("legacy_only", "stale", version - 1)).await).0,
+        Code::Aborted
+    );
+    assert_eq!(
+        code(c.set_stage(set("legacy_only", &"r".repeat(5000), 0)).await).0,
+        Code::InvalidArgument
+    );
+    let (big, _) = code(
+        c.set_stage(set("legacy_only", &"r".repeat(200_000), 0))
+            .await,
+    );
+    assert!(
+        matches!(big, Code::OutOfRange | Code::ResourceExhausted),
+        "{big:?}"
+    );
+    let unknown = SetStageRequest {
+        name: "nope".into(),
+        ..set("dual_write", "x", 0)
+    };
+    assert_eq!(code(c.set_stage(unknown).await).0, Code::NotFound);
+    assert_eq!(
+        stage_of(&s.store, M).await,
+        Stage::DualWrite,
+        "no bad call changed anything"
+    );
+
+    // Rollback.
+    let back = c
+        .rollback(RollbackRequest {
+            name: M.into(),
+            reason: "incident".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            back.from_stage.as_str(),
+            back.migration.unwrap().stage.as_str()
+        ),
+        ("dual_write", "legacy_only")
+    );
+    let (at_bottom, _) = code(
+        c.rollback(RollbackRequest {
+            name: M.into(),
+            reason: "again".into(),
+        })
+        .await,
+    );
+    assert_eq!(at_bottom, Code::FailedPrecondition);
+    assert_eq!(
+        code(
+            c.rollback(RollbackRequest {
+                name: M.into(),
+                reason: "".into()
+            })
+            .await
+        )
+        .0,
+        Code::FailedPrecondition
+    );
+
+    // ListMismatches.
+    sqlx::query(
+        "INSERT INTO twintrack_mismatches (migration, key, class, stage, diff, legacy_micros, new_micros, at)
+         VALUES ($1, 42, 'confirmed', 'shadow', '[{\"path\":\"theme\",\"legacy\":\"a\",\"new\":\"b\"}]', 1, 2, 3)",
+    )
+    .bind(M)
+    .execute(s.db.pool())
+    .await
+    .unwrap();
+    let mm = c
+        .list_mismatches(ListMismatchesRequest {
+            name: M.into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mm.mismatches.len(), 1);
+    assert_eq!(
+        (mm.mismatches[0].key, mm.mismatches[0].class.as_str()),
+        (42, "confirmed")
+    );
+    assert!(mm.mismatches[0].diff_json.contains("theme"));
+    assert_eq!(
+        code(
+            c.list_mismatches(ListMismatchesRequest {
+                name: M.into(),
+                limit: 5000
+            })
+            .await
+        )
+        .0,
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.list_mismatches(ListMismatchesRequest {
+                name: "nope".into(),
+                limit: 1
+            })
+            .await
+        )
+        .0,
+        Code::NotFound
+    );
+
+    // GetProgress.
+    sqlx::query(
+        "INSERT INTO twintrack_backfill_runs (migration, direction, lower_bound, upper_bound, started_at)
+         VALUES ($1, 'forward', 0, 100, 5)",
+    )
+    .bind(M)
+    .execute(s.db.pool())
+    .await
+    .unwrap();
+    let progress = c
+        .get_progress(GetProgressRequest { name: M.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(progress.backfills.len(), 1);
+    assert_eq!(
+        (
+            progress.backfills[0].upper_bound,
+            progress.backfills[0].finished_at_micros
+        ),
+        (100, None)
+    );
+    assert_eq!(
+        code(
+            c.get_progress(GetProgressRequest {
+                name: "nope".into()
+            })
+            .await
+        )
+        .0,
+        Code::NotFound
+    );
+
+    // WatchMigrations: the current state first.
+    let mut watch = c
+        .watch_migrations(WatchMigrationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap().migration.unwrap();
+    assert!(first.name == M || first.name == "other");
+}
+
+fn cli(url: &str, line: &str) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .arg("--database-url")
+        .arg(url)
+        .args(line.split_whitespace())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The watcher hears the flip through LISTEN/NOTIFY: the server's PostgreSQL path has no timer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cli_flip_reaches_a_watcher() {
+    let Some(s) = server().await else { return };
+    let mut c = client(&s.base, Some(TOKEN)).await;
+    let mut watch = c
+        .watch_migrations(WatchMigrationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        watch.message().await.unwrap().unwrap();
+    }
+    let (code_, out) = cli(
+        &s.url,
+        "stage set user_settings dual_write --reason from-the-cli",
+    );
+    assert_eq!(code_, 0, "{out}");
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the flip reached the watcher")
+        .unwrap()
+        .unwrap()
+        .migration
+        .unwrap();
+    assert_eq!((next.name.as_str(), next.stage.as_str()), (M, "dual_write"));
+    assert_eq!(next.reason, "from-the-cli");
+}
+
+async fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, http::HeaderMap, String) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("{base}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let res = client
+        .request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn form_value(html: &str, form_id: &str, name: &str) -> String {
+    let form = &html[html.find(&format!("id=\"{form_id}\"")).expect(form_id)..];
+    let at = form.find(&format!("name=\"{name}\" value=\"")).expect(name) + name.len() + 15;
+    form[at..form[at..].find('"').unwrap() + at].to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_page_needs_a_token_and_a_csrf_token_and_shows_refusals() {
+    let Some(s) = server().await else { return };
+    let (status, _, body) = http(&s.base, "GET", "/admin", &[], "").await;
+    assert_eq!(status, 401);
+    assert!(
+        body.contains("name=\"token\""),
+        "the 401 page offers the login form"
+    );
+    let (status, _, _) = http(
+        &s.base,
+        "POST",
+        "/login",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "token=wrong-wrong-wrong-wrong",
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, headers, _) = http(
+        &s.base,
+        "POST",
+        "/login",
+        &[("content-type", "application/x-www-form-urlencoded")],
+        &format!("token={TOKEN}"),
+    )
+    .await;
+    assert_eq!(status, 303);
+    let cookie = headers["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let auth = [("cookie", cookie.as_str())];
+
+    let (status, _, page) = http(&s.base, "GET", "/admin", &auth, "").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("id=\"stage-user_settings\">legacy_only<"),
+        "{page}"
+    );
+    // Moving forward into dual_write is allowed; the rollback button does not exist at the bottom.
+    assert!(page.contains("Advance to dual_write"));
+    let csrf = form_value(&page, "advance-user_settings", "csrf");
+    let version = form_value(&page, "advance-user_settings", "expected_version");
+    let post = |body: String| {
+        let base = s.base.clone();
+        let cookie = cookie.clone();
+        async move {
+            http(
+                &base,
+                "POST",
+                "/admin/stage",
+                &[
+                    ("cookie", cookie.as_str()),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
+                &body,
+            )
+            .await
+        }
+    };
+    // Without (or with a wrong) CSRF token, without confirm, with an empty reason: refused.
+    for (body, expect) in [
+        (
+            format!(
+                "migration={M}&to=dual_write&expected_version={version}&reason=x&confirm=yes&csrf=nope"
+            ),
+            403,
+        ),
+        (
+            format!("migration={M}&to=dual_write&expected_version={version}&reason=x&confirm=yes"),
+            400,
+        ),
+        (
+            format!("migration={M}&to=dual_write&expected_version={version}&reason=x&csrf={csrf}"),
+            400,
+        ),
+        (
+            format!(
+                "migration={M}&to=dual_write&expected_version={version}&reason=&confirm=yes&csrf={csrf}"
+            ),
+            400,
+        ),
+        (
+            format!(
+                "migration={M}&to=sideways&expected_version={version}&reason=x&confirm=yes&csrf={csrf}"
+            ),
+            400,
+        ),
+        (
+            format!(
+                "migration=nope&to=dual_write&expected_version={version}&reason=x&confirm=yes&csrf={csrf}"
+            ),
+            404,
+        ),
+    ] {
+        let (status, _, _) = post(body.clone()).await;
+        assert_eq!(status, expect, "{body}");
+    }
+    assert_eq!(
+        stage_of(&s.store, M).await,
+        Stage::LegacyOnly,
+        "nothing changed"
+    );
+    // A robot's CSRF token does not work for the on-call session.
+    let (status, _, _) = post(format!(
+        "migration={M}&to=dual_write&expected_version={version}&reason=x&confirm=yes&csrf={}",
+        "0".repeat(64)
+    ))
+    .await;
+    assert_eq!(status, 403);
+
+    let (status, headers, _) = post(format!(
+        "migration={M}&to=dual_write&expected_version={version}&reason=start+dual+writes&confirm=yes&csrf={csrf}"
+    ))
+    .await;
+    assert_eq!(status, 303);
+    assert!(
+        headers["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/admin?done=")
+    );
+    assert_eq!(stage_of(&s.store, M).await, Stage::DualWrite);
+    assert_eq!(
+        s.store.audit_log(M, 1).await.unwrap()[0].actor,
+        "admin:oncall"
+    );
+    // The same form again: its version is stale now.
+    let (status, _, _) = post(format!(
+        "migration={M}&to=dual_write&expected_version={version}&reason=again&confirm=yes&csrf={csrf}"
+    ))
+    .await;
+    assert_eq!(status, 409);
+
+    // Advancing into shadow is refused by the rules: the button is disabled and says why.
+    let (_, _, page) = http(&s.base, "GET", "/admin", &auth, "").await;
+    let advance = &page[page.find("id=\"advance-user_settings\"").unwrap()..];
+    let advance = &advance[..advance.find("</form>").unwrap()];
+    assert!(
+        advance.contains("disabled")
+            && advance.contains("refused:")
+            && advance.contains("twintrack backfill"),
+        "{advance}"
+    );
+    // A bearer header works for pages too.
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, _, _) = http(
+        &s.base,
+        "GET",
+        "/admin",
+        &[("authorization", bearer.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    // /metrics is open.
+    let (status, _, _) = http(&s.base, "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_admin_token_configuration_is_refused_by_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    for (spec, needle) in [
+        ("", "no admin token"),
+        ("short", "at least 16"),
+        ("a=0123456789abcdef,a=0123456789abcdefg", "twice"),
+        ("bad name=0123456789abcdef", "admin token name"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+            .arg("--database-url")
+            .arg(&url)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("TWINTRACK_ADMIN_TOKEN", spec)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{spec}: {err}");
+        assert!(err.contains(needle), "{spec}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .arg("--database-url")
+        .arg(&url)
+        .args(["serve", "--listen", "not-an-address"])
+        .env("TWINTRACK_ADMIN_TOKEN", "0123456789abcdef")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
