@@ -250,6 +250,28 @@ async fn quickstart_on_the_default_sqlite_file_sees_cli_flips() {
     assert!(dir.path().join("twintrack-quickstart.db").exists());
     exercise_routes(&qs).await;
 
+    // GET /metrics: twintrack's series, after that traffic.
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let res = client
+        .get(format!("{}/metrics", qs.base).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    for series in [
+        "twintrack_dual_operations",
+        "twintrack_dual_duration",
+        "twintrack_flags_refresh",
+        "twintrack_ryw_tokens",
+    ] {
+        assert!(
+            text.contains(series),
+            "{series} missing from /metrics:\n{text}"
+        );
+    }
+
     // The README's CLI command, run from the same directory while the service runs.
     let url = "sqlite://twintrack-quickstart.db";
     let (code, out) = cli(
