@@ -1,0 +1,314 @@
+//! End to end, on a durable PostgreSQL (`fsync=on`): the quickstart's HTTP service under load,
+//! and how fast a stage flip reaches several running instances.
+//!
+//! - Throughput: 32 keep-alive HTTP/1.1 clients over loopback against the quickstart in
+//!   `dual_write` (twintrack layer, dual store writing both shapes in one transaction, read
+//!   router) and against the same routes writing one shape without twintrack (the legacy
+//!   repository called directly, no layer). 70% `GET /users/{id}/settings`, 30% `PUT`, over
+//!   1,000 users; `--seconds` per round (default 10), the two alternated for `--rounds`
+//!   (default 3).
+//! - Flip propagation: `--instances` flag caches (default 5), each with its own store and its
+//!   own `LISTEN` connection as separate service instances have; `--flips` flips (default 200,
+//!   50 ms apart) committed through the flag store, timed from the commit to each instance's
+//!   snapshot showing the new stage.
+//!
+//! Run: `cargo bench --bench e2e`.
+
+#[path = "../examples/quickstart/app.rs"]
+mod app;
+#[path = "../tests/common/pg.rs"]
+mod pg;
+#[path = "../examples/quickstart/repos.rs"]
+mod repos;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioExecutor;
+use repos::{LegacySettings, Settings, SettingsRepo, SettingsResync, Users};
+use twintrack::dual::DualStore;
+use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
+use twintrack::{Backend, Database, Stage};
+
+const M: &str = "user_settings";
+const USERS: i64 = 1000;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| v.parse().expect("a number"))
+}
+
+/// The baseline: the same routes, one shape, no twintrack.
+fn plain_app(db: Database) -> axum::Router {
+    let legacy = Arc::new(LegacySettings {
+        backend: Backend::Postgres,
+    });
+    async fn get_settings(
+        State((db, repo)): State<(Database, Arc<LegacySettings>)>,
+        Path(id): Path<i64>,
+    ) -> Result<axum::Json<Settings>, http::StatusCode> {
+        let mut conn = db
+            .pool()
+            .acquire()
+            .await
+            .map_err(|_| http::StatusCode::INTERNAL_SERVER_ERROR)?;
+        match repo.get(&mut conn, id, false).await {
+            Ok(Some(s)) => Ok(axum::Json(s)),
+            Ok(None) => Err(http::StatusCode::NOT_FOUND),
+            Err(_) => Err(http::StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+    async fn put_settings(
+        State((db, repo)): State<(Database, Arc<LegacySettings>)>,
+        Path(id): Path<i64>,
+        axum::Json(s): axum::Json<Settings>,
+    ) -> Result<axum::Json<Settings>, http::StatusCode> {
+        let mut tx = db
+            .pool()
+            .begin()
+            .await
+            .map_err(|_| http::StatusCode::INTERNAL_SERVER_ERROR)?;
+        match repo.put(&mut tx, id, s.clone()).await {
+            Ok(true) => {}
+            Ok(false) => return Err(http::StatusCode::NOT_FOUND),
+            Err(_) => return Err(http::StatusCode::INTERNAL_SERVER_ERROR),
+        }
+        tx.commit()
+            .await
+            .map_err(|_| http::StatusCode::INTERNAL_SERVER_ERROR)?;
+        Ok(axum::Json(s))
+    }
+    axum::Router::new()
+        .route("/users/{id}/settings", get(get_settings).put(put_settings))
+        .with_state((db, legacy))
+}
+
+async fn serve<S>(app: S) -> String
+where
+    S: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+        )
+        .await
+        .unwrap()
+    });
+    base
+}
+
+/// Runs 32 clients against `base` for `seconds`; returns requests per second (and errors).
+async fn load(base: &str, seconds: u64) -> (f64, u64) {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..32u64 {
+        let (base, done, errors, stop) =
+            (base.to_owned(), done.clone(), errors.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ c.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            while !stop.load(Ordering::Relaxed) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let id = 1 + (rng % USERS as u64);
+                let req = if rng % 10 < 3 {
+                    let body = format!(
+                        r#"{{"theme":"t{}","notifications_enabled":true}}"#,
+                        rng % 100
+                    );
+                    http::Request::put(format!("{base}/users/{id}/settings"))
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap()
+                } else {
+                    http::Request::get(format!("{base}/users/{id}/settings"))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap()
+                };
+                match client.request(req).await {
+                    Ok(res) if res.status().is_success() => {
+                        let _ = res.into_body().collect().await;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let n = done.load(Ordering::Relaxed);
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.await;
+    }
+    (
+        n as f64 / took.as_secs_f64(),
+        errors.load(Ordering::Relaxed),
+    )
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let seconds = arg("--seconds", 10);
+    let rounds = arg("--rounds", 3);
+    let instances = arg("--instances", 5) as usize;
+    let flips = arg("--flips", 200) as usize;
+    let cluster = pg::Cluster::start_durable().expect("start a durable PostgreSQL");
+    let url = cluster.fresh_db().await.url;
+    let db = Database::connect_with(
+        &url,
+        twintrack::db::ConnectOptions {
+            max_connections: 32,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    repos::create_shapes(&db).await.unwrap();
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    store.register(M, "bench").await.unwrap();
+    store
+        .set_stage(StageChange::new(
+            M,
+            Stage::DualWrite,
+            "bench",
+            "dual writes on",
+        ))
+        .await
+        .unwrap();
+    let flags = FlagCache::builder(store.clone())
+        .migration(M, Stage::LegacyOnly)
+        .build()
+        .await;
+    let router =
+        twintrack::ryw::Router::builder(db.clone(), b"e2e bench secret, 32 bytes long!".to_vec())
+            .build()
+            .await
+            .unwrap();
+    let (legacy, new) = repos::repos(Backend::Postgres);
+    let users = Users {
+        settings: DualStore::builder(M, legacy, new, db.clone(), flags.clone(), SettingsResync)
+            .router(router.clone())
+            .build()
+            .unwrap(),
+    };
+    for i in 0..USERS {
+        users
+            .create(
+                &format!("u{i}@bench"),
+                Settings {
+                    theme: "t0".into(),
+                    notifications_enabled: true,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let twintrack_base = serve(app::app(users, flags, Some(router), false, None)).await;
+    let plain_base = serve(plain_app(db.clone())).await;
+
+    println!(
+        "\nend-to-end throughput: 32 HTTP clients, 70% GET / 30% PUT over {USERS} users, {seconds} s per round, durable PostgreSQL\n"
+    );
+    println!("| round | one shape, no twintrack | twintrack, dual_write | ratio | errors |");
+    println!("|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let (plain, e1) = load(&plain_base, seconds).await;
+        let (ours, e2) = load(&twintrack_base, seconds).await;
+        ratios.push(ours / plain);
+        println!(
+            "| {round} | {plain:.0} req/s | {ours:.0} req/s | {:.2}× | {} |",
+            ours / plain,
+            e1 + e2
+        );
+    }
+
+    // Flip propagation to several instances.
+    let mut caches = Vec::new();
+    for _ in 0..instances {
+        let db = Database::connect(&url).await.unwrap();
+        let store = Arc::new(SqlFlagStore::open(db).await.unwrap());
+        caches.push(
+            FlagCache::builder(store)
+                .migration(M, Stage::LegacyOnly)
+                .build()
+                .await,
+        );
+    }
+    let mut samples = Vec::new();
+    let mut stage = Stage::DualWrite;
+    for _ in 0..flips {
+        stage = if stage == Stage::DualWrite {
+            Stage::LegacyOnly
+        } else {
+            Stage::DualWrite
+        };
+        store
+            .set_stage(StageChange::new(M, stage, "bench", "flip"))
+            .await
+            .unwrap();
+        let committed = Instant::now();
+        let watchers: Vec<_> = caches
+            .iter()
+            .map(|cache| {
+                let cache = cache.clone();
+                std::thread::spawn(move || {
+                    while cache.snapshot().stage(M) != Some(stage) {
+                        assert!(
+                            committed.elapsed() < Duration::from_secs(5),
+                            "flip never arrived"
+                        );
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                    committed.elapsed()
+                })
+            })
+            .collect();
+        for w in watchers {
+            samples.push(w.join().unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    samples.sort();
+    println!(
+        "\nflip propagation: {flips} flips x {instances} instances ({} samples), commit to snapshot: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        samples.len(),
+        percentile(&samples, 0.5).as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        samples.last().unwrap().as_secs_f64() * 1e3,
+    );
+}
