@@ -184,7 +184,12 @@ impl Driver {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(png.as_str().unwrap())
             .unwrap();
-        std::fs::write(path, bytes).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "not a PNG");
+        assert!(bytes.len() > 1000, "an empty screenshot");
+        // Written aside and renamed: a reader (or a second test run) never sees half a file.
+        let aside = path.with_extension(format!("{}.tmp", std::process::id()));
+        std::fs::write(&aside, bytes).unwrap();
+        std::fs::rename(&aside, path).unwrap();
     }
 }
 
@@ -257,7 +262,6 @@ async fn on_call_rolls_back_from_the_admin_page_in_a_real_browser() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/admin-rollback.png");
     browser.screenshot(&screenshot).await;
     eprintln!("screenshot: {}", screenshot.display());
-    assert!(std::fs::metadata(&screenshot).unwrap().len() > 1000);
 
     // The database agrees, and the audit log names the token's holder and the reason.
     let record = store.get(M).await.unwrap();
