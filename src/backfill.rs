@@ -124,6 +124,24 @@ pub struct BackfillReport {
     pub finished: bool,
 }
 
+/// How a batch is copied.
+pub(crate) enum Copier {
+    /// The definition's `copy` (or `reverse_copy`) SQL, in the batch's transaction.
+    Sql(String),
+    /// A copier that writes the locked keys elsewhere (two-database stores).
+    Keys(Arc<dyn KeyCopier>),
+}
+
+/// Copies the source rows of `keys` (locked by the batch's transaction, `source`) to the other
+/// side, committing there before the batch commits. Returns the rows written.
+pub(crate) trait KeyCopier: Send + Sync + 'static {
+    fn copy<'a>(
+        &'a self,
+        source: &'a mut sqlx::AnyConnection,
+        keys: &'a [i64],
+    ) -> crate::flags::BoxFuture<'a, Result<u64>>;
+}
+
 /// Chunks a run is cut into: enough for the workers to share, few enough to keep the
 /// bookkeeping small.
 const MAX_CHUNKS: i64 = 256;
@@ -163,6 +181,19 @@ pub async fn run(
     metrics: Metrics,
     progress: impl Fn(&Progress) + Send + Sync + 'static,
 ) -> Result<BackfillReport> {
+    run_with(db, flags, def, options, metrics, progress, None).await
+}
+
+/// [`run`] with a copier of its own (`None`: the definition's SQL).
+pub(crate) async fn run_with(
+    db: &Database,
+    flags: &dyn FlagStore,
+    def: &MigrationDef,
+    options: BackfillOptions,
+    metrics: Metrics,
+    progress: impl Fn(&Progress) + Send + Sync + 'static,
+    copier: Option<Copier>,
+) -> Result<BackfillReport> {
     if options.workers == 0 || options.workers > 64 {
         return Err(Error::InvalidInput(
             "workers must be between 1 and 64".into(),
@@ -177,7 +208,10 @@ pub async fn run(
         ));
     }
     let direction = options.direction;
-    let copy_sql = def.copy_sql(direction)?.to_owned();
+    let copier = Arc::new(match copier {
+        Some(copier) => copier,
+        None => Copier::Sql(def.copy_sql(direction)?.to_owned()),
+    });
     let record = flags.get(&def.name).await?;
     let stage = record.state.stage;
     let writes_target = match direction {
@@ -201,7 +235,24 @@ pub async fn run(
             def.name
         )));
     }
-    def.check(db).await?;
+    match &*copier {
+        Copier::Sql(_) => def.check(db).await?,
+        Copier::Keys(_) => {
+            // The other side is another database: check the source here.
+            let (table, key) = def.source(direction);
+            let probe = format!("SELECT {key} FROM {table} WHERE 1 = 0");
+            sqlx::query(AssertSqlSafe(probe))
+                .fetch_all(db.pool())
+                .await
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "migration {:?}: the backfill's source {table}.{key}: {}",
+                        def.name,
+                        db_message(&e)
+                    ))
+                })?;
+        }
+    }
     // A run started before the target shape last missed writes (the migration went back to
     // legacy_only, or through new_only for a reverse run) cannot be resumed: its done chunks
     // no longer prove anything.
@@ -227,8 +278,8 @@ pub async fn run(
     let mut workers = Vec::new();
     for _ in 0..options.workers {
         let shared = shared.clone();
-        let sql = copy_sql.clone();
-        workers.push(tokio::spawn(async move { work(&shared, &sql).await }));
+        let copier = copier.clone();
+        workers.push(tokio::spawn(async move { work(&shared, &copier).await }));
     }
     let mut failure = None;
     for worker in workers {
@@ -380,7 +431,7 @@ struct Lease {
 }
 
 /// One worker: lease chunks and copy them until none is left.
-async fn work(shared: &Shared, copy_sql: &str) -> Result<()> {
+async fn work(shared: &Shared, copier: &Copier) -> Result<()> {
     let mut batch = shared.options.batch_size;
     loop {
         let Some(mut lease) = lease_chunk(shared).await? else {
@@ -394,7 +445,7 @@ async fn work(shared: &Shared, copy_sql: &str) -> Result<()> {
         while lease.next_key < lease.hi {
             wait_for_replicas(shared).await?;
             let started = Instant::now();
-            let Some((upto, rows)) = copy_batch(shared, copy_sql, &lease, batch).await? else {
+            let Some((upto, rows)) = copy_batch(shared, copier, &lease, batch).await? else {
                 break; // the lease was lost to another worker
             };
             let took = started.elapsed();
@@ -469,7 +520,7 @@ async fn lease_chunk(shared: &Shared) -> Result<Option<Lease>> {
 /// the key copied up to and the rows the copy wrote, or `None` if the lease was lost.
 async fn copy_batch(
     shared: &Shared,
-    copy_sql: &str,
+    copier: &Copier,
     lease: &Lease,
     batch: u32,
 ) -> Result<Option<(i64, u64)>> {
@@ -505,6 +556,17 @@ async fn copy_batch(
     } else {
         lease.hi
     };
+    let copy_sql = match copier {
+        Copier::Sql(sql) => sql,
+        Copier::Keys(copier) => {
+            let keys = rows
+                .iter()
+                .map(|r| r.try_get::<i64, _>("k"))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let copied = copier.copy(&mut tx, &keys).await?;
+            return finish_batch(shared, tx, lease, upto, copied).await;
+        }
+    };
     let copied = sqlx::query(AssertSqlSafe(copy_sql.to_owned()))
         .bind(lease.next_key)
         .bind(upto)
@@ -523,6 +585,18 @@ async fn copy_batch(
             ))
         })?
         .rows_affected();
+    finish_batch(shared, tx, lease, upto, copied).await
+}
+
+/// Moves the chunk's checkpoint in the batch's transaction and commits it, if the lease is
+/// still ours.
+async fn finish_batch(
+    shared: &Shared,
+    mut tx: sqlx::Transaction<'_, sqlx::Any>,
+    lease: &Lease,
+    upto: i64,
+    copied: u64,
+) -> Result<Option<(i64, u64)>> {
     let now = now_micros();
     let until = now + i64::try_from(shared.options.lease.as_micros()).unwrap_or(i64::MAX / 2);
     let moved = sqlx::query(

@@ -879,3 +879,115 @@ async fn a_run_older_than_the_last_legacy_only_is_started_over() {
         assert!(f.verify(false).await.clean);
     }
 }
+
+/// A two-database store backfills through its `Resync`: each batch's keys are read under the
+/// batch's row locks and written to the other database before the batch commits. Updates and
+/// deletes race it; afterwards both databases hold the same settings for every user.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_two_database_store_backfills_through_resync_under_racing_writes() {
+    let mut pairs: Vec<(String, String, Vec<tempfile::TempDir>)> = Vec::new();
+    let (d1, u1) = common::sqlite_db();
+    let (d2, u2) = common::sqlite_db();
+    pairs.push((u1, u2, vec![d1, d2]));
+    if let (Some(a), Some(b)) = (common::pg::fresh_db().await, common::pg::fresh_db().await) {
+        pairs.push((a.url, b.url, vec![]));
+    }
+    for (legacy_url, new_url, _guards) in pairs {
+        let f = Fixture::new(&legacy_url, None).await;
+        let backend = f.db.backend();
+        let new_db = Database::connect(&new_url).await.unwrap();
+        repos::create_shapes(&new_db).await.unwrap();
+        twintrack::schema::install(&new_db).await.unwrap();
+        let n = 3_000;
+        f.seed(n).await;
+        f.stage(Stage::DualWrite).await;
+        let flags = FlagCache::builder(f.store.clone())
+            .migration(M, Stage::LegacyOnly)
+            .build()
+            .await;
+        let (legacy, new) = repos::split_repos(backend);
+        let store = DualStore::builder(
+            M,
+            legacy.clone(),
+            new.clone(),
+            f.db.clone(),
+            flags,
+            SettingsResync,
+        )
+        .new_database(new_db.clone())
+        .definition(f.def.clone())
+        .build()
+        .unwrap();
+        let run = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let options = BackfillOptions {
+                    batch_size: 100,
+                    target_batch_time: Duration::from_millis(10),
+                    workers: 2,
+                    rate: Some(3_000.0),
+                    ..BackfillOptions::default()
+                };
+                store.backfill(options, |_| {}).await
+            })
+        };
+        let mut writes = 0;
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        while !run.is_finished() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let id = 1 + (rng % n as u64) as i64;
+            if rng.is_multiple_of(5) {
+                store
+                    .write(id, move |repo, conn| repo.delete(conn, id))
+                    .await
+                    .unwrap();
+            } else {
+                let s = Settings {
+                    theme: format!("raced-{writes}"),
+                    notifications_enabled: true,
+                };
+                store
+                    .write(id, move |repo, conn| repo.put(conn, id, s.clone()))
+                    .await
+                    .unwrap();
+            }
+            writes += 1;
+        }
+        let report = run.await.unwrap().unwrap();
+        assert!(report.finished, "{backend:?}");
+        assert!(
+            writes > 50,
+            "{backend:?}: only {writes} writes raced the backfill"
+        );
+        let (mut lc, mut nc) = (
+            f.db.pool().acquire().await.unwrap(),
+            new_db.pool().acquire().await.unwrap(),
+        );
+        let mut differing = Vec::new();
+        for id in 1..=n {
+            let l = legacy.get(&mut lc, id, false).await.unwrap();
+            let r = new.get(&mut nc, id, false).await.unwrap();
+            if l != r {
+                differing.push((id, l, r));
+            }
+        }
+        eprintln!("{backend:?}: {writes} writes raced a two-database backfill of {n} users");
+        assert!(
+            differing.is_empty(),
+            "{backend:?}: {} differ, e.g. {:?}",
+            differing.len(),
+            differing.first()
+        );
+        assert!(
+            f.store
+                .get(M)
+                .await
+                .unwrap()
+                .evidence
+                .backfill_finished_at
+                .is_some()
+        );
+    }
+}

@@ -229,10 +229,13 @@ impl Fixture {
             .get(&mut conn, id, false)
             .await
             .unwrap();
-        let new = NewSettings { backend }
-            .get(&mut conn, id, false)
-            .await
-            .unwrap();
+        let new = NewSettings {
+            backend,
+            standalone: false,
+        }
+        .get(&mut conn, id, false)
+        .await
+        .unwrap();
         (legacy, new)
     }
 
@@ -247,10 +250,13 @@ impl Fixture {
                 .unwrap()
         );
         assert!(
-            NewSettings { backend }
-                .put(&mut conn, id, new.clone())
-                .await
-                .unwrap()
+            NewSettings {
+                backend,
+                standalone: false,
+            }
+            .put(&mut conn, id, new.clone())
+            .await
+            .unwrap()
         );
     }
 
@@ -592,10 +598,13 @@ async fn shadow_reads_classify_confirmed_and_transient_mismatches() {
                 .put(&mut conn, id, settings("v2"))
                 .await
                 .unwrap();
-            NewSettings { backend }
-                .put(&mut conn, id, settings("v2"))
-                .await
-                .unwrap();
+            NewSettings {
+                backend,
+                standalone: false,
+            }
+            .put(&mut conn, id, settings("v2"))
+            .await
+            .unwrap();
         }));
         assert_eq!(
             f.users.settings(id).await.unwrap(),

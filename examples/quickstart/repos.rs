@@ -58,6 +58,10 @@ pub struct LegacySettings {
 /// Settings in the `user_settings` table.
 pub struct NewSettings {
     pub backend: Backend,
+    /// The table lives in a database of its own (two-database mode): `users` is not there to
+    /// check against, and the legacy side (authoritative until `live`) decides whether the
+    /// user exists.
+    pub standalone: bool,
 }
 
 fn for_share(backend: Backend, lock: bool) -> &'static str {
@@ -167,17 +171,23 @@ impl SettingsRepo for NewSettings {
     ) -> BoxFuture<'c, sqlx::Result<bool>> {
         Box::pin(async move {
             // Only for users that exist: settings never outlive their user.
-            let done = sqlx::query(
+            let sql = if self.standalone {
+                "INSERT INTO user_settings (user_id, theme, notifications_enabled)
+                 SELECT $1, $2, $3 WHERE true
+                 ON CONFLICT (user_id) DO UPDATE
+                 SET theme = excluded.theme, notifications_enabled = excluded.notifications_enabled"
+            } else {
                 "INSERT INTO user_settings (user_id, theme, notifications_enabled)
                  SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM users WHERE id = $1)
                  ON CONFLICT (user_id) DO UPDATE
-                 SET theme = excluded.theme, notifications_enabled = excluded.notifications_enabled",
-            )
-            .bind(id)
-            .bind(&s.theme)
-            .bind(s.notifications_enabled)
-            .execute(conn)
-            .await?;
+                 SET theme = excluded.theme, notifications_enabled = excluded.notifications_enabled"
+            };
+            let done = sqlx::query(sql)
+                .bind(id)
+                .bind(&s.theme)
+                .bind(s.notifications_enabled)
+                .execute(conn)
+                .await?;
             Ok(done.rows_affected() == 1)
         })
     }
@@ -235,11 +245,25 @@ impl Resync<dyn SettingsRepo> for SettingsResync {
 /// The dual store over the two shapes.
 pub type SettingsStore = DualStore<dyn SettingsRepo, SettingsResync>;
 
+/// The two shapes in two databases (the new one holding only `user_settings`).
+pub fn split_repos(backend: Backend) -> (Arc<dyn SettingsRepo>, Arc<dyn SettingsRepo>) {
+    (
+        Arc::new(LegacySettings { backend }),
+        Arc::new(NewSettings {
+            backend,
+            standalone: true,
+        }),
+    )
+}
+
 /// The two shapes, for `DualStore::builder`.
 pub fn repos(backend: Backend) -> (Arc<dyn SettingsRepo>, Arc<dyn SettingsRepo>) {
     (
         Arc::new(LegacySettings { backend }),
-        Arc::new(NewSettings { backend }),
+        Arc::new(NewSettings {
+            backend,
+            standalone: false,
+        }),
     )
 }
 

@@ -900,3 +900,101 @@ fn to_value<T: Serialize>(value: &T) -> serde_json::Value {
 fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
+
+/// Copies a backfill batch's keys from one database to the other through [`Resync`].
+struct SplitCopier<R: ?Sized, X> {
+    store: DualStore<R, X>,
+    source: Side,
+}
+
+impl<R, X> crate::backfill::KeyCopier for SplitCopier<R, X>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    fn copy<'a>(
+        &'a self,
+        source: &'a mut AnyConnection,
+        keys: &'a [i64],
+    ) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move {
+            let store = &self.store;
+            let inner = &store.inner;
+            let target = self.source.other();
+            // Read under the batch's row locks, write the other database, commit it: the
+            // batch (and its locks) commits after, so no dual write can slip in between.
+            let mut records = Vec::with_capacity(keys.len());
+            for &key in keys {
+                let record = inner
+                    .resync
+                    .load(store.repo(self.source), source, key)
+                    .await
+                    .map_err(store.side_error(self.source))?;
+                records.push((key, record));
+            }
+            let mut tx = store.database_of(target).pool().begin().await?;
+            for (key, record) in records {
+                match record {
+                    Some(record) => {
+                        inner
+                            .resync
+                            .store(store.repo(target), &mut tx, key, record)
+                            .await
+                    }
+                    None => inner.resync.delete(store.repo(target), &mut tx, key).await,
+                }
+                .map_err(store.side_error(target))?;
+            }
+            tx.commit().await?;
+            Ok(keys.len() as u64)
+        })
+    }
+}
+
+impl<R, X> DualStore<R, X>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    /// Backfills this store's migration (see [`crate::backfill`]); needs the definition
+    /// ([`DualStoreBuilder::definition`]) for the source table and key. One database: the
+    /// definition's SQL copies. Two databases: each batch's keys are read under the batch's
+    /// row locks and written to the other database through [`Resync`], which commits before
+    /// the batch does.
+    pub async fn backfill(
+        &self,
+        options: crate::backfill::BackfillOptions,
+        progress: impl Fn(&crate::backfill::Progress) + Send + Sync + 'static,
+    ) -> Result<crate::backfill::BackfillReport> {
+        let Some(def) = &self.inner.definition else {
+            return Err(Error::Config(
+                "a dual store backfills with its definition: set DualStoreBuilder::definition"
+                    .into(),
+            ));
+        };
+        let flags = self.inner.flags.store().clone();
+        let metrics = self.inner.metrics.clone();
+        if !self.is_split() {
+            return crate::backfill::run(self.database(), &*flags, def, options, metrics, progress)
+                .await;
+        }
+        let source = match options.direction {
+            crate::definition::Direction::Forward => Side::Legacy,
+            crate::definition::Direction::Reverse => Side::New,
+        };
+        let copier = crate::backfill::Copier::Keys(Arc::new(SplitCopier {
+            store: self.clone(),
+            source,
+        }));
+        crate::backfill::run_with(
+            self.database_of(source),
+            &*flags,
+            def,
+            options,
+            metrics,
+            progress,
+            Some(copier),
+        )
+        .await
+    }
+}
