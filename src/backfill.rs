@@ -132,14 +132,20 @@ pub(crate) enum Copier {
     Keys(Arc<dyn KeyCopier>),
 }
 
-/// Copies the source rows of `keys` (locked by the batch's transaction, `source`) to the other
-/// side, committing there before the batch commits. Returns the rows written.
+/// Makes the other side match the source for the key range `(lo, hi]`: copies the source rows
+/// of `keys` (every source key in the range, locked by the batch's transaction, `source`) and
+/// removes what the other side holds for keys the source no longer has; commits there before
+/// the batch commits. Returns the rows written.
 pub(crate) trait KeyCopier: Send + Sync + 'static {
     fn copy<'a>(
         &'a self,
         source: &'a mut sqlx::AnyConnection,
         keys: &'a [i64],
+        range: (i64, i64),
     ) -> crate::flags::BoxFuture<'a, Result<u64>>;
+
+    /// The other side's smallest and largest key, so the run also covers keys the source lost.
+    fn target_bounds(&self) -> crate::flags::BoxFuture<'_, Result<Option<(i64, i64)>>>;
 }
 
 /// Chunks a run is cut into: enough for the workers to share, few enough to keep the
@@ -260,7 +266,11 @@ pub(crate) async fn run_with(
         Direction::Forward => record.evidence.left_legacy_only_at,
         Direction::Reverse => record.evidence.left_new_only_at,
     };
-    let run = open_run(db, def, direction, stale_before).await?;
+    let extra = match &*copier {
+        Copier::Keys(copier) => copier.target_bounds().await?,
+        Copier::Sql(_) => None,
+    };
+    let run = open_run(db, def, direction, stale_before, extra).await?;
     let shared = Arc::new(Shared {
         db: db.clone(),
         def: def.clone(),
@@ -275,15 +285,16 @@ pub(crate) async fn run_with(
         started: Instant::now(),
         progress: Box::new(progress),
     });
-    let mut workers = Vec::new();
+    // A JoinSet: dropping this future (a killed run) stops its workers too.
+    let mut workers = tokio::task::JoinSet::new();
     for _ in 0..options.workers {
         let shared = shared.clone();
         let copier = copier.clone();
-        workers.push(tokio::spawn(async move { work(&shared, &copier).await }));
+        workers.spawn(async move { work(&shared, &copier).await });
     }
     let mut failure = None;
-    for worker in workers {
-        match worker.await {
+    while let Some(worker) = workers.join_next().await {
+        match worker {
             Ok(Ok(())) => {}
             Ok(Err(err)) => failure = failure.or(Some(err)),
             Err(join) => {
@@ -321,6 +332,7 @@ async fn open_run(
     def: &MigrationDef,
     direction: Direction,
     stale_before: Option<i64>,
+    extra: Option<(i64, i64)>,
 ) -> Result<Run> {
     let mut conn = db.pool().acquire().await?;
     let begin = match db.backend() {
@@ -369,7 +381,14 @@ async fn open_run(
     let row = sqlx::query(AssertSqlSafe(bounds))
         .fetch_one(&mut *tx)
         .await?;
-    let (min, max): (i64, i64) = (row.try_get("lo")?, row.try_get("hi")?);
+    let (mut min, mut max): (i64, i64) = (row.try_get("lo")?, row.try_get("hi")?);
+    if let Some((lo, hi)) = extra {
+        (min, max) = if max == 0 && min == 0 {
+            (lo, hi)
+        } else {
+            (min.min(lo), max.max(hi))
+        };
+    }
     let lower = min.saturating_sub(1);
     let upper = max.max(lower);
     let started_at = now_micros();
@@ -563,7 +582,7 @@ async fn copy_batch(
                 .iter()
                 .map(|r| r.try_get::<i64, _>("k"))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            let copied = copier.copy(&mut tx, &keys).await?;
+            let copied = copier.copy(&mut tx, &keys, (lease.next_key, upto)).await?;
             return finish_batch(shared, tx, lease, upto, copied).await;
         }
     };

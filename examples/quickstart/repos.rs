@@ -322,8 +322,20 @@ impl Users {
         self.settings.database()
     }
 
-    /// Creates a user and its settings in one transaction; returns the id.
+    /// Creates a user and its settings in one transaction; returns the id. (Two databases: the
+    /// user row first, then the settings through the dual store.)
     pub async fn create(&self, email: &str, settings: Settings) -> Result<i64, UserError> {
+        if self.settings.is_split() {
+            twintrack::ryw::note_write();
+            let id: i64 = sqlx::query_scalar("INSERT INTO users (email) VALUES ($1) RETURNING id")
+                .bind(email)
+                .fetch_one(self.db().pool())
+                .await?;
+            self.settings
+                .write(id, move |repo, conn| repo.put(conn, id, settings.clone()))
+                .await?;
+            return Ok(id);
+        }
         let mut tx = self.db().pool().begin().await?;
         let id: i64 = sqlx::query_scalar("INSERT INTO users (email) VALUES ($1) RETURNING id")
             .bind(email)
@@ -359,8 +371,24 @@ impl Users {
         }
     }
 
-    /// Deletes the user and its settings.
+    /// Deletes the user and its settings. (Two databases: the settings through the dual store,
+    /// then the user row.)
     pub async fn delete(&self, id: i64) -> Result<(), UserError> {
+        if self.settings.is_split() {
+            self.settings
+                .write(id, move |repo, conn| repo.delete(conn, id))
+                .await?;
+            let gone = sqlx::query("DELETE FROM users WHERE id = $1")
+                .bind(id)
+                .execute(self.db().pool())
+                .await?
+                .rows_affected();
+            return if gone == 0 {
+                Err(UserError::NotFound)
+            } else {
+                Ok(())
+            };
+        }
         let mut tx = self.db().pool().begin().await?;
         self.settings
             .write_in(&mut tx, id, move |repo, conn| repo.delete(conn, id))

@@ -912,19 +912,61 @@ where
     R: ?Sized + Send + Sync + 'static,
     X: Resync<R>,
 {
+    fn target_bounds(&self) -> BoxFuture<'_, Result<Option<(i64, i64)>>> {
+        Box::pin(async move {
+            let Some(def) = &self.store.inner.definition else {
+                return Ok(None);
+            };
+            let (table, key) = match self.source.other() {
+                Side::New => (&def.new_table, &def.new_key),
+                Side::Legacy => (&def.legacy_table, &def.legacy_key),
+            };
+            let sql = format!(
+                "SELECT CAST(MIN({key}) AS BIGINT) AS lo, CAST(MAX({key}) AS BIGINT) AS hi FROM {table}"
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_one(self.store.database_of(self.source.other()).pool())
+                .await?;
+            use sqlx::Row as _;
+            let lo: Option<i64> = row.try_get("lo")?;
+            let hi: Option<i64> = row.try_get("hi")?;
+            Ok(lo.zip(hi))
+        })
+    }
+
     fn copy<'a>(
         &'a self,
         source: &'a mut AnyConnection,
         keys: &'a [i64],
+        range: (i64, i64),
     ) -> BoxFuture<'a, Result<u64>> {
         Box::pin(async move {
             let store = &self.store;
             let inner = &store.inner;
             let target = self.source.other();
+            // Keys the other side holds in the range but the batch did not list: the source
+            // lost them (or gained them just now). Each is read again from the source below,
+            // so only a key the source really no longer has is removed.
+            let mut extra = Vec::new();
+            if let Some(def) = &inner.definition {
+                let (table, key) = match target {
+                    Side::New => (&def.new_table, &def.new_key),
+                    Side::Legacy => (&def.legacy_table, &def.legacy_key),
+                };
+                let sql =
+                    format!("SELECT {key} AS k FROM {table} WHERE {key} > $1 AND {key} <= $2");
+                let held: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .bind(range.0)
+                    .bind(range.1)
+                    .fetch_all(store.database_of(target).pool())
+                    .await?;
+                let listed: std::collections::HashSet<i64> = keys.iter().copied().collect();
+                extra.extend(held.into_iter().filter(|k| !listed.contains(k)));
+            }
             // Read under the batch's row locks, write the other database, commit it: the
             // batch (and its locks) commits after, so no dual write can slip in between.
-            let mut records = Vec::with_capacity(keys.len());
-            for &key in keys {
+            let mut records = Vec::with_capacity(keys.len() + extra.len());
+            for &key in keys.iter().chain(&extra) {
                 let record = inner
                     .resync
                     .load(store.repo(self.source), source, key)
@@ -932,6 +974,7 @@ where
                     .map_err(store.side_error(self.source))?;
                 records.push((key, record));
             }
+            let records_len = records.len();
             let mut tx = store.database_of(target).pool().begin().await?;
             for (key, record) in records {
                 match record {
@@ -946,7 +989,7 @@ where
                 .map_err(store.side_error(target))?;
             }
             tx.commit().await?;
-            Ok(keys.len() as u64)
+            Ok(records_len as u64)
         })
     }
 }

@@ -13,9 +13,10 @@
 //! 5. otherwise → the replica chosen earlier in this request, else the least-behind healthy
 //!    one, else the primary (`replica_lagging` / `replica_down`).
 //!
-//! A read that fails on a replica with a hot-standby conflict (SQLSTATE `40001`) or a dead
-//! connection is retried on another replica, then on the primary; a dead replica is taken out
-//! at once. Writes and transactions always go to the primary ([`Router::begin`]).
+//! A read that fails on a replica with a hot-standby conflict (SQLSTATE `40001`), a dead
+//! connection, or a table or column the replica has not replayed yet (`42P01`, `42703`: it lags
+//! a migration's DDL) is retried on another replica, then on the primary; a dead replica is
+//! taken out at once. Writes and transactions always go to the primary ([`Router::begin`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -317,6 +318,9 @@ pub(crate) enum ReplicaFailure {
     Conflict,
     /// The connection or the server is gone.
     Down,
+    /// The replica has not replayed the schema the read needs yet (a table or column the
+    /// primary has: SQLSTATE 42P01 / 42703), as right after a migration's DDL.
+    Behind,
 }
 
 impl ReplicaFailure {
@@ -326,6 +330,8 @@ impl ReplicaFailure {
                 let code = db.code()?;
                 if code == "40001" {
                     Some(ReplicaFailure::Conflict)
+                } else if code == "42P01" || code == "42703" {
+                    Some(ReplicaFailure::Behind)
                 } else if code.starts_with("08") || code.starts_with("57P") {
                     // connection exceptions; admin/crash shutdown, cannot connect now
                     Some(ReplicaFailure::Down)
@@ -708,6 +714,7 @@ pub fn note_write() {
 fn pin_after(failure: Option<ReplicaFailure>) -> PinReason {
     match failure {
         Some(ReplicaFailure::Conflict) => PinReason::ReplicaConflict,
+        Some(ReplicaFailure::Behind) => PinReason::ReplicaLagging,
         _ => PinReason::ReplicaDown,
     }
 }

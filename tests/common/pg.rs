@@ -181,6 +181,34 @@ impl Cluster {
         }
     }
 
+    /// Stops the primary (private clusters only).
+    pub fn stop_primary(&self) {
+        let s = self.servers.as_ref().expect("a self-provisioned cluster");
+        s.pg_ctl(&s.primary_data, "stop", &["-m", "fast"]);
+    }
+
+    /// Starts the primary again (private clusters only).
+    pub fn start_primary(&self) {
+        let s = self.servers.as_ref().expect("a self-provisioned cluster");
+        s.pg_ctl(&s.primary_data, "start", &[]);
+    }
+
+    /// Starts the primary unless it is running (private clusters only).
+    pub fn start_primary_if_stopped(&self) {
+        let s = self.servers.as_ref().expect("a self-provisioned cluster");
+        if !s.running(&s.primary_data) {
+            s.pg_ctl(&s.primary_data, "start", &[]);
+        }
+    }
+
+    /// Starts replica `index` unless it is running (private clusters only).
+    pub fn start_replica_if_stopped(&self, index: usize) {
+        let s = self.servers.as_ref().expect("a self-provisioned cluster");
+        if !s.running(&s.replicas[index].data) {
+            s.pg_ctl(&s.replicas[index].data, "start", &[]);
+        }
+    }
+
     /// Stops replica `index` (private clusters only).
     pub fn stop_replica(&self, index: usize) {
         let s = self.servers.as_ref().expect("a self-provisioned cluster");
@@ -276,6 +304,15 @@ impl Servers {
             .args(extra)
             .arg(action);
         run(&mut c).unwrap_or_else(|e| panic!("pg_ctl {action}: {e}"));
+    }
+
+    fn running(&self, data: &Path) -> bool {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D").arg(data).arg("status");
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     fn pg_ctl_quiet(&self, data: &Path, action: &str, extra: &[&str]) {

@@ -1,0 +1,583 @@
+//! The chaos run: the quickstart's service under load while stages flip and parts fail, then a
+//! count of what went wrong. `cargo run --release --example chaos -- --seconds 60`
+//!
+//! It provisions its own PostgreSQL: a primary with a streaming replica 200 ms behind (users,
+//! the legacy shape, twintrack's tables) and a second server holding the new shape
+//! (two-database mode). For `--seconds` it drives `--clients` concurrent clients (default 200)
+//! through the quickstart's HTTP routes in-process: creates, updates, deletes and reads of the
+//! users each client owns, reading with the read-your-writes token of its last write. At the
+//! same time it:
+//!
+//! - flips the stage every 100 ms among the moves the rules allow (`dual_write` ⇄
+//!   `legacy_only`);
+//! - stops and restarts the new-shape server, and the replica;
+//! - starts a backfill and kills it, over and over.
+//!
+//! Then it stops the faults, moves to `dual_write`, backfills to the end, lets the repair worker
+//! drain every intent, compares both shapes for every user, and prints one line:
+//!
+//! `divergent_rows=N stale_reads=N lost_writes=N requests=N errors=N`
+//!
+//! - divergent_rows: users whose settings differ between the shapes;
+//! - stale_reads: reads made with the client's token that did not see its own last write;
+//! - lost_writes: users whose acknowledged settings are not what the authoritative (legacy)
+//!   side holds;
+//! - errors: requests answered 5xx (a write that failed this way leaves both outcomes possible).
+//!
+//! Exit 0 only when the first three are all 0.
+
+#[path = "quickstart/app.rs"]
+mod app;
+#[path = "../tests/common/pg.rs"]
+mod pg;
+#[path = "quickstart/repos.rs"]
+mod repos;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use http_body_util::BodyExt;
+use repos::{LegacySettings, NewSettings, Settings, SettingsRepo, SettingsResync, Users};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use twintrack::backfill::BackfillOptions;
+use twintrack::config::Config;
+use twintrack::db::ConnectOptions;
+use twintrack::dual::{DualStore, pending_intents};
+use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
+use twintrack::ryw::{ReplicaOptions, ReplicaSet, Router};
+use twintrack::{Backend, Database, Stage, TwinTrack};
+
+const M: &str = "user_settings";
+const SEEDED: i64 = 2_000;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| v.parse().expect("a number"))
+}
+
+#[derive(Default)]
+struct Counts {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    stale: AtomicU64,
+    checked_reads: AtomicU64,
+    flips: AtomicU64,
+    backfill_kills: AtomicU64,
+    outages: AtomicU64,
+}
+
+/// What a user's settings may be after the client's acknowledged (and failed) writes: one
+/// state, or several after a write whose outcome is unknown.
+type Candidates = Vec<Option<Settings>>;
+
+struct Client {
+    app: TwinTrack<axum::Router>,
+    index: u64,
+    counts: Arc<Counts>,
+    stop: Arc<AtomicBool>,
+    users: HashMap<i64, Candidates>,
+    token: Option<(String, Instant)>,
+    rng: u64,
+}
+
+impl Client {
+    fn next(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        with_token: bool,
+    ) -> (u16, Value) {
+        let mut req = http::Request::builder().method(method).uri(path);
+        if with_token && let Some((token, _)) = &self.token {
+            req = req.header("x-twintrack-ryw", token);
+        }
+        let body = body.map_or_else(Body::empty, |v| Body::from(v.to_string()));
+        self.counts.requests.fetch_add(1, Ordering::Relaxed);
+        let res = self
+            .app
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        if status >= 500 {
+            self.counts.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(token) = res
+            .headers()
+            .get("x-twintrack-ryw")
+            .and_then(|v| v.to_str().ok())
+        {
+            self.token = Some((token.to_owned(), Instant::now()));
+        }
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    fn settings(&mut self) -> Settings {
+        let n = self.next();
+        Settings {
+            theme: format!("c{}-{}", self.index, n % 1_000_000),
+            notifications_enabled: n.is_multiple_of(2),
+        }
+    }
+
+    async fn run(mut self) -> HashMap<i64, Candidates> {
+        let mut created = 0u64;
+        while !self.stop.load(Ordering::Relaxed) {
+            let roll = self.next() % 100;
+            let ids: Vec<i64> = self.users.keys().copied().collect();
+            let id = if ids.is_empty() {
+                None
+            } else {
+                Some(ids[(self.next() % ids.len() as u64) as usize])
+            };
+            match (roll, id) {
+                (0..10, _) | (_, None) => {
+                    let s = self.settings();
+                    created += 1;
+                    let email = format!("c{}-{created}@chaos", self.index);
+                    let body = json!({"email": email, "theme": s.theme, "notifications_enabled": s.notifications_enabled});
+                    let (status, body) = self.call("POST", "/users", Some(body), false).await;
+                    if status == 201
+                        && let Some(id) = body["id"].as_i64()
+                    {
+                        self.users.insert(id, vec![Some(s)]);
+                    }
+                }
+                (10..35, Some(id)) => {
+                    let s = self.settings();
+                    let body =
+                        json!({"theme": s.theme, "notifications_enabled": s.notifications_enabled});
+                    let (status, _) = self
+                        .call("PUT", &format!("/users/{id}/settings"), Some(body), false)
+                        .await;
+                    let states = self.users.get_mut(&id).unwrap();
+                    match status {
+                        200 => *states = vec![Some(s)],
+                        404 => {}
+                        _ => states.push(Some(s)),
+                    }
+                }
+                (35..40, Some(id)) => {
+                    let (status, _) = self
+                        .call("DELETE", &format!("/users/{id}"), None, false)
+                        .await;
+                    let states = self.users.get_mut(&id).unwrap();
+                    match status {
+                        204 | 404 => *states = vec![None],
+                        _ => states.push(None),
+                    }
+                }
+                (_, Some(id)) => {
+                    // Reads check read-your-writes only while the token is fresh (30 s TTL).
+                    let fresh = self
+                        .token
+                        .as_ref()
+                        .is_some_and(|(_, at)| at.elapsed() < Duration::from_secs(25));
+                    let (status, body) = self
+                        .call("GET", &format!("/users/{id}/settings"), None, true)
+                        .await;
+                    let seen = match status {
+                        200 => serde_json::from_value::<Settings>(body).ok(),
+                        404 => None,
+                        _ => continue,
+                    };
+                    if fresh {
+                        self.counts.checked_reads.fetch_add(1, Ordering::Relaxed);
+                        if !self.users[&id].contains(&seen) {
+                            self.counts.stale.fetch_add(1, Ordering::Relaxed);
+                            eprintln!(
+                                "stale read: user {id} showed {seen:?}, expected one of {:?}",
+                                self.users[&id]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        self.users
+    }
+}
+
+/// The repair pass as a boxed `Send` future (spawning the generic one directly trips a rustc
+/// limitation with higher-ranked lifetimes and trait objects).
+fn repair_once(
+    dual: &repos::SettingsStore,
+    min_age: Duration,
+) -> twintrack::flags::BoxFuture<'_, twintrack::Result<twintrack::dual::RepairReport>> {
+    Box::pin(dual.repair(min_age))
+}
+
+async fn blocking(f: impl FnOnce() + Send + 'static) {
+    tokio::task::spawn_blocking(f).await.unwrap();
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    // Errors only (each 5xx logs its cause); RUST_LOG widens it.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .init();
+    let seconds = arg("--seconds", 60);
+    let clients = arg("--clients", 200);
+    let started = Instant::now();
+
+    let main_cluster = Arc::new(
+        pg::Cluster::start_with(vec![pg::ReplicaSpec::delayed(200)]).expect("start PostgreSQL"),
+    );
+    let new_server =
+        Arc::new(pg::Cluster::start_with(vec![]).expect("start the new-shape PostgreSQL"));
+    let legacy_t = main_cluster.fresh_db().await;
+    let new_t = new_server.fresh_db().await;
+    let options = |max| ConnectOptions {
+        max_connections: max,
+        acquire_timeout: Duration::from_secs(2),
+    };
+    let legacy_db = Database::connect_with(&legacy_t.url, options(40))
+        .await
+        .unwrap();
+    let new_db = Database::connect_with(&new_t.url, options(20))
+        .await
+        .unwrap();
+    repos::create_shapes(&legacy_db).await.unwrap();
+    repos::create_shapes(&new_db).await.unwrap();
+    twintrack::schema::install(&new_db).await.unwrap();
+    let store = Arc::new(SqlFlagStore::open(legacy_db.clone()).await.unwrap());
+    store.register(M, "chaos").await.unwrap();
+    store
+        .set_stage(StageChange::new(
+            M,
+            Stage::DualWrite,
+            "chaos",
+            "dual writes on",
+        ))
+        .await
+        .unwrap();
+    // Users that exist before dual writes: only a backfill brings them to the new shape.
+    sqlx::query(
+        "INSERT INTO users (email, profile) SELECT 'seed' || g || '@chaos',
+                jsonb_build_object('theme', 'seed', 'notifications_enabled', true)
+         FROM generate_series(1, $1) AS g",
+    )
+    .bind(SEEDED)
+    .execute(legacy_db.pool())
+    .await
+    .unwrap();
+
+    let flags = FlagCache::builder(store.clone())
+        .migration(M, Stage::LegacyOnly)
+        .build()
+        .await;
+    let replicas = ReplicaSet::connect(
+        legacy_db.clone(),
+        &legacy_t.replica_urls,
+        ReplicaOptions {
+            poll_interval: Duration::from_millis(50),
+            poll_timeout: Duration::from_millis(500),
+            ..ReplicaOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Start once the replica has the schema and the seeded users, as a real service would.
+    let lsn = replicas.primary_lsn().await.unwrap();
+    while replicas.pick(Some(lsn)).is_none() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let router = Router::builder(
+        legacy_db.clone(),
+        b"chaos run secret, at least 16 b".to_vec(),
+    )
+    .replicas(replicas)
+    .build()
+    .await
+    .unwrap();
+    let config = Config::parse(include_str!("quickstart.toml")).unwrap();
+    let definition = config
+        .migration(M)
+        .unwrap()
+        .definition(Backend::Postgres)
+        .unwrap();
+    let (legacy, new) = repos::split_repos(Backend::Postgres);
+    let dual = DualStore::builder(
+        M,
+        legacy,
+        new,
+        legacy_db.clone(),
+        flags.clone(),
+        SettingsResync,
+    )
+    .new_database(new_db.clone())
+    .router(router.clone())
+    .definition(definition)
+    .build()
+    .unwrap();
+    let app = app::app(
+        Users {
+            settings: dual.clone(),
+        },
+        flags.clone(),
+        Some(router),
+        false,
+        None,
+    );
+
+    let counts = Arc::new(Counts::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut background = Vec::new();
+
+    // Stage flips every 100 ms.
+    {
+        let (store, stop, counts) = (store.clone(), stop.clone(), counts.clone());
+        background.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let Ok(record) = store.get(M).await else {
+                    continue;
+                };
+                let to = if record.state.stage == Stage::LegacyOnly {
+                    Stage::DualWrite
+                } else {
+                    Stage::LegacyOnly
+                };
+                if store
+                    .set_stage(StageChange::new(M, to, "chaos", "flip"))
+                    .await
+                    .is_ok()
+                {
+                    counts.flips.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    // The repair worker.
+    {
+        let (dual, stop) = (dual.clone(), stop.clone());
+        background.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = repair_once(&dual, Duration::from_millis(300)).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }));
+    }
+    // Outages: the new-shape server, then the replica.
+    {
+        let (main_cluster, new_server, stop, counts) = (
+            main_cluster.clone(),
+            new_server.clone(),
+            stop.clone(),
+            counts.clone(),
+        );
+        background.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let s = new_server.clone();
+                blocking(move || s.stop_primary()).await;
+                counts.outages.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                let s = new_server.clone();
+                blocking(move || s.start_primary()).await;
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let c = main_cluster.clone();
+                blocking(move || c.stop_replica(0)).await;
+                counts.outages.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                let c = main_cluster.clone();
+                blocking(move || c.start_replica(0)).await;
+            }
+        }));
+    }
+    // A backfill, started and killed over and over.
+    {
+        let (dual, stop, counts) = (dual.clone(), stop.clone(), counts.clone());
+        background.push(tokio::spawn(async move {
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                let run = {
+                    let dual = dual.clone();
+                    tokio::spawn(async move {
+                        let options = BackfillOptions {
+                            batch_size: 100,
+                            workers: 2,
+                            lease: Duration::from_secs(2),
+                            ..BackfillOptions::default()
+                        };
+                        dual.backfill(options, |_| {}).await
+                    })
+                };
+                tokio::time::sleep(Duration::from_millis(400 + (round * 37) % 700)).await;
+                run.abort();
+                counts.backfill_kills.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }));
+    }
+
+    // The clients: each owns the seeded users with id ≡ its index (mod clients).
+    let mut tasks = Vec::new();
+    for index in 0..clients {
+        let users = (1..=SEEDED)
+            .filter(|id| (*id as u64) % clients == index)
+            .map(|id| {
+                (
+                    id,
+                    vec![Some(Settings {
+                        theme: "seed".into(),
+                        notifications_enabled: true,
+                    })],
+                )
+            })
+            .collect();
+        let client = Client {
+            app: app.clone(),
+            index,
+            counts: counts.clone(),
+            stop: stop.clone(),
+            users,
+            token: None,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (index + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+        };
+        tasks.push(tokio::spawn(client.run()));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut model: HashMap<i64, Candidates> = HashMap::new();
+    for task in tasks {
+        model.extend(task.await.unwrap());
+    }
+    for task in background {
+        let _ = task.await;
+    }
+    let load_ended = started.elapsed();
+
+    // Settle: every server up, dual writes on, a complete backfill, every intent repaired.
+    let s = new_server.clone();
+    blocking(move || s.start_primary_if_stopped()).await;
+    let c = main_cluster.clone();
+    blocking(move || c.start_replica_if_stopped(0)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    if store.get(M).await.unwrap().state.stage != Stage::DualWrite {
+        store
+            .set_stage(StageChange::new(M, Stage::DualWrite, "chaos", "settle"))
+            .await
+            .unwrap();
+    }
+    flags.refresh().await.unwrap();
+    let report = dual
+        .backfill(
+            BackfillOptions {
+                workers: 2,
+                lease: Duration::from_secs(2),
+                ..BackfillOptions::default()
+            },
+            |_| {},
+        )
+        .await
+        .expect("the final backfill");
+    let drain_started = Instant::now();
+    loop {
+        let _ = dual.repair(Duration::ZERO).await;
+        let left = pending_intents(&legacy_db, M).await.unwrap()
+            + pending_intents(&new_db, M).await.unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            drain_started.elapsed() < Duration::from_secs(60),
+            "{left} repair intents never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Verify: every user, both shapes; and every acknowledged write on the authoritative side.
+    let legacy_repo = LegacySettings {
+        backend: Backend::Postgres,
+    };
+    let new_repo = NewSettings {
+        backend: Backend::Postgres,
+        standalone: true,
+    };
+    let mut ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM users")
+        .fetch_all(legacy_db.pool())
+        .await
+        .unwrap();
+    ids.extend(
+        sqlx::query_scalar::<_, i64>("SELECT user_id FROM user_settings")
+            .fetch_all(new_db.pool())
+            .await
+            .unwrap(),
+    );
+    ids.extend(model.keys().copied());
+    ids.sort_unstable();
+    ids.dedup();
+    let (mut lc, mut nc) = (
+        legacy_db.pool().acquire().await.unwrap(),
+        new_db.pool().acquire().await.unwrap(),
+    );
+    let (mut divergent, mut lost) = (0u64, 0u64);
+    for id in &ids {
+        let l = legacy_repo.get(&mut lc, *id, false).await.unwrap();
+        let n = new_repo.get(&mut nc, *id, false).await.unwrap();
+        if l != n {
+            divergent += 1;
+            eprintln!("divergent: user {id}: legacy {l:?}, new {n:?}");
+        }
+        if let Some(expected) = model.get(id)
+            && !expected.contains(&l)
+        {
+            lost += 1;
+            eprintln!("lost write: user {id}: legacy {l:?}, acknowledged {expected:?}");
+        }
+    }
+    let c = &counts;
+    eprintln!(
+        "chaos: {seconds} s of load ({:.1} s), {} clients, {} users checked; {} stage flips, {} outages, {} backfill kills; {} reads checked with the token; final backfill copied {} rows; settled in {:.1} s",
+        load_ended.as_secs_f64(),
+        clients,
+        ids.len(),
+        c.flips.load(Ordering::Relaxed),
+        c.outages.load(Ordering::Relaxed),
+        c.backfill_kills.load(Ordering::Relaxed),
+        c.checked_reads.load(Ordering::Relaxed),
+        report.rows_copied,
+        (started.elapsed() - load_ended).as_secs_f64(),
+    );
+    let stale = c.stale.load(Ordering::Relaxed);
+    println!(
+        "divergent_rows={divergent} stale_reads={stale} lost_writes={lost} requests={} errors={}",
+        c.requests.load(Ordering::Relaxed),
+        c.errors.load(Ordering::Relaxed)
+    );
+    if divergent == 0 && stale == 0 && lost == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
