@@ -186,6 +186,7 @@ async fn main() {
     let rounds = arg("--rounds", 3);
     let instances = arg("--instances", 5) as usize;
     let flips = arg("--flips", 200) as usize;
+    let cli_flips = arg("--cli-flips", 50) as usize;
     let cluster = pg::Cluster::start_durable().expect("start a durable PostgreSQL");
     let url = cluster.fresh_db().await.url;
     let db = Database::connect_with(
@@ -304,6 +305,40 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     samples.sort();
+    // The same through the CLI, from spawning `twintrack stage set` (so including the
+    // process's start and its connection) to every instance's snapshot: an upper bound.
+    let cli = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/twintrack");
+    let mut cli_samples = Vec::new();
+    if cli.exists() {
+        for _ in 0..cli_flips {
+            stage = if stage == Stage::DualWrite {
+                Stage::LegacyOnly
+            } else {
+                Stage::DualWrite
+            };
+            let spawned = Instant::now();
+            let status = std::process::Command::new(&cli)
+                .arg("--database-url")
+                .arg(&url)
+                .args(["stage", "set", M, stage.as_str(), "--reason", "cli-flip"])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+            for cache in &caches {
+                while cache.snapshot().stage(M) != Some(stage) {
+                    assert!(
+                        spawned.elapsed() < Duration::from_secs(5),
+                        "flip never arrived"
+                    );
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                cli_samples.push(spawned.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cli_samples.sort();
+    }
     println!(
         "\nflip propagation: {flips} flips x {instances} instances ({} samples), commit to snapshot: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         samples.len(),
@@ -311,4 +346,14 @@ async fn main() {
         percentile(&samples, 0.99).as_secs_f64() * 1e3,
         samples.last().unwrap().as_secs_f64() * 1e3,
     );
+    if cli_samples.is_empty() {
+        println!("(build target/release/twintrack for the CLI figures: cargo build --release)");
+    } else {
+        println!(
+            "flip propagation through the CLI: {cli_flips} flips x {instances} instances, spawn of `twintrack stage set` to snapshot: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            percentile(&cli_samples, 0.5).as_secs_f64() * 1e3,
+            percentile(&cli_samples, 0.99).as_secs_f64() * 1e3,
+            cli_samples.last().unwrap().as_secs_f64() * 1e3,
+        );
+    }
 }
