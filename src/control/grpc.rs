@@ -219,7 +219,11 @@ impl ControlService for ControlPlane {
             }
             loop {
                 let changed: Vec<proto::Migration> = match changes.as_mut() {
-                    Some(rx) => match rx.recv().await {
+                    Some(rx) => match tokio::select! {
+                        change = rx.recv() => change,
+                        // The client went away: stop now, not at the next change.
+                        () = tx.closed() => return,
+                    } {
                         Ok(FlagChange::Migration(name)) => match plane.store.get(&name).await {
                             Ok(record) => vec![to_proto(&record.state)],
                             Err(_) => continue,
