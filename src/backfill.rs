@@ -335,11 +335,7 @@ async fn open_run(
     extra: Option<(i64, i64)>,
 ) -> Result<Run> {
     let mut conn = db.pool().acquire().await?;
-    let begin = match db.backend() {
-        Backend::Postgres => "BEGIN",
-        Backend::Sqlite => "BEGIN IMMEDIATE",
-    };
-    let mut tx = conn.begin_with(begin).await?;
+    let mut tx = conn.begin_with(db.backend().begin_write()).await?;
     if db.backend() == Backend::Postgres {
         // One creator at a time; everyone else then finds the run and joins it.
         sqlx::query("SELECT pg_advisory_xact_lock(1953986927)")
@@ -491,11 +487,7 @@ async fn lease_chunk(shared: &Shared) -> Result<Option<Lease>> {
     let now = now_micros();
     let until = now + i64::try_from(shared.options.lease.as_micros()).unwrap_or(i64::MAX / 2);
     let mut conn = db.pool().acquire().await?;
-    let begin = match db.backend() {
-        Backend::Postgres => "BEGIN",
-        Backend::Sqlite => "BEGIN IMMEDIATE",
-    };
-    let mut tx = conn.begin_with(begin).await?;
+    let mut tx = conn.begin_with(db.backend().begin_write()).await?;
     let pick = match db.backend() {
         Backend::Postgres => {
             "SELECT chunk, next_key, hi FROM twintrack_backfill_chunks
@@ -555,11 +547,7 @@ async fn copy_batch(
         "SELECT {key} AS k FROM {table} WHERE {key} > $1 AND {key} <= $2 ORDER BY {key} LIMIT $3{lock}"
     );
     let mut conn = db.pool().acquire().await?;
-    let begin = match db.backend() {
-        Backend::Postgres => "BEGIN",
-        Backend::Sqlite => "BEGIN IMMEDIATE",
-    };
-    let mut tx = conn.begin_with(begin).await?;
+    let mut tx = conn.begin_with(db.backend().begin_write()).await?;
     let rows = sqlx::query(AssertSqlSafe(keys))
         .bind(lease.next_key)
         .bind(lease.hi)

@@ -21,6 +21,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The statement that begins a transaction which will write: on SQLite `BEGIN IMMEDIATE`
+    /// takes the write lock up front (a deferred transaction that later writes fails at once
+    /// if another writer committed in between); on PostgreSQL plain `BEGIN`.
+    pub(crate) fn begin_write(self) -> &'static str {
+        match self {
+            Backend::Postgres => "BEGIN",
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+        }
+    }
+
     /// The backend a connection URL names, or an error naming the accepted schemes.
     pub fn from_url(url: &str) -> Result<Backend> {
         let scheme = url.split(':').next().unwrap_or_default();

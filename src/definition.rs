@@ -224,13 +224,10 @@ impl MigrationDef {
     /// failed and the database's message.
     pub async fn check(&self, db: &Database) -> Result<()> {
         let mut conn = db.pool().acquire().await.map_err(Error::from_sqlx)?;
-        // SQLite: take the write lock up front; a read transaction that later writes fails at
-        // once ("database is locked") if another writer committed in between.
-        let begin = match db.backend() {
-            Backend::Postgres => "BEGIN",
-            Backend::Sqlite => "BEGIN IMMEDIATE",
-        };
-        let mut tx = conn.begin_with(begin).await.map_err(Error::from_sqlx)?;
+        let mut tx = conn
+            .begin_with(db.backend().begin_write())
+            .await
+            .map_err(Error::from_sqlx)?;
         let bad = |what: &str, e: sqlx::Error| {
             Error::Config(format!(
                 "migration {:?}: {what}: {}",

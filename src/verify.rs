@@ -533,11 +533,7 @@ async fn resync(
     authoritative: crate::Side,
 ) -> Result<bool> {
     let mut conn = db.pool().acquire().await?;
-    let begin = match db.backend() {
-        Backend::Postgres => "BEGIN",
-        Backend::Sqlite => "BEGIN IMMEDIATE",
-    };
-    let mut tx = sqlx::Connection::begin_with(&mut *conn, begin).await?;
+    let mut tx = sqlx::Connection::begin_with(&mut *conn, db.backend().begin_write()).await?;
     let outcome = resync_key(&mut tx, def, key, authoritative).await?;
     tx.commit().await?;
     Ok(outcome != Resynced::LeftAlone)

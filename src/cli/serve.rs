@@ -35,12 +35,9 @@ pub(crate) async fn run(env: &Env, listen: &str) -> Result<ExitCode, Error> {
         .with_callback(move |observer| {
             for flag in cache.snapshot().iter() {
                 let stage = flag.stage();
-                let index = crate::Stage::ALL
-                    .iter()
-                    .position(|s| *s == stage)
-                    .unwrap_or(0);
+                let index = stage as u64; // declaration order: legacy_only 0 … new_only 5
                 observer.observe(
-                    index as u64,
+                    index,
                     &[
                         KeyValue::new("migration", flag.name().to_owned()),
                         KeyValue::new("stage", stage.as_str()),

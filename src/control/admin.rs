@@ -234,11 +234,7 @@ async fn render(
                 .map_or_else(|| "never".into(), format_micros),
             counts = esc(&counts),
         );
-        let next = Stage::ALL
-            .iter()
-            .position(|x| *x == s.stage)
-            .and_then(|i| Stage::ALL.get(i + 1))
-            .copied();
+        let next = Stage::ALL.get(s.stage as usize + 1).copied();
         for (label, to) in [("Roll back", s.stage.rollback_target()), ("Advance", next)] {
             if let Some(to) = to {
                 move_form(&mut html, &record, label, to, &csrf);

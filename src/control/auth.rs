@@ -39,18 +39,12 @@ impl AdminIdentity {
     pub(crate) fn csrf(&self) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.digest).expect("HMAC takes any key");
         mac.update(b"twintrack csrf v1");
-        hex(&mac.finalize().into_bytes())
+        crate::ryw::hex(&mac.finalize().into_bytes())
     }
 
     /// Whether `presented` is this holder's CSRF token (constant time).
     pub(crate) fn csrf_matches(&self, presented: &str) -> bool {
-        let expected = self.csrf();
-        expected.len() == presented.len()
-            && expected
-                .bytes()
-                .zip(presented.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        ct_eq(self.csrf().as_bytes(), presented.as_bytes())
     }
 }
 
@@ -113,11 +107,7 @@ impl AdminTokens {
         let presented = digest(token);
         let mut found = None;
         for (name, expected) in &self.tokens {
-            let diff = expected
-                .iter()
-                .zip(presented.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if diff == 0 && found.is_none() {
+            if ct_eq(expected, &presented) && found.is_none() {
                 found = Some(AdminIdentity {
                     name: name.clone(),
                     digest: presented,
@@ -136,14 +126,7 @@ impl AdminTokens {
                 .or_else(|| value.strip_prefix(b"bearer "))?;
             return self.verify(token.trim_ascii());
         }
-        let prefix = format!("{COOKIE}=");
-        headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
-            .map(<[u8]>::trim_ascii)
-            .find_map(|pair| pair.strip_prefix(prefix.as_bytes()))
-            .and_then(|token| self.verify(token))
+        crate::layer::cookie(headers, COOKIE).and_then(|token| self.verify(token))
     }
 }
 
@@ -151,8 +134,9 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Equality that takes the same time wherever the inputs differ (not only their lengths).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The middleware: `/metrics` and `/login` are open; everything else needs a holder. gRPC calls

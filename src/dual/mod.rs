@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use opentelemetry::KeyValue;
 use serde::Serialize;
+use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, Connection, Transaction};
 use tracing::Instrument;
 
@@ -531,25 +532,11 @@ where
             let mut conn = self.database_of(side).pool().acquire().await?;
             return self.call_side("read", op, side, stage, &mut conn).await;
         };
-        let mut excluded = 0u64;
-        let mut last_failure = None;
-        loop {
-            let (route, conn) = router
-                .open(ctx, self.inner.primary_reads, excluded, last_failure)
-                .await;
-            let attempt = match conn {
-                Ok(mut conn) => self.call_side("read", op, side, stage, &mut conn).await,
-                Err(err) => Err(Error::from_sqlx(err)),
-            };
-            if let (ReadTarget::Replica(index), Err(err)) = (route.target, &attempt)
-                && let Some(failure) = ReplicaFailure::of_error(err)
-            {
-                excluded |= router.replica_failed(ctx, index, failure, err);
-                last_failure = Some(failure);
-                continue;
-            }
-            return attempt;
-        }
+        router
+            .run_read(ctx, self.inner.primary_reads, |mut conn, _| async move {
+                self.call_side("read", op, side, stage, &mut conn).await
+            })
+            .await
     }
 
     /// Runs `op` on the side the pinned stage serves and returns its result. In `shadow` and
@@ -778,45 +765,32 @@ where
             // A deferred SQLite transaction reads one snapshot from its first read on (WAL).
             Backend::Sqlite => "BEGIN",
         };
-        let mut excluded = 0u64;
-        let mut last_failure = None;
-        loop {
-            let (mut conn, target) = match &self.inner.router {
-                Some(router) => {
-                    let (route, conn) = router
-                        .open(ctx, self.inner.primary_reads, excluded, last_failure)
-                        .await;
-                    match conn {
-                        Ok(conn) => (conn, route.target),
-                        Err(err) => match (route.target, ReplicaFailure::of(&err)) {
-                            (ReadTarget::Replica(index), Some(failure)) => {
-                                excluded |= router.replica_failed(ctx, index, failure, &err);
-                                last_failure = Some(failure);
-                                continue;
-                            }
-                            _ => return Err(Error::from_sqlx(err)),
-                        },
-                    }
-                }
-                None => (self.inner.db.pool().acquire().await?, ReadTarget::Primary),
-            };
+        let attempt = |mut conn: PoolConnection<Any>, target: ReadTarget| async move {
             let mut tx = conn.begin_with(begin).await?;
             let mut timed =
                 async |side: Side| self.call_side("read", op, side, stage, &mut tx).await;
-            let served_result = timed(served).await;
-            if let (ReadTarget::Replica(index), Err(err), Some(router)) =
-                (target, &served_result, &self.inner.router)
-                && let Some(failure) = ReplicaFailure::of_error(err)
-            {
-                drop(tx);
-                excluded |= router.replica_failed(ctx, index, failure, err);
-                last_failure = Some(failure);
-                continue;
-            }
+            let served_result = match timed(served).await {
+                // On a replica that failed the way replicas fail: the pair is retried elsewhere.
+                Err(err)
+                    if matches!(target, ReadTarget::Replica(_))
+                        && ReplicaFailure::of_error(&err).is_some() =>
+                {
+                    return Err(err);
+                }
+                other => other,
+            };
             let shadow_result = AssertUnwindSafe(timed(shadow)).catch_unwind().await;
             // Read-only: nothing to keep. A failed read may have aborted it already.
             let _ = tx.rollback().await;
-            return Ok((served_result, shadow_result));
+            Ok((served_result, shadow_result))
+        };
+        match &self.inner.router {
+            Some(router) => {
+                router
+                    .run_read(ctx, self.inner.primary_reads, attempt)
+                    .await
+            }
+            None => attempt(self.inner.db.pool().acquire().await?, ReadTarget::Primary).await,
         }
     }
 

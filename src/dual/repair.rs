@@ -199,11 +199,11 @@ where
 {
     let inner = &store.inner;
     let mut conn = intents.pool().acquire().await?;
-    let (begin, lock) = match intents.backend() {
-        Backend::Postgres => ("BEGIN", " FOR UPDATE SKIP LOCKED"),
-        Backend::Sqlite => ("BEGIN IMMEDIATE", ""),
+    let lock = match intents.backend() {
+        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        Backend::Sqlite => "",
     };
-    let mut tx = conn.begin_with(begin).await?;
+    let mut tx = conn.begin_with(intents.backend().begin_write()).await?;
     let sql = format!("SELECT id FROM twintrack_repair_intents WHERE id = $1{lock}");
     if sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
@@ -270,12 +270,10 @@ where
     let inner = &store.inner;
     let target = source.other();
     let source_db = store.database_of(source);
-    let begin = match source_db.backend() {
-        Backend::Postgres => "BEGIN",
-        Backend::Sqlite => "BEGIN IMMEDIATE",
-    };
     let mut source_conn = source_db.pool().acquire().await?;
-    let mut source_tx = source_conn.begin_with(begin).await?;
+    let mut source_tx = source_conn
+        .begin_with(source_db.backend().begin_write())
+        .await?;
     let record = inner
         .resync
         .load(store.repo(source), &mut source_tx, key)

@@ -88,11 +88,7 @@ impl SqlFlagStore {
         &self,
         conn: &'c mut AnyConnection,
     ) -> Result<sqlx::Transaction<'c, sqlx::Any>> {
-        let statement = match self.db.backend() {
-            Backend::Postgres => "BEGIN",
-            Backend::Sqlite => "BEGIN IMMEDIATE",
-        };
-        Ok(conn.begin_with(statement).await?)
+        Ok(conn.begin_with(self.db.backend().begin_write()).await?)
     }
 
     async fn lock_row(

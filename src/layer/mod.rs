@@ -48,5 +48,15 @@ mod layer;
 mod service;
 
 pub use future::ResponseFuture;
+
+/// The value of cookie `name` among a request's `Cookie` headers.
+pub(crate) fn cookie<'h>(headers: &'h http::HeaderMap, name: &str) -> Option<&'h [u8]> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|b| *b == b';'))
+        .map(<[u8]>::trim_ascii)
+        .find_map(|pair| pair.strip_prefix(name.as_bytes())?.strip_prefix(b"="))
+}
 pub use layer::TwinTrackLayer;
 pub use service::TwinTrack;

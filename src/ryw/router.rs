@@ -217,7 +217,6 @@ struct Inner {
     cluster: ClusterId,
     options: RywOptions,
     metrics: Metrics,
-    cookie_prefix: Option<String>,
 }
 
 /// A primary and its replicas, routed per request. Cheap to clone. See the [module
@@ -296,7 +295,6 @@ impl RouterBuilder {
                 timeline: 0,
             },
         };
-        let cookie_prefix = self.options.cookie.as_ref().map(|name| format!("{name}="));
         Ok(Router {
             inner: Arc::new(Inner {
                 primary: self.primary,
@@ -305,7 +303,6 @@ impl RouterBuilder {
                 cluster,
                 options: self.options,
                 metrics: self.metrics.unwrap_or_else(Metrics::global),
-                cookie_prefix,
             }),
         })
     }
@@ -585,25 +582,42 @@ impl Router {
         F: for<'c> Fn(&'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>>,
     {
         let ctx = RequestContext::current();
-        let ctx = ctx.as_ref();
+        let op = &op;
+        self.run_read(ctx.as_ref(), false, |mut conn, _| async move {
+            op(&mut conn).await.map_err(Error::from_sqlx)
+        })
+        .await
+    }
+
+    /// The retry loop of every routed read: opens a connection where [`Router::route`] says,
+    /// runs `attempt` on it (told the target), and when the attempt fails on a replica the way
+    /// a replica fails ([`ReplicaFailure`]), tries the next replica, then the primary.
+    pub(crate) async fn run_read<T, A, Fut>(
+        &self,
+        ctx: Option<&RequestContext>,
+        primary_only: bool,
+        mut attempt: A,
+    ) -> Result<T>
+    where
+        A: FnMut(PoolConnection<Any>, ReadTarget) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let mut excluded = 0u64;
         let mut last_failure = None;
         loop {
-            let (route, conn) = self.open(ctx, false, excluded, last_failure).await;
+            let (route, conn) = self.open(ctx, primary_only, excluded, last_failure).await;
             let result = match conn {
-                Ok(mut conn) => op(&mut conn).await,
-                Err(err) => Err(err),
+                Ok(conn) => attempt(conn, route.target).await,
+                Err(err) => Err(Error::from_sqlx(err)),
             };
-            match (route.target, result) {
-                (ReadTarget::Replica(index), Err(err)) => match ReplicaFailure::of(&err) {
-                    Some(failure) => {
-                        excluded |= self.replica_failed(ctx, index, failure, &err);
-                        last_failure = Some(failure);
-                    }
-                    None => return Err(Error::from_sqlx(err)),
-                },
-                (_, result) => return result.map_err(Error::from_sqlx),
+            if let (ReadTarget::Replica(index), Err(err)) = (route.target, &result)
+                && let Some(failure) = ReplicaFailure::of_error(err)
+            {
+                excluded |= self.replica_failed(ctx, index, failure, err);
+                last_failure = Some(failure);
+                continue;
             }
+            return result;
         }
     }
 
@@ -640,13 +654,7 @@ impl Router {
     }
 
     fn cookie_value<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
-        let prefix = self.inner.cookie_prefix.as_deref()?.as_bytes();
-        headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .flat_map(|value| value.as_bytes().split(|b| *b == b';'))
-            .map(<[u8]>::trim_ascii)
-            .find_map(|pair| pair.strip_prefix(prefix))
+        crate::layer::cookie(headers, self.inner.options.cookie.as_deref()?)
     }
 
     fn count_token(&self, verdict: &'static str) {

@@ -181,9 +181,7 @@ impl TokenSigner {
         let tag = self.signature(&payload).finalize().into_bytes();
         let mut out = payload;
         out.push('.');
-        for byte in tag {
-            out.push_str(&format!("{byte:02x}"));
-        }
+        out.push_str(&hex(&tag));
         out
     }
 
@@ -216,6 +214,16 @@ impl TokenSigner {
         }
         Ok(token)
     }
+}
+
+/// Lowercase hex, the only spelling `verify` accepts.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
 }
 
 fn parse_payload(payload: &str) -> Option<Token> {
