@@ -644,47 +644,112 @@ async fn shadow_reads_classify_confirmed_and_transient_mismatches() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_or_panicking_shadow_side_never_changes_the_served_value() {
-    for f in Fixture::all(ShadowOptions::default()).await {
+    for mode in [
+        ShadowMode::Serial,
+        ShadowMode::Random,
+        ShadowMode::Concurrent,
+    ] {
+        let options = ShadowOptions {
+            mode,
+            ..ShadowOptions::default()
+        };
+        for f in Fixture::all(options).await {
+            let b = format!("{} {mode:?}", f.backend);
+            shadow_failures_leave_the_served_value(&f, &b).await;
+        }
+    }
+}
+
+async fn shadow_failures_leave_the_served_value(f: &Fixture, b: &str) {
+    f.stage(Stage::Shadow).await;
+    let id = f
+        .users
+        .create("e@example.com", settings("ok"))
+        .await
+        .unwrap();
+    f.new.fail_get.store(true, Ordering::SeqCst);
+    assert_eq!(f.users.settings(id).await.unwrap(), settings("ok"), "{b}");
+    f.new.fail_get.store(false, Ordering::SeqCst);
+    f.new.panic_get.store(true, Ordering::SeqCst);
+    assert_eq!(f.users.settings(id).await.unwrap(), settings("ok"), "{b}");
+    f.new.panic_get.store(false, Ordering::SeqCst);
+    assert_eq!(
+        f.metrics
+            .counter("twintrack.shadow.errors", ("side", "new")),
+        2,
+        "{b}"
+    );
+    assert_eq!(
+        f.metrics
+            .counter("twintrack.shadow.errors", ("side", "legacy")),
+        0,
+        "{b}"
+    );
+    // The served side failing is the caller's error, counted on its side.
+    f.legacy.fail_get.store(true, Ordering::SeqCst);
+    assert!(f.users.settings(id).await.is_err());
+    f.legacy.fail_get.store(false, Ordering::SeqCst);
+    assert_eq!(
+        f.metrics
+            .counter("twintrack.shadow.errors", ("side", "legacy")),
+        1,
+        "{b}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        list_mismatches(&f.db, M, 10).await.unwrap().is_empty(),
+        "{b}: nothing compared"
+    );
+}
+
+/// In `concurrent` mode the shadow read runs in a task of its own; a caller that gives up on
+/// the read (a dropped request) takes that task down with it, as it would a joined future.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_concurrent_read_takes_its_shadow_read_down_with_it() {
+    let options = ShadowOptions {
+        mode: ShadowMode::Concurrent,
+        ..ShadowOptions::default()
+    };
+    for f in Fixture::all(options).await {
         let b = f.backend;
         f.stage(Stage::Shadow).await;
         let id = f
             .users
-            .create("e@example.com", settings("ok"))
+            .create("d@example.com", settings("ok"))
             .await
             .unwrap();
-        f.new.fail_get.store(true, Ordering::SeqCst);
-        assert_eq!(f.users.settings(id).await.unwrap(), settings("ok"), "{b}");
-        f.new.fail_get.store(false, Ordering::SeqCst);
-        f.new.panic_get.store(true, Ordering::SeqCst);
-        assert_eq!(f.users.settings(id).await.unwrap(), settings("ok"), "{b}");
-        f.new.panic_get.store(false, Ordering::SeqCst);
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
+        *f.new.before_get.lock().unwrap() = Some(Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            done.store(true, Ordering::SeqCst);
+        }));
+        let read = tokio::time::timeout(Duration::from_millis(50), f.users.settings(id)).await;
+        assert!(read.is_err(), "{b}: the read waits for its shadow read");
+        assert_eq!(
+            f.new.gets.load(Ordering::SeqCst),
+            1,
+            "{b}: the shadow read started"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            !finished.load(Ordering::SeqCst),
+            "{b}: the shadow read went on after its caller was gone"
+        );
+        // Not a failure of the shadow side: nothing counted, nothing recorded.
         assert_eq!(
             f.metrics
                 .counter("twintrack.shadow.errors", ("side", "new")),
-            2,
-            "{b}"
-        );
-        assert_eq!(
-            f.metrics
-                .counter("twintrack.shadow.errors", ("side", "legacy")),
             0,
             "{b}"
         );
-        // The served side failing is the caller's error, counted on its side.
-        f.legacy.fail_get.store(true, Ordering::SeqCst);
-        assert!(f.users.settings(id).await.is_err());
-        f.legacy.fail_get.store(false, Ordering::SeqCst);
-        assert_eq!(
-            f.metrics
-                .counter("twintrack.shadow.errors", ("side", "legacy")),
-            1,
-            "{b}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
             list_mismatches(&f.db, M, 10).await.unwrap().is_empty(),
-            "{b}: nothing compared"
+            "{b}"
         );
+        // And the next read is served and compared as usual.
+        assert_eq!(f.users.settings(id).await.unwrap(), settings("ok"), "{b}");
+        assert_eq!(f.new.gets.load(Ordering::SeqCst), 2, "{b}");
     }
 }
 

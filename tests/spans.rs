@@ -13,9 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use repos::{Settings, SettingsResync, Users};
+use tracing::Instrument;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use twintrack::dual::DualStore;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
+use twintrack::shadow::{ShadowMode, ShadowOptions};
 use twintrack::{Database, Stage};
 
 type Spans = Arc<Mutex<Vec<BTreeMap<String, String>>>>;
@@ -32,16 +34,25 @@ impl tracing::field::Visit for Fields<'_> {
     }
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorder {
+impl<S> tracing_subscriber::Layer<S> for Recorder
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
     fn on_new_span(
         &self,
         attrs: &tracing::span::Attributes<'_>,
         _: &tracing::span::Id,
-        _: Context<'_, S>,
+        ctx: Context<'_, S>,
     ) {
         if attrs.metadata().name() == "twintrack" {
             let mut fields = BTreeMap::new();
             attrs.record(&mut Fields(&mut fields));
+            let parent = match (attrs.parent(), attrs.is_contextual()) {
+                (Some(id), _) => ctx.span(id).map(|s| s.name()),
+                (None, true) => ctx.lookup_current().map(|s| s.name()),
+                (None, false) => None,
+            };
+            fields.insert("parent".into(), parent.unwrap_or("none").into());
             self.0.lock().unwrap().push(fields);
         }
     }
@@ -70,11 +81,23 @@ async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
         .build()
         .await;
     let (legacy, new) = repos::repos(db.backend());
-    let users = Users {
-        settings: DualStore::builder("user_settings", legacy, new, db, flags, SettingsResync)
-            .build()
-            .unwrap(),
+    let store = |mode| Users {
+        settings: DualStore::builder(
+            "user_settings",
+            legacy.clone(),
+            new.clone(),
+            db.clone(),
+            flags.clone(),
+            SettingsResync,
+        )
+        .shadow(ShadowOptions {
+            mode,
+            ..ShadowOptions::default()
+        })
+        .build()
+        .unwrap(),
     };
+    let users = store(ShadowMode::Serial);
     let settings = Settings {
         theme: "x".into(),
         notifications_enabled: true,
@@ -104,4 +127,21 @@ async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
             "{expected} not in {seen:?}"
         );
     }
+
+    // A `concurrent` shadow read runs in a task of its own; its span is still the caller's
+    // child, as the served read's is.
+    spans.lock().unwrap().clear();
+    store(ShadowMode::Concurrent)
+        .settings(id)
+        .instrument(tracing::info_span!("request"))
+        .await
+        .unwrap();
+    let parents: BTreeMap<String, String> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| (s["side"].clone(), s["parent"].clone()))
+        .collect();
+    assert_eq!(parents.get("legacy").map(String::as_str), Some("request"));
+    assert_eq!(parents.get("new").map(String::as_str), Some("request"));
 }

@@ -218,6 +218,27 @@ impl<R: ?Sized, X> DualStoreBuilder<R, X> {
 /// Outcome of one side's read, with its latency.
 type SideRead<T> = std::result::Result<(T, Duration), Error>;
 
+/// A spawned shadow read that is aborted if the read waiting for it is dropped first.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    /// Waits for the task; a panic in it comes back as `Err`, as `catch_unwind` would give it.
+    async fn join(mut self) -> std::thread::Result<T> {
+        let joined = (&mut self.0).await;
+        joined.map_err(|err| match err.try_into_panic() {
+            Ok(panic) => panic,
+            // Only `abort` cancels it, and only `drop` aborts it.
+            Err(cancelled) => Box::new(cancelled.to_string()),
+        })
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl<R, X> DualStore<R, X>
 where
     R: ?Sized + Send + Sync + 'static,
@@ -584,10 +605,30 @@ where
                     .await?
             }
             ShadowMode::Concurrent => {
-                tokio::join!(
-                    self.read_side(&op, served, stage, reading),
-                    shadow_read(&op)
-                )
+                // The shadow read gets a task of its own, so that the runtime's other worker
+                // can drive it while this one drives the served read: polled from one task,
+                // both sides' client work would queue on one thread. Dropping the request
+                // aborts it (the guard), as it would have dropped a joined future.
+                let op = Arc::new(op);
+                let store = self.clone();
+                let (shadow_op, shadow_ctx) = (op.clone(), ctx.clone());
+                // Its span stays a child of the caller's, as it would have been when joined.
+                let shadow_task = AbortOnDrop(tokio::spawn(
+                    async move {
+                        let reading = Reading::Routed(shadow_ctx.as_ref());
+                        store.read_side(&*shadow_op, shadow, stage, reading).await
+                    }
+                    .instrument(tracing::Span::current()),
+                ));
+                let served_result = self.read_side(&*op, served, stage, reading).await;
+                let shadow_result = shadow_task.join().await;
+                return self.serve_and_compare(
+                    key,
+                    stage,
+                    (served, served_result),
+                    (shadow, shadow_result),
+                    op,
+                );
             }
             ShadowMode::Random if random_key() & 1 == 1 => {
                 let s = shadow_read(&op).await;
@@ -598,6 +639,32 @@ where
                 (v, shadow_read(&op).await)
             }
         };
+        self.serve_and_compare(
+            key,
+            stage,
+            (served, served_result),
+            (shadow, shadow_result),
+            Arc::new(op),
+        )
+    }
+
+    /// Counts a failed or panicked shadow read, returns the served value (or its error), and on
+    /// a pair of values compares them, classifying a mismatch off the caller's path.
+    fn serve_and_compare<T, F>(
+        &self,
+        key: i64,
+        stage: Stage,
+        (served, served_result): (Side, SideRead<T>),
+        (shadow, shadow_result): (Side, std::thread::Result<SideRead<T>>),
+        op: Arc<F>,
+    ) -> Result<T>
+    where
+        T: Serialize + Send + 'static,
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>>
+            + Send
+            + Sync
+            + 'static,
+    {
         let shadow_value = match shadow_result {
             Ok(Ok(value)) => Some(value),
             Ok(Err(err)) => {
@@ -622,7 +689,6 @@ where
             let served_read = (to_value(&value), served_took);
             let shadow_read = (to_value(&other), shadow_took);
             let store = self.clone();
-            let op = Arc::new(op);
             // A mismatch is classified off the request's path (a second look after a delay).
             if let Some(classify) =
                 store.compare_or_classify_later(key, stage, served, served_read, shadow_read, op)

@@ -31,7 +31,9 @@ pub enum ShadowMode {
     Serial,
     /// Like `Serial`, in a random order each time (so neither side is always read second).
     Random,
-    /// Both sides at once, on two connections.
+    /// Both sides at once, on two connections: the shadow read in a task of its own (so a
+    /// multi-threaded runtime drives the two on two threads), aborted if the caller drops the
+    /// read. The caller waits for both.
     Concurrent,
     /// The served side only, then the response; the shadow read and the comparison run
     /// afterwards in a task of their own, off the latency path. Bounded by
