@@ -972,6 +972,77 @@ async fn snapshot_mode_has_no_false_mismatches_under_concurrent_writers() {
     }
 }
 
+/// `snapshot` leaves the ROLLBACK of its read-only transaction to the pool, off the caller's
+/// path. The connection must still come back clean: with a pool of one, every write after a
+/// snapshot read lands on the very connection that read, and would fail inside a read-only
+/// transaction; none may be left idle in one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_read_hands_its_connection_back_clean() {
+    for (backend, url, _guard) in common::backends().await {
+        let one = twintrack::db::ConnectOptions {
+            max_connections: 1,
+            ..twintrack::db::ConnectOptions::default()
+        };
+        let db = Database::connect_with(&url, one).await.unwrap();
+        repos::create_shapes(&db).await.unwrap();
+        let flags_store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+        flags_store.register(M, "test").await.unwrap();
+        flags_store
+            .set_stage(StageChange::new(M, Stage::Shadow, "test", "setup").force(true))
+            .await
+            .unwrap();
+        let flags = FlagCache::builder(flags_store.clone())
+            .migration(M, Stage::LegacyOnly)
+            .soft_ttl(Duration::from_secs(3600))
+            .build()
+            .await;
+        let (legacy, new) = repos::repos(db.backend());
+        let metrics = TestMetrics::new();
+        let users = Users {
+            settings: DualStore::builder(M, legacy, new, db.clone(), flags, SettingsResync)
+                .shadow(ShadowOptions {
+                    mode: ShadowMode::Snapshot,
+                    ..ShadowOptions::default()
+                })
+                .metrics(metrics.metrics())
+                .build()
+                .unwrap(),
+        };
+        let id = users
+            .create("clean@example.com", settings("v0"))
+            .await
+            .unwrap();
+        for i in 1..=20 {
+            assert_eq!(
+                users.settings(id).await.unwrap(),
+                settings(&format!("v{}", i - 1)),
+                "{backend}"
+            );
+            users
+                .update(id, settings(&format!("v{i}")))
+                .await
+                .unwrap_or_else(|e| panic!("{backend}: write after a snapshot read: {e:?}"));
+        }
+        assert_eq!(
+            metrics.counter("twintrack.shadow.results", ("result", "match")),
+            20,
+            "{backend}"
+        );
+        if backend == "postgres" {
+            users.settings(id).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let idle_in_tx: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+            )
+            .fetch_one(&mut *db.pool().acquire().await.unwrap())
+            .await
+            .unwrap();
+            assert_eq!(idle_in_tx, 0, "a connection was left in its transaction");
+        }
+    }
+}
+
 /// A key-value repository for the two-database test: one table per side, each in its own
 /// database.
 trait Kv: Send + Sync {

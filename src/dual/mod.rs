@@ -846,8 +846,11 @@ where
                 other => other,
             };
             let shadow_result = AssertUnwindSafe(timed(shadow)).catch_unwind().await;
-            // Read-only: nothing to keep. A failed read may have aborted it already.
-            let _ = tx.rollback().await;
+            // Read-only: nothing to keep, and nothing to wait for. Dropped, the transaction
+            // queues its ROLLBACK; the pool flushes it (and tests the connection, closing it if
+            // broken) while returning the connection, in a task of its own: off the caller's
+            // path, one round trip fewer on it.
+            drop(tx);
             Ok((served_result, shadow_result))
         };
         match &self.inner.router {
