@@ -24,7 +24,7 @@ use twintrack::ryw::{
     ClusterId, HEADER, Lsn, ReadTarget, ReplicaOptions, ReplicaSet, Router, RywOptions, Token,
     TokenSigner,
 };
-use twintrack::shadow::list_mismatches;
+use twintrack::shadow::{ShadowMode, ShadowOptions, list_mismatches};
 use twintrack::{Backend, Database, RequestContext, Stage, TwinTrack};
 
 const M: &str = "user_settings";
@@ -721,59 +721,91 @@ async fn a_shadow_comparison_in_a_request_that_wrote_reads_both_sides_from_the_p
         return;
     };
     let svc = Svc::start(&db, Stage::Shadow, RywOptions::default()).await;
-    let (id, _) = svc.create_user("i@example.com").await;
-    svc.wait_replicas_caught_up().await;
-    let before_primary = svc.reads("primary", "wrote_in_request");
-    let before_replica = svc.reads("replica", "none");
+    // `serial` reads the two sides one after the other; `concurrent` reads the shadow side in a
+    // task of its own, which must carry the request's state along.
+    for (n, mode) in [ShadowMode::Serial, ShadowMode::Concurrent]
+        .into_iter()
+        .enumerate()
+    {
+        let (legacy, new) = repos::repos(Backend::Postgres);
+        let users = Users {
+            settings: DualStore::builder(
+                M,
+                legacy,
+                new,
+                svc.primary.clone(),
+                svc.flags.clone(),
+                SettingsResync,
+            )
+            .router(svc.router.clone())
+            .shadow(ShadowOptions {
+                mode,
+                ..ShadowOptions::default()
+            })
+            .metrics(svc.metrics.metrics())
+            .build()
+            .unwrap(),
+        };
+        let (id, _) = svc.create_user(&format!("i{n}@example.com")).await;
+        svc.wait_replicas_caught_up().await;
+        let before_primary = svc.reads("primary", "wrote_in_request");
+        let before_replica = svc.reads("replica", "none");
+        let before_match = svc
+            .metrics
+            .counter("twintrack.shadow.results", ("result", "match"));
 
-    // In one request: write both shapes, then read with a shadow comparison. The replica,
-    // 300 ms behind, still has the old value on both sides: any side read there would differ
-    // from the other and show up as a mismatch.
-    let ctx = RequestContext::from_cache(&svc.flags);
-    let users = svc.users.clone();
-    let theme = ctx
-        .clone()
-        .scope(async move {
-            users
-                .update(
-                    id,
-                    Settings {
-                        theme: "new".into(),
-                        notifications_enabled: false,
-                    },
-                )
+        // In one request: write both shapes, then read with a shadow comparison. The replica,
+        // 300 ms behind, still has the old value on both sides: any side read there would
+        // differ from the other and show up as a mismatch.
+        let ctx = RequestContext::from_cache(&svc.flags);
+        let request_users = users.clone();
+        let theme = ctx
+            .clone()
+            .scope(async move {
+                request_users
+                    .update(
+                        id,
+                        Settings {
+                            theme: "new".into(),
+                            notifications_enabled: false,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                request_users.settings(id).await.unwrap().theme
+            })
+            .await;
+        assert_eq!(theme, "new", "{mode:?}");
+        assert_eq!(ctx.read_from(), Some(ReadTarget::Primary), "{mode:?}");
+        assert_eq!(
+            svc.reads("primary", "wrote_in_request") - before_primary,
+            2,
+            "{mode:?}: both sides on the primary"
+        );
+        assert_eq!(svc.reads("replica", "none"), before_replica, "{mode:?}");
+        assert_eq!(
+            svc.metrics
+                .counter("twintrack.shadow.results", ("result", "match"))
+                - before_match,
+            1,
+            "{mode:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            list_mismatches(&svc.primary, M, 10)
                 .await
-                .unwrap();
-            users.settings(id).await.unwrap().theme
-        })
-        .await;
-    assert_eq!(theme, "new");
-    assert_eq!(ctx.read_from(), Some(ReadTarget::Primary));
-    assert_eq!(
-        svc.reads("primary", "wrote_in_request") - before_primary,
-        2,
-        "both sides on the primary"
-    );
-    assert_eq!(svc.reads("replica", "none"), before_replica);
-    assert_eq!(
-        svc.metrics
-            .counter("twintrack.shadow.results", ("result", "match")),
-        1
-    );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        list_mismatches(&svc.primary, M, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+                .unwrap()
+                .is_empty(),
+            "{mode:?}"
+        );
 
-    // Control: a request that did not write compares on the replica (both sides there).
-    svc.wait_replicas_caught_up().await;
-    let ctx = RequestContext::from_cache(&svc.flags);
-    ctx.clone().scope(svc.users.settings(id)).await.unwrap();
-    assert_eq!(ctx.read_from(), Some(ReadTarget::Replica(0)));
-    assert_eq!(svc.reads("replica", "none") - before_replica, 2);
+        // Control: a request that did not write compares on the replica (both sides there).
+        svc.wait_replicas_caught_up().await;
+        let ctx = RequestContext::from_cache(&svc.flags);
+        ctx.clone().scope(users.settings(id)).await.unwrap();
+        assert_eq!(ctx.read_from(), Some(ReadTarget::Replica(0)), "{mode:?}");
+        assert_eq!(svc.reads("replica", "none") - before_replica, 2, "{mode:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

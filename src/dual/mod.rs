@@ -543,6 +543,23 @@ where
     where
         F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
     {
+        let (read, _released) = self.read_side_held(op, side, stage, reading).await?;
+        Ok(read)
+    }
+
+    /// [`Self::read_side`], handing back the connection it read on rather than releasing it.
+    /// Releasing a pooled connection starts a round trip (the pool tests it): a caller still
+    /// waiting for another read holds it until that one is done.
+    async fn read_side_held<T, F>(
+        &self,
+        op: &F,
+        side: Side,
+        stage: Stage,
+        reading: Reading<'_>,
+    ) -> Result<((T, Duration), PoolConnection<Any>)>
+    where
+        F: for<'c> Fn(&'c R, &'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>> + Send + Sync,
+    {
         let routed = match (&self.inner.router, reading) {
             (Some(router), Reading::Routed(ctx)) if !(side == Side::New && self.is_split()) => {
                 Some((router, ctx))
@@ -551,11 +568,13 @@ where
         };
         let Some((router, ctx)) = routed else {
             let mut conn = self.database_of(side).pool().acquire().await?;
-            return self.call_side("read", op, side, stage, &mut conn).await;
+            let read = self.call_side("read", op, side, stage, &mut conn).await?;
+            return Ok((read, conn));
         };
         router
             .run_read(ctx, self.inner.primary_reads, |mut conn, _| async move {
-                self.call_side("read", op, side, stage, &mut conn).await
+                let read = self.call_side("read", op, side, stage, &mut conn).await?;
+                Ok((read, conn))
             })
             .await
     }
@@ -616,19 +635,32 @@ where
                 let shadow_task = AbortOnDrop(tokio::spawn(
                     async move {
                         let reading = Reading::Routed(shadow_ctx.as_ref());
-                        store.read_side(&*shadow_op, shadow, stage, reading).await
+                        store
+                            .read_side_held(&*shadow_op, shadow, stage, reading)
+                            .await
                     }
                     .instrument(tracing::Span::current()),
                 ));
-                let served_result = self.read_side(&*op, served, stage, reading).await;
-                let shadow_result = shadow_task.join().await;
-                return self.serve_and_compare(
+                // Each side's connection is released once both reads are done, so that the
+                // first one's release (a round trip) does not compete with the other read.
+                let mut held = Vec::with_capacity(2);
+                let mut hold = |read: Result<_>| {
+                    read.map(|(read, conn)| {
+                        held.push(conn);
+                        read
+                    })
+                };
+                let served_result = hold(self.read_side_held(&*op, served, stage, reading).await);
+                let shadow_result = shadow_task.join().await.map(&mut hold);
+                let served_value = self.serve_and_compare(
                     key,
                     stage,
                     (served, served_result),
                     (shadow, shadow_result),
                     op,
                 );
+                drop(held);
+                return served_value;
             }
             ShadowMode::Random if random_key() & 1 == 1 => {
                 let s = shadow_read(&op).await;
