@@ -3,9 +3,11 @@
 //!
 //! Every variant runs in the same rounds, interleaved (so machine drift hits all alike), and
 //! each operation's latency is kept: the table gives p50 and p99 and the ratio to the single
-//! operation without twintrack. A 1 ms pause (untimed) before each operation lets the previous
-//! one's background work finish: on a 2-core machine that also runs PostgreSQL, it would
-//! otherwise compete for CPU with the operation being timed.
+//! operation without twintrack. Two tables, one run: first with a 1 ms pause (untimed) before
+//! each operation, which lets the previous one's background work finish (on a 2-core machine
+//! that also runs PostgreSQL it would otherwise compete for CPU with the operation being
+//! timed); then back to back, where it does. The last row, two plain reads at once with no
+//! twintrack at all, is the floor for `concurrent` shadow reads on the machine at hand.
 //!
 //! Run: `cargo bench --bench dual` (starts its own PostgreSQL; set `DATABASE_URL` to use yours).
 
@@ -17,7 +19,7 @@ mod repos;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use repos::{LegacySettings, Settings, SettingsRepo, SettingsResync, Users};
+use repos::{LegacySettings, NewSettings, Settings, SettingsRepo, SettingsResync, Users};
 use twintrack::dual::DualStore;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
 use twintrack::shadow::{ShadowMode, ShadowOptions};
@@ -111,6 +113,10 @@ async fn main() {
     let plain = LegacySettings {
         backend: db.backend(),
     };
+    let new_plain = Arc::new(NewSettings {
+        backend: db.backend(),
+        standalone: false,
+    });
 
     let names = [
         "write: single (no twintrack)",
@@ -120,53 +126,81 @@ async fn main() {
         "read: shadow concurrent",
         "read: shadow background",
         "read: shadow snapshot",
+        "read: two at once (no twintrack)",
     ];
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
-    let mut n = 0usize;
-    for _ in 0..ROUNDS {
-        for (v, sample) in samples.iter_mut().enumerate() {
-            for _ in 0..PER_ROUND {
-                n += 1;
-                // Plain single writes touch only legacy: keep them on their own half of the
-                // users, so they never make the compared rows diverge.
-                let half = ids.len() / 2;
-                let id = if v == 0 {
-                    ids[half + n % half]
-                } else {
-                    ids[n % half]
-                };
-                let s = settings(n);
-                // Each operation starts on an idle machine: with 2 cores shared by PostgreSQL,
-                // a previous operation's background work would otherwise be timed here.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                let start = Instant::now();
-                match v {
-                    0 => {
-                        let mut tx = db.pool().begin().await.unwrap();
-                        assert!(plain.put(&mut tx, id, s).await.unwrap());
-                        tx.commit().await.unwrap();
-                    }
-                    1 => dual.update(id, s).await.unwrap(),
-                    2 => {
-                        let mut conn = db.pool().acquire().await.unwrap();
-                        plain.get(&mut conn, id, false).await.unwrap().unwrap();
-                    }
-                    3 => drop(unshadowed.settings(id).await.unwrap()),
-                    4 => drop(concurrent.settings(id).await.unwrap()),
-                    5 => drop(background.settings(id).await.unwrap()),
-                    _ => drop(snapshot.settings(id).await.unwrap()),
-                }
-                sample.push(start.elapsed());
-            }
-        }
-    }
-
     println!(
         "\ntwintrack dual bench: PostgreSQL fsync/synchronous_commit = {durable}; {} ops per variant, {ROUNDS} interleaved rounds",
         ROUNDS * PER_ROUND
     );
+    let mut n = 0usize;
+    for pause in [true, false] {
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
+        for _ in 0..ROUNDS {
+            for (v, sample) in samples.iter_mut().enumerate() {
+                for _ in 0..PER_ROUND {
+                    n += 1;
+                    // Plain single writes touch only legacy: keep them on their own half of the
+                    // users, so they never make the compared rows diverge.
+                    let half = ids.len() / 2;
+                    let id = if v == 0 {
+                        ids[half + n % half]
+                    } else {
+                        ids[n % half]
+                    };
+                    let s = settings(n);
+                    if pause {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    let start = Instant::now();
+                    match v {
+                        0 => {
+                            let mut tx = db.pool().begin().await.unwrap();
+                            assert!(plain.put(&mut tx, id, s).await.unwrap());
+                            tx.commit().await.unwrap();
+                        }
+                        1 => dual.update(id, s).await.unwrap(),
+                        2 => {
+                            let mut conn = db.pool().acquire().await.unwrap();
+                            plain.get(&mut conn, id, false).await.unwrap().unwrap();
+                        }
+                        3 => drop(unshadowed.settings(id).await.unwrap()),
+                        4 => drop(concurrent.settings(id).await.unwrap()),
+                        5 => drop(background.settings(id).await.unwrap()),
+                        6 => drop(snapshot.settings(id).await.unwrap()),
+                        _ => {
+                            // The floor for `concurrent`: both shapes read at once, by hand, the
+                            // best way found (the second read on a task of its own, and both
+                            // connections released once both reads are done).
+                            let (pool, new_plain) = (db.pool().clone(), new_plain.clone());
+                            let other = tokio::spawn(async move {
+                                let mut conn = pool.acquire().await.unwrap();
+                                new_plain.get(&mut conn, id, false).await.unwrap().unwrap();
+                                conn
+                            });
+                            let mut conn = db.pool().acquire().await.unwrap();
+                            plain.get(&mut conn, id, false).await.unwrap().unwrap();
+                            let other = other.await.unwrap();
+                            drop((conn, other));
+                        }
+                    }
+                    sample.push(start.elapsed());
+                }
+            }
+        }
+        if pause {
+            println!(
+                "\neach operation started on an idle machine (an untimed 1 ms pause before it)"
+            );
+        } else {
+            println!("\nback to back (no pause: background work overlaps the next operation)");
+        }
+        table(&names, &mut samples);
+    }
+}
+
+fn table(names: &[&str], samples: &mut [Vec<Duration>]) {
     println!(
-        "{:<32} {:>10} {:>10} {:>9} {:>9}",
+        "{:<34} {:>10} {:>10} {:>9} {:>9}",
         "variant", "p50", "p99", "p50 ×", "p99 ×"
     );
     let mut base = (Duration::ZERO, Duration::ZERO);
@@ -177,7 +211,7 @@ async fn main() {
             base = (p50, p99);
         }
         println!(
-            "{:<32} {:>8.0}µs {:>8.0}µs {:>9.2} {:>9.2}",
+            "{:<34} {:>8.0}µs {:>8.0}µs {:>9.2} {:>9.2}",
             names[v],
             p50.as_secs_f64() * 1e6,
             p99.as_secs_f64() * 1e6,
