@@ -143,6 +143,25 @@ impl Fixture {
         out
     }
 
+    /// A fixture per backend for each mode in which the caller waits for both reads.
+    async fn in_waiting_modes() -> Vec<(ShadowMode, Fixture)> {
+        let mut out = Vec::new();
+        for mode in [
+            ShadowMode::Serial,
+            ShadowMode::Random,
+            ShadowMode::Concurrent,
+        ] {
+            let options = ShadowOptions {
+                mode,
+                ..ShadowOptions::default()
+            };
+            for f in Fixture::all(options).await {
+                out.push((mode, f));
+            }
+        }
+        out
+    }
+
     async fn new(
         backend: &'static str,
         url: &str,
@@ -644,19 +663,9 @@ async fn shadow_reads_classify_confirmed_and_transient_mismatches() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_or_panicking_shadow_side_never_changes_the_served_value() {
-    for mode in [
-        ShadowMode::Serial,
-        ShadowMode::Random,
-        ShadowMode::Concurrent,
-    ] {
-        let options = ShadowOptions {
-            mode,
-            ..ShadowOptions::default()
-        };
-        for f in Fixture::all(options).await {
-            let b = format!("{} {mode:?}", f.backend);
-            shadow_failures_leave_the_served_value(&f, &b).await;
-        }
+    for (mode, f) in Fixture::in_waiting_modes().await {
+        let b = format!("{} {mode:?}", f.backend);
+        shadow_failures_leave_the_served_value(&f, &b).await;
     }
 }
 
@@ -755,63 +764,53 @@ async fn a_dropped_concurrent_read_takes_its_shadow_read_down_with_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sampling_and_modes() {
-    for mode in [
-        ShadowMode::Serial,
-        ShadowMode::Random,
-        ShadowMode::Concurrent,
-    ] {
-        let options = ShadowOptions {
-            mode,
-            ..ShadowOptions::default()
-        };
-        for f in Fixture::all(options).await {
-            let b = f.backend;
-            f.stage(Stage::Shadow).await;
-            let id = f
-                .users
-                .create("m@example.com", settings("x"))
-                .await
-                .unwrap();
-            f.sample_rate(0.0).await;
-            let before = f.new.gets.load(Ordering::SeqCst);
-            for _ in 0..50 {
-                assert_eq!(f.users.settings(id).await.unwrap(), settings("x"));
-            }
-            assert_eq!(
-                f.new.gets.load(Ordering::SeqCst),
-                before,
-                "{b} {mode:?}: rate 0 never compares"
-            );
-            f.sample_rate(1.0).await;
-            for _ in 0..50 {
-                assert_eq!(f.users.settings(id).await.unwrap(), settings("x"));
-            }
-            assert_eq!(
-                f.new.gets.load(Ordering::SeqCst),
-                before + 50,
-                "{b} {mode:?}: rate 1 always"
-            );
-            assert_eq!(
-                f.metrics
-                    .counter("twintrack.shadow.results", ("result", "match")),
-                50
-            );
-            f.sample_rate(0.5).await;
-            for _ in 0..400 {
-                f.users.settings(id).await.unwrap();
-            }
-            let compared = f.new.gets.load(Ordering::SeqCst) - before - 50;
-            assert!(
-                (120..=280).contains(&compared),
-                "{b} {mode:?}: {compared} of 400 at 0.5"
-            );
-            // Operations are counted per side in the metrics.
-            assert!(
-                f.metrics
-                    .counter("twintrack.dual.operations", ("side", "legacy"))
-                    >= 500
-            );
+    for (mode, f) in Fixture::in_waiting_modes().await {
+        let b = f.backend;
+        f.stage(Stage::Shadow).await;
+        let id = f
+            .users
+            .create("m@example.com", settings("x"))
+            .await
+            .unwrap();
+        f.sample_rate(0.0).await;
+        let before = f.new.gets.load(Ordering::SeqCst);
+        for _ in 0..50 {
+            assert_eq!(f.users.settings(id).await.unwrap(), settings("x"));
         }
+        assert_eq!(
+            f.new.gets.load(Ordering::SeqCst),
+            before,
+            "{b} {mode:?}: rate 0 never compares"
+        );
+        f.sample_rate(1.0).await;
+        for _ in 0..50 {
+            assert_eq!(f.users.settings(id).await.unwrap(), settings("x"));
+        }
+        assert_eq!(
+            f.new.gets.load(Ordering::SeqCst),
+            before + 50,
+            "{b} {mode:?}: rate 1 always"
+        );
+        assert_eq!(
+            f.metrics
+                .counter("twintrack.shadow.results", ("result", "match")),
+            50
+        );
+        f.sample_rate(0.5).await;
+        for _ in 0..400 {
+            f.users.settings(id).await.unwrap();
+        }
+        let compared = f.new.gets.load(Ordering::SeqCst) - before - 50;
+        assert!(
+            (120..=280).contains(&compared),
+            "{b} {mode:?}: {compared} of 400 at 0.5"
+        );
+        // Operations are counted per side in the metrics.
+        assert!(
+            f.metrics
+                .counter("twintrack.dual.operations", ("side", "legacy"))
+                >= 500
+        );
     }
 }
 
