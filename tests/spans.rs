@@ -128,20 +128,35 @@ async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
         );
     }
 
-    // A `concurrent` shadow read runs in a task of its own; its span is still the caller's
-    // child, as the served read's is.
-    spans.lock().unwrap().clear();
-    store(ShadowMode::Concurrent)
-        .settings(id)
-        .instrument(tracing::info_span!("request"))
-        .await
-        .unwrap();
-    let parents: BTreeMap<String, String> = spans
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| (s["side"].clone(), s["parent"].clone()))
-        .collect();
-    assert_eq!(parents.get("legacy").map(String::as_str), Some("request"));
-    assert_eq!(parents.get("new").map(String::as_str), Some("request"));
+    // `concurrent` and `background` shadow reads run in tasks of their own; their spans are
+    // still the caller's children, as the served read's is.
+    for mode in [ShadowMode::Concurrent, ShadowMode::Background] {
+        spans.lock().unwrap().clear();
+        store(mode)
+            .settings(id)
+            .instrument(tracing::info_span!("request"))
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        while spans.lock().unwrap().len() < 2 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{mode:?}: no shadow read"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let parents: BTreeMap<String, String> = spans
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| (s["side"].clone(), s["parent"].clone()))
+            .collect();
+        for side in ["legacy", "new"] {
+            assert_eq!(
+                parents.get(side).map(String::as_str),
+                Some("request"),
+                "{mode:?} {side}"
+            );
+        }
+    }
 }

@@ -814,34 +814,38 @@ where
         };
         let store = self.clone();
         let shadow = served.other();
-        tokio::spawn(async move {
-            let _permit = permit;
-            // The request's read-your-writes state (it may have written since) travels along.
-            let reading = Reading::Routed(ctx.as_ref());
-            let read =
-                AssertUnwindSafe(store.read_side(&op, shadow, stage, reading)).catch_unwind();
-            let (other, other_took) =
-                match tokio::time::timeout(store.inner.shadow.background_timeout, read).await {
-                    Ok(Ok(Ok(read))) => read,
-                    _ => {
-                        tracing::warn!(migration = %store.inner.migration, key, side = %shadow,
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                // The request's read-your-writes state (it may have written since) travels along.
+                let reading = Reading::Routed(ctx.as_ref());
+                let read =
+                    AssertUnwindSafe(store.read_side(&op, shadow, stage, reading)).catch_unwind();
+                let (other, other_took) =
+                    match tokio::time::timeout(store.inner.shadow.background_timeout, read).await {
+                        Ok(Ok(Ok(read))) => read,
+                        _ => {
+                            tracing::warn!(migration = %store.inner.migration, key, side = %shadow,
                             "background shadow read failed, panicked or timed out");
-                        store.count_shadow_error(shadow);
-                        return;
-                    }
-                };
-            let other = to_value(&other);
-            store
-                .compare_and_classify(
-                    key,
-                    stage,
-                    served,
-                    served_read,
-                    (other, other_took),
-                    Arc::new(op),
-                )
-                .await;
-        });
+                            store.count_shadow_error(shadow);
+                            return;
+                        }
+                    };
+                let other = to_value(&other);
+                store
+                    .compare_and_classify(
+                        key,
+                        stage,
+                        served,
+                        served_read,
+                        (other, other_took),
+                        Arc::new(op),
+                    )
+                    .await;
+            }
+            // A child of the request's span, which may well have closed by the time it ends.
+            .instrument(tracing::Span::current()),
+        );
     }
 
     /// Both reads in one repeatable-read transaction: the served side, then the shadow side.
