@@ -35,7 +35,12 @@ fn arg(name: &str, default: i64) -> i64 {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().expect("a number"))
+        .map_or(default, |v| {
+            v.parse().unwrap_or_else(|_| {
+                eprintln!("{name} wants a whole number, not {v:?}");
+                std::process::exit(2)
+            })
+        })
 }
 
 async fn seed(db: &Database, n: i64) {

@@ -59,7 +59,12 @@ fn arg(name: &str, default: u64) -> u64 {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .map_or(default, |v| v.parse().expect("a number"))
+        .map_or(default, |v| {
+            v.parse().unwrap_or_else(|_| {
+                eprintln!("{name} wants a whole number, not {v:?}");
+                std::process::exit(2)
+            })
+        })
 }
 
 #[derive(Default)]
