@@ -308,7 +308,11 @@ pub(crate) async fn run_with(
         return Err(err);
     }
     let finished = finish_run(&shared, flags).await?;
-    let (run_rows, chunks) = run_totals(db, shared.run.id).await?;
+    let ChunkTotals {
+        rows_copied: run_rows,
+        chunks,
+        ..
+    } = chunk_totals(db, shared.run.id).await?;
     Ok(BackfillReport {
         migration: def.name.clone(),
         direction,
@@ -694,9 +698,13 @@ async fn wait_for_replicas(shared: &Shared) -> Result<()> {
 }
 
 async fn report(shared: &Shared, batch: u32, paused: bool) {
-    let (done, copied) = match progress_totals(&shared.db, shared.run.id).await {
-        Ok(v) => v,
-        Err(_) => return,
+    let Ok(ChunkTotals {
+        keys_done: done,
+        rows_copied: copied,
+        ..
+    }) = chunk_totals(&shared.db, shared.run.id).await
+    else {
+        return;
     };
     let total = u64::try_from(shared.run.upper - shared.run.lower).unwrap_or(0);
     let secs = shared.started.elapsed().as_secs_f64();
@@ -714,20 +722,31 @@ async fn report(shared: &Shared, batch: u32, paused: bool) {
     });
 }
 
-async fn progress_totals(db: &Database, run: i64) -> Result<(u64, u64)> {
+/// What a run's chunks add up to.
+struct ChunkTotals {
+    /// Keys of the range already covered.
+    keys_done: u64,
+    rows_copied: u64,
+    chunks: u64,
+}
+
+async fn chunk_totals(db: &Database, run: i64) -> Result<ChunkTotals> {
     let row = sqlx::query(
-        "SELECT CAST(COALESCE(SUM(next_key - lo), 0) AS BIGINT) AS done, CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) AS copied
+        "SELECT CAST(COALESCE(SUM(next_key - lo), 0) AS BIGINT) AS done,
+                CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) AS copied, COUNT(*) AS chunks
          FROM twintrack_backfill_chunks WHERE run_id = $1",
     )
     .bind(run)
     .fetch_one(db.pool())
     .await?;
-    let done: i64 = row.try_get("done")?;
-    let copied: i64 = row.try_get("copied")?;
-    Ok((
-        u64::try_from(done).unwrap_or(0),
-        u64::try_from(copied).unwrap_or(0),
-    ))
+    let count = |column: &str| -> Result<u64> {
+        Ok(u64::try_from(row.try_get::<i64, _>(column)?).unwrap_or(0))
+    };
+    Ok(ChunkTotals {
+        keys_done: count("done")?,
+        rows_copied: count("copied")?,
+        chunks: count("chunks")?,
+    })
 }
 
 async fn unfinished_chunks(db: &Database, run: i64) -> Result<i64> {
@@ -737,22 +756,6 @@ async fn unfinished_chunks(db: &Database, run: i64) -> Result<i64> {
     .bind(run)
     .fetch_one(db.pool())
     .await?)
-}
-
-async fn run_totals(db: &Database, run: i64) -> Result<(u64, u64)> {
-    let row = sqlx::query(
-        "SELECT CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) AS copied, COUNT(*) AS chunks
-         FROM twintrack_backfill_chunks WHERE run_id = $1",
-    )
-    .bind(run)
-    .fetch_one(db.pool())
-    .await?;
-    let copied: i64 = row.try_get("copied")?;
-    let chunks: i64 = row.try_get("chunks")?;
-    Ok((
-        u64::try_from(copied).unwrap_or(0),
-        u64::try_from(chunks).unwrap_or(0),
-    ))
 }
 
 /// Marks the run finished once every chunk is done and records the evidence (once).

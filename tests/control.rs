@@ -341,20 +341,7 @@ async fn every_rpc_answers_and_maps_errors_to_grpc_codes() {
 }
 
 fn cli(url: &str, line: &str) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
-        .arg("--database-url")
-        .arg(url)
-        .args(line.split_whitespace())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    common::twintrack_cli(None, url, None, line)
 }
 
 /// The watcher hears the flip through LISTEN/NOTIFY: the server's PostgreSQL path has no timer.

@@ -6,7 +6,9 @@ mod common;
 #[path = "../examples/quickstart/repos.rs"]
 mod repos;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use common::quickstart_config;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +24,6 @@ use twintrack::verify::{self, VerifyOptions};
 use twintrack::{Backend, Database, Error, Stage};
 
 const M: &str = "user_settings";
-
-fn quickstart_config() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.toml")
-}
 
 fn definition(backend: Backend) -> MigrationDef {
     let config = Config::load(&quickstart_config()).unwrap();
@@ -136,24 +134,7 @@ impl Fixture {
     }
 
     fn cli(&self, cwd: &Path, line: &str) -> (i32, String) {
-        let args: Vec<&str> = line.split_whitespace().collect();
-        let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
-            .current_dir(cwd)
-            .arg("--database-url")
-            .arg(&self.url)
-            .arg("--config")
-            .arg(quickstart_config())
-            .args(&args)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        common::twintrack_cli(Some(cwd), &self.url, Some(&quickstart_config()), line)
     }
 }
 

@@ -127,23 +127,7 @@ impl Quickstart {
 
 /// Runs `twintrack --database-url URL --config examples/quickstart.toml <line>` in `cwd`.
 fn cli(cwd: &Path, url: &str, line: &str) -> (i32, String) {
-    let args: Vec<&str> = line.split_whitespace().collect();
-    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
-        .current_dir(cwd)
-        .arg("--database-url")
-        .arg(url)
-        .arg("--config")
-        .arg(config)
-        .args(&args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    common::twintrack_cli(Some(cwd), url, Some(&common::quickstart_config()), line)
 }
 
 async fn exercise_routes(qs: &Quickstart) {

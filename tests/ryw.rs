@@ -197,6 +197,30 @@ impl Svc {
         )
     }
 
+    /// Reads `id` with `token` until the replica serves it, every read seeing `expected`;
+    /// returns how long after `written` that was. Fails past `deadline`.
+    async fn read_until_the_replica_serves(
+        &self,
+        id: i64,
+        token: &str,
+        expected: &str,
+        written: Instant,
+        deadline: Duration,
+    ) -> Duration {
+        loop {
+            let r = self.get(id, Some(token)).await;
+            assert_eq!(theme(&r), expected, "a stale read with the token: {r:?}");
+            if r.read_from.as_deref() == Some("replica") {
+                return written.elapsed();
+            }
+            assert!(
+                written.elapsed() < deadline,
+                "never served by the replica within {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn put_theme(&self, id: i64, theme: &str) -> String {
         let r = self
             .call(
@@ -320,19 +344,9 @@ async fn a_token_holder_reads_from_the_replica_once_it_has_caught_up() {
         assert_eq!(r.read_from.as_deref(), Some("primary"));
     }
     // The same token, a little later: the replica has replayed the write and serves it.
-    loop {
-        let r = svc.get(id, Some(&token)).await;
-        assert_eq!(theme(&r), "fresh", "a stale read with the token: {r:?}");
-        if r.read_from.as_deref() == Some("replica") {
-            break;
-        }
-        assert!(
-            written.elapsed() < Duration::from_secs(10),
-            "never went back to the replica"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let took = written.elapsed();
+    let took = svc
+        .read_until_the_replica_serves(id, &token, "fresh", written, Duration::from_secs(10))
+        .await;
     eprintln!("back on the replica {took:?} after the write");
     assert!(
         took >= Duration::from_millis(250),
@@ -1071,19 +1085,9 @@ async fn a_replica_is_proven_on_demand_between_polls() {
     svc.wait_replicas_caught_up().await;
     let token = svc.put_theme(id, "proven").await;
     let written = Instant::now();
-    loop {
-        let r = svc.get(id, Some(&token)).await;
-        assert_eq!(theme(&r), "proven", "a stale read with the token: {r:?}");
-        if r.read_from.as_deref() == Some("replica") {
-            break;
-        }
-        assert!(
-            written.elapsed() < Duration::from_secs(5),
-            "never proven on the replica"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let took = written.elapsed();
+    let took = svc
+        .read_until_the_replica_serves(id, &token, "proven", written, Duration::from_secs(5))
+        .await;
     eprintln!("proven on the replica {took:?} after the write");
     assert!(
         took >= Duration::from_millis(250),

@@ -176,3 +176,33 @@ impl TestMetrics {
         latest
     }
 }
+
+/// The quickstart's migration config, `examples/quickstart.toml`.
+pub fn quickstart_config() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.toml")
+}
+
+/// Runs the `twintrack` binary as `twintrack --database-url URL [--config CONFIG] <line>`
+/// (in `cwd`, if given) and returns its exit code and its stdout followed by its stderr.
+pub fn twintrack_cli(
+    cwd: Option<&std::path::Path>,
+    url: &str,
+    config: Option<&std::path::Path>,
+    line: &str,
+) -> (i32, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_twintrack"));
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
+    cmd.arg("--database-url").arg(url);
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let out = cmd.args(line.split_whitespace()).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
