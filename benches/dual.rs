@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use repos::{LegacySettings, NewSettings, Settings, SettingsRepo, SettingsResync, Users};
+use sqlx::Postgres;
 use twintrack::dual::DualStore;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
 use twintrack::shadow::{ShadowMode, ShadowOptions};
@@ -54,13 +55,14 @@ async fn main() {
         }
     };
     let db = Database::connect(&url).await.unwrap();
+    let pool = db.as_postgres().expect("a PostgreSQL database").clone();
     let durable: String = sqlx::query_scalar(
         "SELECT current_setting('fsync') || '/' || current_setting('synchronous_commit')",
     )
-    .fetch_one(db.pool())
+    .fetch_one(&pool)
     .await
     .unwrap();
-    repos::create_shapes(&db).await.unwrap();
+    repos::create_shapes::<i64>(&db).await.unwrap();
     let flags_store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
     let mut builder = FlagCache::builder(flags_store.clone()).soft_ttl(Duration::from_secs(3600));
     for (name, stage) in [
@@ -78,15 +80,15 @@ async fn main() {
         builder = builder.migration(name, Stage::LegacyOnly);
     }
     let flags = builder.build().await;
-    let (legacy, new) = repos::repos(db.backend());
+    let (legacy, new) = repos::repos::<Postgres, i64>();
     let store = |name: &str, mode: ShadowMode| Users {
         settings: DualStore::builder(
             name,
             legacy.clone(),
             new.clone(),
-            db.clone(),
+            pool.clone(),
             flags.clone(),
-            SettingsResync,
+            SettingsResync::default(),
         )
         .shadow(ShadowOptions {
             mode,
@@ -110,13 +112,9 @@ async fn main() {
                 .unwrap(),
         );
     }
-    let plain = LegacySettings {
-        backend: db.backend(),
-    };
-    let new_plain = Arc::new(NewSettings {
-        backend: db.backend(),
-        standalone: false,
-    });
+    let plain: Arc<dyn SettingsRepo<Postgres, i64>> = Arc::new(LegacySettings);
+    let new_plain: Arc<dyn SettingsRepo<Postgres, i64>> =
+        Arc::new(NewSettings { standalone: false });
 
     let names = [
         "write: single (no twintrack)",
@@ -154,30 +152,30 @@ async fn main() {
                     let start = Instant::now();
                     match v {
                         0 => {
-                            let mut tx = db.pool().begin().await.unwrap();
+                            let mut tx = pool.begin().await.unwrap();
                             assert!(plain.put(&mut tx, id, s).await.unwrap());
                             tx.commit().await.unwrap();
                         }
-                        1 => dual.update(id, s).await.unwrap(),
+                        1 => dual.update(&id, s).await.unwrap(),
                         2 => {
-                            let mut conn = db.pool().acquire().await.unwrap();
+                            let mut conn = pool.acquire().await.unwrap();
                             plain.get(&mut conn, id, false).await.unwrap().unwrap();
                         }
-                        3 => drop(unshadowed.settings(id).await.unwrap()),
-                        4 => drop(concurrent.settings(id).await.unwrap()),
-                        5 => drop(background.settings(id).await.unwrap()),
-                        6 => drop(snapshot.settings(id).await.unwrap()),
+                        3 => drop(unshadowed.settings(&id).await.unwrap()),
+                        4 => drop(concurrent.settings(&id).await.unwrap()),
+                        5 => drop(background.settings(&id).await.unwrap()),
+                        6 => drop(snapshot.settings(&id).await.unwrap()),
                         _ => {
                             // The floor for `concurrent`: both shapes read at once, by hand, the
                             // best way found (the second read on a task of its own, and both
                             // connections released once both reads are done).
-                            let (pool, new_plain) = (db.pool().clone(), new_plain.clone());
+                            let (other_pool, new_plain) = (pool.clone(), new_plain.clone());
                             let other = tokio::spawn(async move {
-                                let mut conn = pool.acquire().await.unwrap();
+                                let mut conn = other_pool.acquire().await.unwrap();
                                 new_plain.get(&mut conn, id, false).await.unwrap().unwrap();
                                 conn
                             });
-                            let mut conn = db.pool().acquire().await.unwrap();
+                            let mut conn = pool.acquire().await.unwrap();
                             plain.get(&mut conn, id, false).await.unwrap().unwrap();
                             let other = other.await.unwrap();
                             drop((conn, other));

@@ -31,9 +31,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
 use repos::{LegacySettings, Settings, SettingsRepo, SettingsResync, Users};
+use sqlx::PgPool;
 use twintrack::dual::DualStore;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
-use twintrack::{Backend, Database, Stage};
+use twintrack::{Database, Stage};
 
 const M: &str = "user_settings";
 const USERS: i64 = 1000;
@@ -53,15 +54,14 @@ fn arg(name: &str, default: u64) -> u64 {
 
 /// The baseline: the same routes, one shape, no twintrack.
 fn plain_app(db: Database) -> axum::Router {
-    let legacy = Arc::new(LegacySettings {
-        backend: Backend::Postgres,
-    });
+    let legacy = Arc::new(LegacySettings);
+    let db = db.as_postgres().expect("a PostgreSQL database").clone();
     async fn get_settings(
-        State((db, repo)): State<(Database, Arc<LegacySettings>)>,
+        State((db, repo)): State<(PgPool, Arc<LegacySettings>)>,
         Path(id): Path<i64>,
     ) -> Result<axum::Json<Settings>, http::StatusCode> {
+        let repo: &dyn SettingsRepo<sqlx::Postgres, i64> = &*repo;
         let mut conn = db
-            .pool()
             .acquire()
             .await
             .map_err(|_| http::StatusCode::INTERNAL_SERVER_ERROR)?;
@@ -72,12 +72,12 @@ fn plain_app(db: Database) -> axum::Router {
         }
     }
     async fn put_settings(
-        State((db, repo)): State<(Database, Arc<LegacySettings>)>,
+        State((db, repo)): State<(PgPool, Arc<LegacySettings>)>,
         Path(id): Path<i64>,
         axum::Json(s): axum::Json<Settings>,
     ) -> Result<axum::Json<Settings>, http::StatusCode> {
+        let repo: &dyn SettingsRepo<sqlx::Postgres, i64> = &*repo;
         let mut tx = db
-            .pool()
             .begin()
             .await
             .map_err(|_| http::StatusCode::INTERNAL_SERVER_ERROR)?;
@@ -203,7 +203,7 @@ async fn main() {
     )
     .await
     .unwrap();
-    repos::create_shapes(&db).await.unwrap();
+    repos::create_shapes::<i64>(&db).await.unwrap();
     let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
     store.register(M, "bench").await.unwrap();
     store
@@ -224,12 +224,20 @@ async fn main() {
             .build()
             .await
             .unwrap();
-    let (legacy, new) = repos::repos(Backend::Postgres);
+    let (legacy, new) = repos::repos::<sqlx::Postgres, i64>();
+    let pool = db.as_postgres().unwrap().clone();
     let users = Users {
-        settings: DualStore::builder(M, legacy, new, db.clone(), flags.clone(), SettingsResync)
-            .router(router.clone())
-            .build()
-            .unwrap(),
+        settings: DualStore::builder(
+            M,
+            legacy,
+            new,
+            pool,
+            flags.clone(),
+            SettingsResync::default(),
+        )
+        .router(router.clone())
+        .build()
+        .unwrap(),
     };
     for i in 0..USERS {
         users

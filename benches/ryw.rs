@@ -40,7 +40,7 @@ use tower::ServiceExt;
 use twintrack::dual::DualStore;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
 use twintrack::ryw::{HEADER, ReplicaOptions, ReplicaSet, Router, RywOptions, Token, TokenSigner};
-use twintrack::{Backend, Database, Stage, TwinTrack};
+use twintrack::{Database, Stage, TwinTrack};
 
 const M: &str = "user_settings";
 const SECRET: &[u8] = b"bench secret, at least 16 bytes.";
@@ -194,14 +194,14 @@ async fn service(
         .build()
         .await
         .unwrap();
-    let (legacy, new) = repos::repos(Backend::Postgres);
+    let (legacy, new) = repos::repos::<sqlx::Postgres, i64>();
     let settings = DualStore::builder(
         M,
         legacy,
         new,
-        primary.clone(),
+        primary.as_postgres().unwrap().clone(),
         flags.clone(),
-        SettingsResync,
+        SettingsResync::default(),
     )
     .router(router.clone())
     .build()
@@ -225,7 +225,7 @@ async fn main() {
     let cluster = pg::Cluster::start(LAG_MS).expect("start PostgreSQL with a replica");
     let db = cluster.fresh_db().await;
     let primary = Database::connect(&db.url).await.unwrap();
-    repos::create_shapes(&primary).await.unwrap();
+    repos::create_shapes::<i64>(&primary).await.unwrap();
     let store = Arc::new(SqlFlagStore::open(primary.clone()).await.unwrap());
     store.register(M, "bench").await.unwrap();
     let flags = FlagCache::builder(store.clone())

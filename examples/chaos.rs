@@ -46,10 +46,11 @@ use tower::ServiceExt;
 use twintrack::backfill::BackfillOptions;
 use twintrack::config::Config;
 use twintrack::db::ConnectOptions;
+use twintrack::db::query;
 use twintrack::dual::{DualStore, pending_intents};
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
 use twintrack::ryw::{ReplicaOptions, ReplicaSet, Router};
-use twintrack::{Backend, Database, Stage, TwinTrack};
+use twintrack::{Database, Stage, TwinTrack};
 
 const M: &str = "user_settings";
 const SEEDED: i64 = 2_000;
@@ -226,7 +227,7 @@ impl Client {
 /// The repair pass as a boxed `Send` future (spawning the generic one directly trips a rustc
 /// limitation with higher-ranked lifetimes and trait objects).
 fn repair_once(
-    dual: &repos::SettingsStore,
+    dual: &repos::SettingsStore<sqlx::Postgres, i64>,
     min_age: Duration,
 ) -> twintrack::flags::BoxFuture<'_, twintrack::Result<twintrack::dual::RepairReport>> {
     Box::pin(dual.repair(min_age))
@@ -267,8 +268,8 @@ async fn main() -> std::process::ExitCode {
     let new_db = Database::connect_with(&new_t.url, options(20))
         .await
         .unwrap();
-    repos::create_shapes(&legacy_db).await.unwrap();
-    repos::create_shapes(&new_db).await.unwrap();
+    repos::create_shapes::<i64>(&legacy_db).await.unwrap();
+    repos::create_shapes::<i64>(&new_db).await.unwrap();
     twintrack::schema::install(&new_db).await.unwrap();
     let store = Arc::new(SqlFlagStore::open(legacy_db.clone()).await.unwrap());
     store.register(M, "chaos").await.unwrap();
@@ -282,13 +283,13 @@ async fn main() -> std::process::ExitCode {
         .await
         .unwrap();
     // Users that exist before dual writes: only a backfill brings them to the new shape.
-    sqlx::query(
+    query(
         "INSERT INTO users (email, profile) SELECT 'seed' || g || '@chaos',
                 jsonb_build_object('theme', 'seed', 'notifications_enabled', true)
          FROM generate_series(1, $1) AS g",
     )
     .bind(SEEDED)
-    .execute(legacy_db.pool())
+    .execute(&legacy_db)
     .await
     .unwrap();
 
@@ -324,18 +325,18 @@ async fn main() -> std::process::ExitCode {
     let definition = config
         .migration(M)
         .unwrap()
-        .definition(Backend::Postgres)
+        .definition(twintrack::Backend::Postgres)
         .unwrap();
-    let (legacy, new) = repos::split_repos(Backend::Postgres);
+    let (legacy, new) = repos::split_repos::<sqlx::Postgres, i64>();
     let dual = DualStore::builder(
         M,
         legacy,
         new,
-        legacy_db.clone(),
+        legacy_db.as_postgres().unwrap().clone(),
         flags.clone(),
-        SettingsResync,
+        SettingsResync::default(),
     )
-    .new_database(new_db.clone())
+    .new_database(new_db.as_postgres().unwrap().clone())
     .router(router.clone())
     .definition(definition)
     .build()
@@ -522,20 +523,17 @@ async fn main() -> std::process::ExitCode {
     }
 
     // Verify: every user, both shapes; and every acknowledged write on the authoritative side.
-    let legacy_repo = LegacySettings {
-        backend: Backend::Postgres,
-    };
-    let new_repo = NewSettings {
-        backend: Backend::Postgres,
-        standalone: true,
-    };
+    let legacy_repo = LegacySettings;
+    let new_repo = NewSettings { standalone: true };
+    let legacy_pool = legacy_db.as_postgres().unwrap();
+    let new_pool = new_db.as_postgres().unwrap();
     let mut ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM users")
-        .fetch_all(legacy_db.pool())
+        .fetch_all(legacy_pool)
         .await
         .unwrap();
     ids.extend(
         sqlx::query_scalar::<_, i64>("SELECT user_id FROM user_settings")
-            .fetch_all(new_db.pool())
+            .fetch_all(new_pool)
             .await
             .unwrap(),
     );
@@ -543,13 +541,17 @@ async fn main() -> std::process::ExitCode {
     ids.sort_unstable();
     ids.dedup();
     let (mut lc, mut nc) = (
-        legacy_db.pool().acquire().await.unwrap(),
-        new_db.pool().acquire().await.unwrap(),
+        legacy_pool.acquire().await.unwrap(),
+        new_pool.acquire().await.unwrap(),
     );
     let (mut divergent, mut lost) = (0u64, 0u64);
     for id in &ids {
-        let l = legacy_repo.get(&mut lc, *id, false).await.unwrap();
-        let n = new_repo.get(&mut nc, *id, false).await.unwrap();
+        let l = SettingsRepo::<sqlx::Postgres, i64>::get(&legacy_repo, &mut lc, *id, false)
+            .await
+            .unwrap();
+        let n = SettingsRepo::<sqlx::Postgres, i64>::get(&new_repo, &mut nc, *id, false)
+            .await
+            .unwrap();
         if l != n {
             divergent += 1;
             eprintln!("divergent: user {id}: legacy {l:?}, new {n:?}");

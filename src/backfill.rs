@@ -1,17 +1,21 @@
 //! Backfill: copy the rows that existed before dual writes began, safely, resumably, in parallel.
 //!
-//! A run covers the source key range `(lower, upper]` fixed when it starts (the largest key
-//! then; later rows are dual-written anyway). The range is cut into *chunks*, stored in
-//! `twintrack_backfill_chunks`. Workers (several per process, several processes) lease one
-//! chunk at a time (`FOR UPDATE SKIP LOCKED` on PostgreSQL) and copy it in keyset batches. Each
-//! batch is one transaction that:
+//! A run covers the source's keys up to the largest one when it starts (later rows are
+//! dual-written anyway), walked in keyset order: `WHERE (k…) > (last…) ORDER BY k… LIMIT n`.
+//! The keys are cut into *chunks* at boundaries taken from the table's own keys (every N-th
+//! key of the key index, so chunks hold the same number of rows however sparse, skewed,
+//! negative or non-numeric the keys are), stored in `twintrack_backfill_chunks` as canonical
+//! key text. Workers (several per process, several processes) lease one chunk at a time
+//! (`FOR UPDATE SKIP LOCKED` on PostgreSQL) and copy it in batches. Each batch is one
+//! transaction that:
 //!
-//! 1. locks the batch's source rows `FOR SHARE` (so a racing update or delete through the dual
-//!    store waits for the batch, and the batch never copies a value older than one already
-//!    dual-written, nor brings back a row deleted meanwhile);
-//! 2. runs the definition's `copy` SQL for the batch's key range `($1, $2]`;
-//! 3. moves the chunk's checkpoint (`next_key`) and renews the lease, if the lease is still
-//!    this worker's.
+//! 1. selects the batch's next keys and locks their source rows `FOR SHARE` (so a racing
+//!    update or delete through the dual store waits for the batch, and the batch never copies a
+//!    value older than one already dual-written, nor brings back a row deleted meanwhile);
+//! 2. runs the definition's `copy` SQL for the batch's key range, `(after, upto]` with both
+//!    bounds keys of the table (see [`crate::definition`] for `{batch}`);
+//! 3. moves the chunk's checkpoint (the last key copied) and renews the lease, if the lease is
+//!    still this worker's.
 //!
 //! A run killed at any point resumes where its last batch committed: nothing is copied twice
 //! by the run's bookkeeping, nothing skipped. The batch size is tuned toward a target time per
@@ -25,11 +29,12 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use serde::Serialize;
-use sqlx::{AssertSqlSafe, Connection, Row};
 
-use crate::db::{Backend, Database, now_micros};
-use crate::definition::{Direction, MigrationDef, db_message};
-use crate::flags::{EvidenceKind, FlagStore};
+use crate::db::{Backend, Conn, Database, Query, Row, Tx, now_micros, query};
+use crate::definition::{Direction, MigrationDef, bound, error_message};
+use crate::flags::{BoxFuture, EvidenceKind, FlagStore};
+use crate::key::{DynKey, KeyKind};
+use crate::keyset::{self, KeyRange, Lower};
 use crate::metrics::Metrics;
 use crate::{Error, Result, Stage};
 
@@ -77,19 +82,23 @@ impl Default for BackfillOptions {
 /// Where a run stands, reported after every batch and while paused.
 #[derive(Clone, Debug, Serialize)]
 pub struct Progress {
-    /// Rows copied by the whole run so far (all processes).
+    /// Rows the copies wrote so far (all processes).
     pub rows_copied: u64,
-    /// Keys of the range covered so far.
+    /// Source keys walked so far (all processes).
     pub keys_done: u64,
-    /// Keys in the range.
+    /// Source keys in the run (counted when it started).
     pub keys_total: u64,
-    /// Rows per second copied by this process.
-    pub rows_per_second: f64,
-    /// Estimated time left.
+    /// Chunks finished.
+    pub chunks_done: u64,
+    /// Chunks in the run.
+    pub chunks: u64,
+    /// Source keys per second walked by this process.
+    pub keys_per_second: f64,
+    /// Estimated time left, in seconds.
     pub eta_seconds: Option<f64>,
     /// Paused for replica lag right now.
     pub paused: bool,
-    /// The current batch size.
+    /// The current batch size, in keys.
     pub batch_size: u32,
 }
 
@@ -104,21 +113,23 @@ pub struct BackfillReport {
     pub run_id: i64,
     /// Whether this call picked up a run that an earlier (killed) one started.
     pub resumed: bool,
-    /// The key range `(lower, upper]`.
-    pub lower_bound: i64,
-    /// See `lower_bound`.
-    pub upper_bound: i64,
-    /// Rows copied by this call.
+    /// The run covers keys above this one (`None`: from the smallest key).
+    pub lower_bound: Option<DynKey>,
+    /// … up to and including this one (`None`: to the largest, in a two-database run).
+    pub upper_bound: Option<DynKey>,
+    /// Rows the copies wrote in this call.
     pub rows_copied: u64,
-    /// Rows copied by the run, all processes and attempts.
+    /// Rows the copies wrote in the whole run, all processes and attempts.
     pub run_rows_copied: u64,
+    /// Source keys the whole run walked.
+    pub keys_done: u64,
     /// Batches committed by this call.
     pub batches: u64,
     /// Chunks in the run.
     pub chunks: u64,
-    /// Time spent paused for replica lag.
+    /// Time spent paused for replica lag, in seconds.
     pub paused_seconds: f64,
-    /// Wall time of this call.
+    /// Wall time of this call, in seconds.
     pub elapsed_seconds: f64,
     /// Whether the run is finished (false only if another process still holds a chunk).
     pub finished: bool,
@@ -127,48 +138,49 @@ pub struct BackfillReport {
 /// How a batch is copied.
 pub(crate) enum Copier {
     /// The definition's `copy` (or `reverse_copy`) SQL, in the batch's transaction.
-    Sql(String),
+    Sql,
     /// A copier that writes the locked keys elsewhere (two-database stores).
     Keys(Arc<dyn KeyCopier>),
 }
 
-/// Makes the other side match the source for the key range `(lo, hi]`: copies the source rows
-/// of `keys` (every source key in the range, locked by the batch's transaction, `source`) and
+/// Makes the other side match the source for the keys in `range`: copies the source rows of
+/// `keys` (every source key in the range, locked by the batch's transaction on `source`) and
 /// removes what the other side holds for keys the source no longer has; commits there before
 /// the batch commits. Returns the rows written.
 pub(crate) trait KeyCopier: Send + Sync + 'static {
     fn copy<'a>(
         &'a self,
-        source: &'a mut sqlx::AnyConnection,
-        keys: &'a [i64],
-        range: (i64, i64),
-    ) -> crate::flags::BoxFuture<'a, Result<u64>>;
-
-    /// The other side's smallest and largest key, so the run also covers keys the source lost.
-    fn target_bounds(&self) -> crate::flags::BoxFuture<'_, Result<Option<(i64, i64)>>>;
+        source: Conn<'a>,
+        keys: &'a [DynKey],
+        range: &'a KeyRange,
+    ) -> BoxFuture<'a, Result<u64>>;
 }
 
-/// Chunks a run is cut into: enough for the workers to share, few enough to keep the
+/// At most this many chunks per run: enough for the workers to share, few enough to keep the
 /// bookkeeping small.
 const MAX_CHUNKS: i64 = 256;
-const KEYS_PER_CHUNK: i64 = 20_000;
+/// At least this many source rows per chunk (the last one may hold fewer).
+const MIN_CHUNK_ROWS: i64 = 20_000;
 
 struct Run {
     id: i64,
-    lower: i64,
-    upper: i64,
+    lower: Option<DynKey>,
+    upper: Option<DynKey>,
     started_at: i64,
     resumed: bool,
+    keys_total: i64,
 }
 
 struct Shared {
     db: Database,
     def: MigrationDef,
+    kinds: Vec<KeyKind>,
     options: BackfillOptions,
     metrics: Metrics,
     run: Run,
     owner: String,
     rows: AtomicU64,
+    keys: AtomicU64,
     batches: AtomicU64,
     paused_micros: AtomicU64,
     paused_now: AtomicBool,
@@ -187,10 +199,10 @@ pub async fn run(
     metrics: Metrics,
     progress: impl Fn(&Progress) + Send + Sync + 'static,
 ) -> Result<BackfillReport> {
-    run_with(db, flags, def, options, metrics, progress, None).await
+    run_with(db, flags, def, options, metrics, progress, Copier::Sql).await
 }
 
-/// [`run`] with a copier of its own (`None`: the definition's SQL).
+/// [`run`] with a copier of its own.
 pub(crate) async fn run_with(
     db: &Database,
     flags: &dyn FlagStore,
@@ -198,7 +210,7 @@ pub(crate) async fn run_with(
     options: BackfillOptions,
     metrics: Metrics,
     progress: impl Fn(&Progress) + Send + Sync + 'static,
-    copier: Option<Copier>,
+    copier: Copier,
 ) -> Result<BackfillReport> {
     if options.workers == 0 || options.workers > 64 {
         return Err(Error::InvalidInput(
@@ -214,17 +226,12 @@ pub(crate) async fn run_with(
         ));
     }
     let direction = options.direction;
-    let copier = Arc::new(match copier {
-        Some(copier) => copier,
-        None => Copier::Sql(def.copy_sql(direction)?.to_owned()),
-    });
+    if let Copier::Sql = copier {
+        def.copy_sql(direction)?;
+    }
     let record = flags.get(&def.name).await?;
     let stage = record.state.stage;
-    let writes_target = match direction {
-        Direction::Forward => !matches!(stage, Stage::LegacyOnly | Stage::NewOnly),
-        Direction::Reverse => !matches!(stage, Stage::LegacyOnly | Stage::NewOnly),
-    };
-    if !writes_target {
+    if matches!(stage, Stage::LegacyOnly | Stage::NewOnly) {
         let remedy = match direction {
             Direction::Forward => format!(
                 "turn dual writes on first: `twintrack stage set {} dual_write --reason …`",
@@ -241,24 +248,11 @@ pub(crate) async fn run_with(
             def.name
         )));
     }
-    match &*copier {
-        Copier::Sql(_) => def.check(db).await?,
-        Copier::Keys(_) => {
-            // The other side is another database: check the source here.
-            let (table, key) = def.source(direction);
-            let probe = format!("SELECT {key} FROM {table} WHERE 1 = 0");
-            sqlx::query(AssertSqlSafe(probe))
-                .fetch_all(db.pool())
-                .await
-                .map_err(|e| {
-                    Error::Config(format!(
-                        "migration {:?}: the backfill's source {table}.{key}: {}",
-                        def.name,
-                        db_message(&e)
-                    ))
-                })?;
-        }
-    }
+    let kinds = match &copier {
+        Copier::Sql => def.check(db).await?,
+        // The other side is another database: the source's key is read here.
+        Copier::Keys(_) => def.side_key_kinds(db, direction.source()).await?,
+    };
     // A run started before the target shape last missed writes (the migration went back to
     // legacy_only, or through new_only for a reverse run) cannot be resumed: its done chunks
     // no longer prove anything.
@@ -266,25 +260,27 @@ pub(crate) async fn run_with(
         Direction::Forward => record.evidence.left_legacy_only_at,
         Direction::Reverse => record.evidence.left_new_only_at,
     };
-    let extra = match &*copier {
-        Copier::Keys(copier) => copier.target_bounds().await?,
-        Copier::Sql(_) => None,
-    };
-    let run = open_run(db, def, direction, stale_before, extra).await?;
+    // Two databases: the last chunk has no upper end, so keys the target holds above the
+    // source's largest (rows the source lost) are walked and removed too.
+    let open_ended = matches!(copier, Copier::Keys(_));
+    let run = open_run(db, def, &kinds, direction, stale_before, open_ended).await?;
     let shared = Arc::new(Shared {
         db: db.clone(),
         def: def.clone(),
+        kinds,
         options: options.clone(),
         metrics,
         owner: format!("{}-{:x}", std::process::id(), crate::context::random_key()),
         run,
         rows: AtomicU64::new(0),
+        keys: AtomicU64::new(0),
         batches: AtomicU64::new(0),
         paused_micros: AtomicU64::new(0),
         paused_now: AtomicBool::new(false),
         started: Instant::now(),
         progress: Box::new(progress),
     });
+    let copier = Arc::new(copier);
     // A JoinSet: dropping this future (a killed run) stops its workers too.
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..options.workers {
@@ -298,7 +294,7 @@ pub(crate) async fn run_with(
             Ok(Ok(())) => {}
             Ok(Err(err)) => failure = failure.or(Some(err)),
             Err(join) => {
-                failure = failure.or(Some(Error::InvalidInput(format!(
+                failure = failure.or(Some(Error::Internal(format!(
                     "a backfill worker died: {join}"
                 ))))
             }
@@ -308,59 +304,74 @@ pub(crate) async fn run_with(
         return Err(err);
     }
     let finished = finish_run(&shared, flags).await?;
-    let ChunkTotals {
-        rows_copied: run_rows,
-        chunks,
-        ..
-    } = chunk_totals(db, shared.run.id).await?;
+    let totals = chunk_totals(db, shared.run.id).await?;
     Ok(BackfillReport {
         migration: def.name.clone(),
         direction,
         run_id: shared.run.id,
         resumed: shared.run.resumed,
-        lower_bound: shared.run.lower,
-        upper_bound: shared.run.upper,
+        lower_bound: shared.run.lower.clone(),
+        upper_bound: shared.run.upper.clone(),
         rows_copied: shared.rows.load(Ordering::Relaxed),
-        run_rows_copied: run_rows,
+        run_rows_copied: totals.rows_copied,
+        keys_done: totals.keys_done,
         batches: shared.batches.load(Ordering::Relaxed),
-        chunks,
+        chunks: totals.chunks,
         paused_seconds: shared.paused_micros.load(Ordering::Relaxed) as f64 / 1e6,
         elapsed_seconds: shared.started.elapsed().as_secs_f64(),
         finished,
     })
 }
 
+/// A key of `kinds` stored as canonical text (`None`: no bound).
+fn stored_key(text: Option<String>, kinds: &[KeyKind]) -> Result<Option<DynKey>> {
+    text.map(|t| {
+        DynKey::parse(&t, kinds).map_err(|e| {
+            Error::Internal(format!(
+                "a stored backfill bound does not fit the key's columns ({e}); abandon the run by moving the migration back to legacy_only"
+            ))
+        })
+    })
+    .transpose()
+}
+
+/// The key in `row`'s first columns.
+pub(crate) fn row_key(row: Row, kinds: &[KeyKind]) -> Result<DynKey> {
+    DynKey::from_values(row.into_values(), kinds)
+}
+
 /// The open run for this migration and direction, or a new one over the source's keys now.
 async fn open_run(
     db: &Database,
     def: &MigrationDef,
+    kinds: &[KeyKind],
     direction: Direction,
     stale_before: Option<i64>,
-    extra: Option<(i64, i64)>,
+    open_ended: bool,
 ) -> Result<Run> {
-    let mut conn = db.pool().acquire().await?;
-    let mut tx = conn.begin_with(db.backend().begin_write()).await?;
+    let mut tx = db.begin().await?;
     if db.backend() == Backend::Postgres {
         // One creator at a time; everyone else then finds the run and joins it.
-        sqlx::query("SELECT pg_advisory_xact_lock(1953986927)")
-            .execute(&mut *tx)
+        query("SELECT pg_advisory_xact_lock(1953986927)")
+            .execute(&mut tx)
             .await?;
     }
-    let open = sqlx::query(
-        "SELECT id, lower_bound, upper_bound, started_at FROM twintrack_backfill_runs
+    let open = query(
+        "SELECT id, lower_bound, upper_bound, started_at, rows_total FROM twintrack_backfill_runs
          WHERE migration = $1 AND direction = $2 AND finished_at IS NULL",
     )
     .bind(&def.name)
     .bind(direction.as_str())
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut tx)
     .await?;
     if let Some(row) = open {
         let run = Run {
-            id: row.try_get("id")?,
-            lower: row.try_get("lower_bound")?,
-            upper: row.try_get("upper_bound")?,
-            started_at: row.try_get("started_at")?,
+            id: row.get("id")?,
+            lower: stored_key(row.get("lower_bound")?, kinds)?,
+            upper: stored_key(row.get("upper_bound")?, kinds)?,
+            started_at: row.get("started_at")?,
             resumed: true,
+            keys_total: row.get("rows_total")?,
         };
         if stale_before.is_none_or(|at| run.started_at > at) {
             tx.commit().await?;
@@ -369,84 +380,127 @@ async fn open_run(
         tracing::warn!(migration = %def.name, run = run.id,
             "abandoning an interrupted backfill run older than the last time the target shape missed writes");
         // Closed without evidence (finished_at < started_at marks it abandoned).
-        sqlx::query("UPDATE twintrack_backfill_runs SET finished_at = 0 WHERE id = $1")
+        query("UPDATE twintrack_backfill_runs SET finished_at = 0 WHERE id = $1")
             .bind(run.id)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
     }
     let (table, key) = def.source(direction);
-    let bounds = format!(
-        "SELECT CAST(COALESCE(MIN({key}), 0) AS BIGINT) AS lo, CAST(COALESCE(MAX({key}), 0) AS BIGINT) AS hi FROM {table}"
-    );
-    let row = sqlx::query(AssertSqlSafe(bounds))
-        .fetch_one(&mut *tx)
+    let columns = keyset::order_by(key);
+    let total: i64 = Query::assert_safe(format!("SELECT COUNT(*) FROM {table}"))
+        .scalar(&mut tx)
         .await?;
-    let (mut min, mut max): (i64, i64) = (row.try_get("lo")?, row.try_get("hi")?);
-    if let Some((lo, hi)) = extra {
-        (min, max) = if max == 0 && min == 0 {
-            (lo, hi)
-        } else {
-            (min.min(lo), max.max(hi))
-        };
-    }
-    let lower = min.saturating_sub(1);
-    let upper = max.max(lower);
+    let descending: Vec<String> = key.iter().map(|c| format!("{c} DESC")).collect();
+    let largest = Query::assert_safe(format!(
+        "SELECT {columns} FROM {table} ORDER BY {} LIMIT 1",
+        descending.join(", ")
+    ))
+    .fetch_optional(&mut tx)
+    .await?
+    .map(|row| row_key(row, kinds))
+    .transpose()?;
+    let boundaries = chunk_boundaries(&mut tx, table, key, kinds, total).await?;
+    let upper = if open_ended { None } else { largest.clone() };
     let started_at = now_micros();
-    let id: i64 = sqlx::query_scalar(
-        "INSERT INTO twintrack_backfill_runs (migration, direction, lower_bound, upper_bound, started_at)
-         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+    let id: i64 = query(
+        "INSERT INTO twintrack_backfill_runs (migration, direction, lower_bound, upper_bound, started_at, rows_total)
+         VALUES ($1, $2, NULL, $3, $4, $5) RETURNING id",
     )
     .bind(&def.name)
     .bind(direction.as_str())
-    .bind(lower)
-    .bind(upper)
+    .bind(upper.as_ref().map(DynKey::to_text))
     .bind(started_at)
-    .fetch_one(&mut *tx)
+    .bind(total)
+    .scalar(&mut tx)
     .await?;
-    let span = (upper - lower).max(0);
-    let chunks = (span / KEYS_PER_CHUNK).clamp(1, MAX_CHUNKS);
-    let width = (span + chunks - 1) / chunks.max(1);
-    let mut lo = lower;
-    let mut index = 0i64;
-    while lo < upper || index == 0 {
-        let hi = if width == 0 {
-            upper
-        } else {
-            (lo + width).min(upper)
-        };
-        sqlx::query(
-            "INSERT INTO twintrack_backfill_chunks (run_id, chunk, lo, hi, next_key, done_at)
-             VALUES ($1, $2, $3, $4, $3, $5)",
+    // Chunks: (none, b1], (b1, b2], …, (bn, upper]; each boundary is every step-th key.
+    let step = rows_per_chunk(total);
+    let mut lo: Option<DynKey> = None;
+    let mut counted = 0i64;
+    let mut ends: Vec<(Option<DynKey>, i64)> = boundaries
+        .into_iter()
+        .map(|b| {
+            counted += step;
+            (Some(b), step)
+        })
+        .collect();
+    let last_rows = total - counted;
+    if last_rows > 0 || open_ended || ends.is_empty() {
+        ends.push((upper.clone(), last_rows.max(0)));
+    } else if let Some(last) = ends.last_mut() {
+        // The last boundary is the largest key: that chunk ends the run.
+        last.0 = upper.clone();
+    }
+    for (index, (hi, rows)) in ends.into_iter().enumerate() {
+        // With nothing to copy and nothing to remove, a chunk is done from the start.
+        let done = rows == 0 && !open_ended;
+        query(
+            "INSERT INTO twintrack_backfill_chunks (run_id, chunk, lo, hi, next_key, rows_expected, done_at)
+             VALUES ($1, $2, $3, $4, $3, $5, $6)",
         )
         .bind(id)
-        .bind(index)
-        .bind(lo)
-        .bind(hi)
-        // An empty range is done from the start.
-        .bind(if hi <= lo { Some(started_at) } else { None })
-        .execute(&mut *tx)
+        .bind(index as i64)
+        .bind(lo.as_ref().map(DynKey::to_text))
+        .bind(hi.as_ref().map(DynKey::to_text))
+        .bind(rows)
+        .bind(if done { Some(started_at) } else { None })
+        .execute(&mut tx)
         .await?;
-        index += 1;
-        if hi >= upper {
-            break;
-        }
         lo = hi;
     }
     tx.commit().await?;
     Ok(Run {
         id,
-        lower,
+        lower: None,
         upper,
         started_at,
         resumed: false,
+        keys_total: total,
     })
 }
 
-/// A leased chunk: copy from `next_key` (exclusive) up to `hi` (inclusive).
+/// Source rows per chunk for a table of `total` rows: at least [`MIN_CHUNK_ROWS`], and few
+/// enough chunks to stay within [`MAX_CHUNKS`].
+fn rows_per_chunk(total: i64) -> i64 {
+    let by_count = (total + MAX_CHUNKS - 1) / MAX_CHUNKS;
+    by_count.max(MIN_CHUNK_ROWS)
+}
+
+/// Every [`rows_per_chunk`]-th key of `table` in key order (one pass over the key index): the
+/// chunks' upper ends, so each chunk holds the same number of rows.
+async fn chunk_boundaries(
+    tx: &mut Tx,
+    table: &str,
+    key: &[String],
+    kinds: &[KeyKind],
+    total: i64,
+) -> Result<Vec<DynKey>> {
+    let step = rows_per_chunk(total);
+    if total <= step {
+        return Ok(Vec::new());
+    }
+    let columns = keyset::order_by(key);
+    let sql = format!(
+        "SELECT {columns} FROM (SELECT {columns}, row_number() OVER (ORDER BY {columns}) AS twintrack_rn FROM {table}) s
+         WHERE twintrack_rn % $1 = 0 ORDER BY {columns}"
+    );
+    Query::assert_safe(sql)
+        .bind(step)
+        .fetch_all(tx)
+        .await?
+        .into_iter()
+        .map(|row| row_key(row, kinds))
+        .collect()
+}
+
+/// A leased chunk: copy the keys after `next_key` (from the start when `None`) up to `hi`
+/// (to the end when `None`).
 struct Lease {
     chunk: i64,
-    next_key: i64,
-    hi: i64,
+    next_key: Option<DynKey>,
+    hi: Option<DynKey>,
+    /// Batches committed on the chunk: the compare-and-set token of its checkpoint.
+    batches: i64,
 }
 
 /// One worker: lease chunks and copy them until none is left.
@@ -461,26 +515,31 @@ async fn work(shared: &Shared, copier: &Copier) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        while lease.next_key < lease.hi {
+        loop {
             wait_for_replicas(shared).await?;
             let started = Instant::now();
-            let Some((upto, rows)) = copy_batch(shared, copier, &lease, batch).await? else {
+            let Some(done) = copy_batch(shared, copier, &lease, batch).await? else {
                 break; // the lease was lost to another worker
             };
             let took = started.elapsed();
-            lease.next_key = upto;
-            shared.rows.fetch_add(rows, Ordering::Relaxed);
+            shared.rows.fetch_add(done.rows, Ordering::Relaxed);
+            shared.keys.fetch_add(done.keys, Ordering::Relaxed);
             shared.batches.fetch_add(1, Ordering::Relaxed);
             shared.metrics.backfill_rows.add(
-                rows,
+                done.rows,
                 &[
                     KeyValue::new("migration", shared.def.name.clone()),
                     KeyValue::new("direction", shared.options.direction.as_str()),
                 ],
             );
             batch = tune(batch, took, shared.options.target_batch_time);
-            throttle(shared, rows, took).await;
+            throttle(shared, done.keys, took).await;
             report(shared, batch, false).await;
+            if done.chunk_done {
+                break;
+            }
+            lease.next_key = done.upto;
+            lease.batches += 1;
         }
     }
 }
@@ -490,150 +549,176 @@ async fn lease_chunk(shared: &Shared) -> Result<Option<Lease>> {
     let db = &shared.db;
     let now = now_micros();
     let until = now + i64::try_from(shared.options.lease.as_micros()).unwrap_or(i64::MAX / 2);
-    let mut conn = db.pool().acquire().await?;
-    let mut tx = conn.begin_with(db.backend().begin_write()).await?;
+    let mut tx = db.begin().await?;
     let pick = match db.backend() {
         Backend::Postgres => {
-            "SELECT chunk, next_key, hi FROM twintrack_backfill_chunks
+            "SELECT chunk, next_key, hi, batches FROM twintrack_backfill_chunks
              WHERE run_id = $1 AND done_at IS NULL AND (owner IS NULL OR leased_until < $2)
              ORDER BY chunk LIMIT 1 FOR UPDATE SKIP LOCKED"
         }
         Backend::Sqlite => {
-            "SELECT chunk, next_key, hi FROM twintrack_backfill_chunks
+            "SELECT chunk, next_key, hi, batches FROM twintrack_backfill_chunks
              WHERE run_id = $1 AND done_at IS NULL AND (owner IS NULL OR leased_until < $2)
              ORDER BY chunk LIMIT 1"
         }
     };
-    let Some(row) = sqlx::query(pick)
+    let Some(row) = query(pick)
         .bind(shared.run.id)
         .bind(now)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut tx)
         .await?
     else {
         tx.commit().await?;
         return Ok(None);
     };
     let lease = Lease {
-        chunk: row.try_get("chunk")?,
-        next_key: row.try_get("next_key")?,
-        hi: row.try_get("hi")?,
+        chunk: row.get("chunk")?,
+        next_key: stored_key(row.get("next_key")?, &shared.kinds)?,
+        hi: stored_key(row.get("hi")?, &shared.kinds)?,
+        batches: row.get("batches")?,
     };
-    sqlx::query(
+    query(
         "UPDATE twintrack_backfill_chunks SET owner = $1, leased_until = $2 WHERE run_id = $3 AND chunk = $4",
     )
     .bind(&shared.owner)
     .bind(until)
     .bind(shared.run.id)
     .bind(lease.chunk)
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?;
     tx.commit().await?;
     Ok(Some(lease))
 }
 
-/// One batch in one transaction: lock the source rows, copy them, move the checkpoint. Returns
-/// the key copied up to and the rows the copy wrote, or `None` if the lease was lost.
+/// What one committed batch did.
+struct Batch {
+    /// The last key covered.
+    upto: Option<DynKey>,
+    /// Source keys walked.
+    keys: u64,
+    /// Rows the copy wrote.
+    rows: u64,
+    /// The chunk has no keys left.
+    chunk_done: bool,
+}
+
+/// One batch in one transaction: lock the source rows, copy them, move the checkpoint. `None`
+/// if the lease was lost.
 async fn copy_batch(
     shared: &Shared,
     copier: &Copier,
     lease: &Lease,
     batch: u32,
-) -> Result<Option<(i64, u64)>> {
+) -> Result<Option<Batch>> {
     let db = &shared.db;
-    let (table, key) = shared.def.source(shared.options.direction);
+    let direction = shared.options.direction;
+    let (table, key) = shared.def.source(direction);
     let lock = match db.backend() {
         Backend::Postgres if shared.options.unsafe_no_row_locks => "",
         Backend::Postgres => " FOR SHARE",
         // SQLite: BEGIN IMMEDIATE holds the database's write lock for the whole batch.
         Backend::Sqlite => "",
     };
-    let keys = format!(
-        "SELECT {key} AS k FROM {table} WHERE {key} > $1 AND {key} <= $2 ORDER BY {key} LIMIT $3{lock}"
+    let remaining = KeyRange::after_upto(lease.next_key.clone(), lease.hi.clone());
+    let p = keyset::predicate(key, &remaining, 1);
+    let limit = p.args.len() + 1;
+    let columns = keyset::order_by(key);
+    let select = format!(
+        "SELECT {columns} FROM {table} WHERE {} ORDER BY {columns} LIMIT ${limit}{lock}",
+        p.sql
     );
-    let mut conn = db.pool().acquire().await?;
-    let mut tx = conn.begin_with(db.backend().begin_write()).await?;
-    let rows = sqlx::query(AssertSqlSafe(keys))
-        .bind(lease.next_key)
-        .bind(lease.hi)
+    let mut tx = db.begin().await?;
+    let keys: Vec<DynKey> = bound(Query::assert_safe(select), p.args)
         .bind(i64::from(batch))
-        .fetch_all(&mut *tx)
-        .await?;
+        .fetch_all(&mut tx)
+        .await?
+        .into_iter()
+        .map(|row| row_key(row, &shared.kinds))
+        .collect::<Result<_>>()?;
     // A full batch ends at its last key; a short one covers the rest of the chunk.
-    let upto = if rows.len() == batch as usize {
-        rows.last()
-            .map(|r| r.try_get::<i64, _>("k"))
-            .transpose()?
-            .unwrap_or(lease.hi)
+    let full = keys.len() == batch as usize;
+    let upto = if full {
+        keys.last().cloned()
     } else {
-        lease.hi
+        lease.hi.clone()
     };
-    let copy_sql = match copier {
-        Copier::Sql(sql) => sql,
-        Copier::Keys(copier) => {
-            let keys = rows
-                .iter()
-                .map(|r| r.try_get::<i64, _>("k"))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            let copied = copier.copy(&mut tx, &keys, (lease.next_key, upto)).await?;
-            return finish_batch(shared, tx, lease, upto, copied).await;
-        }
-    };
-    let copied = sqlx::query(AssertSqlSafe(copy_sql.to_owned()))
-        .bind(lease.next_key)
-        .bind(upto)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| {
-            Error::Config(format!(
-                "migration {:?}: the {} SQL failed on keys ({}, {upto}]: {}",
-                shared.def.name,
-                match shared.options.direction {
+    let chunk_done = !full || (upto.is_some() && upto == lease.hi);
+    let range = KeyRange::after_upto(lease.next_key.clone(), upto.clone());
+    let rows =
+        match copier {
+            Copier::Keys(copier) => copier.copy(tx.conn(), &keys, &range).await?,
+            Copier::Sql if keys.is_empty() => 0,
+            Copier::Sql => {
+                // `$1`/`$2` definitions need a lower integer bound: the batch starts at its first key.
+                let range = match (&range.lower, keys.first()) {
+                    (Lower::Unbounded, Some(first)) => KeyRange {
+                        lower: Lower::From(first.clone()),
+                        ..range
+                    },
+                    _ => range,
+                };
+                let what = match direction {
                     Direction::Forward => "copy",
                     Direction::Reverse => "reverse_copy",
-                },
-                lease.next_key,
-                db_message(&e)
-            ))
-        })?
-        .rows_affected();
-    finish_batch(shared, tx, lease, upto, copied).await
+                };
+                shared
+                .def
+                .copy_statement(direction, &shared.kinds, &range)?
+                .execute(&mut tx)
+                .await
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "migration {:?}: the {what} SQL failed on the batch after {} up to {}: {}",
+                        shared.def.name,
+                        lease.next_key.as_ref().map_or("the first key".into(), |k| k.to_string()),
+                        upto.as_ref().map_or("the last key".into(), |k| k.to_string()),
+                        error_message(&e)
+                    ))
+                })?
+            }
+        };
+    let done = Batch {
+        upto,
+        keys: keys.len() as u64,
+        rows,
+        chunk_done,
+    };
+    if finish_batch(shared, tx, lease, &done).await? {
+        Ok(Some(done))
+    } else {
+        Ok(None)
+    }
 }
 
 /// Moves the chunk's checkpoint in the batch's transaction and commits it, if the lease is
-/// still ours.
-async fn finish_batch(
-    shared: &Shared,
-    mut tx: sqlx::Transaction<'_, sqlx::Any>,
-    lease: &Lease,
-    upto: i64,
-    copied: u64,
-) -> Result<Option<(i64, u64)>> {
+/// still ours (no other worker committed a batch of the chunk since we read it).
+async fn finish_batch(shared: &Shared, mut tx: Tx, lease: &Lease, done: &Batch) -> Result<bool> {
     let now = now_micros();
     let until = now + i64::try_from(shared.options.lease.as_micros()).unwrap_or(i64::MAX / 2);
-    let moved = sqlx::query(
+    let moved = query(
         "UPDATE twintrack_backfill_chunks
-         SET next_key = $1, rows_copied = rows_copied + $2, batches = batches + 1,
-             leased_until = $3, done_at = CASE WHEN $1 >= hi THEN $4 ELSE NULL END
-         WHERE run_id = $5 AND chunk = $6 AND owner = $7 AND next_key = $8",
+         SET next_key = $1, rows_copied = rows_copied + $2, keys_done = keys_done + $3,
+             batches = batches + 1, leased_until = $4, done_at = $5
+         WHERE run_id = $6 AND chunk = $7 AND owner = $8 AND batches = $9",
     )
-    .bind(upto)
-    .bind(i64::try_from(copied).unwrap_or(i64::MAX))
+    .bind(done.upto.as_ref().map(DynKey::to_text))
+    .bind(i64::try_from(done.rows).unwrap_or(i64::MAX))
+    .bind(i64::try_from(done.keys).unwrap_or(i64::MAX))
     .bind(until)
-    .bind(now)
+    .bind(if done.chunk_done { Some(now) } else { None })
     .bind(shared.run.id)
     .bind(lease.chunk)
     .bind(&shared.owner)
-    .bind(lease.next_key)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    .bind(lease.batches)
+    .execute(&mut tx)
+    .await?;
     if moved == 0 {
         // Another worker took the chunk over (our lease expired): undo, leave it to them.
         tx.rollback().await?;
-        return Ok(None);
+        return Ok(false);
     }
     tx.commit().await?;
-    Ok(Some((upto, copied)))
+    Ok(true)
 }
 
 /// The next batch size: toward the target time, at most doubling or halving per batch.
@@ -646,13 +731,13 @@ fn tune(batch: u32, took: Duration, target: Duration) -> u32 {
     (bounded as u32).clamp(10, 100_000)
 }
 
-/// Sleeps as long as the rate cap asks for after copying `rows` in `took`.
-async fn throttle(shared: &Shared, rows: u64, took: Duration) {
+/// Sleeps as long as the rate cap asks for after walking `keys` in `took`.
+async fn throttle(shared: &Shared, keys: u64, took: Duration) {
     let Some(rate) = shared.options.rate else {
         return;
     };
     let per_worker = rate / shared.options.workers as f64;
-    let should_take = Duration::from_secs_f64(rows as f64 / per_worker);
+    let should_take = Duration::from_secs_f64(keys as f64 / per_worker);
     if should_take > took {
         tokio::time::sleep(should_take - took).await;
     }
@@ -669,10 +754,10 @@ async fn wait_for_replicas(shared: &Shared) -> Result<()> {
     }
     let mut paused_since: Option<Instant> = None;
     loop {
-        let lag_ms: i64 = sqlx::query_scalar(
+        let lag_ms: i64 = query(
             "SELECT CAST(COALESCE(MAX(EXTRACT(EPOCH FROM replay_lag) * 1000), 0) AS BIGINT) FROM pg_stat_replication",
         )
-        .fetch_one(shared.db.pool())
+        .scalar(&shared.db)
         .await?;
         if u128::try_from(lag_ms.max(0)).unwrap_or(0) <= max_lag.as_millis() {
             if let Some(since) = paused_since {
@@ -698,24 +783,20 @@ async fn wait_for_replicas(shared: &Shared) -> Result<()> {
 }
 
 async fn report(shared: &Shared, batch: u32, paused: bool) {
-    let Ok(ChunkTotals {
-        keys_done: done,
-        rows_copied: copied,
-        ..
-    }) = chunk_totals(&shared.db, shared.run.id).await
-    else {
+    let Ok(totals) = chunk_totals(&shared.db, shared.run.id).await else {
         return;
     };
-    let total = u64::try_from(shared.run.upper - shared.run.lower).unwrap_or(0);
+    let total = u64::try_from(shared.run.keys_total).unwrap_or(0);
     let secs = shared.started.elapsed().as_secs_f64();
-    let rate = shared.rows.load(Ordering::Relaxed) as f64 / secs.max(1e-3);
-    let key_rate = done as f64 / secs.max(1e-3);
-    let eta = (key_rate > 0.0).then(|| total.saturating_sub(done) as f64 / key_rate);
+    let rate = shared.keys.load(Ordering::Relaxed) as f64 / secs.max(1e-3);
+    let eta = (rate > 0.0).then(|| total.saturating_sub(totals.keys_done) as f64 / rate);
     (shared.progress)(&Progress {
-        rows_copied: copied,
-        keys_done: done,
+        rows_copied: totals.rows_copied,
+        keys_done: totals.keys_done,
         keys_total: total,
-        rows_per_second: rate,
+        chunks_done: totals.chunks_done,
+        chunks: totals.chunks,
+        keys_per_second: rate,
         eta_seconds: eta,
         paused: paused || shared.paused_now.load(Ordering::Relaxed),
         batch_size: batch,
@@ -724,38 +805,37 @@ async fn report(shared: &Shared, batch: u32, paused: bool) {
 
 /// What a run's chunks add up to.
 struct ChunkTotals {
-    /// Keys of the range already covered.
     keys_done: u64,
     rows_copied: u64,
     chunks: u64,
+    chunks_done: u64,
 }
 
 async fn chunk_totals(db: &Database, run: i64) -> Result<ChunkTotals> {
-    let row = sqlx::query(
-        "SELECT CAST(COALESCE(SUM(next_key - lo), 0) AS BIGINT) AS done,
-                CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) AS copied, COUNT(*) AS chunks
+    let row = query(
+        "SELECT CAST(COALESCE(SUM(keys_done), 0) AS BIGINT) AS keys_done,
+                CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) AS copied, COUNT(*) AS chunks,
+                CAST(COALESCE(SUM(CASE WHEN done_at IS NULL THEN 0 ELSE 1 END), 0) AS BIGINT) AS done
          FROM twintrack_backfill_chunks WHERE run_id = $1",
     )
     .bind(run)
-    .fetch_one(db.pool())
+    .fetch_one(db)
     .await?;
-    let count = |column: &str| -> Result<u64> {
-        Ok(u64::try_from(row.try_get::<i64, _>(column)?).unwrap_or(0))
-    };
+    let count =
+        |column: &str| -> Result<u64> { Ok(u64::try_from(row.get::<i64>(column)?).unwrap_or(0)) };
     Ok(ChunkTotals {
-        keys_done: count("done")?,
+        keys_done: count("keys_done")?,
         rows_copied: count("copied")?,
         chunks: count("chunks")?,
+        chunks_done: count("done")?,
     })
 }
 
 async fn unfinished_chunks(db: &Database, run: i64) -> Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT COUNT(*) FROM twintrack_backfill_chunks WHERE run_id = $1 AND done_at IS NULL",
-    )
-    .bind(run)
-    .fetch_one(db.pool())
-    .await?)
+    query("SELECT COUNT(*) FROM twintrack_backfill_chunks WHERE run_id = $1 AND done_at IS NULL")
+        .bind(run)
+        .scalar(db)
+        .await
 }
 
 /// Marks the run finished once every chunk is done and records the evidence (once).
@@ -763,14 +843,13 @@ async fn finish_run(shared: &Shared, flags: &dyn FlagStore) -> Result<bool> {
     if unfinished_chunks(&shared.db, shared.run.id).await? > 0 {
         return Ok(false);
     }
-    let marked = sqlx::query(
+    let marked = query(
         "UPDATE twintrack_backfill_runs SET finished_at = $1 WHERE id = $2 AND finished_at IS NULL",
     )
     .bind(now_micros())
     .bind(shared.run.id)
-    .execute(shared.db.pool())
-    .await?
-    .rows_affected();
+    .execute(&shared.db)
+    .await?;
     if marked == 1 {
         let kind = match shared.options.direction {
             Direction::Forward => EvidenceKind::BackfillFinished,
@@ -796,12 +875,14 @@ pub struct RunStatus {
     pub run_id: i64,
     /// `forward` or `reverse`.
     pub direction: String,
-    /// Key range `(lower, upper]`.
-    pub lower_bound: i64,
-    /// See `lower_bound`.
-    pub upper_bound: i64,
-    /// Keys of the range covered so far.
+    /// The run covers keys above this one (canonical key text; `None`: from the first key).
+    pub lower_bound: Option<String>,
+    /// … up to and including this one (`None`: to the last).
+    pub upper_bound: Option<String>,
+    /// Source keys walked so far.
     pub keys_done: i64,
+    /// Source keys in the run (counted when it started).
+    pub keys_total: i64,
     /// Rows copied so far.
     pub rows_copied: i64,
     /// When it started (µs).
@@ -812,32 +893,56 @@ pub struct RunStatus {
 
 /// The newest run of `migration` in each direction.
 pub async fn latest_runs(db: &Database, migration: &str) -> Result<Vec<RunStatus>> {
-    let rows = sqlx::query(
-        "SELECT r.id, r.direction, r.lower_bound, r.upper_bound, r.started_at, r.finished_at,
-                CAST(COALESCE(SUM(c.next_key - c.lo), 0) AS BIGINT) AS done,
+    let rows = query(
+        "SELECT r.id, r.direction, r.lower_bound, r.upper_bound, r.started_at, r.finished_at, r.rows_total,
+                CAST(COALESCE(SUM(c.keys_done), 0) AS BIGINT) AS done,
                 CAST(COALESCE(SUM(c.rows_copied), 0) AS BIGINT) AS copied
          FROM twintrack_backfill_runs r LEFT JOIN twintrack_backfill_chunks c ON c.run_id = r.id
          WHERE r.migration = $1 AND r.id IN (
              SELECT MAX(id) FROM twintrack_backfill_runs WHERE migration = $1 GROUP BY direction)
-         GROUP BY r.id, r.direction, r.lower_bound, r.upper_bound, r.started_at, r.finished_at
+         GROUP BY r.id, r.direction, r.lower_bound, r.upper_bound, r.started_at, r.finished_at, r.rows_total
          ORDER BY r.direction",
     )
     .bind(migration)
-    .fetch_all(db.pool())
+    .fetch_all(db)
     .await?;
     rows.iter()
         .map(|row| {
             Ok(RunStatus {
-                run_id: row.try_get("id")?,
-                direction: row.try_get("direction")?,
-                lower_bound: row.try_get("lower_bound")?,
-                upper_bound: row.try_get("upper_bound")?,
-                keys_done: row.try_get("done")?,
-                rows_copied: row.try_get("copied")?,
-                started_at: row.try_get("started_at")?,
-                finished_at: row.try_get("finished_at")?,
+                run_id: row.get("id")?,
+                direction: row.get("direction")?,
+                lower_bound: row.get("lower_bound")?,
+                upper_bound: row.get("upper_bound")?,
+                keys_done: row.get("done")?,
+                keys_total: row.get("rows_total")?,
+                rows_copied: row.get("copied")?,
+                started_at: row.get("started_at")?,
+                finished_at: row.get("finished_at")?,
             })
         })
-        .collect::<std::result::Result<_, sqlx::Error>>()
-        .map_err(Error::from_sqlx)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_hold_at_least_the_minimum_and_stay_within_the_maximum_count() {
+        assert_eq!(rows_per_chunk(0), MIN_CHUNK_ROWS);
+        assert_eq!(rows_per_chunk(1_000_000), MIN_CHUNK_ROWS);
+        assert_eq!(rows_per_chunk(10_000_000), 39_063);
+        assert!(10_000_000 / rows_per_chunk(10_000_000) < MAX_CHUNKS);
+    }
+
+    #[test]
+    fn batch_sizes_move_toward_the_target_time_at_most_twofold() {
+        let target = Duration::from_millis(200);
+        assert_eq!(tune(1000, Duration::from_millis(100), target), 2000);
+        assert_eq!(tune(1000, Duration::from_millis(400), target), 500);
+        assert_eq!(tune(1000, Duration::from_secs(10), target), 500);
+        assert_eq!(tune(1000, Duration::ZERO, target), 2000);
+        assert_eq!(tune(10, Duration::from_secs(10), target), 10);
+        assert_eq!(tune(100_000, Duration::from_millis(1), target), 100_000);
+    }
 }

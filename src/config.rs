@@ -4,14 +4,15 @@
 //! [[migration]]
 //! name = "user_settings"          # lowercase, digits, '_'
 //! legacy_table = "users"          # plain or schema-qualified identifiers only
-//! legacy_key = "id"
+//! legacy_key = "id"                # or ["tenant_id", "id"] (a composite key, in order)
 //! new_table = "user_settings"
 //! new_key = "user_id"
 //! fallback_stage = "legacy_only"  # optional: served if the flag was never loaded
 //! primary_reads = false           # optional: true keeps this migration's reads off replicas
 //! # The SQL backfill, verify and repair use (see `twintrack::definition`); one string for
 //! # every backend, or a table with `postgres` and `sqlite` keys:
-//! copy = "INSERT INTO user_settings (user_id, theme) SELECT id, theme FROM users WHERE id > $1 AND id <= $2 ON CONFLICT (user_id) DO UPDATE SET theme = excluded.theme"
+//! # `{batch}` is replaced by the batch's key predicate, its bounds bound by twintrack.
+//! copy = "INSERT INTO user_settings (user_id, theme) SELECT id, theme FROM users WHERE {batch} ON CONFLICT (user_id) DO UPDATE SET theme = excluded.theme"
 //! legacy_projection = "SELECT id AS key, theme FROM users"
 //! new_projection = "SELECT user_id AS key, theme FROM user_settings"
 //! ```
@@ -24,7 +25,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::db::{Backend, quote_ident};
-use crate::definition::{MigrationDef, SqlText};
+use crate::definition::{KeyColumns, MigrationDef, SqlText};
 use crate::flags::validate_migration_name;
 use crate::{Error, Result, Stage};
 
@@ -45,12 +46,13 @@ pub struct MigrationConfig {
     pub name: String,
     /// The legacy table.
     pub legacy_table: String,
-    /// The legacy table's key column.
-    pub legacy_key: String,
+    /// The legacy table's key: one column name, or an array of up to three (a composite key,
+    /// in key order).
+    pub legacy_key: KeyColumns,
     /// The new table.
     pub new_table: String,
-    /// The new table's key column.
-    pub new_key: String,
+    /// The new table's key columns (as many as `legacy_key`, of the same types).
+    pub new_key: KeyColumns,
     /// The stage served when the flag was never loaded (default `legacy_only`).
     #[serde(default = "default_fallback")]
     pub fallback_stage: Stage,
@@ -80,9 +82,9 @@ impl MigrationConfig {
         }
         let mut builder = MigrationDef::builder(&self.name).tables(
             &self.legacy_table,
-            &self.legacy_key,
+            self.legacy_key.clone(),
             &self.new_table,
-            &self.new_key,
+            self.new_key.clone(),
         );
         if let Some(sql) = pick(&self.copy, backend) {
             builder = builder.copy(sql);
@@ -133,12 +135,14 @@ impl Config {
                     m.name
                 )));
             }
-            for (field, ident) in [
-                ("legacy_table", &m.legacy_table),
-                ("legacy_key", &m.legacy_key),
+            let idents = [
+                ("legacy_table", m.legacy_table.as_str()),
                 ("new_table", &m.new_table),
-                ("new_key", &m.new_key),
-            ] {
+            ]
+            .into_iter()
+            .chain(m.legacy_key.names().into_iter().map(|n| ("legacy_key", n)))
+            .chain(m.new_key.names().into_iter().map(|n| ("new_key", n)));
+            for (field, ident) in idents {
                 quote_ident(ident)
                     .map_err(|e| Error::Config(format!("migration {:?}, {field}: {e}", m.name)))?;
             }
@@ -205,6 +209,33 @@ mod tests {
             ("[[migration]]\nname = 3".to_owned(), "invalid type"),
             ("this is not toml".to_owned(), "expected"),
             (format!("{GOOD}primary_reads = \"yes\"\n"), "invalid type"),
+            (
+                GOOD.replace("legacy_key = \"id\"", "legacy_key = 5"),
+                "expected a key column name, or an array of 1 to 3 column names",
+            ),
+            (
+                GOOD.replace(
+                    "legacy_key = \"id\"",
+                    "legacy_key = [\"a\", \"b\", \"c\", \"d\"]",
+                ),
+                "invalid length 4",
+            ),
+            (
+                GOOD.replace("legacy_key = \"id\"", "legacy_key = []"),
+                "invalid length 0",
+            ),
+            (
+                GOOD.replace("legacy_key = \"id\"", "legacy_key = [\"a\", 1]"),
+                "invalid type",
+            ),
+            (
+                GOOD.replace("legacy_key = \"id\"", "legacy_key = [\"a\", \"b\"]"),
+                "legacy_key has 2 columns and new_key 1",
+            ),
+            (
+                GOOD.replace("legacy_key = \"id\"", "legacy_key = [\"a\", \"b;c\"]"),
+                "invalid SQL identifier",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::parse(&text).unwrap_err().to_string();

@@ -69,9 +69,13 @@ pub enum Error {
     /// twintrack's own tables do not exist in this database yet.
     #[error("twintrack's tables are missing in this database: run `twintrack init` first")]
     NotInitialized,
-    /// An argument is invalid (a name, an identifier, a value out of range).
+    /// An argument is invalid (a name, an identifier, a key, a value out of range).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// Something inside twintrack failed (a worker panicked, a value could not be read back):
+    /// not the caller's input, and not the database refusing a statement.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -83,6 +87,9 @@ impl Error {
             if missing_table && db.message().contains("twintrack_") {
                 return Error::NotInitialized;
             }
+        }
+        if let sqlx::Error::Configuration(e) = &err {
+            return Error::Config(e.to_string());
         }
         if is_unreachable(&err) {
             Error::Unreachable(err)
@@ -113,6 +120,22 @@ fn is_unreachable(err: &sqlx::Error) -> bool {
             ) || db.message().contains("unable to open database file")
         }
         _ => false,
+    }
+}
+
+/// For repository code that runs twintrack's statements ([`crate::db::Query`]) and returns
+/// `sqlx::Result`: a database error comes back as it was; any other as
+/// [`sqlx::Error::InvalidArgument`] (bad input) or [`sqlx::Error::Protocol`] (the rest), with
+/// twintrack's message.
+impl From<Error> for sqlx::Error {
+    fn from(err: Error) -> sqlx::Error {
+        match err {
+            Error::Database(e) | Error::Unreachable(e) | Error::Repository { source: e, .. } => e,
+            Error::InvalidInput(_) | Error::Config(_) => {
+                sqlx::Error::InvalidArgument(err.to_string())
+            }
+            other => sqlx::Error::Protocol(other.to_string()),
+        }
     }
 }
 

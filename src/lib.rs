@@ -49,8 +49,10 @@
 //!   atomic dual writes with repair intents, and the repair worker.
 //! - [`shadow`]: shadow-read comparison (normalized values, ignore/redact, field diffs),
 //!   transient/confirmed classification, and the mismatch table.
-//! - [`db`]: the database handle (PostgreSQL or SQLite through sqlx `Any`) and identifier
-//!   quoting.
+//! - [`db`]: the database handle over a native sqlx pool (PostgreSQL or SQLite), twintrack's
+//!   backend-neutral statements, and identifier quoting.
+//! - [`key`]: migration keys of any orderable type (integers, UUIDs, text, composites) and
+//!   their canonical text.
 //! - [`schema`]: twintrack's own tables, as embedded versioned migrations.
 //! - [`config`]: the `twintrack.toml` file.
 //! - [`metrics`]: the OpenTelemetry instruments.
@@ -85,6 +87,8 @@ pub mod definition;
 pub mod dual;
 pub mod error;
 pub mod flags;
+pub mod key;
+pub mod keyset;
 pub mod layer;
 pub mod metrics;
 pub mod ryw;
@@ -92,10 +96,12 @@ pub mod schema;
 pub mod shadow;
 pub mod stage;
 pub mod transition;
+mod util;
 pub mod verify;
 
 pub use context::RequestContext;
-pub use db::{Backend, Database};
+pub use db::{Backend, Database, Native};
 pub use error::{Error, Result};
+pub use key::{DynKey, Key, KeyKind};
 pub use layer::{TwinTrack, TwinTrackLayer};
 pub use stage::{Side, Stage, StagePlan};

@@ -7,9 +7,7 @@
 //! Times are stored as microseconds since the Unix epoch (`BIGINT`) so both backends read them
 //! the same way.
 
-use sqlx::Connection;
-
-use crate::db::{Backend, Database};
+use crate::db::{Backend, Database, query, raw};
 use crate::{Error, Result};
 
 /// One schema step, with its statements per backend.
@@ -208,39 +206,126 @@ const STEPS: &[Step] = &[
         )"#,
         ],
     },
+    Step {
+        version: 4,
+        description: "keys of any type, stored as canonical text; keyset backfill chunks",
+        postgres: &[
+            "ALTER TABLE twintrack_repair_intents ALTER COLUMN key TYPE TEXT USING CAST(key AS TEXT)",
+            "ALTER TABLE twintrack_repair_intents RENAME COLUMN key TO key_text",
+            "ALTER TABLE twintrack_mismatches ALTER COLUMN key TYPE TEXT USING CAST(key AS TEXT)",
+            "ALTER TABLE twintrack_mismatches RENAME COLUMN key TO key_text",
+            r#"ALTER TABLE twintrack_backfill_runs
+               ALTER COLUMN lower_bound TYPE TEXT USING CAST(lower_bound AS TEXT),
+               ALTER COLUMN lower_bound DROP NOT NULL,
+               ALTER COLUMN upper_bound TYPE TEXT USING CAST(upper_bound AS TEXT),
+               ALTER COLUMN upper_bound DROP NOT NULL,
+               ADD COLUMN IF NOT EXISTS rows_total BIGINT NOT NULL DEFAULT 0"#,
+            r#"ALTER TABLE twintrack_backfill_chunks
+               ALTER COLUMN lo TYPE TEXT USING CAST(lo AS TEXT),
+               ALTER COLUMN lo DROP NOT NULL,
+               ALTER COLUMN hi TYPE TEXT USING CAST(hi AS TEXT),
+               ALTER COLUMN hi DROP NOT NULL,
+               ALTER COLUMN next_key TYPE TEXT USING CAST(next_key AS TEXT),
+               ALTER COLUMN next_key DROP NOT NULL,
+               ADD COLUMN IF NOT EXISTS rows_expected BIGINT NOT NULL DEFAULT 0,
+               ADD COLUMN IF NOT EXISTS keys_done BIGINT NOT NULL DEFAULT 0"#,
+        ],
+        // SQLite cannot change a column's type: each table is rebuilt, its rows copied over.
+        sqlite: &[
+            r#"CREATE TABLE twintrack_repair_intents_v4 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            migration TEXT NOT NULL,
+            key_text TEXT NOT NULL,
+            target_side TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT
+        )"#,
+            r#"INSERT INTO twintrack_repair_intents_v4 (id, migration, key_text, target_side, created_at, attempts, last_error)
+               SELECT id, migration, CAST(key AS TEXT), target_side, created_at, attempts, last_error FROM twintrack_repair_intents"#,
+            "DROP TABLE twintrack_repair_intents",
+            "ALTER TABLE twintrack_repair_intents_v4 RENAME TO twintrack_repair_intents",
+            "CREATE INDEX IF NOT EXISTS twintrack_repair_intents_by_age ON twintrack_repair_intents (migration, created_at)",
+            r#"CREATE TABLE twintrack_mismatches_v4 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            migration TEXT NOT NULL,
+            key_text TEXT NOT NULL,
+            class TEXT NOT NULL,
+            stage TEXT NOT NULL,
+            diff TEXT NOT NULL,
+            legacy_micros INTEGER NOT NULL,
+            new_micros INTEGER NOT NULL,
+            at INTEGER NOT NULL
+        )"#,
+            r#"INSERT INTO twintrack_mismatches_v4 (id, migration, key_text, class, stage, diff, legacy_micros, new_micros, at)
+               SELECT id, migration, CAST(key AS TEXT), class, stage, diff, legacy_micros, new_micros, at FROM twintrack_mismatches"#,
+            "DROP TABLE twintrack_mismatches",
+            "ALTER TABLE twintrack_mismatches_v4 RENAME TO twintrack_mismatches",
+            "CREATE INDEX IF NOT EXISTS twintrack_mismatches_by_migration ON twintrack_mismatches (migration, id)",
+            r#"CREATE TABLE twintrack_backfill_runs_v4 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            migration TEXT NOT NULL,
+            direction TEXT NOT NULL,
+            lower_bound TEXT,
+            upper_bound TEXT,
+            started_at INTEGER NOT NULL,
+            finished_at INTEGER,
+            rows_total INTEGER NOT NULL DEFAULT 0
+        )"#,
+            r#"INSERT INTO twintrack_backfill_runs_v4 (id, migration, direction, lower_bound, upper_bound, started_at, finished_at)
+               SELECT id, migration, direction, CAST(lower_bound AS TEXT), CAST(upper_bound AS TEXT), started_at, finished_at FROM twintrack_backfill_runs"#,
+            "DROP TABLE twintrack_backfill_runs",
+            "ALTER TABLE twintrack_backfill_runs_v4 RENAME TO twintrack_backfill_runs",
+            "CREATE UNIQUE INDEX IF NOT EXISTS twintrack_backfill_one_open_run ON twintrack_backfill_runs (migration, direction) WHERE finished_at IS NULL",
+            r#"CREATE TABLE twintrack_backfill_chunks_v4 (
+            run_id INTEGER NOT NULL,
+            chunk INTEGER NOT NULL,
+            lo TEXT,
+            hi TEXT,
+            next_key TEXT,
+            rows_copied INTEGER NOT NULL DEFAULT 0,
+            batches INTEGER NOT NULL DEFAULT 0,
+            owner TEXT,
+            leased_until INTEGER,
+            done_at INTEGER,
+            rows_expected INTEGER NOT NULL DEFAULT 0,
+            keys_done INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (run_id, chunk)
+        )"#,
+            r#"INSERT INTO twintrack_backfill_chunks_v4 (run_id, chunk, lo, hi, next_key, rows_copied, batches, owner, leased_until, done_at)
+               SELECT run_id, chunk, CAST(lo AS TEXT), CAST(hi AS TEXT), CAST(next_key AS TEXT), rows_copied, batches, owner, leased_until, done_at FROM twintrack_backfill_chunks"#,
+            "DROP TABLE twintrack_backfill_chunks",
+            "ALTER TABLE twintrack_backfill_chunks_v4 RENAME TO twintrack_backfill_chunks",
+        ],
+    },
 ];
 
 /// The schema version this build of twintrack installs.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Creates or upgrades twintrack's tables. Idempotent; concurrent callers are serialised.
+/// Upgrades keep every row (schema version 4 turns the integer key columns into canonical key
+/// text, see [`crate::key`]).
 pub async fn install(db: &Database) -> Result<()> {
-    let mut conn = db.pool().acquire().await.map_err(Error::from_sqlx)?;
     if db.backend() == Backend::Sqlite {
         // WAL lets the CLI flip flags while the service reads them. The setting is stored in
         // the file, so this runs once per database; it is a no-op for in-memory databases.
-        sqlx::query("PRAGMA journal_mode = WAL")
-            .execute(&mut *conn)
-            .await?;
+        query("PRAGMA journal_mode = WAL").execute(db).await?;
     }
-    let begin = match db.backend() {
-        Backend::Postgres => "BEGIN",
-        Backend::Sqlite => "BEGIN IMMEDIATE",
-    };
-    let mut tx = conn.begin_with(begin).await?;
+    let mut tx = db.begin().await?;
     if db.backend() == Backend::Postgres {
         // 0x7477696e = "twin": one lock id for every twintrack schema change.
-        sqlx::query("SELECT pg_advisory_xact_lock(1953986926)")
-            .execute(&mut *tx)
+        query("SELECT pg_advisory_xact_lock(1953986926)")
+            .execute(&mut tx)
             .await?;
     }
-    sqlx::query(
+    query(
         "CREATE TABLE IF NOT EXISTS twintrack_schema (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)",
     )
-    .execute(&mut *tx)
+    .execute(&mut tx)
     .await?;
-    let current: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM twintrack_schema")
-        .fetch_one(&mut *tx)
+    let current: i64 = query("SELECT COALESCE(MAX(version), 0) FROM twintrack_schema")
+        .scalar(&mut tx)
         .await?;
     if current > SCHEMA_VERSION {
         return Err(Error::Config(format!(
@@ -253,15 +338,15 @@ pub async fn install(db: &Database) -> Result<()> {
             Backend::Sqlite => step.sqlite,
         };
         for statement in statements {
-            sqlx::raw_sql(*statement).execute(&mut *tx).await?;
+            raw(statement, tx.conn()).await?;
         }
-        sqlx::query(
+        query(
             "INSERT INTO twintrack_schema (version, description, applied_at) VALUES ($1, $2, $3)",
         )
         .bind(step.version)
         .bind(step.description)
         .bind(crate::db::now_micros())
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
     }
     tx.commit().await?;

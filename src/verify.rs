@@ -1,43 +1,54 @@
 //! Verify: prove both shapes hold the same data, or say exactly where they differ.
 //!
-//! The key range of both projections is cut into segments. Each segment is summarised on both
-//! sides by its row count and a 64-bit order-independent hash of its rows (the XOR of each
-//! row's hash: PostgreSQL computes `bit_xor(hashtextextended(row::text, 0))` in the database;
-//! SQLite's rows are hashed here). Equal summaries mean equal segments. A differing segment is
-//! bisected until its parts are small, then compared row by row: `missing_in_new`,
-//! `missing_in_legacy`, or `different` with the differing columns. Every difference is looked at
-//! once more after a short delay, so a write in flight between the two sides' reads is not
-//! reported. A clean verify is recorded as evidence for the stage gates, at its start time.
+//! The key space is cut into segments at keys taken from the legacy table's key index (every
+//! N-th key, so segments hold the same number of rows whatever the keys look like). Each
+//! segment is summarised on both sides by its row count and an order-independent 64-bit hash
+//! of its rows: the sum of each row's hash, so that a row present twice counts twice (a
+//! bit-xor would cancel duplicates out). PostgreSQL computes every segment's summary in one
+//! pass per side, `width_bucket` placing each row in its segment, with
+//! `hashtextextended(row::text, 0)`; SQLite's rows are hashed here (FNV-1a of the row as JSON).
+//! Equal summaries mean equal segments. A differing segment is cut again at keys taken from
+//! its own rows and its pieces compared the same way, until a piece holds at most
+//! [`ROW_COMPARE`] rows (or a single key); then rows are compared key by key, each key's rows
+//! as a multiset: `missing_in_new`, `missing_in_legacy`, or `different` with the columns that
+//! differ. Every difference is looked at once more after a short delay, so a write in flight
+//! between the two sides' reads is not reported.
 //!
-//! With `repair`, each difference is re-synced from the authoritative side: the definition's
-//! `copy` (or `reverse_copy`) for that one key, or a delete of a new-side row whose legacy row
-//! is gone. Rows the legacy side has and an authoritative new side lacks are reported, never
-//! deleted (a legacy row usually holds more than the migrated columns).
+//! A verify is **clean** only when no key differs *and* every segment whose summaries differed
+//! was explained by keys found in it: a segment that differs with no differing key to show for
+//! it (looked at twice) is reported and keeps the verify from being clean. A clean verify is
+//! recorded as evidence for the stage gates, at its start time.
+//!
+//! With `repair`, each difference is re-synced from the authoritative side
+//! ([`resync_key`]): the definition's `copy` (or `reverse_copy`) for that one key, or a delete
+//! of the new side's rows of a key the legacy side no longer has. Rows the legacy side has and
+//! an authoritative new side lacks are reported, never deleted (a legacy row usually holds more
+//! than the migrated columns).
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use serde::Serialize;
-use serde_json::{Map, Value};
-use sqlx::any::AnyRow;
-use sqlx::{AssertSqlSafe, Column, Row};
+use serde_json::{Map, Value as Json};
 
-use crate::db::{Backend, Database, now_micros};
-use crate::definition::{MigrationDef, Resynced, db_message, resync_key};
-use crate::flags::{EvidenceKind, FlagStore};
+use crate::db::{Backend, Database, Query, Row, Value, now_micros};
+use crate::definition::{
+    MigrationDef, Resynced, bound, error_message, projection_key_columns, resync_key,
+};
+use crate::flags::{BoxFuture, EvidenceKind, FlagStore};
+use crate::key::{DynKey, KeyKind};
+use crate::keyset::{self, KeyRange, Lower, Upper};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
 /// How a verify runs.
 #[derive(Clone, Debug)]
 pub struct VerifyOptions {
-    /// Segments the key range is cut into. Default 64.
+    /// Segments the key space is cut into (1 to 10,000). Default 64.
     pub segments: usize,
-    /// Segments summarised at once (one connection each). Default 4.
+    /// Range comparisons run at once (each holds one connection per side). Default 4.
     pub parallel: usize,
     /// Delay before a difference is looked at again. Default 200 ms.
     pub recheck_delay: Duration,
@@ -59,12 +70,13 @@ impl Default for VerifyOptions {
     }
 }
 
-/// A row that differs between the shapes.
+/// A key whose rows differ between the shapes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Different {
     /// The key.
-    pub key: i64,
-    /// The columns whose values differ.
+    pub key: DynKey,
+    /// The columns whose values differ (`(rows)` when each column's values agree as a
+    /// multiset but the rows pair them differently).
     pub columns: Vec<String>,
 }
 
@@ -73,7 +85,8 @@ pub struct Different {
 pub struct VerifyReport {
     /// The migration.
     pub migration: String,
-    /// No differences left (after re-checks, and repairs if asked).
+    /// No differences left (after re-checks, and repairs if asked), and every differing
+    /// segment explained.
     pub clean: bool,
     /// Rows in the legacy projection.
     pub legacy_rows: u64,
@@ -84,16 +97,18 @@ pub struct VerifyReport {
     /// Segments whose summaries differed.
     pub differing_segments: usize,
     /// Keys the legacy side has and the new side lacks.
-    pub missing_in_new: Vec<i64>,
+    pub missing_in_new: Vec<DynKey>,
     /// Keys the new side has and the legacy side lacks.
-    pub missing_in_legacy: Vec<i64>,
-    /// Keys on both sides with different values.
+    pub missing_in_legacy: Vec<DynKey>,
+    /// Keys on both sides with different rows.
     pub different: Vec<Different>,
+    /// Segments whose summaries still differed with no differing key found in them.
+    pub unexplained_segments: usize,
     /// Differences that were gone when looked at again (writes in flight).
     pub in_flight: usize,
     /// Keys re-synced by `repair`.
-    pub repaired: Vec<i64>,
-    /// Wall time.
+    pub repaired: Vec<DynKey>,
+    /// Wall time, in seconds.
     pub elapsed_seconds: f64,
 }
 
@@ -116,26 +131,41 @@ impl VerifyReport {
                 .iter()
                 .map(|d| format!("different {} ({})", d.key, d.columns.join(", "))),
         );
+        if self.unexplained_segments > 0 {
+            out.push(format!(
+                "{} segments differ in count or hash with no differing key found (not clean)",
+                self.unexplained_segments
+            ));
+        }
         out
     }
 }
 
-/// A segment's summary on one side.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// A range's summary on one side.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 struct Summary {
     rows: u64,
-    hash: i64,
+    /// The sum of the rows' hashes, as decimal text (PostgreSQL's exact `numeric` sum; SQLite's
+    /// sum modulo 2^64).
+    hash: String,
 }
 
-/// Below this many rows a differing range is compared row by row.
-const ROW_COMPARE: u64 = 512;
+/// At most this many rows in a differing range are compared row by row.
+pub const ROW_COMPARE: u64 = 512;
+/// A differing range is cut into this many pieces to look further.
+const FANOUT: u64 = 16;
+/// The most segments a verify cuts the key space into.
+const MAX_SEGMENTS: usize = 10_000;
 
 struct Ctx {
     db: Database,
+    def: MigrationDef,
+    kinds: Vec<KeyKind>,
     legacy: String,
     new: String,
-    name: String,
-    limit: Arc<tokio::sync::Semaphore>,
+    /// The projections' key columns, qualified by `p`.
+    key: Vec<String>,
+    limit: tokio::sync::Semaphore,
 }
 
 /// Verifies `def` (both projections) on `db`; see the [module docs](self).
@@ -146,10 +176,23 @@ pub async fn run(
     options: VerifyOptions,
     metrics: Metrics,
 ) -> Result<VerifyReport> {
-    if options.segments == 0 || options.segments > 100_000 {
-        return Err(Error::InvalidInput(
-            "segments must be between 1 and 100000".into(),
-        ));
+    run_keys(db, flags, def, options, metrics, None).await
+}
+
+/// Verifies only `keys` (each compared as a whole), or everything when `None`. A verify of
+/// chosen keys is never recorded as evidence.
+pub async fn run_keys(
+    db: &Database,
+    flags: &dyn FlagStore,
+    def: &MigrationDef,
+    options: VerifyOptions,
+    metrics: Metrics,
+    keys: Option<&[String]>,
+) -> Result<VerifyReport> {
+    if options.segments == 0 || options.segments > MAX_SEGMENTS {
+        return Err(Error::InvalidInput(format!(
+            "segments must be between 1 and {MAX_SEGMENTS}"
+        )));
     }
     if options.parallel == 0 || options.parallel > 64 {
         return Err(Error::InvalidInput(
@@ -160,81 +203,90 @@ pub async fn run(
     let started_at = now_micros();
     let (legacy, new) = def.projections()?;
     let record = flags.get(&def.name).await?;
-    def.check(db).await?;
+    let kinds = def.check(db).await?;
+    let chosen = keys
+        .map(|keys| {
+            keys.iter()
+                .map(|k| DynKey::parse(k, &kinds))
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
     let ctx = Arc::new(Ctx {
         db: db.clone(),
+        def: def.clone(),
+        key: keyset::qualified(&projection_key_columns(kinds.len()), Some("p")),
+        kinds,
         legacy: legacy.to_owned(),
         new: new.to_owned(),
-        name: def.name.clone(),
-        limit: Arc::new(tokio::sync::Semaphore::new(options.parallel)),
+        limit: tokio::sync::Semaphore::new(options.parallel),
     });
-    let (lower, upper) = bounds(&ctx).await?;
-    let span = (upper - lower).max(0);
-    let segments = (options.segments as i64).clamp(1, span.max(1));
-    let width = (span + segments - 1) / segments;
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut lo = lower;
-    while lo < upper {
-        let hi = (lo + width).min(upper);
-        let ctx = ctx.clone();
-        tasks.spawn(async move { compare_range(ctx, lo, hi, true).await });
-        lo = hi;
-    }
-    let mut found = Found::default();
-    let mut segment_count = 0;
-    while let Some(done) = tasks.join_next().await {
-        let part = done.map_err(|e| Error::InvalidInput(format!("a verify task died: {e}")))??;
-        segment_count += 1;
-        found.merge(part);
-    }
+    let mut found = match &chosen {
+        None => compare_everything(&ctx, options.segments).await?,
+        Some(keys) => {
+            let mut found = Found::default();
+            for key in keys {
+                found.rows.extend(compare_key(&ctx, key).await?);
+            }
+            found
+        }
+    };
     // A second look at every difference: gone now means a write was in flight.
     let mut in_flight = 0;
-    if !found.rows.is_empty() {
+    if !found.rows.is_empty() || !found.unexplained.is_empty() {
         tokio::time::sleep(options.recheck_delay).await;
         let mut confirmed = BTreeMap::new();
-        for (key, kind) in std::mem::take(&mut found.rows) {
-            match compare_key(&ctx, key).await? {
+        for key in std::mem::take(&mut found.rows).into_keys() {
+            match compare_key(&ctx, &key).await?.remove(&key) {
                 None => in_flight += 1,
-                Some(kind_now) => {
-                    let _ = kind;
-                    confirmed.insert(key, kind_now);
+                Some(kind) => {
+                    confirmed.insert(key, kind);
                 }
             }
         }
         found.rows = confirmed;
+        let mut still = Vec::new();
+        for range in std::mem::take(&mut found.unexplained) {
+            let again = compare_range(ctx.clone(), range.clone(), None).await?;
+            if again.rows.is_empty() && !again.unexplained.is_empty() {
+                still.push(range);
+            } else {
+                found.rows.extend(again.rows);
+            }
+        }
+        found.unexplained = still;
     }
     let mut repaired = Vec::new();
     if options.repair && !found.rows.is_empty() {
         let stage = record.state.stage;
         let authoritative = stage.plan().writes[0];
-        for &key in found.rows.keys() {
-            if resync(db, def, key, authoritative).await? {
-                repaired.push(key);
+        for key in found.rows.keys() {
+            let mut tx = db.begin().await?;
+            let outcome = resync_key(tx.conn(), def, &ctx.kinds, key, authoritative).await?;
+            tx.commit().await?;
+            if outcome != Resynced::LeftAlone {
+                repaired.push(key.clone());
             }
         }
         let mut still = BTreeMap::new();
-        for (key, kind) in std::mem::take(&mut found.rows) {
-            match compare_key(&ctx, key).await? {
-                None => {}
-                Some(now) => {
-                    let _ = kind;
-                    still.insert(key, now);
-                }
+        for key in std::mem::take(&mut found.rows).into_keys() {
+            if let Some(kind) = compare_key(&ctx, &key).await?.remove(&key) {
+                still.insert(key, kind);
             }
         }
         found.rows = still;
     }
-    let clean = found.rows.is_empty();
+    let clean = found.rows.is_empty() && found.unexplained.is_empty();
     let mut report = VerifyReport {
         migration: def.name.clone(),
         clean,
         legacy_rows: found.legacy_rows,
         new_rows: found.new_rows,
-        segments: segment_count,
+        segments: found.segments,
         differing_segments: found.differing_segments,
         missing_in_new: Vec::new(),
         missing_in_legacy: Vec::new(),
         different: Vec::new(),
+        unexplained_segments: found.unexplained.len(),
         in_flight,
         repaired,
         elapsed_seconds: 0.0,
@@ -254,7 +306,7 @@ pub async fn run(
             KeyValue::new("result", result),
         ],
     );
-    if clean {
+    if clean && chosen.is_none() {
         flags
             .record_evidence(
                 &def.name,
@@ -279,239 +331,435 @@ enum Kind {
 struct Found {
     legacy_rows: u64,
     new_rows: u64,
+    segments: usize,
     differing_segments: usize,
-    rows: BTreeMap<i64, Kind>,
+    rows: BTreeMap<DynKey, Kind>,
+    /// Ranges whose summaries differed with no differing key found in them.
+    unexplained: Vec<KeyRange>,
 }
 
 impl Found {
     fn merge(&mut self, other: Found) {
-        self.legacy_rows += other.legacy_rows;
-        self.new_rows += other.new_rows;
-        self.differing_segments += other.differing_segments;
         self.rows.extend(other.rows);
+        self.unexplained.extend(other.unexplained);
     }
 }
 
-/// The key range `(lower, upper]` covering both projections.
-async fn bounds(ctx: &Ctx) -> Result<(i64, i64)> {
-    let mut lower = i64::MAX;
-    let mut upper = i64::MIN;
-    for proj in [&ctx.legacy, &ctx.new] {
-        let sql = format!(
-            "SELECT CAST(MIN(p.key) AS BIGINT) AS lo, CAST(MAX(p.key) AS BIGINT) AS hi FROM ({proj}) p"
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .fetch_one(ctx.db.pool())
-            .await
-            .map_err(|e| projection_error(&ctx.name, &e))?;
-        if let (Some(lo), Some(hi)) = (
-            row.try_get::<Option<i64>, _>("lo")?,
-            row.try_get::<Option<i64>, _>("hi")?,
-        ) {
-            lower = lower.min(lo.saturating_sub(1));
-            upper = upper.max(hi);
-        }
-    }
-    if lower == i64::MAX {
-        return Ok((0, 0)); // both empty
-    }
-    Ok((lower, upper))
+/// The whole key space: segments cut at the legacy table's keys, summarised on both sides,
+/// differing ones looked into.
+async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
+    let (table, key) = ctx.def.shape(crate::Side::Legacy);
+    let total: i64 = Query::assert_safe(format!("SELECT COUNT(*) FROM {table}"))
+        .scalar(&ctx.db)
+        .await?;
+    let cuts = cuts_of(
+        ctx,
+        &format!("SELECT {} FROM {table}", keyset::order_by(key)),
+        key,
+        None,
+        u64::try_from(total).unwrap_or(0),
+        segments as u64,
+    )
+    .await?;
+    let mut found = compare_pieces(ctx.clone(), KeyRange::all(), cuts, true).await?;
+    found.segments = found.segments.max(1);
+    Ok(found)
 }
 
-fn projection_error(name: &str, e: &sqlx::Error) -> Error {
-    Error::Config(format!(
-        "migration {name:?}: a projection failed: {}",
-        db_message(e)
-    ))
-}
-
-type BoxedFound<'a> = Pin<Box<dyn Future<Output = Result<Found>> + Send + 'a>>;
-
-/// Compares `(lo, hi]`: summaries first, then halves, then rows.
-fn compare_range(ctx: Arc<Ctx>, lo: i64, hi: i64, top: bool) -> BoxedFound<'static> {
+/// Compares `range`: cut at keys of its own rows, summarised, differing pieces looked into.
+/// `rows` is how many rows the side with more holds in it, when known.
+fn compare_range(
+    ctx: Arc<Ctx>,
+    range: KeyRange,
+    rows: Option<u64>,
+) -> BoxFuture<'static, Result<Found>> {
     Box::pin(async move {
-        let (l, n) = {
-            let _permit = ctx
-                .limit
-                .acquire()
-                .await
-                .map_err(|_| Error::InvalidInput("verify stopped".into()))?;
-            tokio::try_join!(
-                summarize(&ctx, &ctx.legacy, lo, hi),
-                summarize(&ctx, &ctx.new, lo, hi)
-            )?
+        let rows = match rows {
+            Some(rows) => rows,
+            None => {
+                let (l, n) = tokio::try_join!(
+                    summarize(&ctx, &ctx.legacy, &range, &[]),
+                    summarize(&ctx, &ctx.new, &range, &[])
+                )?;
+                if l == n {
+                    return Ok(Found::default());
+                }
+                l[0].rows.max(n[0].rows)
+            }
         };
-        let mut found = Found::default();
-        if top {
-            found.legacy_rows = l.rows;
-            found.new_rows = n.rows;
+        if rows <= ROW_COMPARE {
+            return compare_rows_found(&ctx, &range).await;
         }
-        if l == n {
-            return Ok(found);
-        }
-        if top {
-            found.differing_segments = 1;
-        }
-        if l.rows.max(n.rows) <= ROW_COMPARE || hi - lo <= 1 {
-            let _permit = ctx
-                .limit
-                .acquire()
-                .await
-                .map_err(|_| Error::InvalidInput("verify stopped".into()))?;
-            found.rows = compare_rows(&ctx, lo, hi).await?;
-            return Ok(found);
-        }
-        let mid = lo + (hi - lo) / 2;
-        let (a, b) = tokio::try_join!(
-            compare_range(ctx.clone(), lo, mid, false),
-            compare_range(ctx.clone(), mid, hi, false)
+        // Cut at the keys of the side with more rows in the range.
+        let (l, n) = tokio::try_join!(
+            summarize(&ctx, &ctx.legacy, &range, &[]),
+            summarize(&ctx, &ctx.new, &range, &[])
         )?;
-        found.rows.extend(a.rows);
-        found.rows.extend(b.rows);
-        Ok(found)
+        let proj = if l[0].rows >= n[0].rows {
+            &ctx.legacy
+        } else {
+            &ctx.new
+        };
+        let p = keyset::predicate(&ctx.key, &range, 1);
+        let source = format!(
+            "SELECT {} FROM ({proj}) p WHERE {}",
+            ctx.key.join(", "),
+            p.sql
+        );
+        let cuts = cuts_of(&ctx, &source, &ctx.key, Some(p.args), rows, FANOUT).await?;
+        if cuts.is_empty() {
+            // Every row of the range has one key: compare that key's rows.
+            return compare_rows_found(&ctx, &range).await;
+        }
+        compare_pieces(ctx, range, cuts, false).await
     })
 }
 
-/// Count and order-independent hash of a projection's rows with key in `(lo, hi]`.
-async fn summarize(ctx: &Ctx, proj: &str, lo: i64, hi: i64) -> Result<Summary> {
+async fn compare_rows_found(ctx: &Ctx, range: &KeyRange) -> Result<Found> {
+    let rows = compare_rows(ctx, range).await?;
+    let mut found = Found::default();
+    if rows.is_empty() {
+        found.unexplained.push(range.clone());
+    }
+    found.rows = rows;
+    Ok(found)
+}
+
+/// Summarises the pieces of `range` between `cuts` on both sides and looks into each piece that
+/// differs.
+async fn compare_pieces(
+    ctx: Arc<Ctx>,
+    range: KeyRange,
+    cuts: Vec<DynKey>,
+    top: bool,
+) -> Result<Found> {
+    let (l, n) = tokio::try_join!(
+        summarize(&ctx, &ctx.legacy, &range, &cuts),
+        summarize(&ctx, &ctx.new, &range, &cuts)
+    )?;
+    let pieces = pieces(&range, &cuts);
+    let mut found = Found::default();
+    if top {
+        found.segments = pieces.len();
+        found.legacy_rows = l.iter().map(|s| s.rows).sum();
+        found.new_rows = n.iter().map(|s| s.rows).sum();
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for ((piece, l), n) in pieces.into_iter().zip(l).zip(n) {
+        if l == n {
+            continue;
+        }
+        if top {
+            found.differing_segments += 1;
+        }
+        let ctx = ctx.clone();
+        tasks.spawn(compare_range(ctx, piece, Some(l.rows.max(n.rows))));
+    }
+    while let Some(done) = tasks.join_next().await {
+        let part = done.map_err(|e| Error::Internal(format!("a verify task died: {e}")))??;
+        found.merge(part);
+    }
+    Ok(found)
+}
+
+/// The pieces of `range` between `cuts` (sorted keys inside it): `[lower, c1)`, `[c1, c2)`, …,
+/// `[cn, upper]`.
+fn pieces(range: &KeyRange, cuts: &[DynKey]) -> Vec<KeyRange> {
+    let mut out = Vec::with_capacity(cuts.len() + 1);
+    let mut lower = range.lower.clone();
+    for cut in cuts {
+        out.push(KeyRange {
+            lower,
+            upper: Upper::Before(cut.clone()),
+        });
+        lower = Lower::From(cut.clone());
+    }
+    out.push(KeyRange {
+        lower,
+        upper: range.upper.clone(),
+    });
+    out
+}
+
+/// Keys that cut `total` rows of `source` (a `SELECT` of key columns `key`, parameters
+/// `args`) into about `pieces` pieces of equal size: every step-th key in key order, skipping
+/// the first row (each cut starts a piece).
+async fn cuts_of(
+    ctx: &Ctx,
+    source: &str,
+    key: &[String],
+    args: Option<Vec<Value>>,
+    total: u64,
+    pieces: u64,
+) -> Result<Vec<DynKey>> {
+    let step = total.div_ceil(pieces.max(1)).max(1);
+    if total <= step {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = (1..=key.len()).map(|i| format!("twintrack_k{i}")).collect();
+    let select: Vec<String> = key
+        .iter()
+        .zip(&names)
+        .map(|(k, n)| format!("{k} AS {n}"))
+        .collect();
+    let sql = format!(
+        "SELECT {names} FROM (SELECT {names}, row_number() OVER (ORDER BY {names}) AS twintrack_rn
+                              FROM (SELECT {select} FROM ({source}) s0) s1) s2
+         WHERE (twintrack_rn - 1) % {step} = 0 AND twintrack_rn > 1 ORDER BY {names}",
+        names = names.join(", "),
+        select = select.join(", "),
+    );
+    let mut cuts: Vec<DynKey> = bound(Query::assert_safe(sql), args.unwrap_or_default())
+        .fetch_all(&ctx.db)
+        .await
+        .map_err(|e| projection_error(&ctx.def.name, &e))?
+        .into_iter()
+        .map(|row| crate::backfill::row_key(row, &ctx.kinds))
+        .collect::<Result<_>>()?;
+    // Rows sharing a key can put one key at two cuts (a one-to-many projection).
+    cuts.dedup();
+    Ok(cuts)
+}
+
+fn projection_error(name: &str, e: &Error) -> Error {
+    match e {
+        Error::Database(_) => Error::Config(format!(
+            "migration {name:?}: a projection failed: {}",
+            error_message(e)
+        )),
+        Error::Unreachable(_) | Error::Internal(_) => {
+            Error::Internal(format!("migration {name:?}: {}", error_message(e)))
+        }
+        other => Error::Config(format!("migration {name:?}: {other}")),
+    }
+}
+
+/// Count and order-independent hash of `proj`'s rows in each piece of `range` between `cuts`.
+async fn summarize(
+    ctx: &Ctx,
+    proj: &str,
+    range: &KeyRange,
+    cuts: &[DynKey],
+) -> Result<Vec<Summary>> {
+    let _permit = ctx
+        .limit
+        .acquire()
+        .await
+        .map_err(|_| Error::Internal("verify stopped".into()))?;
     match ctx.db.backend() {
         Backend::Postgres => {
+            let p = keyset::predicate(&ctx.key, range, 1);
+            let mut args = p.args;
+            let bucket = if cuts.is_empty() {
+                "0".to_owned()
+            } else {
+                let mut items = Vec::with_capacity(cuts.len());
+                for cut in cuts {
+                    let params: Vec<String> = cut
+                        .parts()
+                        .iter()
+                        .map(|part| {
+                            args.push(part.to_value());
+                            format!("${}", args.len())
+                        })
+                        .collect();
+                    items.push(match params.as_slice() {
+                        [one] => one.clone(),
+                        many => format!("ROW({})", many.join(", ")),
+                    });
+                }
+                let operand = match ctx.key.as_slice() {
+                    [one] => one.clone(),
+                    many => format!("ROW({})", many.join(", ")),
+                };
+                format!("width_bucket({operand}, ARRAY[{}])", items.join(", "))
+            };
             let sql = format!(
-                "SELECT COUNT(*) AS n, CAST(COALESCE(bit_xor(hashtextextended(CAST(p AS TEXT), 0)), 0) AS BIGINT) AS h
-                 FROM ({proj}) p WHERE p.key > $1 AND p.key <= $2"
+                "SELECT {bucket} AS seg, COUNT(*) AS n,
+                        CAST(COALESCE(SUM(hashtextextended(CAST(p AS TEXT), 0)), 0) AS TEXT) AS h
+                 FROM ({proj}) p WHERE {} GROUP BY 1",
+                p.sql
             );
-            let row = sqlx::query(AssertSqlSafe(sql))
-                .bind(lo)
-                .bind(hi)
-                .fetch_one(ctx.db.pool())
+            let rows = bound(Query::assert_safe(sql), args)
+                .fetch_all(&ctx.db)
                 .await
-                .map_err(|e| projection_error(&ctx.name, &e))?;
-            Ok(Summary {
-                rows: u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0),
-                hash: row.try_get("h")?,
-            })
+                .map_err(|e| projection_error(&ctx.def.name, &e))?;
+            let mut out = vec![Summary::default(); cuts.len() + 1];
+            for s in out.iter_mut() {
+                s.hash = "0".into();
+            }
+            for row in rows {
+                let seg: i64 = row.get("seg")?;
+                let slot = out
+                    .get_mut(usize::try_from(seg).unwrap_or(usize::MAX))
+                    .ok_or_else(|| Error::Internal(format!("width_bucket gave segment {seg}")))?;
+                slot.rows = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
+                slot.hash = row.get("h")?;
+            }
+            Ok(out)
         }
         Backend::Sqlite => {
-            let rows = fetch_rows(ctx, proj, lo, hi).await?;
-            let mut summary = Summary::default();
-            for (_, doc) in rows {
-                summary.rows += 1;
-                summary.hash ^= fnv1a(doc.to_string().as_bytes()) as i64;
+            let mut out = Vec::with_capacity(cuts.len() + 1);
+            for piece in pieces(range, cuts) {
+                let mut rows = 0u64;
+                let mut hash = 0u64;
+                for docs in fetch_rows(ctx, proj, &piece).await?.into_values() {
+                    for doc in docs {
+                        rows += 1;
+                        hash = hash.wrapping_add(fnv1a(doc.to_string().as_bytes()));
+                    }
+                }
+                out.push(Summary {
+                    rows,
+                    hash: hash.to_string(),
+                });
             }
-            Ok(summary)
+            Ok(out)
         }
     }
 }
 
-/// Each row of a projection with key in `(lo, hi]`, as a JSON object by column name.
-async fn fetch_rows(ctx: &Ctx, proj: &str, lo: i64, hi: i64) -> Result<BTreeMap<i64, Value>> {
-    let mut out = BTreeMap::new();
+/// Each key's rows of `proj` in `range`, as JSON objects by column name.
+async fn fetch_rows(
+    ctx: &Ctx,
+    proj: &str,
+    range: &KeyRange,
+) -> Result<BTreeMap<DynKey, Vec<Json>>> {
+    let p = keyset::predicate(&ctx.key, range, 1);
+    let n = ctx.kinds.len();
+    let mut out: BTreeMap<DynKey, Vec<Json>> = BTreeMap::new();
     match ctx.db.backend() {
         Backend::Postgres => {
             let sql = format!(
-                "SELECT CAST(p.key AS BIGINT) AS k, CAST(row_to_json(p) AS TEXT) AS doc
-                 FROM ({proj}) p WHERE p.key > $1 AND p.key <= $2"
+                "SELECT {}, CAST(row_to_json(p) AS TEXT) AS twintrack_doc FROM ({proj}) p WHERE {}",
+                ctx.key.join(", "),
+                p.sql
             );
-            let rows = sqlx::query(AssertSqlSafe(sql))
-                .bind(lo)
-                .bind(hi)
-                .fetch_all(ctx.db.pool())
+            let rows = bound(Query::assert_safe(sql), p.args)
+                .fetch_all(&ctx.db)
                 .await
-                .map_err(|e| projection_error(&ctx.name, &e))?;
+                .map_err(|e| projection_error(&ctx.def.name, &e))?;
             for row in rows {
-                let key: i64 = row.try_get("k")?;
-                let doc: String = row.try_get("doc")?;
-                let value = serde_json::from_str(&doc).unwrap_or(Value::String(doc));
-                out.insert(key, value);
+                let mut values = row.into_values();
+                let doc = values.pop().unwrap_or(Value::Null);
+                let key = DynKey::from_values(values.into_iter().take(n), &ctx.kinds)?;
+                let doc = match doc {
+                    Value::Text(t) => serde_json::from_str(&t).unwrap_or(Json::String(t)),
+                    other => other.to_json(),
+                };
+                out.entry(key).or_default().push(doc);
             }
         }
         Backend::Sqlite => {
-            let sql = format!("SELECT * FROM ({proj}) p WHERE p.key > $1 AND p.key <= $2");
-            let rows = sqlx::query(AssertSqlSafe(sql))
-                .bind(lo)
-                .bind(hi)
-                .fetch_all(ctx.db.pool())
+            let sql = format!("SELECT * FROM ({proj}) p WHERE {}", p.sql);
+            let rows = bound(Query::assert_safe(sql), p.args)
+                .fetch_all(&ctx.db)
                 .await
-                .map_err(|e| projection_error(&ctx.name, &e))?;
+                .map_err(|e| projection_error(&ctx.def.name, &e))?;
+            let names = projection_key_columns(n);
             for row in rows {
-                let doc = row_to_json(&row);
-                let key = doc.get("key").and_then(Value::as_i64).ok_or_else(|| {
-                    Error::Config(format!(
-                        "migration {:?}: a projection's `key` is not an integer",
-                        ctx.name
-                    ))
-                })?;
-                out.insert(key, Value::Object(doc));
+                let key = key_of(&row, &names, &ctx.kinds)?;
+                out.entry(key)
+                    .or_default()
+                    .push(Json::Object(row_to_json(&row)));
             }
         }
     }
     Ok(out)
 }
 
-/// An SQLite row as a JSON object, each value as SQLite stored it.
-fn row_to_json(row: &AnyRow) -> Map<String, Value> {
-    let mut doc = Map::new();
-    for (i, column) in row.columns().iter().enumerate() {
-        let value = if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
-            v.map_or(Value::Null, Value::from)
-        } else if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
-            v.map_or(Value::Null, Value::from)
-        } else if let Ok(v) = row.try_get::<Option<String>, _>(i) {
-            v.map_or(Value::Null, Value::from)
-        } else if let Ok(v) = row.try_get::<Option<Vec<u8>>, _>(i) {
-            v.map_or(Value::Null, |b| Value::from(format!("{b:02x?}")))
-        } else {
-            Value::Null
-        };
-        doc.insert(column.name().to_owned(), value);
-    }
-    doc
+/// The key columns (by name, `key` or `key1`…) of a projection's row.
+fn key_of(row: &Row, names: &[String], kinds: &[KeyKind]) -> Result<DynKey> {
+    let values = names
+        .iter()
+        .map(|n| row.get::<Value>(&n.replace('"', "")))
+        .collect::<Result<Vec<_>>>()?;
+    DynKey::from_values(values, kinds)
 }
 
-/// Row-by-row comparison of `(lo, hi]`.
-async fn compare_rows(ctx: &Ctx, lo: i64, hi: i64) -> Result<BTreeMap<i64, Kind>> {
+/// A row as a JSON object, each value as the database returned it.
+fn row_to_json(row: &Row) -> Map<String, Json> {
+    row.names()
+        .zip(row.values())
+        .map(|(name, value)| (name.to_owned(), value.to_json()))
+        .collect()
+}
+
+/// Key-by-key comparison of `range`, each key's rows as a multiset.
+async fn compare_rows(ctx: &Ctx, range: &KeyRange) -> Result<BTreeMap<DynKey, Kind>> {
+    let _permit = ctx
+        .limit
+        .acquire()
+        .await
+        .map_err(|_| Error::Internal("verify stopped".into()))?;
     let (legacy, new) = tokio::try_join!(
-        fetch_rows(ctx, &ctx.legacy, lo, hi),
-        fetch_rows(ctx, &ctx.new, lo, hi)
+        fetch_rows(ctx, &ctx.legacy, range),
+        fetch_rows(ctx, &ctx.new, range)
     )?;
     let mut out = BTreeMap::new();
     for (key, l) in &legacy {
         match new.get(key) {
             None => {
-                out.insert(*key, Kind::MissingInNew);
+                out.insert(key.clone(), Kind::MissingInNew);
             }
-            Some(n) if n != l => {
-                out.insert(*key, Kind::Different(differing_columns(l, n)));
+            Some(n) => {
+                if let Some(columns) = differing(l, n) {
+                    out.insert(key.clone(), Kind::Different(columns));
+                }
             }
-            Some(_) => {}
         }
     }
-    for key in new.keys().filter(|k| !legacy.contains_key(k)) {
-        out.insert(*key, Kind::MissingInLegacy);
+    for key in new.keys().filter(|k| !legacy.contains_key(*k)) {
+        out.insert(key.clone(), Kind::MissingInLegacy);
     }
     Ok(out)
 }
 
-/// One key compared again: `None` when both sides agree now.
-async fn compare_key(ctx: &Ctx, key: i64) -> Result<Option<Kind>> {
-    Ok(compare_rows(ctx, key.saturating_sub(1), key)
-        .await?
-        .remove(&key))
+/// One key compared again: empty when both sides agree now.
+async fn compare_key(ctx: &Ctx, key: &DynKey) -> Result<BTreeMap<DynKey, Kind>> {
+    compare_rows(ctx, &KeyRange::exactly(key.clone())).await
 }
 
-fn differing_columns(l: &Value, n: &Value) -> Vec<String> {
-    let (Value::Object(l), Value::Object(n)) = (l, n) else {
-        return vec!["(row)".into()];
+/// `None` when the two multisets of rows are equal; else the columns whose multisets of values
+/// differ (`(rows)` when every column agrees but the rows pair values differently).
+fn differing(l: &[Json], n: &[Json]) -> Option<Vec<String>> {
+    let sorted = |rows: &[Json]| {
+        let mut texts: Vec<String> = rows.iter().map(Json::to_string).collect();
+        texts.sort();
+        texts
     };
-    let mut columns: Vec<String> = l
+    if sorted(l) == sorted(n) {
+        return None;
+    }
+    let mut names: Vec<&String> = l
         .iter()
-        .filter(|(k, v)| n.get(*k) != Some(*v))
-        .map(|(k, _)| k.clone())
-        .chain(n.keys().filter(|k| !l.contains_key(*k)).cloned())
+        .chain(n)
+        .filter_map(Json::as_object)
+        .flat_map(Map::keys)
         .collect();
-    columns.sort();
-    columns.dedup();
-    columns
+    names.sort();
+    names.dedup();
+    let column = |rows: &[Json], name: &str| {
+        let mut values: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                r.get(name)
+                    .map_or_else(|| "(absent)".to_owned(), Json::to_string)
+            })
+            .collect();
+        values.sort();
+        values
+    };
+    let columns: Vec<String> = names
+        .into_iter()
+        .filter(|name| column(l, name) != column(n, name))
+        .cloned()
+        .collect();
+    Some(if columns.is_empty() {
+        vec!["(rows)".to_owned()]
+    } else {
+        columns
+    })
 }
 
 /// FNV-1a, 64-bit: a fixed, portable row hash for SQLite's client-side summaries.
@@ -524,17 +772,47 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
-/// Re-syncs one key from the authoritative side ([`resync_key`]). Returns whether it changed
-/// something.
-async fn resync(
-    db: &Database,
-    def: &MigrationDef,
-    key: i64,
-    authoritative: crate::Side,
-) -> Result<bool> {
-    let mut conn = db.pool().acquire().await?;
-    let mut tx = sqlx::Connection::begin_with(&mut *conn, db.backend().begin_write()).await?;
-    let outcome = resync_key(&mut tx, def, key, authoritative).await?;
-    tx.commit().await?;
-    Ok(outcome != Resynced::LeftAlone)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rows_compare_as_multisets_and_name_the_columns_that_differ() {
+        let a = json!({"key": 1, "tag": "a"});
+        let b = json!({"key": 1, "tag": "b"});
+        assert_eq!(
+            differing(&[a.clone(), b.clone()], &[b.clone(), a.clone()]),
+            None
+        );
+        assert_eq!(
+            differing(std::slice::from_ref(&a), &[a.clone(), a.clone()]),
+            Some(vec!["key".to_owned(), "tag".to_owned()])
+        );
+        assert_eq!(
+            differing(std::slice::from_ref(&a), std::slice::from_ref(&b)),
+            Some(vec!["tag".to_owned()])
+        );
+        let x1 = json!({"k": 1, "u": "a", "v": "x"});
+        let x2 = json!({"k": 1, "u": "b", "v": "y"});
+        let y1 = json!({"k": 1, "u": "a", "v": "y"});
+        let y2 = json!({"k": 1, "u": "b", "v": "x"});
+        assert_eq!(
+            differing(&[x1, x2], &[y1, y2]),
+            Some(vec!["(rows)".to_owned()])
+        );
+    }
+
+    #[test]
+    fn pieces_cover_the_range_without_gaps_or_overlaps() {
+        use crate::key::KeyPart;
+        let k = |v| DynKey::single(KeyPart::BigInt(v));
+        let all = pieces(&KeyRange::all(), &[k(5), k(9)]);
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].lower, Lower::Unbounded);
+        assert_eq!(all[0].upper, Upper::Before(k(5)));
+        assert_eq!(all[1].lower, Lower::From(k(5)));
+        assert_eq!(all[2].upper, Upper::Unbounded);
+        assert_eq!(pieces(&KeyRange::all(), &[]), vec![KeyRange::all()]);
+    }
 }

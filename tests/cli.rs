@@ -324,10 +324,12 @@ async fn an_invalid_stage_in_the_table_is_reported_not_obeyed() {
     for (backend, url, _guard) in common::backends().await {
         assert_eq!(twintrack(&url, &["init"]).code, 0);
         let db = twintrack::Database::connect(&url).await.unwrap();
-        sqlx::query("UPDATE twintrack_flags SET stage = 'Live!' WHERE migration = 'user_settings'")
-            .execute(db.pool())
-            .await
-            .unwrap();
+        twintrack::db::query(
+            "UPDATE twintrack_flags SET stage = 'Live!' WHERE migration = 'user_settings'",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
         let status = twintrack(&url, &["status"]);
         assert_eq!(status.code, 0);
         assert!(

@@ -252,12 +252,12 @@ async fn every_rpc_answers_and_maps_errors_to_grpc_codes() {
     );
 
     // ListMismatches.
-    sqlx::query(
-        "INSERT INTO twintrack_mismatches (migration, key, class, stage, diff, legacy_micros, new_micros, at)
-         VALUES ($1, 42, 'confirmed', 'shadow', '[{\"path\":\"theme\",\"legacy\":\"a\",\"new\":\"b\"}]', 1, 2, 3)",
+    twintrack::db::query(
+        "INSERT INTO twintrack_mismatches (migration, key_text, class, stage, diff, legacy_micros, new_micros, at)
+         VALUES ($1, '42', 'confirmed', 'shadow', '[{\"path\":\"theme\",\"legacy\":\"a\",\"new\":\"b\"}]', 1, 2, 3)",
     )
     .bind(M)
-    .execute(s.db.pool())
+    .execute(&s.db)
     .await
     .unwrap();
     let mm = c
@@ -269,9 +269,15 @@ async fn every_rpc_answers_and_maps_errors_to_grpc_codes() {
         .unwrap()
         .into_inner();
     assert_eq!(mm.mismatches.len(), 1);
+    #[allow(deprecated)] // the integer key stays filled for older clients
+    let old_key = mm.mismatches[0].key;
     assert_eq!(
-        (mm.mismatches[0].key, mm.mismatches[0].class.as_str()),
-        (42, "confirmed")
+        (
+            old_key,
+            mm.mismatches[0].key_text.as_str(),
+            mm.mismatches[0].class.as_str()
+        ),
+        (42, "42", "confirmed")
     );
     assert!(mm.mismatches[0].diff_json.contains("theme"));
     assert_eq!(
@@ -298,12 +304,12 @@ async fn every_rpc_answers_and_maps_errors_to_grpc_codes() {
     );
 
     // GetProgress.
-    sqlx::query(
+    twintrack::db::query(
         "INSERT INTO twintrack_backfill_runs (migration, direction, lower_bound, upper_bound, started_at)
-         VALUES ($1, 'forward', 0, 100, 5)",
+         VALUES ($1, 'forward', NULL, '100', 5)",
     )
     .bind(M)
-    .execute(s.db.pool())
+    .execute(&s.db)
     .await
     .unwrap();
     let progress = c
@@ -312,12 +318,16 @@ async fn every_rpc_answers_and_maps_errors_to_grpc_codes() {
         .unwrap()
         .into_inner();
     assert_eq!(progress.backfills.len(), 1);
+    #[allow(deprecated)] // the integer bound stays filled for older clients
+    let old_upper = progress.backfills[0].upper_bound;
     assert_eq!(
         (
-            progress.backfills[0].upper_bound,
+            old_upper,
+            progress.backfills[0].upper_key.as_deref(),
+            progress.backfills[0].lower_key.as_deref(),
             progress.backfills[0].finished_at_micros
         ),
-        (100, None)
+        (100, Some("100"), None, None)
     );
     assert_eq!(
         code(

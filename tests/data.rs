@@ -1,5 +1,7 @@
 //! Backfill, verify and repair on real databases, through the quickstart's own definition
-//! (`examples/quickstart.toml`) and repositories: copies that race dual writes, planted
+//! (`examples/quickstart.toml`) and repositories, with `bigint` keys on both backends, text
+//! keys on SQLite and UUID keys on PostgreSQL (each guarantee runs once per
+//! [`common::Shape`]): copies that race dual writes, runs killed and resumed, planted
 //! divergences, the stage gates fed by real evidence, and bad definitions.
 
 mod common;
@@ -7,83 +9,79 @@ mod common;
 mod repos;
 
 use std::path::Path;
-
-use common::quickstart_config;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use repos::{Settings, SettingsResync, Users};
+use common::{Shape, TestKey, quickstart_config};
+use repos::{Settings, SettingsRepo, SettingsResync, UserId, Users};
 use twintrack::backfill::{self, BackfillOptions};
 use twintrack::config::Config;
+use twintrack::db::{Native, Query, query};
 use twintrack::definition::MigrationDef;
-use twintrack::dual::DualStore;
-use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
+use twintrack::dual::{DualStore, NativeConnection};
+use twintrack::flags::{BoxFuture, FlagCache, FlagStore, SqlFlagStore, StageChange};
 use twintrack::metrics::Metrics;
 use twintrack::verify::{self, VerifyOptions};
-use twintrack::{Backend, Database, Error, Stage};
+use twintrack::{Backend, Database, DynKey, Error, Stage};
 
 const M: &str = "user_settings";
+
+/// A key type the data guarantees run with.
+trait K: UserId + TestKey {}
+impl<T: UserId + TestKey> K for T {}
 
 fn definition(backend: Backend) -> MigrationDef {
     let config = Config::load(&quickstart_config()).unwrap();
     config.migration(M).unwrap().definition(backend).unwrap()
 }
 
-struct Fixture {
+struct Fixture<DB: Native, I: K> {
+    name: String,
     db: Database,
+    pool: sqlx::Pool<DB>,
     store: Arc<SqlFlagStore>,
     def: MigrationDef,
     url: String,
     _guard: Option<tempfile::TempDir>,
+    _key: std::marker::PhantomData<I>,
 }
 
-impl Fixture {
-    async fn new(url: &str, guard: Option<tempfile::TempDir>) -> Fixture {
-        let db = Database::connect(url).await.unwrap();
-        repos::create_shapes(&db).await.unwrap();
+impl<DB: Native, I: K> Fixture<DB, I> {
+    async fn new(shape: Shape) -> Self {
+        let db = Database::connect(&shape.url).await.unwrap();
+        repos::create_shapes::<I>(&db).await.unwrap();
         let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
         store.register(M, "test").await.unwrap();
         Fixture {
+            name: shape.name(),
             def: definition(db.backend()),
+            pool: db.typed::<DB>().unwrap().clone(),
             db,
             store,
-            url: url.to_owned(),
-            _guard: guard,
+            url: shape.url,
+            _guard: shape.guard,
+            _key: std::marker::PhantomData,
         }
     }
 
-    async fn all() -> Vec<Fixture> {
-        let mut out = Vec::new();
-        for (_, url, guard) in common::backends().await {
-            out.push(Fixture::new(&url, guard).await);
-        }
-        out
-    }
-
-    /// `n` legacy users with settings in the JSON profile, as before the migration.
+    /// `n` legacy users with settings in the JSON profile, as before the migration, with keys
+    /// the database assigns (`bigint`) or random ones (UUID, text).
     async fn seed(&self, n: i64) {
-        let sql = match self.db.backend() {
-            Backend::Postgres => {
-                "INSERT INTO users (email, profile)
-                 SELECT 'u' || g || '@example.com',
-                        jsonb_build_object('theme', 'theme-' || (g % 7), 'notifications_enabled', g % 2 = 0)
-                 FROM generate_series(1, $1) AS g"
-            }
-            Backend::Sqlite => {
-                "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < $1)
-                 INSERT INTO users (email, profile)
-                 SELECT 'u' || i || '@example.com',
-                        json_object('theme', 'theme-' || (i % 7), 'notifications_enabled',
-                                    json(CASE WHEN i % 2 = 0 THEN 'true' ELSE 'false' END))
-                 FROM g"
-            }
-        };
-        sqlx::query(sql)
-            .bind(n)
-            .execute(self.db.pool())
+        seed::<I>(&self.db, n).await
+    }
+
+    /// Every user's id, sorted.
+    async fn keys(&self) -> Vec<I> {
+        let mut keys: Vec<I> = query("SELECT id FROM users")
+            .fetch_all(&self.db)
             .await
-            .unwrap();
+            .unwrap()
+            .into_iter()
+            .map(|r| I::from_dyn(DynKey::from_values(r.into_values(), I::KINDS).unwrap()).unwrap())
+            .collect();
+        keys.sort();
+        keys
     }
 
     async fn stage(&self, stage: Stage) {
@@ -94,10 +92,16 @@ impl Fixture {
     }
 
     async fn count(&self, table: &str) -> i64 {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
-            .fetch_one(self.db.pool())
+        count(&self.db, table).await
+    }
+
+    /// Runs `sql` with `key` bound as `$1`.
+    async fn with_key(&self, sql: &'static str, key: &I) {
+        query(sql)
+            .bind_key(&key.to_dyn())
+            .execute(&self.db)
             .await
-            .unwrap()
+            .unwrap();
     }
 
     async fn backfill(
@@ -136,259 +140,370 @@ impl Fixture {
     fn cli(&self, cwd: &Path, line: &str) -> (i32, String) {
         common::twintrack_cli(Some(cwd), &self.url, Some(&quickstart_config()), line)
     }
+
+    /// The user service over the quickstart's dual store.
+    async fn users(&self) -> Users<DB, I> {
+        let flags = FlagCache::builder(self.store.clone())
+            .migration(M, Stage::LegacyOnly)
+            .build()
+            .await;
+        let (legacy, new) = repos::repos::<DB, I>();
+        Users {
+            settings: DualStore::builder(
+                M,
+                legacy,
+                new,
+                self.pool.clone(),
+                flags,
+                SettingsResync::default(),
+            )
+            .build()
+            .unwrap(),
+        }
+    }
+}
+
+async fn count(db: &Database, table: &str) -> i64 {
+    Query::assert_safe(format!("SELECT COUNT(*) FROM {table}"))
+        .scalar(db)
+        .await
+        .unwrap()
+}
+
+async fn seed<I: K>(db: &Database, n: i64) {
+    let id = I::random_sql(db.backend());
+    let (columns, value) = match id {
+        Some(expr) => ("id, email, profile", format!("{expr}, ")),
+        None => ("email, profile", String::new()),
+    };
+    let sql = match db.backend() {
+        Backend::Postgres => format!(
+            "INSERT INTO users ({columns})
+             SELECT {value}'u' || g || '@example.com',
+                    jsonb_build_object('theme', 'theme-' || (g % 7), 'notifications_enabled', g % 2 = 0)
+             FROM generate_series(1, $1) AS g"
+        ),
+        _ => format!(
+            "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < $1)
+             INSERT INTO users ({columns})
+             SELECT {value}'u' || i || '@example.com',
+                    json_object('theme', 'theme-' || (i % 7), 'notifications_enabled',
+                                json(CASE WHEN i % 2 = 0 THEN 'true' ELSE 'false' END))
+             FROM g"
+        ),
+    };
+    Query::assert_safe(sql).bind(n).execute(db).await.unwrap();
+}
+
+/// Runs `$test::<DB, K>(fixture)` for a fixture of every shape (PostgreSQL ones only with
+/// `postgres_only`).
+macro_rules! each_fixture {
+    ($test:ident) => {{
+        async fn with_fixture<DB: Native, I: K>(shape: Shape) {
+            $test(Fixture::<DB, I>::new(shape).await).await
+        }
+        each_shape!(with_fixture);
+    }};
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backfill_copies_every_row_and_verify_finds_them_equal() {
-    for f in Fixture::all().await {
-        let backend = f.db.backend();
-        f.seed(5_000).await;
-        // Refused while dual writes are off: rows written meanwhile would be missed.
-        f.stage(Stage::LegacyOnly).await;
-        let err = f.backfill(BackfillOptions::default()).await.unwrap_err();
-        assert!(matches!(err, Error::Precondition(_)), "{backend:?}: {err}");
-        assert!(err.to_string().contains("dual_write"), "{err}");
-        assert_eq!(f.count("user_settings").await, 0);
+    each_fixture!(backfill_and_verify);
+}
 
-        f.stage(Stage::DualWrite).await;
-        let report = f
-            .backfill(BackfillOptions {
-                batch_size: 300,
-                workers: 3,
-                ..BackfillOptions::default()
-            })
+async fn backfill_and_verify<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.seed(5_000).await;
+    // Refused while dual writes are off: rows written meanwhile would be missed.
+    f.stage(Stage::LegacyOnly).await;
+    let err = f.backfill(BackfillOptions::default()).await.unwrap_err();
+    assert!(matches!(err, Error::Precondition(_)), "{b}: {err}");
+    assert!(err.to_string().contains("dual_write"), "{err}");
+    assert_eq!(f.count("user_settings").await, 0);
+
+    f.stage(Stage::DualWrite).await;
+    let report = f
+        .backfill(BackfillOptions {
+            batch_size: 300,
+            workers: 3,
+            ..BackfillOptions::default()
+        })
+        .await
+        .unwrap();
+    assert!(report.finished);
+    assert_eq!(report.rows_copied, 5_000, "{b}");
+    assert_eq!(report.run_rows_copied, 5_000);
+    assert_eq!(report.keys_done, 5_000);
+    assert_eq!(f.count("user_settings").await, 5_000);
+    let record = f.store.get(M).await.unwrap();
+    assert!(record.evidence.backfill_finished_at.is_some());
+
+    let v = f.verify(false).await;
+    assert!(v.clean, "{b}: {:?}", v.lines());
+    assert_eq!((v.legacy_rows, v.new_rows), (5_000, 5_000));
+    assert!(
+        f.store
+            .get(M)
             .await
-            .unwrap();
-        assert!(report.finished);
-        assert_eq!(report.rows_copied, 5_000, "{backend:?}");
-        assert_eq!(report.run_rows_copied, 5_000);
-        assert_eq!(f.count("user_settings").await, 5_000);
-        let record = f.store.get(M).await.unwrap();
-        assert!(record.evidence.backfill_finished_at.is_some());
+            .unwrap()
+            .evidence
+            .verify_clean_at
+            .is_some()
+    );
 
-        let v = f.verify(false).await;
-        assert!(v.clean, "{backend:?}: {:?}", v.lines());
-        assert_eq!((v.legacy_rows, v.new_rows), (5_000, 5_000));
-        assert!(
-            f.store
-                .get(M)
-                .await
-                .unwrap()
-                .evidence
-                .verify_clean_at
-                .is_some()
-        );
-
-        // A second backfill starts a new run and changes nothing.
-        let again = f.backfill(BackfillOptions::default()).await.unwrap();
-        assert!(!again.resumed);
-        assert_eq!(f.count("user_settings").await, 5_000);
-    }
+    // A second backfill starts a new run and changes nothing.
+    let again = f.backfill(BackfillOptions::default()).await.unwrap();
+    assert!(!again.resumed);
+    assert_eq!(f.count("user_settings").await, 5_000);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn planted_divergences_are_reported_exactly_and_repaired() {
-    for f in Fixture::all().await {
-        let backend = f.db.backend();
-        f.seed(2_000).await;
-        f.stage(Stage::DualWrite).await;
-        f.backfill(BackfillOptions::default()).await.unwrap();
-        assert!(f.verify(false).await.clean);
+    each_fixture!(planted_divergences);
+}
 
-        // Missing in new, missing in legacy (a user whose legacy settings are gone), and one
-        // column different.
-        sqlx::query("DELETE FROM user_settings WHERE user_id = 17")
-            .execute(f.db.pool())
-            .await
-            .unwrap();
-        sqlx::query("UPDATE users SET profile = '{}' WHERE id = 1234")
-            .execute(f.db.pool())
-            .await
-            .unwrap();
-        sqlx::query("UPDATE user_settings SET theme = 'planted' WHERE user_id = 1999")
-            .execute(f.db.pool())
-            .await
-            .unwrap();
-        let v = f.verify(false).await;
-        assert!(!v.clean);
-        assert_eq!(v.missing_in_new, vec![17], "{backend:?}");
-        assert_eq!(v.missing_in_legacy, vec![1234], "{backend:?}");
-        assert_eq!(v.different.len(), 1, "{:?}", v.different);
-        assert_eq!(v.different[0].key, 1999);
-        assert_eq!(v.different[0].columns, vec!["theme".to_owned()]);
-        assert_eq!(
-            v.differing_segments,
-            3.min(v.segments),
-            "{backend:?}: {v:?}"
-        );
+async fn planted_divergences<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.seed(2_000).await;
+    f.stage(Stage::DualWrite).await;
+    f.backfill(BackfillOptions::default()).await.unwrap();
+    assert!(f.verify(false).await.clean);
+    let keys = f.keys().await;
+    let (missing, gone, changed) = (&keys[16], &keys[1233], &keys[1998]);
 
-        // --repair re-syncs exactly those keys from legacy (authoritative in dual_write).
-        let r = f.verify(true).await;
-        assert!(r.clean, "{:?}", r.lines());
-        let mut repaired = r.repaired.clone();
-        repaired.sort();
-        assert_eq!(repaired, vec![17, 1234, 1999]);
-        assert!(f.verify(false).await.clean);
-        assert_eq!(f.count("user_settings").await, 1_999);
-    }
+    // Missing in new, missing in legacy (a user whose legacy settings are gone), and one
+    // column different.
+    f.with_key("DELETE FROM user_settings WHERE user_id = $1", missing)
+        .await;
+    f.with_key("UPDATE users SET profile = '{}' WHERE id = $1", gone)
+        .await;
+    f.with_key(
+        "UPDATE user_settings SET theme = 'planted' WHERE user_id = $1",
+        changed,
+    )
+    .await;
+    let v = f.verify(false).await;
+    assert!(!v.clean);
+    assert_eq!(v.missing_in_new, vec![missing.to_dyn()], "{b}");
+    assert_eq!(v.missing_in_legacy, vec![gone.to_dyn()], "{b}");
+    assert_eq!(v.different.len(), 1, "{:?}", v.different);
+    assert_eq!(v.different[0].key, changed.to_dyn());
+    assert_eq!(v.different[0].columns, vec!["theme".to_owned()]);
+    assert!((1..=3).contains(&v.differing_segments), "{b}: {v:?}");
+    assert_eq!(v.unexplained_segments, 0);
+
+    // --repair re-syncs exactly those keys from legacy (authoritative in dual_write).
+    let r = f.verify(true).await;
+    assert!(r.clean, "{:?}", r.lines());
+    let mut repaired = r.repaired.clone();
+    repaired.sort();
+    let mut want = vec![missing.to_dyn(), gone.to_dyn(), changed.to_dyn()];
+    want.sort();
+    assert_eq!(repaired, want, "{b}");
+    assert!(f.verify(false).await.clean);
+    assert_eq!(f.count("user_settings").await, 1_999);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stage_gates_follow_real_evidence() {
-    for f in Fixture::all().await {
-        let dir = tempfile::tempdir().unwrap();
-        f.seed(500).await;
-        f.cli(dir.path(), "stage set user_settings dual_write --reason go");
-        let (code, out) = f.cli(
-            dir.path(),
-            "stage set user_settings shadow --reason compare",
-        );
-        assert_eq!(code, 3, "{out}");
-        assert!(out.contains("twintrack backfill user_settings"), "{out}");
+    each_fixture!(stage_gates);
+}
 
-        let (code, out) = f.cli(dir.path(), "backfill user_settings --batch-size 100");
-        assert_eq!(code, 0, "{out}");
-        let (code, out) = f.cli(
-            dir.path(),
-            "stage set user_settings shadow --reason compare",
-        );
-        assert_eq!(code, 3, "{out}");
-        assert!(out.contains("twintrack verify user_settings"), "{out}");
-        let (code, out) = f.cli(dir.path(), "verify user_settings --segments 4");
-        assert_eq!(code, 0, "{out}");
-        assert!(out.contains("CLEAN"), "{out}");
-        let (code, out) = f.cli(
-            dir.path(),
-            "stage set user_settings shadow --reason compare",
-        );
-        assert_eq!(code, 0, "{out}");
+async fn stage_gates<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let dir = tempfile::tempdir().unwrap();
+    f.seed(500).await;
+    f.cli(dir.path(), "stage set user_settings dual_write --reason go");
+    let (code, out) = f.cli(
+        dir.path(),
+        "stage set user_settings shadow --reason compare",
+    );
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("twintrack backfill user_settings"), "{out}");
 
-        // Back to legacy_only and forward again: the old proof no longer counts.
-        let (code, out) = f.cli(
-            dir.path(),
-            "stage set user_settings legacy_only --reason back",
-        );
-        assert_eq!(code, 0, "{out}");
-        let (code, _) = f.cli(
-            dir.path(),
-            "stage set user_settings dual_write --reason again",
-        );
-        assert_eq!(code, 0);
-        let (code, out) = f.cli(dir.path(), "stage set user_settings shadow --reason again");
-        assert_eq!(code, 3, "{out}");
-        let (code, out) = f.cli(dir.path(), "backfill user_settings");
-        assert_eq!(code, 0, "{out}");
-        let (code, out) = f.cli(dir.path(), "verify user_settings");
-        assert_eq!(code, 0, "{out}");
-        let (code, out) = f.cli(dir.path(), "stage set user_settings shadow --reason again");
-        assert_eq!(code, 0, "{out}");
+    let (code, out) = f.cli(dir.path(), "backfill user_settings --batch-size 100");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = f.cli(
+        dir.path(),
+        "stage set user_settings shadow --reason compare",
+    );
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("twintrack verify user_settings"), "{out}");
+    let (code, out) = f.cli(dir.path(), "verify user_settings --segments 4");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("CLEAN"), "{out}");
+    let (code, out) = f.cli(
+        dir.path(),
+        "stage set user_settings shadow --reason compare",
+    );
+    assert_eq!(code, 0, "{out}");
 
-        // A divergence: verify exits 1 and names it.
-        sqlx::query("UPDATE user_settings SET theme = 'x' WHERE user_id = 3")
-            .execute(f.db.pool())
-            .await
-            .unwrap();
-        let (code, out) = f.cli(dir.path(), "verify user_settings");
-        assert_eq!(code, 1, "{out}");
-        assert!(out.contains("different 3 (theme)"), "{out}");
-        let (code, out) = f.cli(dir.path(), "--json verify user_settings --repair");
-        assert_eq!(code, 0, "{out}");
-        let json: serde_json::Value =
-            serde_json::from_str(&out[..out.rfind('}').unwrap() + 1]).unwrap();
-        assert_eq!(json["repaired"], serde_json::json!([3]));
-    }
+    // Back to legacy_only and forward again: the old proof no longer counts.
+    let (code, out) = f.cli(
+        dir.path(),
+        "stage set user_settings legacy_only --reason back",
+    );
+    assert_eq!(code, 0, "{out}");
+    let (code, _) = f.cli(
+        dir.path(),
+        "stage set user_settings dual_write --reason again",
+    );
+    assert_eq!(code, 0);
+    let (code, out) = f.cli(dir.path(), "stage set user_settings shadow --reason again");
+    assert_eq!(code, 3, "{out}");
+    let (code, out) = f.cli(dir.path(), "backfill user_settings");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = f.cli(dir.path(), "verify user_settings");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = f.cli(dir.path(), "stage set user_settings shadow --reason again");
+    assert_eq!(code, 0, "{out}");
+
+    // A divergence: verify exits 1 and names it, by its key's natural text.
+    let key = f.keys().await[2].clone();
+    f.with_key(
+        "UPDATE user_settings SET theme = 'x' WHERE user_id = $1",
+        &key,
+    )
+    .await;
+    let (code, out) = f.cli(dir.path(), "verify user_settings");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("different {} (theme)", key.to_text())),
+        "{out}"
+    );
+    let (code, out) = f.cli(dir.path(), "--json verify user_settings --repair");
+    assert_eq!(code, 0, "{out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&out[..out.rfind('}').unwrap() + 1]).unwrap();
+    assert_eq!(
+        json["repaired"],
+        serde_json::json!([key.to_dyn().to_json()])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_definitions_are_refused_before_anything_is_written() {
-    for f in Fixture::all().await {
-        let dir = tempfile::tempdir().unwrap();
-        f.seed(50).await;
-        f.stage(Stage::DualWrite).await;
-        let good = std::fs::read_to_string(quickstart_config()).unwrap();
-        let cases = [
-            (
-                good.replace(
-                    "legacy_table = \"users\"",
-                    "legacy_table = \"no_such_table\"",
-                ),
-                "legacy_table",
+    each_fixture!(bad_definitions);
+}
+
+async fn bad_definitions<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let dir = tempfile::tempdir().unwrap();
+    f.seed(50).await;
+    f.stage(Stage::DualWrite).await;
+    let other = if I::KINDS == [twintrack::KeyKind::Text] {
+        "BIGINT"
+    } else {
+        "TEXT"
+    };
+    Query::assert_safe(format!("CREATE TABLE other_key (k {other})"))
+        .execute(&f.db)
+        .await
+        .unwrap();
+    let good = std::fs::read_to_string(quickstart_config()).unwrap();
+    let cases = [
+        (
+            good.replace(
+                "legacy_table = \"users\"",
+                "legacy_table = \"no_such_table\"",
             ),
-            (
-                good.replace("legacy_key = \"id\"", "legacy_key = \"no_such_column\""),
-                "legacy_table/legacy_key",
+            "legacy_table no_such_table does not exist",
+        ),
+        (
+            good.replace("legacy_key = \"id\"", "legacy_key = \"no_such_column\""),
+            "legacy_key: no column no_such_column in users",
+        ),
+        (
+            // A key column of another type than the legacy key's.
+            good.replace("new_table = \"user_settings\"", "new_table = \"other_key\"")
+                .replace("new_key = \"user_id\"", "new_key = \"k\""),
+            "the key columns' types differ between the shapes",
+        ),
+        (
+            good.replace("legacy_key = \"id\"", "legacy_key = [\"id\", \"email\"]"),
+            "legacy_key has 2 columns and new_key 1",
+        ),
+        (
+            good.replace("legacy_key = \"id\"", "legacy_key = 7"),
+            "a key column name, or an array",
+        ),
+        (
+            good.replace(
+                "legacy_table = \"users\"",
+                "legacy_table = \"users; drop table users\"",
             ),
-            (
-                good.replace(
-                    "legacy_table = \"users\"",
-                    "legacy_table = \"users; drop table users\"",
-                ),
-                "invalid SQL identifier",
-            ),
-            (
-                good.replace("new_key = \"user_id\"", "new_key = \"user\\\"_id\""),
-                "invalid SQL identifier",
-            ),
-            (
-                good.replace("ON CONFLICT (user_id)", "ON CONFLICT (no_such)"),
-                "copy SQL fails",
-            ),
-            (
-                good.replace("SELECT user_id AS key,", "SELECT user_id AS k,"),
-                "new_projection",
-            ),
-        ];
-        for (text, needle) in cases {
-            let path = dir.path().join("bad.toml");
-            std::fs::write(&path, &text).unwrap();
-            for command in ["backfill user_settings", "verify user_settings"] {
-                let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
-                    .arg("--database-url")
-                    .arg(&f.url)
-                    .arg("--config")
-                    .arg(&path)
-                    .args(command.split_whitespace())
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stderr);
-                assert_eq!(
-                    out.status.code(),
-                    Some(2),
-                    "{command} with {needle}: {text}"
-                );
-                assert!(
-                    text.contains(needle),
-                    "{command}: expected {needle:?} in {text}"
-                );
-            }
+            "invalid SQL identifier",
+        ),
+        (
+            good.replace("new_key = \"user_id\"", "new_key = \"user\\\"_id\""),
+            "invalid SQL identifier",
+        ),
+        (
+            good.replace("ON CONFLICT (user_id)", "ON CONFLICT (no_such)"),
+            "copy SQL fails",
+        ),
+        (
+            good.replace("{batch:s}", "{batch:s t}"),
+            "the alias must be a plain identifier",
+        ),
+        (
+            good.replace("SELECT user_id AS key,", "SELECT user_id AS k,"),
+            "new_projection",
+        ),
+    ];
+    for (text, needle) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, &text).unwrap();
+        for command in ["backfill user_settings", "verify user_settings"] {
+            let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+                .arg("--database-url")
+                .arg(&f.url)
+                .arg("--config")
+                .arg(&path)
+                .args(command.split_whitespace())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{} {command} with {needle}: {text}",
+                f.name
+            );
+            assert!(
+                text.contains(needle),
+                "{command}: expected {needle:?} in {text}"
+            );
         }
-        assert_eq!(f.count("user_settings").await, 0, "nothing was copied");
-        assert_eq!(
-            f.count("twintrack_backfill_runs").await,
-            0,
-            "no run was started"
-        );
-        let record = f.store.get(M).await.unwrap();
-        assert!(record.evidence.backfill_finished_at.is_none());
-        assert!(record.evidence.verify_clean_at.is_none());
     }
+    assert_eq!(f.count("user_settings").await, 0, "nothing was copied");
+    assert_eq!(
+        f.count("twintrack_backfill_runs").await,
+        0,
+        "no run was started"
+    );
+    let record = f.store.get(M).await.unwrap();
+    assert!(record.evidence.backfill_finished_at.is_none());
+    assert!(record.evidence.verify_clean_at.is_none());
 }
 
 /// The `FOR SHARE` lock is what keeps a racing dual write from being overwritten by a batch's
 /// older copy. A copy statement made slow on purpose (it sleeps after taking its snapshot)
 /// gives a write the time to land in between: with the lock the write waits for the batch and
-/// wins; without it, the batch's stale copy overwrites it.
+/// wins; without it, the batch's stale copy overwrites it. (PostgreSQL: SQLite's batch holds
+/// the database's write lock.)
 #[tokio::test(flavor = "multi_thread")]
 async fn the_row_lock_keeps_racing_writes_from_being_overwritten() {
-    let Some(pg) = common::pg::fresh_db().await else {
+    each_fixture!(row_lock);
+}
+
+async fn row_lock<DB: Native, I: K>(f: Fixture<DB, I>) {
+    if f.db.backend() != Backend::Postgres {
         return;
-    };
+    }
     for lock in [true, false] {
-        let f = Fixture::new(&pg.url, None).await;
-        sqlx::query(
+        query(
             "TRUNCATE users, user_settings, twintrack_backfill_runs, twintrack_backfill_chunks RESTART IDENTITY",
         )
-        .execute(f.db.pool())
+        .execute(&f.db)
         .await
         .unwrap();
         f.seed(10).await;
@@ -401,16 +516,7 @@ async fn the_row_lock_keeps_racing_writes_from_being_overwritten() {
             "FROM users, (SELECT pg_sleep(0.5)) AS slow\nWHERE",
         ));
         assert!(def.copy.as_ref().unwrap().contains("pg_sleep"));
-        let flags = FlagCache::builder(f.store.clone())
-            .migration(M, Stage::LegacyOnly)
-            .build()
-            .await;
-        let (legacy, new) = repos::repos(Backend::Postgres);
-        let users = Users {
-            settings: DualStore::builder(M, legacy, new, f.db.clone(), flags, SettingsResync)
-                .build()
-                .unwrap(),
-        };
+        let users = f.users().await;
         let options = BackfillOptions {
             batch_size: 100,
             unsafe_no_row_locks: !lock,
@@ -426,9 +532,10 @@ async fn the_row_lock_keeps_racing_writes_from_being_overwritten() {
         })
         .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let key = f.keys().await[4].clone();
         users
             .update(
-                5,
+                &key,
                 Settings {
                     theme: "written-during-backfill".into(),
                     notifications_enabled: true,
@@ -439,7 +546,7 @@ async fn the_row_lock_keeps_racing_writes_from_being_overwritten() {
         run.await.unwrap().unwrap();
         let v = f.verify(false).await;
         if lock {
-            assert!(v.clean, "with the lock: {:?}", v.lines());
+            assert!(v.clean, "{} with the lock: {:?}", f.name, v.lines());
         } else {
             assert_eq!(
                 v.different.len(),
@@ -447,7 +554,7 @@ async fn the_row_lock_keeps_racing_writes_from_being_overwritten() {
                 "without the lock the race is real: {:?}",
                 v.lines()
             );
-            assert_eq!(v.different[0].key, 5);
+            assert_eq!(v.different[0].key, key.to_dyn());
         }
     }
 }
@@ -455,12 +562,10 @@ async fn the_row_lock_keeps_racing_writes_from_being_overwritten() {
 /// Rows copied by every batch of every run so far: each row once means no range was copied
 /// twice.
 async fn rows_copied(db: &Database) -> i64 {
-    sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) FROM twintrack_backfill_chunks",
-    )
-    .fetch_one(db.pool())
-    .await
-    .unwrap()
+    query("SELECT CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) FROM twintrack_backfill_chunks")
+        .scalar(db)
+        .await
+        .unwrap()
 }
 
 fn backfill_process(url: &str, extra: &[&str]) -> std::process::Child {
@@ -478,17 +583,24 @@ fn backfill_process(url: &str, extra: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
+/// A million rows, the backfill SIGKILLed halfway and started again: the second run resumes
+/// the first, and together they copy every row exactly once. (PostgreSQL, `bigint` and UUID
+/// keys.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_million_row_backfill_killed_halfway_resumes_without_gap_or_duplicate() {
-    let Some(pg) = common::pg::fresh_db().await else {
+    each_fixture!(killed_and_resumed);
+}
+
+async fn killed_and_resumed<DB: Native, I: K>(f: Fixture<DB, I>) {
+    if f.db.backend() != Backend::Postgres {
         return;
-    };
-    let f = Fixture::new(&pg.url, None).await;
+    }
+    let b = &f.name;
     f.seed(1_000_000).await;
     f.stage(Stage::DualWrite).await;
 
     let mut first = backfill_process(&f.url, &["--workers", "2"]);
-    common::pg::eventually(Duration::from_secs(120), "half the rows copied", || async {
+    common::pg::eventually(Duration::from_secs(180), "half the rows copied", || async {
         rows_copied(&f.db).await >= 500_000
     })
     .await;
@@ -497,9 +609,9 @@ async fn a_million_row_backfill_killed_halfway_resumes_without_gap_or_duplicate(
     let at_kill = rows_copied(&f.db).await;
     assert!(
         at_kill < 1_000_000,
-        "the run finished before it was killed ({at_kill})"
+        "{b}: the run finished before it was killed ({at_kill})"
     );
-    eprintln!("killed after {at_kill} rows");
+    eprintln!("{b}: killed after {at_kill} rows");
 
     let second = backfill_process(&f.url, &["--workers", "2"])
         .wait_with_output()
@@ -521,7 +633,7 @@ async fn a_million_row_backfill_killed_halfway_resumes_without_gap_or_duplicate(
     );
     assert_eq!(f.count("user_settings").await, 1_000_000);
     let v = f.verify(false).await;
-    assert!(v.clean, "{:?}", v.lines());
+    assert!(v.clean, "{b}: {:?}", v.lines());
     assert_eq!(v.legacy_rows, 1_000_000);
 }
 
@@ -530,7 +642,14 @@ async fn two_backfill_processes_share_the_range_without_overlap() {
     let Some(pg) = common::pg::fresh_db().await else {
         return;
     };
-    let f = Fixture::new(&pg.url, None).await;
+    let f = Fixture::<sqlx::Postgres, i64>::new(Shape {
+        backend: "postgres",
+        key: "i64",
+        url: pg.url,
+        replica_urls: pg.replica_urls,
+        guard: None,
+    })
+    .await;
     f.seed(200_000).await;
     f.stage(Stage::DualWrite).await;
     let args = [
@@ -572,7 +691,14 @@ async fn a_lagging_replica_pauses_the_backfill_until_it_catches_up() {
         return;
     };
     let db = cluster.fresh_db().await;
-    let f = Fixture::new(&db.url, None).await;
+    let f = Fixture::<sqlx::Postgres, i64>::new(Shape {
+        backend: "postgres",
+        key: "i64",
+        url: db.url,
+        replica_urls: db.replica_urls,
+        guard: None,
+    })
+    .await;
     f.seed(2_000).await;
     f.stage(Stage::DualWrite).await;
     let metrics = common::TestMetrics::new();
@@ -612,170 +738,166 @@ async fn a_lagging_replica_pauses_the_backfill_until_it_catches_up() {
 /// workers): afterwards verify finds both shapes equal.
 #[tokio::test(flavor = "multi_thread")]
 async fn updates_and_deletes_racing_the_backfill_leave_both_shapes_equal() {
-    for f in Fixture::all().await {
-        let backend = f.db.backend();
-        let n = 20_000;
-        f.seed(n).await;
-        f.stage(Stage::DualWrite).await;
-        let flags = FlagCache::builder(f.store.clone())
-            .migration(M, Stage::LegacyOnly)
-            .build()
-            .await;
-        let (legacy, new) = repos::repos(backend);
-        let users = Users {
-            settings: DualStore::builder(M, legacy, new, f.db.clone(), flags, SettingsResync)
-                .build()
-                .unwrap(),
+    each_fixture!(racing_writes);
+}
+
+async fn racing_writes<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    let n = 20_000;
+    f.seed(n).await;
+    f.stage(Stage::DualWrite).await;
+    let keys = f.keys().await;
+    let users = f.users().await;
+    let (db, store, def) = (f.db.clone(), f.store.clone(), f.def.clone());
+    let run = tokio::spawn(async move {
+        let options = BackfillOptions {
+            batch_size: 200,
+            target_batch_time: Duration::from_millis(10),
+            workers: 3,
+            // About 2 s, so plenty of writes land while batches run.
+            rate: Some(10_000.0),
+            ..BackfillOptions::default()
         };
-        let (db, store, def) = (f.db.clone(), f.store.clone(), f.def.clone());
-        let run = tokio::spawn(async move {
-            let options = BackfillOptions {
-                batch_size: 200,
-                target_batch_time: Duration::from_millis(10),
-                workers: 3,
-                // About 2 s, so plenty of writes land while batches run.
-                rate: Some(10_000.0),
-                ..BackfillOptions::default()
-            };
-            backfill::run(&db, &*store, &def, options, Metrics::global(), |_| {}).await
-        });
-        let mut writes = 0;
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        while !run.is_finished() {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let id = 1 + (rng % n as u64) as i64;
-            let result = if rng.is_multiple_of(5) {
-                users.delete(id).await
-            } else {
-                users
-                    .update(
-                        id,
-                        Settings {
-                            theme: format!("raced-{writes}"),
-                            notifications_enabled: rng.is_multiple_of(2),
-                        },
-                    )
-                    .await
-            };
-            match result {
-                Ok(()) | Err(repos::UserError::NotFound) => writes += 1,
-                Err(e) => panic!("{backend:?}: a racing write failed: {e:?}"),
-            }
+        backfill::run(&db, &*store, &def, options, Metrics::global(), |_| {}).await
+    });
+    let mut writes = 0;
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    while !run.is_finished() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let id = &keys[(rng % keys.len() as u64) as usize];
+        let result = if rng.is_multiple_of(5) {
+            users.delete(id).await
+        } else {
+            users
+                .update(
+                    id,
+                    Settings {
+                        theme: format!("raced-{writes}"),
+                        notifications_enabled: rng.is_multiple_of(2),
+                    },
+                )
+                .await
+        };
+        match result {
+            Ok(()) | Err(repos::UserError::NotFound) => writes += 1,
+            Err(e) => panic!("{b}: a racing write failed: {e:?}"),
         }
-        run.await.unwrap().unwrap();
-        eprintln!("{backend:?}: {writes} updates and deletes raced the backfill");
-        assert!(
-            writes > 50,
-            "{backend:?}: only {writes} writes raced the backfill"
-        );
-        let v = f.verify(false).await;
-        assert!(v.clean, "{backend:?}: {:?}", v.lines());
     }
+    run.await.unwrap().unwrap();
+    eprintln!("{b}: {writes} updates and deletes raced the backfill");
+    assert!(writes > 50, "{b}: only {writes} writes raced the backfill");
+    let v = f.verify(false).await;
+    assert!(v.clean, "{b}: {:?}", v.lines());
 }
 
 /// Leaving `new_only` for a stage that reads legacy needs a reverse sync: `backfill --reverse`
 /// (the definition's `reverse_copy`) copies what only the new shape received.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reverse_backfill_makes_leaving_new_only_safe() {
-    for f in Fixture::all().await {
-        let backend = f.db.backend();
-        f.seed(500).await;
-        let set = |stage: Stage| {
-            let store = f.store.clone();
-            async move {
-                store
-                    .set_stage(StageChange::new(M, stage, "test", "walk"))
-                    .await
-            }
-        };
-        set(Stage::DualWrite).await.unwrap();
-        f.backfill(BackfillOptions::default()).await.unwrap();
-        assert!(f.verify(false).await.clean);
-        for stage in [Stage::Shadow, Stage::Live, Stage::RampDown, Stage::NewOnly] {
-            set(stage)
+    each_fixture!(reverse_backfill);
+}
+
+async fn reverse_backfill<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.seed(500).await;
+    let set = |stage: Stage| {
+        let store = f.store.clone();
+        async move {
+            store
+                .set_stage(StageChange::new(M, stage, "test", "walk"))
                 .await
-                .unwrap_or_else(|e| panic!("{backend:?} → {stage}: {e}"));
         }
-        // In new_only only the new shape is written.
-        sqlx::query("UPDATE user_settings SET theme = 'new-only' WHERE user_id <= 10")
-            .execute(f.db.pool())
+    };
+    set(Stage::DualWrite).await.unwrap();
+    f.backfill(BackfillOptions::default()).await.unwrap();
+    assert!(f.verify(false).await.clean);
+    for stage in [Stage::Shadow, Stage::Live, Stage::RampDown, Stage::NewOnly] {
+        set(stage)
             .await
-            .unwrap();
-        let err = set(Stage::Shadow).await.unwrap_err();
-        assert!(err.to_string().contains("--reverse"), "{backend:?}: {err}");
-        // Reverse backfill is refused until legacy receives writes again...
-        let reverse = BackfillOptions {
-            direction: twintrack::definition::Direction::Reverse,
-            ..BackfillOptions::default()
-        };
-        assert!(matches!(
-            f.backfill(reverse.clone()).await.unwrap_err(),
-            Error::Precondition(_)
-        ));
-        // ...which ramp_down does (it still reads new, so it needs no proof).
-        set(Stage::RampDown).await.unwrap();
-        let report = f.backfill(reverse).await.unwrap();
-        assert!(report.finished);
-        assert!(
-            f.store
-                .get(M)
-                .await
-                .unwrap()
-                .evidence
-                .reverse_synced_at
-                .is_some()
-        );
-        assert!(f.verify(false).await.clean, "{backend:?}");
-        set(Stage::Shadow).await.unwrap();
+            .unwrap_or_else(|e| panic!("{b} → {stage}: {e}"));
     }
+    // In new_only only the new shape is written.
+    for key in &f.keys().await[..10] {
+        f.with_key(
+            "UPDATE user_settings SET theme = 'new-only' WHERE user_id = $1",
+            key,
+        )
+        .await;
+    }
+    let err = set(Stage::Shadow).await.unwrap_err();
+    assert!(err.to_string().contains("--reverse"), "{b}: {err}");
+    // Reverse backfill is refused until legacy receives writes again...
+    let reverse = BackfillOptions {
+        direction: twintrack::definition::Direction::Reverse,
+        ..BackfillOptions::default()
+    };
+    assert!(matches!(
+        f.backfill(reverse.clone()).await.unwrap_err(),
+        Error::Precondition(_)
+    ));
+    // ...which ramp_down does (it still reads new, so it needs no proof).
+    set(Stage::RampDown).await.unwrap();
+    let report = f.backfill(reverse).await.unwrap();
+    assert!(report.finished);
+    assert!(
+        f.store
+            .get(M)
+            .await
+            .unwrap()
+            .evidence
+            .reverse_synced_at
+            .is_some()
+    );
+    assert!(f.verify(false).await.clean, "{b}");
+    set(Stage::Shadow).await.unwrap();
 }
 
 /// A `Resync` that must not be called: proves the repair worker used the definition's SQL.
-struct NoResync;
+struct NoResync<DB, I>(std::marker::PhantomData<fn() -> (DB, I)>);
 
-impl twintrack::dual::Resync<dyn repos::SettingsRepo> for NoResync {
+fn not_called<'c, T: Send + 'c>(what: &'static str) -> BoxFuture<'c, sqlx::Result<T>> {
+    Box::pin(async move {
+        Err(sqlx::Error::Protocol(format!(
+            "Resync::{what} must not be called"
+        )))
+    })
+}
+
+impl<'a, DB: Native, I: K> twintrack::dual::Resync<dyn SettingsRepo<DB, I> + 'a>
+    for NoResync<DB, I>
+{
+    type Database = DB;
+    type Key = I;
     type Record = Settings;
 
     fn load<'c>(
         &'c self,
-        _: &'c dyn repos::SettingsRepo,
-        _: &'c mut sqlx::AnyConnection,
-        _: i64,
-    ) -> twintrack::flags::BoxFuture<'c, sqlx::Result<Option<Settings>>> {
-        Box::pin(async {
-            Err(sqlx::Error::Protocol(
-                "Resync::load must not be called".into(),
-            ))
-        })
+        _: &'c (dyn SettingsRepo<DB, I> + 'a),
+        _: &'c mut NativeConnection<DB>,
+        _: &'c I,
+    ) -> BoxFuture<'c, sqlx::Result<Option<Settings>>> {
+        not_called("load")
     }
 
     fn store<'c>(
         &'c self,
-        _: &'c dyn repos::SettingsRepo,
-        _: &'c mut sqlx::AnyConnection,
-        _: i64,
+        _: &'c (dyn SettingsRepo<DB, I> + 'a),
+        _: &'c mut NativeConnection<DB>,
+        _: &'c I,
         _: Settings,
-    ) -> twintrack::flags::BoxFuture<'c, sqlx::Result<()>> {
-        Box::pin(async {
-            Err(sqlx::Error::Protocol(
-                "Resync::store must not be called".into(),
-            ))
-        })
+    ) -> BoxFuture<'c, sqlx::Result<()>> {
+        not_called("store")
     }
 
     fn delete<'c>(
         &'c self,
-        _: &'c dyn repos::SettingsRepo,
-        _: &'c mut sqlx::AnyConnection,
-        _: i64,
-    ) -> twintrack::flags::BoxFuture<'c, sqlx::Result<()>> {
-        Box::pin(async {
-            Err(sqlx::Error::Protocol(
-                "Resync::delete must not be called".into(),
-            ))
-        })
+        _: &'c (dyn SettingsRepo<DB, I> + 'a),
+        _: &'c mut NativeConnection<DB>,
+        _: &'c I,
+    ) -> BoxFuture<'c, sqlx::Result<()>> {
+        not_called("delete")
     }
 }
 
@@ -783,82 +905,96 @@ impl twintrack::dual::Resync<dyn repos::SettingsRepo> for NoResync {
 /// definition's SQL.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_repair_worker_resyncs_keys_with_the_definition() {
-    for f in Fixture::all().await {
-        let backend = f.db.backend();
-        f.seed(100).await;
-        f.stage(Stage::DualWrite).await;
-        f.backfill(BackfillOptions::default()).await.unwrap();
-        // Three keys drift (different, missing in new, settings gone from legacy), each with
-        // the repair intent a failed non-authoritative write would have left.
-        for sql in [
-            "UPDATE user_settings SET theme = 'drift' WHERE user_id = 7",
-            "DELETE FROM user_settings WHERE user_id = 8",
-            "UPDATE users SET profile = '{}' WHERE id = 9",
-        ] {
-            sqlx::query(sql).execute(f.db.pool()).await.unwrap();
-        }
-        for key in [7i64, 8, 9] {
-            sqlx::query(
-                "INSERT INTO twintrack_repair_intents (migration, key, target_side, created_at) VALUES ($1, $2, 'new', 0)",
-            )
-            .bind(M)
-            .bind(key)
-            .execute(f.db.pool())
-            .await
-            .unwrap();
-        }
-        assert!(!f.verify(false).await.clean);
-        let flags = FlagCache::builder(f.store.clone())
-            .migration(M, Stage::LegacyOnly)
-            .build()
-            .await;
-        let (legacy, new) = repos::repos(backend);
-        let store = DualStore::builder(M, legacy, new, f.db.clone(), flags, NoResync)
-            .definition(f.def.clone())
-            .build()
-            .unwrap();
-        let report = store.repair(Duration::ZERO).await.unwrap();
-        assert_eq!(
-            (report.copied, report.deleted, report.failed),
-            (2, 1, 0),
-            "{backend:?}: {report:?}"
-        );
-        assert_eq!(twintrack::dual::pending_intents(&f.db, M).await.unwrap(), 0);
-        assert!(f.verify(false).await.clean, "{backend:?}");
+    each_fixture!(repair_with_definition);
+}
+
+async fn repair_with_definition<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.seed(100).await;
+    f.stage(Stage::DualWrite).await;
+    f.backfill(BackfillOptions::default()).await.unwrap();
+    let keys = f.keys().await;
+    // Three keys drift (different, missing in new, settings gone from legacy), each with
+    // the repair intent a failed non-authoritative write would have left.
+    f.with_key(
+        "UPDATE user_settings SET theme = 'drift' WHERE user_id = $1",
+        &keys[6],
+    )
+    .await;
+    f.with_key("DELETE FROM user_settings WHERE user_id = $1", &keys[7])
+        .await;
+    f.with_key("UPDATE users SET profile = '{}' WHERE id = $1", &keys[8])
+        .await;
+    for key in &keys[6..9] {
+        query(
+            "INSERT INTO twintrack_repair_intents (migration, key_text, target_side, created_at) VALUES ($1, $2, 'new', 0)",
+        )
+        .bind(M)
+        .bind(key.to_text())
+        .execute(&f.db)
+        .await
+        .unwrap();
     }
+    assert!(!f.verify(false).await.clean);
+    let flags = FlagCache::builder(f.store.clone())
+        .migration(M, Stage::LegacyOnly)
+        .build()
+        .await;
+    let (legacy, new) = repos::repos::<DB, I>();
+    let store = DualStore::builder(
+        M,
+        legacy,
+        new,
+        f.pool.clone(),
+        flags,
+        NoResync(std::marker::PhantomData),
+    )
+    .definition(f.def.clone())
+    .build()
+    .unwrap();
+    let report = store.repair(Duration::ZERO).await.unwrap();
+    assert_eq!(
+        (report.copied, report.deleted, report.failed),
+        (2, 1, 0),
+        "{b}: {report:?}"
+    );
+    assert_eq!(twintrack::dual::pending_intents(&f.db, M).await.unwrap(), 0);
+    assert!(f.verify(false).await.clean, "{b}");
 }
 
 /// An interrupted run from before the migration went back to `legacy_only` is not resumed: rows
 /// written meanwhile never reached the new shape, so its done chunks prove nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_older_than_the_last_legacy_only_is_started_over() {
-    for f in Fixture::all().await {
-        f.seed(300).await;
-        f.stage(Stage::DualWrite).await;
-        // An interrupted run that claims the whole range is done.
-        let run: i64 = sqlx::query_scalar(
-            "INSERT INTO twintrack_backfill_runs (migration, direction, lower_bound, upper_bound, started_at)
-             VALUES ($1, 'forward', 0, 300, 1) RETURNING id",
-        )
-        .bind(M)
-        .fetch_one(f.db.pool())
-        .await
-        .unwrap();
-        sqlx::query(
-            "INSERT INTO twintrack_backfill_chunks (run_id, chunk, lo, hi, next_key, done_at) VALUES ($1, 0, 0, 300, 300, 2)",
-        )
-        .bind(run)
-        .execute(f.db.pool())
-        .await
-        .unwrap();
-        f.stage(Stage::LegacyOnly).await;
-        f.stage(Stage::DualWrite).await;
-        let report = f.backfill(BackfillOptions::default()).await.unwrap();
-        assert!(!report.resumed);
-        assert_ne!(report.run_id, run);
-        assert_eq!(report.rows_copied, 300);
-        assert!(f.verify(false).await.clean);
-    }
+    each_fixture!(stale_run);
+}
+
+async fn stale_run<DB: Native, I: K>(f: Fixture<DB, I>) {
+    f.seed(300).await;
+    f.stage(Stage::DualWrite).await;
+    // An interrupted run that claims the whole range is done.
+    let run: i64 = query(
+        "INSERT INTO twintrack_backfill_runs (migration, direction, lower_bound, upper_bound, started_at)
+         VALUES ($1, 'forward', NULL, NULL, 1) RETURNING id",
+    )
+    .bind(M)
+    .scalar(&f.db)
+    .await
+    .unwrap();
+    query(
+        "INSERT INTO twintrack_backfill_chunks (run_id, chunk, lo, hi, next_key, done_at) VALUES ($1, 0, NULL, NULL, NULL, 2)",
+    )
+    .bind(run)
+    .execute(&f.db)
+    .await
+    .unwrap();
+    f.stage(Stage::LegacyOnly).await;
+    f.stage(Stage::DualWrite).await;
+    let report = f.backfill(BackfillOptions::default()).await.unwrap();
+    assert!(!report.resumed);
+    assert_ne!(report.run_id, run);
+    assert_eq!(report.rows_copied, 300);
+    assert!(f.verify(false).await.clean);
 }
 
 /// A two-database store backfills through its `Resync`: each batch's keys are read under the
@@ -866,109 +1002,112 @@ async fn a_run_older_than_the_last_legacy_only_is_started_over() {
 /// deletes race it; afterwards both databases hold the same settings for every user.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_two_database_store_backfills_through_resync_under_racing_writes() {
-    let mut pairs: Vec<(String, String, Vec<tempfile::TempDir>)> = Vec::new();
-    let (d1, u1) = common::sqlite_db();
-    let (d2, u2) = common::sqlite_db();
-    pairs.push((u1, u2, vec![d1, d2]));
-    if let (Some(a), Some(b)) = (common::pg::fresh_db().await, common::pg::fresh_db().await) {
-        pairs.push((a.url, b.url, vec![]));
-    }
-    for (legacy_url, new_url, _guards) in pairs {
-        let f = Fixture::new(&legacy_url, None).await;
-        let backend = f.db.backend();
-        let new_db = Database::connect(&new_url).await.unwrap();
-        repos::create_shapes(&new_db).await.unwrap();
-        twintrack::schema::install(&new_db).await.unwrap();
-        let n = 3_000;
-        f.seed(n).await;
-        f.stage(Stage::DualWrite).await;
-        let flags = FlagCache::builder(f.store.clone())
-            .migration(M, Stage::LegacyOnly)
-            .build()
-            .await;
-        let (legacy, new) = repos::split_repos(backend);
-        let store = DualStore::builder(
-            M,
-            legacy.clone(),
-            new.clone(),
-            f.db.clone(),
-            flags,
-            SettingsResync,
-        )
-        .new_database(new_db.clone())
-        .definition(f.def.clone())
+    each_fixture!(two_database_backfill);
+}
+
+async fn two_database_backfill<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    let (_second_guard, new_url) = match f.db.backend() {
+        Backend::Postgres => (None, common::pg::fresh_db().await.unwrap().url),
+        _ => {
+            let (dir, url) = common::sqlite_db();
+            (Some(dir), url)
+        }
+    };
+    let new_db = Database::connect(&new_url).await.unwrap();
+    repos::create_shapes::<I>(&new_db).await.unwrap();
+    twintrack::schema::install(&new_db).await.unwrap();
+    let n = 3_000;
+    f.seed(n).await;
+    f.stage(Stage::DualWrite).await;
+    let keys = f.keys().await;
+    let flags = FlagCache::builder(f.store.clone())
+        .migration(M, Stage::LegacyOnly)
         .build()
-        .unwrap();
-        let run = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let options = BackfillOptions {
-                    batch_size: 100,
-                    target_batch_time: Duration::from_millis(10),
-                    workers: 2,
-                    rate: Some(3_000.0),
-                    ..BackfillOptions::default()
-                };
-                store.backfill(options, |_| {}).await
-            })
-        };
-        let mut writes = 0;
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        while !run.is_finished() {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let id = 1 + (rng % n as u64) as i64;
-            if rng.is_multiple_of(5) {
-                store
-                    .write(id, move |repo, conn| repo.delete(conn, id))
-                    .await
-                    .unwrap();
-            } else {
-                let s = Settings {
-                    theme: format!("raced-{writes}"),
-                    notifications_enabled: true,
-                };
-                store
-                    .write(id, move |repo, conn| repo.put(conn, id, s.clone()))
-                    .await
-                    .unwrap();
-            }
-            writes += 1;
-        }
-        let report = run.await.unwrap().unwrap();
-        assert!(report.finished, "{backend:?}");
-        assert!(
-            writes > 50,
-            "{backend:?}: only {writes} writes raced the backfill"
-        );
-        let (mut lc, mut nc) = (
-            f.db.pool().acquire().await.unwrap(),
-            new_db.pool().acquire().await.unwrap(),
-        );
-        let mut differing = Vec::new();
-        for id in 1..=n {
-            let l = legacy.get(&mut lc, id, false).await.unwrap();
-            let r = new.get(&mut nc, id, false).await.unwrap();
-            if l != r {
-                differing.push((id, l, r));
-            }
-        }
-        eprintln!("{backend:?}: {writes} writes raced a two-database backfill of {n} users");
-        assert!(
-            differing.is_empty(),
-            "{backend:?}: {} differ, e.g. {:?}",
-            differing.len(),
-            differing.first()
-        );
-        assert!(
-            f.store
-                .get(M)
+        .await;
+    let (legacy, new) = repos::split_repos::<DB, I>();
+    let store = DualStore::builder(
+        M,
+        legacy.clone(),
+        new.clone(),
+        f.pool.clone(),
+        flags,
+        SettingsResync::default(),
+    )
+    .new_database(new_db.typed::<DB>().unwrap().clone())
+    .definition(f.def.clone())
+    .build()
+    .unwrap();
+    let run = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let options = BackfillOptions {
+                batch_size: 100,
+                target_batch_time: Duration::from_millis(10),
+                workers: 2,
+                rate: Some(3_000.0),
+                ..BackfillOptions::default()
+            };
+            store.backfill(options, |_| {}).await
+        })
+    };
+    let mut writes = 0;
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    while !run.is_finished() {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let id = keys[(rng % keys.len() as u64) as usize].clone();
+        let key = id.clone();
+        if rng.is_multiple_of(5) {
+            store
+                .write(&id, move |repo, conn| repo.delete(conn, key.clone()))
                 .await
-                .unwrap()
-                .evidence
-                .backfill_finished_at
-                .is_some()
-        );
+                .unwrap();
+        } else {
+            let s = Settings {
+                theme: format!("raced-{writes}"),
+                notifications_enabled: true,
+            };
+            store
+                .write(&id, move |repo, conn| {
+                    repo.put(conn, key.clone(), s.clone())
+                })
+                .await
+                .unwrap();
+        }
+        writes += 1;
     }
+    let report = run.await.unwrap().unwrap();
+    assert!(report.finished, "{b}");
+    assert!(writes > 50, "{b}: only {writes} writes raced the backfill");
+    let new_pool = new_db.typed::<DB>().unwrap();
+    let (mut lc, mut nc) = (
+        f.pool.acquire().await.unwrap(),
+        new_pool.acquire().await.unwrap(),
+    );
+    let mut differing = Vec::new();
+    for id in &keys {
+        let l = legacy.get(&mut lc, id.clone(), false).await.unwrap();
+        let r = new.get(&mut nc, id.clone(), false).await.unwrap();
+        if l != r {
+            differing.push((id.to_text(), l, r));
+        }
+    }
+    eprintln!("{b}: {writes} writes raced a two-database backfill of {n} users");
+    assert!(
+        differing.is_empty(),
+        "{b}: {} differ, e.g. {:?}",
+        differing.len(),
+        differing.first()
+    );
+    assert!(
+        f.store
+            .get(M)
+            .await
+            .unwrap()
+            .evidence
+            .backfill_finished_at
+            .is_some()
+    );
 }

@@ -1,31 +1,38 @@
 //! The dual store, proven through the quickstart's own repositories (`examples/quickstart/
-//! repos.rs`) on real PostgreSQL and SQLite: per-stage routing, authoritative-first writes,
-//! repair intents and the repair worker, atomicity, and shadow-read classification.
+//! repos.rs`) on real PostgreSQL and SQLite, with `bigint` keys on both, text keys on SQLite
+//! and UUID keys on PostgreSQL (each guarantee runs once per [`common::Shape`]): per-stage
+//! routing, authoritative-first writes, repair intents and the repair worker, atomicity, and
+//! shadow-read classification.
 
 mod common;
 #[path = "../examples/quickstart/repos.rs"]
 mod repos;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::TestMetrics;
+use common::{Shape, TestKey, TestMetrics};
 use repos::{
-    LegacySettings, NewSettings, Settings, SettingsRepo, SettingsResync, UserError, Users,
+    LegacySettings, NewSettings, Settings, SettingsRepo, SettingsResync, UserError, UserId, Users,
 };
-use sqlx::AnyConnection;
-use twintrack::dual::{DualStore, pending_intents};
+use twintrack::db::{Native, Query, query};
+use twintrack::dual::{DualStore, DualStoreBuilder, FaultHooks, NativeConnection, pending_intents};
 use twintrack::flags::{BoxFuture, FlagCache, FlagStore, SqlFlagStore, StageChange, TuningChange};
 use twintrack::shadow::{MismatchClass, ShadowMode, ShadowOptions, list_mismatches};
-use twintrack::{Backend, Database, Side, Stage};
+use twintrack::{Backend, Database, DynKey, Side, Stage};
 
 const M: &str = "user_settings";
 
+/// A key type the dual store's guarantees run with: the quickstart's ids and the tests' keys.
+trait K: UserId + TestKey {}
+impl<T: UserId + TestKey> K for T {}
+
 /// A side's repository that records its calls and can be told to fail or panic.
-struct Instrumented {
+struct Instrumented<DB: Native, I> {
     side: &'static str,
-    inner: Arc<dyn SettingsRepo>,
+    inner: Arc<dyn SettingsRepo<DB, I>>,
     calls: Arc<Mutex<Vec<String>>>,
     fail_put: AtomicBool,
     fail_delete: AtomicBool,
@@ -36,10 +43,10 @@ struct Instrumented {
     before_get: Mutex<Option<BoxFuture<'static, ()>>>,
 }
 
-impl Instrumented {
+impl<DB: Native, I> Instrumented<DB, I> {
     fn new(
         side: &'static str,
-        inner: Arc<dyn SettingsRepo>,
+        inner: Arc<dyn SettingsRepo<DB, I>>,
         calls: Arc<Mutex<Vec<String>>>,
     ) -> Self {
         Instrumented {
@@ -67,11 +74,11 @@ fn injected() -> sqlx::Error {
     sqlx::Error::Protocol("injected failure".into())
 }
 
-impl SettingsRepo for Instrumented {
+impl<DB: Native, I: K> SettingsRepo<DB, I> for Instrumented<DB, I> {
     fn get<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: I,
         lock: bool,
     ) -> BoxFuture<'c, sqlx::Result<Option<Settings>>> {
         Box::pin(async move {
@@ -93,8 +100,8 @@ impl SettingsRepo for Instrumented {
 
     fn put<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: I,
         s: Settings,
     ) -> BoxFuture<'c, sqlx::Result<bool>> {
         Box::pin(async move {
@@ -108,8 +115,8 @@ impl SettingsRepo for Instrumented {
 
     fn delete<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: I,
     ) -> BoxFuture<'c, sqlx::Result<bool>> {
         Box::pin(async move {
             self.log("delete");
@@ -121,59 +128,37 @@ impl SettingsRepo for Instrumented {
     }
 }
 
-struct Fixture {
-    backend: &'static str,
+type Builder<DB, I> = DualStoreBuilder<dyn SettingsRepo<DB, I>, SettingsResync<DB, I>>;
+
+struct Fixture<DB: Native, I: K> {
+    /// `backend/key`, for messages.
+    name: String,
+    url: String,
     db: Database,
+    pool: sqlx::Pool<DB>,
     flags_store: Arc<SqlFlagStore>,
     flags: FlagCache,
-    users: Users,
+    users: Users<DB, I>,
     calls: Arc<Mutex<Vec<String>>>,
-    legacy: Arc<Instrumented>,
-    new: Arc<Instrumented>,
+    legacy: Arc<Instrumented<DB, I>>,
+    new: Arc<Instrumented<DB, I>>,
     metrics: TestMetrics,
     _guard: Option<tempfile::TempDir>,
 }
 
-impl Fixture {
-    async fn all(shadow: ShadowOptions) -> Vec<Fixture> {
-        let mut out = Vec::new();
-        for (backend, url, guard) in common::backends().await {
-            out.push(Fixture::new(backend, &url, guard, shadow.clone(), |b| b).await);
-        }
-        out
+impl<DB: Native, I: K> Fixture<DB, I> {
+    async fn new(shape: Shape, shadow: ShadowOptions) -> Self {
+        Self::custom(shape, shadow, |b| b).await
     }
 
-    /// A fixture per backend for each mode in which the caller waits for both reads.
-    async fn in_waiting_modes() -> Vec<(ShadowMode, Fixture)> {
-        let mut out = Vec::new();
-        for mode in [
-            ShadowMode::Serial,
-            ShadowMode::Random,
-            ShadowMode::Concurrent,
-        ] {
-            let options = ShadowOptions {
-                mode,
-                ..ShadowOptions::default()
-            };
-            for f in Fixture::all(options).await {
-                out.push((mode, f));
-            }
-        }
-        out
-    }
-
-    async fn new(
-        backend: &'static str,
-        url: &str,
-        guard: Option<tempfile::TempDir>,
+    async fn custom(
+        shape: Shape,
         shadow: ShadowOptions,
-        customize: impl FnOnce(
-            twintrack::dual::DualStoreBuilder<dyn SettingsRepo, SettingsResync>,
-        )
-            -> twintrack::dual::DualStoreBuilder<dyn SettingsRepo, SettingsResync>,
-    ) -> Fixture {
-        let db = Database::connect(url).await.unwrap();
-        repos::create_shapes(&db).await.unwrap();
+        customize: impl FnOnce(Builder<DB, I>) -> Builder<DB, I>,
+    ) -> Self {
+        let db = Database::connect(&shape.url).await.unwrap();
+        let pool = db.typed::<DB>().unwrap().clone();
+        repos::create_shapes::<I>(&db).await.unwrap();
         let flags_store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
         flags_store.register(M, "test").await.unwrap();
         let flags = FlagCache::builder(flags_store.clone())
@@ -182,17 +167,17 @@ impl Fixture {
             .build()
             .await;
         let calls = Arc::new(Mutex::new(Vec::new()));
-        let (l, n) = repos::repos(db.backend());
+        let (l, n) = repos::repos::<DB, I>();
         let legacy = Arc::new(Instrumented::new("legacy", l, calls.clone()));
         let new = Arc::new(Instrumented::new("new", n, calls.clone()));
         let metrics = TestMetrics::new();
         let builder = DualStore::builder(
             M,
-            legacy.clone() as Arc<dyn SettingsRepo>,
-            new.clone() as Arc<dyn SettingsRepo>,
-            db.clone(),
+            legacy.clone() as Arc<dyn SettingsRepo<DB, I>>,
+            new.clone() as Arc<dyn SettingsRepo<DB, I>>,
+            pool.clone(),
             flags.clone(),
-            SettingsResync,
+            SettingsResync::default(),
         )
         .shadow(shadow)
         .metrics(metrics.metrics());
@@ -200,8 +185,10 @@ impl Fixture {
             settings: customize(builder).build().unwrap(),
         };
         Fixture {
-            backend,
+            name: shape.name(),
+            url: shape.url,
             db,
+            pool,
             flags_store,
             flags,
             users,
@@ -209,7 +196,7 @@ impl Fixture {
             legacy,
             new,
             metrics,
-            _guard: guard,
+            _guard: shape.guard,
         }
     }
 
@@ -241,51 +228,84 @@ impl Fixture {
     }
 
     /// What each shape holds for `id`, read directly (not through the dual store).
-    async fn sides(&self, id: i64) -> (Option<Settings>, Option<Settings>) {
-        let backend = self.db.backend();
-        let mut conn = self.db.pool().acquire().await.unwrap();
-        let legacy = LegacySettings { backend }
-            .get(&mut conn, id, false)
-            .await
-            .unwrap();
-        let new = NewSettings {
-            backend,
-            standalone: false,
-        }
-        .get(&mut conn, id, false)
-        .await
-        .unwrap();
-        (legacy, new)
+    async fn sides(&self, id: &I) -> (Option<Settings>, Option<Settings>) {
+        sides::<DB, I>(&self.pool, id).await
     }
 
     /// Writes each shape directly, bypassing the dual store.
-    async fn plant(&self, id: i64, legacy: &Settings, new: &Settings) {
-        let backend = self.db.backend();
-        let mut conn = self.db.pool().acquire().await.unwrap();
-        assert!(
-            LegacySettings { backend }
-                .put(&mut conn, id, legacy.clone())
-                .await
-                .unwrap()
-        );
-        assert!(
-            NewSettings {
-                backend,
-                standalone: false,
-            }
-            .put(&mut conn, id, new.clone())
-            .await
-            .unwrap()
-        );
+    async fn plant(&self, id: &I, legacy: &Settings, new: &Settings) {
+        plant::<DB, I>(&self.pool, id, legacy, new).await
     }
 
-    async fn user_exists(&self, id: i64) -> bool {
-        sqlx::query("SELECT id FROM users WHERE id = $1")
-            .bind(id)
-            .fetch_optional(self.db.pool())
+    async fn user_exists(&self, id: &I) -> bool {
+        query("SELECT id FROM users WHERE id = $1")
+            .bind_key(&id.to_dyn())
+            .fetch_optional(&self.db)
             .await
             .unwrap()
             .is_some()
+    }
+}
+
+async fn sides<DB: Native, I: K>(
+    pool: &sqlx::Pool<DB>,
+    id: &I,
+) -> (Option<Settings>, Option<Settings>) {
+    let mut conn = pool.acquire().await.unwrap();
+    let legacy = SettingsRepo::<DB, I>::get(&LegacySettings, &mut conn, id.clone(), false)
+        .await
+        .unwrap();
+    let new = SettingsRepo::<DB, I>::get(
+        &NewSettings { standalone: false },
+        &mut conn,
+        id.clone(),
+        false,
+    )
+    .await
+    .unwrap();
+    (legacy, new)
+}
+
+async fn plant<DB: Native, I: K>(pool: &sqlx::Pool<DB>, id: &I, legacy: &Settings, new: &Settings) {
+    let mut conn = pool.acquire().await.unwrap();
+    assert!(
+        SettingsRepo::<DB, I>::put(&LegacySettings, &mut conn, id.clone(), legacy.clone())
+            .await
+            .unwrap()
+    );
+    assert!(
+        SettingsRepo::<DB, I>::put(
+            &NewSettings { standalone: false },
+            &mut conn,
+            id.clone(),
+            new.clone()
+        )
+        .await
+        .unwrap()
+    );
+}
+
+/// Runs `$test::<DB, K>(fixture, args)` for a fixture of every shape built with `$shadow`.
+macro_rules! each_fixture {
+    ($test:ident, $shadow:expr) => {{
+        async fn with_fixture<DB: Native, I: K>(shape: Shape, shadow: ShadowOptions) {
+            $test(Fixture::<DB, I>::new(shape, shadow).await).await
+        }
+        each_shape!(with_fixture, $shadow.clone());
+    }};
+}
+
+/// The modes in which the caller waits for both reads.
+const WAITING_MODES: [ShadowMode; 3] = [
+    ShadowMode::Serial,
+    ShadowMode::Random,
+    ShadowMode::Concurrent,
+];
+
+fn mode(mode: ShadowMode) -> ShadowOptions {
+    ShadowOptions {
+        mode,
+        ..ShadowOptions::default()
     }
 }
 
@@ -302,132 +322,136 @@ fn expected_calls(sides: &[Side], op: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_stage_writes_and_serves_exactly_its_sides() {
-    for f in Fixture::all(ShadowOptions::default()).await {
-        let b = f.backend;
-        let mut mismatches = 0;
-        for (i, stage) in Stage::ALL.into_iter().enumerate() {
-            f.stage(stage).await;
-            let plan = stage.plan();
-            let wrote = |side| plan.writes.contains(&side);
+    each_fixture!(each_stage_writes_and_serves, ShadowOptions::default());
+}
 
-            // Create: exactly the stage's sides, in its order.
-            f.take_calls();
-            let s1 = settings("one");
-            let id = f
-                .users
-                .create(&format!("u{i}@example.com"), s1.clone())
-                .await
-                .unwrap();
-            assert_eq!(
-                f.take_calls(),
-                expected_calls(plan.writes, "put"),
-                "{b} {stage}: create"
-            );
-            let (legacy, new) = f.sides(id).await;
-            assert_eq!(
-                legacy.is_some(),
-                wrote(Side::Legacy),
-                "{b} {stage}: legacy after create"
-            );
-            assert_eq!(
-                new.is_some(),
-                wrote(Side::New),
-                "{b} {stage}: new after create"
-            );
+async fn each_stage_writes_and_serves<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    let mut mismatches = 0;
+    for (i, stage) in Stage::ALL.into_iter().enumerate() {
+        f.stage(stage).await;
+        let plan = stage.plan();
+        let wrote = |side| plan.writes.contains(&side);
 
-            // Update.
-            let s2 = settings("second");
-            f.users.update(id, s2.clone()).await.unwrap();
-            assert_eq!(
-                f.take_calls(),
-                expected_calls(plan.writes, "put"),
-                "{b} {stage}: update"
-            );
-            let (legacy, new) = f.sides(id).await;
-            let after = |side| wrote(side).then(|| s2.clone());
-            assert_eq!(
-                (legacy, new),
-                (after(Side::Legacy), after(Side::New)),
-                "{b} {stage}"
-            );
+        // Create: exactly the stage's sides, in its order.
+        f.take_calls();
+        let s1 = settings("one");
+        let id = f
+            .users
+            .create(&format!("u{i}@example.com"), s1.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            f.take_calls(),
+            expected_calls(plan.writes, "put"),
+            "{b} {stage}: create"
+        );
+        let (legacy, new) = f.sides(&id).await;
+        assert_eq!(
+            legacy.is_some(),
+            wrote(Side::Legacy),
+            "{b} {stage}: legacy after create"
+        );
+        assert_eq!(
+            new.is_some(),
+            wrote(Side::New),
+            "{b} {stage}: new after create"
+        );
 
-            // Read: planted apart, the stage's served side answers.
-            let (on_legacy, on_new) = (settings("planted-legacy"), settings("planted-new"));
-            f.plant(id, &on_legacy, &on_new).await;
-            f.take_calls();
-            let served = f.users.settings(id).await.unwrap();
-            let want = match plan.served {
-                Side::Legacy => &on_legacy,
-                Side::New => &on_new,
-            };
-            assert_eq!(&served, want, "{b} {stage}: served side");
-            let mut reads = vec![format!("{}.get", plan.served)];
-            if let Some(shadow) = plan.shadow {
-                reads.push(format!("{shadow}.get"));
-            }
-            assert_eq!(
-                f.take_calls(),
-                reads,
-                "{b} {stage}: read calls (serial shadow)"
-            );
-            if plan.shadow.is_some() {
-                // The planted divergence is re-checked in the background (two more reads through
-                // these repositories): wait for its record so those calls do not leak into the
-                // next step's log.
-                mismatches += 1;
-                wait_for_mismatch(&f, mismatches).await;
-                f.take_calls();
-            }
+        // Update.
+        let s2 = settings("second");
+        f.users.update(&id, s2.clone()).await.unwrap();
+        assert_eq!(
+            f.take_calls(),
+            expected_calls(plan.writes, "put"),
+            "{b} {stage}: update"
+        );
+        let (legacy, new) = f.sides(&id).await;
+        let after = |side| wrote(side).then(|| s2.clone());
+        assert_eq!(
+            (legacy, new),
+            (after(Side::Legacy), after(Side::New)),
+            "{b} {stage}"
+        );
 
-            // Delete: exactly the stage's sides; the user row itself goes in every stage.
-            f.users.delete(id).await.unwrap();
-            assert_eq!(
-                f.take_calls(),
-                expected_calls(plan.writes, "delete"),
-                "{b} {stage}: delete"
-            );
-            let (legacy, new) = f.sides(id).await;
-            assert_eq!(legacy, None, "{b} {stage}");
-            assert_eq!(
-                new.is_none(),
-                wrote(Side::New),
-                "{b} {stage}: new row after delete"
-            );
-            assert!(!f.user_exists(id).await);
+        // Read: planted apart, the stage's served side answers.
+        let (on_legacy, on_new) = (settings("planted-legacy"), settings("planted-new"));
+        f.plant(&id, &on_legacy, &on_new).await;
+        f.take_calls();
+        let served = f.users.settings(&id).await.unwrap();
+        let want = match plan.served {
+            Side::Legacy => &on_legacy,
+            Side::New => &on_new,
+        };
+        assert_eq!(&served, want, "{b} {stage}: served side");
+        let mut reads = vec![format!("{}.get", plan.served)];
+        if let Some(shadow) = plan.shadow {
+            reads.push(format!("{shadow}.get"));
         }
+        assert_eq!(
+            f.take_calls(),
+            reads,
+            "{b} {stage}: read calls (serial shadow)"
+        );
+        if plan.shadow.is_some() {
+            // The planted divergence is re-checked in the background (two more reads through
+            // these repositories): wait for its record so those calls do not leak into the
+            // next step's log.
+            mismatches += 1;
+            wait_for_mismatch(&f, mismatches).await;
+            f.take_calls();
+        }
+
+        // Delete: exactly the stage's sides; the user row itself goes in every stage.
+        f.users.delete(&id).await.unwrap();
+        assert_eq!(
+            f.take_calls(),
+            expected_calls(plan.writes, "delete"),
+            "{b} {stage}: delete"
+        );
+        let (legacy, new) = f.sides(&id).await;
+        assert_eq!(legacy, None, "{b} {stage}");
+        assert_eq!(
+            new.is_none(),
+            wrote(Side::New),
+            "{b} {stage}: new row after delete"
+        );
+        assert!(!f.user_exists(&id).await);
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_authoritative_write_never_reaches_the_other_side() {
-    for f in Fixture::all(ShadowOptions::default()).await {
-        let b = f.backend;
-        for (stage, authoritative) in [(Stage::DualWrite, &f.legacy), (Stage::Live, &f.new)] {
-            f.stage(stage).await;
-            let id = f
-                .users
-                .create(&format!("{stage}@example.com"), settings("before"))
-                .await
-                .unwrap();
-            f.take_calls();
-            authoritative.fail_put.store(true, Ordering::SeqCst);
-            let err = f.users.update(id, settings("after")).await.unwrap_err();
-            authoritative.fail_put.store(false, Ordering::SeqCst);
-            assert!(
-                matches!(err, UserError::Failed(twintrack::Error::Repository { .. })),
-                "{b}: {err:?}"
-            );
-            assert_eq!(
-                f.take_calls(),
-                [format!("{}.put", authoritative.side)],
-                "{b} {stage}"
-            );
-            assert_eq!(
-                f.sides(id).await,
-                (Some(settings("before")), Some(settings("before")))
-            );
-            assert_eq!(pending_intents(&f.db, M).await.unwrap(), 0);
-        }
+    each_fixture!(failing_authoritative_write, ShadowOptions::default());
+}
+
+async fn failing_authoritative_write<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    for (stage, authoritative) in [(Stage::DualWrite, &f.legacy), (Stage::Live, &f.new)] {
+        f.stage(stage).await;
+        let id = f
+            .users
+            .create(&format!("{stage}@example.com"), settings("before"))
+            .await
+            .unwrap();
+        f.take_calls();
+        authoritative.fail_put.store(true, Ordering::SeqCst);
+        let err = f.users.update(&id, settings("after")).await.unwrap_err();
+        authoritative.fail_put.store(false, Ordering::SeqCst);
+        assert!(
+            matches!(err, UserError::Failed(twintrack::Error::Repository { .. })),
+            "{b}: {err:?}"
+        );
+        assert_eq!(
+            f.take_calls(),
+            [format!("{}.put", authoritative.side)],
+            "{b} {stage}"
+        );
+        assert_eq!(
+            f.sides(&id).await,
+            (Some(settings("before")), Some(settings("before")))
+        );
+        assert_eq!(pending_intents(&f.db, M).await.unwrap(), 0);
     }
 }
 
@@ -435,113 +459,131 @@ async fn a_failing_authoritative_write_never_reaches_the_other_side() {
 /// is recorded in the same transaction, and once the cause is gone the repair worker converges.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_other_side_records_an_intent_and_repair_converges() {
-    for f in Fixture::all(ShadowOptions::default()).await {
-        let b = f.backend;
-        f.stage(Stage::DualWrite).await;
-        let (add, drop) = match f.db.backend() {
-            Backend::Postgres => (
-                "ALTER TABLE user_settings ADD CONSTRAINT short_theme CHECK (length(theme) <= 10)",
-                "ALTER TABLE user_settings DROP CONSTRAINT short_theme",
-            ),
-            Backend::Sqlite => (
-                "CREATE TRIGGER short_theme BEFORE INSERT ON user_settings WHEN length(NEW.theme) > 10 BEGIN SELECT RAISE(ABORT, 'theme too long'); END",
-                "DROP TRIGGER short_theme",
-            ),
-        };
-        sqlx::raw_sql(add).execute(f.db.pool()).await.unwrap();
-        let long = settings("a-very-long-theme-name");
-        let id = f
-            .users
-            .create("long@example.com", long.clone())
-            .await
-            .unwrap();
-        assert_eq!(f.sides(id).await, (Some(long.clone()), None), "{b}");
-        assert_eq!(pending_intents(&f.db, M).await.unwrap(), 1, "{b}");
-        assert_eq!(
-            f.metrics
-                .counter("twintrack.repair.intents", ("event", "recorded")),
-            1
-        );
+    each_fixture!(failing_other_side, ShadowOptions::default());
+}
 
-        // While the cause is still there, repair fails and keeps the intent.
-        let report = f.users.settings.repair(Duration::ZERO).await.unwrap();
-        assert_eq!((report.copied, report.failed), (0, 1), "{b}: {report:?}");
-        assert_eq!(pending_intents(&f.db, M).await.unwrap(), 1);
+async fn failing_other_side<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.stage(Stage::DualWrite).await;
+    let (add, drop) = match f.db.backend() {
+        Backend::Postgres => (
+            "ALTER TABLE user_settings ADD CONSTRAINT short_theme CHECK (length(theme) <= 10)",
+            "ALTER TABLE user_settings DROP CONSTRAINT short_theme",
+        ),
+        _ => (
+            "CREATE TRIGGER short_theme BEFORE INSERT ON user_settings WHEN length(NEW.theme) > 10 BEGIN SELECT RAISE(ABORT, 'theme too long'); END",
+            "DROP TRIGGER short_theme",
+        ),
+    };
+    query(add).execute(&f.db).await.unwrap();
+    let long = settings("a-very-long-theme-name");
+    let id = f
+        .users
+        .create("long@example.com", long.clone())
+        .await
+        .unwrap();
+    assert_eq!(f.sides(&id).await, (Some(long.clone()), None), "{b}");
+    assert_eq!(pending_intents(&f.db, M).await.unwrap(), 1, "{b}");
+    assert_eq!(
+        f.metrics
+            .counter("twintrack.repair.intents", ("event", "recorded")),
+        1
+    );
+    // The intent names the key by its canonical text.
+    let stored: String = query("SELECT key_text FROM twintrack_repair_intents")
+        .scalar(&f.db)
+        .await
+        .unwrap();
+    assert_eq!(stored, id.to_text(), "{b}");
+    assert_eq!(I::parse(&stored).unwrap(), id, "{b}");
 
-        sqlx::raw_sql(drop).execute(f.db.pool()).await.unwrap();
-        // Too young for a worker that waits an hour.
-        let report = f
-            .users
-            .settings
-            .repair(Duration::from_secs(3600))
-            .await
-            .unwrap();
-        assert_eq!(report.copied, 0);
-        let report = f.users.settings.repair(Duration::ZERO).await.unwrap();
-        assert_eq!((report.copied, report.failed), (1, 0), "{b}: {report:?}");
-        assert_eq!(
-            f.sides(id).await,
-            (Some(long.clone()), Some(long)),
-            "{b}: converged"
-        );
-        assert_eq!(pending_intents(&f.db, M).await.unwrap(), 0);
+    // While the cause is still there, repair fails and keeps the intent.
+    let report = f.users.settings.repair(Duration::ZERO).await.unwrap();
+    assert_eq!((report.copied, report.failed), (0, 1), "{b}: {report:?}");
+    assert_eq!(pending_intents(&f.db, M).await.unwrap(), 1);
 
-        // A missed delete: repair removes the row the authoritative side no longer has.
-        f.new.fail_delete.store(true, Ordering::SeqCst);
-        let id2 = f
-            .users
-            .create("gone@example.com", settings("x"))
-            .await
-            .unwrap();
-        f.users.delete(id2).await.unwrap();
-        f.new.fail_delete.store(false, Ordering::SeqCst);
-        assert_eq!(f.sides(id2).await, (None, Some(settings("x"))), "{b}");
-        let report = f.users.settings.repair(Duration::ZERO).await.unwrap();
-        assert_eq!((report.deleted, report.failed), (1, 0), "{b}: {report:?}");
-        assert_eq!(f.sides(id2).await, (None, None), "{b}");
-        // Idempotent: nothing left to do.
-        assert_eq!(
-            f.users.settings.repair(Duration::ZERO).await.unwrap(),
-            Default::default()
-        );
-    }
+    query(drop).execute(&f.db).await.unwrap();
+    // Too young for a worker that waits an hour.
+    let report = f
+        .users
+        .settings
+        .repair(Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(report.copied, 0);
+    let report = f.users.settings.repair(Duration::ZERO).await.unwrap();
+    assert_eq!((report.copied, report.failed), (1, 0), "{b}: {report:?}");
+    assert_eq!(
+        f.sides(&id).await,
+        (Some(long.clone()), Some(long)),
+        "{b}: converged"
+    );
+    assert_eq!(pending_intents(&f.db, M).await.unwrap(), 0);
+
+    // A missed delete: repair removes the row the authoritative side no longer has.
+    f.new.fail_delete.store(true, Ordering::SeqCst);
+    let id2 = f
+        .users
+        .create("gone@example.com", settings("x"))
+        .await
+        .unwrap();
+    f.users.delete(&id2).await.unwrap();
+    f.new.fail_delete.store(false, Ordering::SeqCst);
+    assert_eq!(f.sides(&id2).await, (None, Some(settings("x"))), "{b}");
+    let report = f.users.settings.repair(Duration::ZERO).await.unwrap();
+    assert_eq!((report.deleted, report.failed), (1, 0), "{b}: {report:?}");
+    assert_eq!(f.sides(&id2).await, (None, None), "{b}");
+    // Idempotent: nothing left to do.
+    assert_eq!(
+        f.users.settings.repair(Duration::ZERO).await.unwrap(),
+        Default::default()
+    );
 }
 
 /// A failure injected after both statements ran and before the commit leaves neither written.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_before_commit_leaves_neither_side_written() {
-    for (backend, url, guard) in common::backends().await {
-        let fail = Arc::new(AtomicBool::new(false));
-        let hook = fail.clone();
-        let f = Fixture::new(backend, &url, guard, ShadowOptions::default(), move |b| {
-            b.fail_before_commit(move |_key| hook.load(Ordering::SeqCst))
+    each_shape!(failure_before_commit);
+}
+
+async fn failure_before_commit<DB: Native, I: K>(shape: Shape) {
+    let fail = Arc::new(AtomicBool::new(false));
+    let hook = fail.clone();
+    let f = Fixture::<DB, I>::custom(shape, ShadowOptions::default(), move |b| {
+        b.fault_hooks(FaultHooks {
+            before_commit: Some(Arc::new(move |_key: &str| hook.load(Ordering::SeqCst))),
+            ..FaultHooks::default()
         })
-        .await;
-        for stage in [Stage::DualWrite, Stage::Live] {
-            f.stage(stage).await;
-            let id = f
-                .users
-                .create(&format!("{stage}@x.io"), settings("before"))
-                .await
-                .unwrap();
-            fail.store(true, Ordering::SeqCst);
-            assert!(f.users.update(id, settings("after")).await.is_err());
-            fail.store(false, Ordering::SeqCst);
-            assert_eq!(
-                f.take_calls().len(),
-                4,
-                "{backend}: both sides ran (create + update)"
-            );
-            assert_eq!(
-                f.sides(id).await,
-                (Some(settings("before")), Some(settings("before"))),
-                "{backend} {stage}: neither side written"
-            );
-        }
+    })
+    .await;
+    let b = &f.name;
+    for stage in [Stage::DualWrite, Stage::Live] {
+        f.stage(stage).await;
+        let id = f
+            .users
+            .create(&format!("{stage}@x.io"), settings("before"))
+            .await
+            .unwrap();
+        fail.store(true, Ordering::SeqCst);
+        assert!(f.users.update(&id, settings("after")).await.is_err());
+        fail.store(false, Ordering::SeqCst);
+        assert_eq!(
+            f.take_calls().len(),
+            4,
+            "{b}: both sides ran (create + update)"
+        );
+        assert_eq!(
+            f.sides(&id).await,
+            (Some(settings("before")), Some(settings("before"))),
+            "{b} {stage}: neither side written"
+        );
     }
 }
 
-async fn wait_for_mismatch(f: &Fixture, n: usize) -> Vec<twintrack::shadow::Mismatch> {
+async fn wait_for_mismatch<DB: Native, I: K>(
+    f: &Fixture<DB, I>,
+    n: usize,
+) -> Vec<twintrack::shadow::Mismatch> {
     let start = std::time::Instant::now();
     loop {
         let found = list_mismatches(&f.db, M, 100).await.unwrap();
@@ -551,7 +593,7 @@ async fn wait_for_mismatch(f: &Fixture, n: usize) -> Vec<twintrack::shadow::Mism
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "{}: no mismatch recorded",
-            f.backend
+            f.name
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -559,117 +601,112 @@ async fn wait_for_mismatch(f: &Fixture, n: usize) -> Vec<twintrack::shadow::Mism
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shadow_reads_classify_confirmed_and_transient_mismatches() {
-    for f in Fixture::all(ShadowOptions::default()).await {
-        let b = f.backend;
-        f.stage(Stage::Shadow).await;
-        let id = f
-            .users
-            .create("s@example.com", settings("same"))
-            .await
-            .unwrap();
-        assert_eq!(f.users.settings(id).await.unwrap(), settings("same"));
+    each_fixture!(shadow_classification, ShadowOptions::default());
+}
 
-        // Planted divergence: served from legacy (authoritative), confirmed, diff names the field.
-        f.plant(id, &settings("dark"), &settings("light")).await;
-        assert_eq!(f.users.settings(id).await.unwrap(), settings("dark"), "{b}");
-        let found = wait_for_mismatch(&f, 1).await;
-        assert_eq!(found[0].class, MismatchClass::Confirmed, "{b}");
-        assert_eq!(found[0].key, id);
-        assert_eq!(found[0].stage, "shadow");
-        let paths: Vec<&str> = found[0].diff.iter().map(|d| d.path.as_str()).collect();
-        assert!(paths.contains(&"theme"), "{b}: {paths:?}");
+async fn shadow_classification<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.stage(Stage::Shadow).await;
+    let id = f
+        .users
+        .create("s@example.com", settings("same"))
+        .await
+        .unwrap();
+    assert_eq!(f.users.settings(&id).await.unwrap(), settings("same"));
 
-        // The operator's view of it.
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_twintrack"))
-            .args([
-                "--json",
-                "--database-url",
-                f.db.url(),
-                "mismatches",
-                M,
-                "--limit",
-                "5",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(listed[0]["class"], "confirmed");
-        assert_eq!(listed[0]["key"], id);
-        assert!(
-            listed[0]["diff"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|d| d["path"] == "theme")
-        );
+    // Planted divergence: served from legacy (authoritative), confirmed, diff names the field.
+    f.plant(&id, &settings("dark"), &settings("light")).await;
+    assert_eq!(
+        f.users.settings(&id).await.unwrap(),
+        settings("dark"),
+        "{b}"
+    );
+    let found = wait_for_mismatch(&f, 1).await;
+    assert_eq!(found[0].class, MismatchClass::Confirmed, "{b}");
+    assert_eq!(found[0].key, id.to_text(), "{b}");
+    assert_eq!(found[0].stage, "shadow");
+    let paths: Vec<&str> = found[0].diff.iter().map(|d| d.path.as_str()).collect();
+    assert!(paths.contains(&"theme"), "{b}: {paths:?}");
 
-        // A write landing between the two reads: transient.
-        f.plant(id, &settings("v1"), &settings("v1")).await;
-        let (db, backend) = (f.db.clone(), f.db.backend());
-        *f.new.before_get.lock().unwrap() = Some(Box::pin(async move {
-            let mut conn = db.pool().acquire().await.unwrap();
-            LegacySettings { backend }
-                .put(&mut conn, id, settings("v2"))
-                .await
-                .unwrap();
-            NewSettings {
-                backend,
-                standalone: false,
-            }
-            .put(&mut conn, id, settings("v2"))
-            .await
-            .unwrap();
-        }));
-        assert_eq!(
-            f.users.settings(id).await.unwrap(),
-            settings("v1"),
-            "{b}: read before the write"
-        );
-        let found = wait_for_mismatch(&f, 2).await;
-        assert_eq!(found[0].class, MismatchClass::Transient, "{b}");
-        assert!(found[0].diff.is_empty());
-        assert!(
-            f.metrics
-                .counter("twintrack.shadow.results", ("result", "transient"))
-                >= 1
-        );
-        assert!(
-            f.metrics
-                .counter("twintrack.shadow.results", ("result", "confirmed"))
-                >= 1
-        );
-        assert!(
-            f.metrics
-                .counter("twintrack.shadow.results", ("result", "match"))
-                >= 1
-        );
+    // The operator's view of it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .args([
+            "--json",
+            "--database-url",
+            &f.url,
+            "mismatches",
+            M,
+            "--limit",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["class"], "confirmed");
+    assert_eq!(listed[0]["key"], id.to_text(), "{b}");
+    assert!(
+        listed[0]["diff"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["path"] == "theme")
+    );
 
-        // In live the new side serves and legacy is compared.
-        f.stage(Stage::Live).await;
-        f.plant(id, &settings("old"), &settings("new")).await;
-        assert_eq!(f.users.settings(id).await.unwrap(), settings("new"), "{b}");
-        let found = wait_for_mismatch(&f, 3).await;
-        assert_eq!(
-            (found[0].class, found[0].stage.as_str()),
-            (MismatchClass::Confirmed, "live")
-        );
-    }
+    // A write landing between the two reads: transient.
+    f.plant(&id, &settings("v1"), &settings("v1")).await;
+    let (pool, key) = (f.pool.clone(), id.clone());
+    *f.new.before_get.lock().unwrap() = Some(Box::pin(async move {
+        plant::<DB, I>(&pool, &key, &settings("v2"), &settings("v2")).await;
+    }));
+    assert_eq!(
+        f.users.settings(&id).await.unwrap(),
+        settings("v1"),
+        "{b}: read before the write"
+    );
+    let found = wait_for_mismatch(&f, 2).await;
+    assert_eq!(found[0].class, MismatchClass::Transient, "{b}");
+    assert!(found[0].diff.is_empty());
+    assert!(
+        f.metrics
+            .counter("twintrack.shadow.results", ("result", "transient"))
+            >= 1
+    );
+    assert!(
+        f.metrics
+            .counter("twintrack.shadow.results", ("result", "confirmed"))
+            >= 1
+    );
+    assert!(
+        f.metrics
+            .counter("twintrack.shadow.results", ("result", "match"))
+            >= 1
+    );
+
+    // In live the new side serves and legacy is compared.
+    f.stage(Stage::Live).await;
+    f.plant(&id, &settings("old"), &settings("new")).await;
+    assert_eq!(f.users.settings(&id).await.unwrap(), settings("new"), "{b}");
+    let found = wait_for_mismatch(&f, 3).await;
+    assert_eq!(
+        (found[0].class, found[0].stage.as_str()),
+        (MismatchClass::Confirmed, "live")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_or_panicking_shadow_side_never_changes_the_served_value() {
-    for (mode, f) in Fixture::in_waiting_modes().await {
-        let b = format!("{} {mode:?}", f.backend);
-        shadow_failures_leave_the_served_value(&f, &b).await;
+    for m in WAITING_MODES {
+        each_fixture!(shadow_failures_leave_the_served_value, mode(m));
     }
 }
 
-async fn shadow_failures_leave_the_served_value(f: &Fixture, b: &str) {
+async fn shadow_failures_leave_the_served_value<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
     f.stage(Stage::Shadow).await;
     let id = f
         .users
@@ -677,10 +714,10 @@ async fn shadow_failures_leave_the_served_value(f: &Fixture, b: &str) {
         .await
         .unwrap();
     f.new.fail_get.store(true, Ordering::SeqCst);
-    assert_eq!(f.users.settings(id).await.unwrap(), settings("ok"), "{b}");
+    assert_eq!(f.users.settings(&id).await.unwrap(), settings("ok"), "{b}");
     f.new.fail_get.store(false, Ordering::SeqCst);
     f.new.panic_get.store(true, Ordering::SeqCst);
-    assert_eq!(f.users.settings(id).await.unwrap(), settings("ok"), "{b}");
+    assert_eq!(f.users.settings(&id).await.unwrap(), settings("ok"), "{b}");
     f.new.panic_get.store(false, Ordering::SeqCst);
     assert_eq!(
         f.metrics
@@ -696,7 +733,7 @@ async fn shadow_failures_leave_the_served_value(f: &Fixture, b: &str) {
     );
     // The served side failing is the caller's error, counted on its side.
     f.legacy.fail_get.store(true, Ordering::SeqCst);
-    assert!(f.users.settings(id).await.is_err());
+    assert!(f.users.settings(&id).await.is_err());
     f.legacy.fail_get.store(false, Ordering::SeqCst);
     assert_eq!(
         f.metrics
@@ -715,104 +752,106 @@ async fn shadow_failures_leave_the_served_value(f: &Fixture, b: &str) {
 /// the read (a dropped request) takes that task down with it, as it would a joined future.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_concurrent_read_takes_its_shadow_read_down_with_it() {
-    let options = ShadowOptions {
-        mode: ShadowMode::Concurrent,
-        ..ShadowOptions::default()
-    };
-    for f in Fixture::all(options).await {
-        let b = f.backend;
-        f.stage(Stage::Shadow).await;
-        let id = f
-            .users
-            .create("d@example.com", settings("ok"))
-            .await
-            .unwrap();
-        let started = Arc::new(tokio::sync::Notify::new());
-        let finished = Arc::new(AtomicBool::new(false));
-        let (start, done) = (started.clone(), finished.clone());
-        *f.new.before_get.lock().unwrap() = Some(Box::pin(async move {
-            start.notify_one();
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            done.store(true, Ordering::SeqCst);
-        }));
-        // The caller gives up on the read as soon as its shadow read has started.
-        tokio::select! {
-            _ = f.users.settings(id) => panic!("{b}: the read did not wait for its shadow read"),
-            _ = started.notified() => {}
-        }
-        assert_eq!(f.new.gets.load(Ordering::SeqCst), 1, "{b}");
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(
-            !finished.load(Ordering::SeqCst),
-            "{b}: the shadow read went on after its caller was gone"
-        );
-        // Not a failure of the shadow side: nothing counted, nothing recorded.
-        assert_eq!(
-            f.metrics
-                .counter("twintrack.shadow.errors", ("side", "new")),
-            0,
-            "{b}"
-        );
-        assert!(
-            list_mismatches(&f.db, M, 10).await.unwrap().is_empty(),
-            "{b}"
-        );
-        // And the next read is served and compared as usual.
-        assert_eq!(f.users.settings(id).await.unwrap(), settings("ok"), "{b}");
-        assert_eq!(f.new.gets.load(Ordering::SeqCst), 2, "{b}");
+    each_fixture!(dropped_concurrent_read, mode(ShadowMode::Concurrent));
+}
+
+async fn dropped_concurrent_read<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.stage(Stage::Shadow).await;
+    let id = f
+        .users
+        .create("d@example.com", settings("ok"))
+        .await
+        .unwrap();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let finished = Arc::new(AtomicBool::new(false));
+    let (start, done) = (started.clone(), finished.clone());
+    *f.new.before_get.lock().unwrap() = Some(Box::pin(async move {
+        start.notify_one();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        done.store(true, Ordering::SeqCst);
+    }));
+    // The caller gives up on the read as soon as its shadow read has started.
+    tokio::select! {
+        _ = f.users.settings(&id) => panic!("{b}: the read did not wait for its shadow read"),
+        _ = started.notified() => {}
     }
+    assert_eq!(f.new.gets.load(Ordering::SeqCst), 1, "{b}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !finished.load(Ordering::SeqCst),
+        "{b}: the shadow read went on after its caller was gone"
+    );
+    // Not a failure of the shadow side: nothing counted, nothing recorded.
+    assert_eq!(
+        f.metrics
+            .counter("twintrack.shadow.errors", ("side", "new")),
+        0,
+        "{b}"
+    );
+    assert!(
+        list_mismatches(&f.db, M, 10).await.unwrap().is_empty(),
+        "{b}"
+    );
+    // And the next read is served and compared as usual.
+    assert_eq!(f.users.settings(&id).await.unwrap(), settings("ok"), "{b}");
+    assert_eq!(f.new.gets.load(Ordering::SeqCst), 2, "{b}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sampling_and_modes() {
-    for (mode, f) in Fixture::in_waiting_modes().await {
-        let b = f.backend;
-        f.stage(Stage::Shadow).await;
-        let id = f
-            .users
-            .create("m@example.com", settings("x"))
-            .await
-            .unwrap();
-        f.sample_rate(0.0).await;
-        let before = f.new.gets.load(Ordering::SeqCst);
-        for _ in 0..50 {
-            assert_eq!(f.users.settings(id).await.unwrap(), settings("x"));
-        }
-        assert_eq!(
-            f.new.gets.load(Ordering::SeqCst),
-            before,
-            "{b} {mode:?}: rate 0 never compares"
-        );
-        f.sample_rate(1.0).await;
-        for _ in 0..50 {
-            assert_eq!(f.users.settings(id).await.unwrap(), settings("x"));
-        }
-        assert_eq!(
-            f.new.gets.load(Ordering::SeqCst),
-            before + 50,
-            "{b} {mode:?}: rate 1 always"
-        );
-        assert_eq!(
-            f.metrics
-                .counter("twintrack.shadow.results", ("result", "match")),
-            50
-        );
-        f.sample_rate(0.5).await;
-        for _ in 0..400 {
-            f.users.settings(id).await.unwrap();
-        }
-        let compared = f.new.gets.load(Ordering::SeqCst) - before - 50;
-        assert!(
-            (120..=280).contains(&compared),
-            "{b} {mode:?}: {compared} of 400 at 0.5"
-        );
-        // Operations are counted per side in the metrics.
-        assert!(
-            f.metrics
-                .counter("twintrack.dual.operations", ("side", "legacy"))
-                >= 500
-        );
+    for m in WAITING_MODES {
+        each_fixture!(sampling, mode(m));
     }
+}
+
+async fn sampling<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.stage(Stage::Shadow).await;
+    let id = f
+        .users
+        .create("m@example.com", settings("x"))
+        .await
+        .unwrap();
+    f.sample_rate(0.0).await;
+    let before = f.new.gets.load(Ordering::SeqCst);
+    for _ in 0..50 {
+        assert_eq!(f.users.settings(&id).await.unwrap(), settings("x"));
+    }
+    assert_eq!(
+        f.new.gets.load(Ordering::SeqCst),
+        before,
+        "{b}: rate 0 never compares"
+    );
+    f.sample_rate(1.0).await;
+    for _ in 0..50 {
+        assert_eq!(f.users.settings(&id).await.unwrap(), settings("x"));
+    }
+    assert_eq!(
+        f.new.gets.load(Ordering::SeqCst),
+        before + 50,
+        "{b}: rate 1 always"
+    );
+    assert_eq!(
+        f.metrics
+            .counter("twintrack.shadow.results", ("result", "match")),
+        50
+    );
+    f.sample_rate(0.5).await;
+    for _ in 0..400 {
+        f.users.settings(&id).await.unwrap();
+    }
+    let compared = f.new.gets.load(Ordering::SeqCst) - before - 50;
+    assert!(
+        (120..=280).contains(&compared),
+        "{b}: {compared} of 400 at 0.5"
+    );
+    // Operations are counted per side in the metrics.
+    assert!(
+        f.metrics
+            .counter("twintrack.dual.operations", ("side", "legacy"))
+            >= 500
+    );
 }
 
 /// `background`: the response returns while the shadow read is still blocked; the comparison
@@ -826,72 +865,78 @@ async fn background_mode_compares_after_the_response() {
         background_timeout: Duration::from_millis(300),
         ..ShadowOptions::default()
     };
-    for f in Fixture::all(options).await {
-        let b = f.backend;
-        f.stage(Stage::Shadow).await;
-        let id = f
-            .users
-            .create("bg@example.com", settings("x"))
-            .await
-            .unwrap();
-        f.plant(id, &settings("dark"), &settings("light")).await;
+    each_fixture!(background_mode, options);
+}
 
-        let release = Arc::new(tokio::sync::Notify::new());
-        let gate = release.clone();
-        *f.new.before_get.lock().unwrap() = Some(Box::pin(async move { gate.notified().await }));
-        assert_eq!(f.users.settings(id).await.unwrap(), settings("dark"), "{b}");
-        // The response is back. The shadow read runs in its own task: once it reaches the
-        // gate, it is provably still in flight after the response.
-        let start = std::time::Instant::now();
-        while f.new.gets.load(Ordering::SeqCst) == 0 {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{b}: shadow read never started"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+async fn background_mode<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.stage(Stage::Shadow).await;
+    let id = f
+        .users
+        .create("bg@example.com", settings("x"))
+        .await
+        .unwrap();
+    f.plant(&id, &settings("dark"), &settings("light")).await;
+
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    *f.new.before_get.lock().unwrap() = Some(Box::pin(async move { gate.notified().await }));
+    assert_eq!(
+        f.users.settings(&id).await.unwrap(),
+        settings("dark"),
+        "{b}"
+    );
+    // The response is back. The shadow read runs in its own task: once it reaches the
+    // gate, it is provably still in flight after the response.
+    let start = std::time::Instant::now();
+    while f.new.gets.load(Ordering::SeqCst) == 0 {
         assert!(
-            list_mismatches(&f.db, M, 10).await.unwrap().is_empty(),
-            "{b}: not compared yet"
+            start.elapsed() < Duration::from_secs(10),
+            "{b}: shadow read never started"
         );
-        // The cap is 1 and it is taken: this read is served and not compared.
-        assert_eq!(f.users.settings(id).await.unwrap(), settings("dark"));
-        assert_eq!(
-            f.metrics
-                .counter("twintrack.shadow.results", ("result", "skipped")),
-            1,
-            "{b}"
-        );
-        release.notify_one();
-        let found = wait_for_mismatch(&f, 1).await;
-        assert_eq!(found[0].class, MismatchClass::Confirmed, "{b}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        list_mismatches(&f.db, M, 10).await.unwrap().is_empty(),
+        "{b}: not compared yet"
+    );
+    // The cap is 1 and it is taken: this read is served and not compared.
+    assert_eq!(f.users.settings(&id).await.unwrap(), settings("dark"));
+    assert_eq!(
+        f.metrics
+            .counter("twintrack.shadow.results", ("result", "skipped")),
+        1,
+        "{b}"
+    );
+    release.notify_one();
+    let found = wait_for_mismatch(&f, 1).await;
+    assert_eq!(found[0].class, MismatchClass::Confirmed, "{b}");
 
-        // A shadow read that never answers is abandoned at the timeout and counted. (The
-        // previous comparison may still hold the cap's one permit for a moment, which makes a
-        // read `skipped`: read until a shadow read really starts.)
-        *f.new.before_get.lock().unwrap() = Some(Box::pin(std::future::pending()));
-        let gets = f.new.gets.load(Ordering::SeqCst);
-        let start = std::time::Instant::now();
-        while f.new.gets.load(Ordering::SeqCst) == gets {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{b}: no shadow read started"
-            );
-            assert_eq!(f.users.settings(id).await.unwrap(), settings("dark"));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let start = std::time::Instant::now();
-        while f
-            .metrics
-            .counter("twintrack.shadow.errors", ("side", "new"))
-            == 0
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{b}: timeout never counted"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    // A shadow read that never answers is abandoned at the timeout and counted. (The
+    // previous comparison may still hold the cap's one permit for a moment, which makes a
+    // read `skipped`: read until a shadow read really starts.)
+    *f.new.before_get.lock().unwrap() = Some(Box::pin(std::future::pending()));
+    let gets = f.new.gets.load(Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    while f.new.gets.load(Ordering::SeqCst) == gets {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{b}: no shadow read started"
+        );
+        assert_eq!(f.users.settings(&id).await.unwrap(), settings("dark"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start = std::time::Instant::now();
+    while f
+        .metrics
+        .counter("twintrack.shadow.errors", ("side", "new"))
+        == 0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{b}: timeout never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -899,76 +944,75 @@ async fn background_mode_compares_after_the_response() {
 /// show up as mismatches. 1,000 compared reads under 4 concurrent dual writers.
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_mode_has_no_false_mismatches_under_concurrent_writers() {
-    for mode in [ShadowMode::Snapshot, ShadowMode::Serial] {
-        let options = ShadowOptions {
-            mode,
-            ..ShadowOptions::default()
-        };
-        for f in Fixture::all(options).await {
-            let b = f.backend;
-            f.stage(Stage::Shadow).await;
-            let mut ids = Vec::new();
-            for i in 0..10 {
-                ids.push(
-                    f.users
-                        .create(&format!("w{i}@example.com"), settings("v0"))
-                        .await
-                        .unwrap(),
-                );
+    for m in [ShadowMode::Snapshot, ShadowMode::Serial] {
+        each_fixture!(snapshot_under_writers, mode(m));
+    }
+}
+
+async fn snapshot_under_writers<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let snapshot = f.users.settings.shadow_options().mode == ShadowMode::Snapshot;
+    let b = format!("{} {:?}", f.name, f.users.settings.shadow_options().mode);
+    f.stage(Stage::Shadow).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(
+            f.users
+                .create(&format!("w{i}@example.com"), settings("v0"))
+                .await
+                .unwrap(),
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (users, ids, stop, written) =
+            (f.users.clone(), ids.clone(), stop.clone(), written.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let id = &ids[(n + w) % ids.len()];
+                // SQLite allows one writer at a time; a busy error is not the point here.
+                if users
+                    .update(id, settings(&format!("w{w}-{n}")))
+                    .await
+                    .is_ok()
+                {
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+                n += 1;
             }
-            let stop = Arc::new(AtomicBool::new(false));
-            let written = Arc::new(AtomicUsize::new(0));
-            let mut writers = Vec::new();
-            for w in 0..4 {
-                let (users, ids, stop, written) =
-                    (f.users.clone(), ids.clone(), stop.clone(), written.clone());
-                writers.push(tokio::spawn(async move {
-                    let mut n = 0usize;
-                    while !stop.load(Ordering::Relaxed) {
-                        let id = ids[(n + w) % ids.len()];
-                        // SQLite allows one writer at a time; a busy error is not the point here.
-                        if users
-                            .update(id, settings(&format!("w{w}-{n}")))
-                            .await
-                            .is_ok()
-                        {
-                            written.fetch_add(1, Ordering::Relaxed);
-                        }
-                        n += 1;
-                    }
-                }));
-            }
-            // At least 1,000 reads, and at least 100 writes landing among them (on a loaded
-            // machine SQLite's single writer can be slow to get its turn).
-            let mut reads = 0usize;
-            let start = std::time::Instant::now();
-            while reads < 1000 || written.load(Ordering::Relaxed) < 100 {
-                assert!(
-                    start.elapsed() < Duration::from_secs(120),
-                    "{b}: writers starved"
-                );
-                f.users.settings(ids[reads % ids.len()]).await.unwrap();
-                reads += 1;
-            }
-            stop.store(true, Ordering::Relaxed);
-            for w in writers {
-                w.await.unwrap();
-            }
-            let writes = written.load(Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(300)).await; // let any classification finish
-            let mismatches = list_mismatches(&f.db, M, 1000).await.unwrap();
-            let matched = f
-                .metrics
-                .counter("twintrack.shadow.results", ("result", "match"));
-            eprintln!(
-                "{b} {mode:?}: {reads} reads under {writes} writes: {matched} matched, {} mismatches",
-                mismatches.len()
-            );
-            if mode == ShadowMode::Snapshot {
-                assert!(mismatches.is_empty(), "{b}: {mismatches:?}");
-                assert_eq!(matched, reads as u64, "{b}: every read compared and equal");
-            }
-        }
+        }));
+    }
+    // At least 1,000 reads, and at least 100 writes landing among them (on a loaded
+    // machine SQLite's single writer can be slow to get its turn).
+    let mut reads = 0usize;
+    let start = std::time::Instant::now();
+    while reads < 1000 || written.load(Ordering::Relaxed) < 100 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{b}: writers starved"
+        );
+        f.users.settings(&ids[reads % ids.len()]).await.unwrap();
+        reads += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let writes = written.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await; // let any classification finish
+    let mismatches = list_mismatches(&f.db, M, 1000).await.unwrap();
+    let matched = f
+        .metrics
+        .counter("twintrack.shadow.results", ("result", "match"));
+    eprintln!(
+        "{b}: {reads} reads under {writes} writes: {matched} matched, {} mismatches",
+        mismatches.len()
+    );
+    if snapshot {
+        assert!(mismatches.is_empty(), "{b}: {mismatches:?}");
+        assert_eq!(matched, reads as u64, "{b}: every read compared and equal");
     }
 }
 
@@ -978,123 +1022,127 @@ async fn snapshot_mode_has_no_false_mismatches_under_concurrent_writers() {
 /// transaction; none may be left idle in one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_read_hands_its_connection_back_clean() {
-    for (backend, url, _guard) in common::backends().await {
-        let one = twintrack::db::ConnectOptions {
-            max_connections: 1,
-            ..twintrack::db::ConnectOptions::default()
-        };
-        let db = Database::connect_with(&url, one).await.unwrap();
-        repos::create_shapes(&db).await.unwrap();
-        let flags_store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
-        flags_store.register(M, "test").await.unwrap();
-        flags_store
-            .set_stage(StageChange::new(M, Stage::Shadow, "test", "setup").force(true))
-            .await
-            .unwrap();
-        let flags = FlagCache::builder(flags_store.clone())
-            .migration(M, Stage::LegacyOnly)
-            .soft_ttl(Duration::from_secs(3600))
+    each_shape!(snapshot_connection_clean);
+}
+
+async fn snapshot_connection_clean<DB: Native, I: K>(shape: Shape) {
+    let b = shape.name();
+    let one = twintrack::db::ConnectOptions {
+        max_connections: 1,
+        ..twintrack::db::ConnectOptions::default()
+    };
+    let db = Database::connect_with(&shape.url, one).await.unwrap();
+    repos::create_shapes::<I>(&db).await.unwrap();
+    let flags_store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    flags_store.register(M, "test").await.unwrap();
+    flags_store
+        .set_stage(StageChange::new(M, Stage::Shadow, "test", "setup").force(true))
+        .await
+        .unwrap();
+    let flags = FlagCache::builder(flags_store.clone())
+        .migration(M, Stage::LegacyOnly)
+        .soft_ttl(Duration::from_secs(3600))
+        .build()
+        .await;
+    let (legacy, new) = repos::repos::<DB, I>();
+    let metrics = TestMetrics::new();
+    let pool = db.typed::<DB>().unwrap().clone();
+    let users = Users {
+        settings: DualStore::builder(M, legacy, new, pool, flags, SettingsResync::default())
+            .shadow(mode(ShadowMode::Snapshot))
+            .metrics(metrics.metrics())
             .build()
-            .await;
-        let (legacy, new) = repos::repos(db.backend());
-        let metrics = TestMetrics::new();
-        let users = Users {
-            settings: DualStore::builder(M, legacy, new, db.clone(), flags, SettingsResync)
-                .shadow(ShadowOptions {
-                    mode: ShadowMode::Snapshot,
-                    ..ShadowOptions::default()
-                })
-                .metrics(metrics.metrics())
-                .build()
-                .unwrap(),
-        };
-        let id = users
-            .create("clean@example.com", settings("v0"))
-            .await
-            .unwrap();
-        for i in 1..=20 {
-            assert_eq!(
-                users.settings(id).await.unwrap(),
-                settings(&format!("v{}", i - 1)),
-                "{backend}"
-            );
-            users
-                .update(id, settings(&format!("v{i}")))
-                .await
-                .unwrap_or_else(|e| panic!("{backend}: write after a snapshot read: {e:?}"));
-        }
+            .unwrap(),
+    };
+    let id = users
+        .create("clean@example.com", settings("v0"))
+        .await
+        .unwrap();
+    for i in 1..=20 {
         assert_eq!(
-            metrics.counter("twintrack.shadow.results", ("result", "match")),
-            20,
-            "{backend}"
+            users.settings(&id).await.unwrap(),
+            settings(&format!("v{}", i - 1)),
+            "{b}"
         );
-        if backend == "postgres" {
-            users.settings(id).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let idle_in_tx: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
-            )
-            .fetch_one(&mut *db.pool().acquire().await.unwrap())
+        users
+            .update(&id, settings(&format!("v{i}")))
             .await
-            .unwrap();
-            assert_eq!(idle_in_tx, 0, "a connection was left in its transaction");
-        }
+            .unwrap_or_else(|e| panic!("{b}: write after a snapshot read: {e:?}"));
+    }
+    assert_eq!(
+        metrics.counter("twintrack.shadow.results", ("result", "match")),
+        20,
+        "{b}"
+    );
+    if db.backend() == Backend::Postgres {
+        users.settings(&id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let idle_in_tx: i64 = query(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+        )
+        .scalar(&db)
+        .await
+        .unwrap();
+        assert_eq!(idle_in_tx, 0, "a connection was left in its transaction");
     }
 }
 
 /// A key-value repository for the two-database test: one table per side, each in its own
 /// database.
-trait Kv: Send + Sync {
+trait Kv<DB: Native, I>: Send + Sync {
     fn get<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        k: i64,
+        conn: &'c mut NativeConnection<DB>,
+        k: I,
         lock: bool,
     ) -> BoxFuture<'c, sqlx::Result<Option<String>>>;
     fn put<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        k: i64,
+        conn: &'c mut NativeConnection<DB>,
+        k: I,
         v: String,
     ) -> BoxFuture<'c, sqlx::Result<()>>;
-    fn delete<'c>(&'c self, conn: &'c mut AnyConnection, k: i64)
-    -> BoxFuture<'c, sqlx::Result<()>>;
+    fn delete<'c>(
+        &'c self,
+        conn: &'c mut NativeConnection<DB>,
+        k: I,
+    ) -> BoxFuture<'c, sqlx::Result<()>>;
 }
 
 struct KvTable {
     table: &'static str,
-    backend: Backend,
     /// Fail one `put` in this many (0: never).
     fail_one_in: usize,
     puts: AtomicUsize,
 }
 
-impl Kv for KvTable {
+impl<DB: Native, I: K> Kv<DB, I> for KvTable {
     fn get<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        k: i64,
+        conn: &'c mut NativeConnection<DB>,
+        k: I,
         lock: bool,
     ) -> BoxFuture<'c, sqlx::Result<Option<String>>> {
         Box::pin(async move {
-            let lock = if lock && self.backend == Backend::Postgres {
+            let lock = if lock && DB::BACKEND == Backend::Postgres {
                 " FOR SHARE"
             } else {
                 ""
             };
             let sql = format!("SELECT v FROM {} WHERE k = $1{lock}", self.table);
-            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .bind(k)
-                .fetch_optional(conn)
-                .await
+            let row = Query::assert_safe(sql)
+                .bind_key(&k.to_dyn())
+                .fetch_optional(DB::conn(conn))
+                .await?;
+            Ok(row.map(|r| r.get("v")).transpose()?)
         })
     }
 
     fn put<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        k: i64,
+        conn: &'c mut NativeConnection<DB>,
+        k: I,
         v: String,
     ) -> BoxFuture<'c, sqlx::Result<()>> {
         Box::pin(async move {
@@ -1106,72 +1154,76 @@ impl Kv for KvTable {
                 "INSERT INTO {t} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
                 t = self.table
             );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(k)
+            Query::assert_safe(sql)
+                .bind_key(&k.to_dyn())
                 .bind(v)
-                .execute(conn)
-                .await
-                .map(drop)
+                .execute(DB::conn(conn))
+                .await?;
+            Ok(())
         })
     }
 
     fn delete<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        k: i64,
+        conn: &'c mut NativeConnection<DB>,
+        k: I,
     ) -> BoxFuture<'c, sqlx::Result<()>> {
         Box::pin(async move {
             let sql = format!("DELETE FROM {} WHERE k = $1", self.table);
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(k)
-                .execute(conn)
-                .await
-                .map(drop)
+            Query::assert_safe(sql)
+                .bind_key(&k.to_dyn())
+                .execute(DB::conn(conn))
+                .await?;
+            Ok(())
         })
     }
 }
 
-struct KvResync;
+struct KvResync<DB, I>(std::marker::PhantomData<fn() -> (DB, I)>);
 
-impl twintrack::dual::Resync<dyn Kv> for KvResync {
+impl<'a, DB: Native, I: K> twintrack::dual::Resync<dyn Kv<DB, I> + 'a> for KvResync<DB, I> {
+    type Database = DB;
+    type Key = I;
     type Record = String;
     fn load<'c>(
         &'c self,
-        repo: &'c dyn Kv,
-        conn: &'c mut AnyConnection,
-        key: i64,
+        repo: &'c (dyn Kv<DB, I> + 'a),
+        conn: &'c mut NativeConnection<DB>,
+        key: &'c I,
     ) -> BoxFuture<'c, sqlx::Result<Option<String>>> {
-        repo.get(conn, key, true)
+        repo.get(conn, key.clone(), true)
     }
     fn store<'c>(
         &'c self,
-        repo: &'c dyn Kv,
-        conn: &'c mut AnyConnection,
-        key: i64,
+        repo: &'c (dyn Kv<DB, I> + 'a),
+        conn: &'c mut NativeConnection<DB>,
+        key: &'c I,
         v: String,
     ) -> BoxFuture<'c, sqlx::Result<()>> {
-        repo.put(conn, key, v)
+        repo.put(conn, key.clone(), v)
     }
     fn delete<'c>(
         &'c self,
-        repo: &'c dyn Kv,
-        conn: &'c mut AnyConnection,
-        key: i64,
+        repo: &'c (dyn Kv<DB, I> + 'a),
+        conn: &'c mut NativeConnection<DB>,
+        key: &'c I,
     ) -> BoxFuture<'c, sqlx::Result<()>> {
-        repo.delete(conn, key)
+        repo.delete(conn, key.clone())
     }
 }
 
-async fn kv_rows(db: &Database, table: &str) -> Vec<(i64, String)> {
-    let sql = format!("SELECT k, v FROM {table} ORDER BY k");
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .fetch_all(db.pool())
+/// Each row of a kv table, by the key's canonical text.
+async fn kv_rows<I: K>(db: &Database, table: &str) -> BTreeMap<String, String> {
+    let sql = format!("SELECT k, v FROM {table}");
+    Query::assert_safe(sql)
+        .fetch_all(db)
         .await
-        .unwrap();
-    rows.iter()
+        .unwrap()
+        .into_iter()
         .map(|r| {
-            use sqlx::Row;
-            (r.get::<i64, _>("k"), r.get::<String, _>("v"))
+            let v: String = r.get("v").unwrap();
+            let k = DynKey::from_values(r.into_values(), I::KINDS).unwrap();
+            (k.to_text(), v)
         })
         .collect()
 }
@@ -1181,136 +1233,135 @@ async fn kv_rows(db: &Database, table: &str) -> Vec<(i64, String)> {
 /// hold exactly what was acknowledged: nothing lost, nothing stale.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_databases_lose_nothing_when_every_write_is_dropped_after_commit() {
-    let mut pairs: Vec<(&str, String, String, Vec<tempfile::TempDir>)> = Vec::new();
-    let (d1, u1) = common::sqlite_db();
-    let (d2, u2) = common::sqlite_db();
-    pairs.push(("sqlite", u1, u2, vec![d1, d2]));
-    if let (Some(a), Some(b)) = (common::pg::fresh_db().await, common::pg::fresh_db().await) {
-        pairs.push(("postgres", a.url, b.url, vec![]));
+    each_shape!(two_databases_lose_nothing);
+}
+
+async fn two_databases_lose_nothing<DB: Native, I: K>(shape: Shape) {
+    let b = shape.name();
+    // The new shape's database: a second SQLite file, or a second PostgreSQL database.
+    let (_second_guard, new_url) = match shape.backend {
+        "postgres" => (None, common::pg::fresh_db().await.unwrap().url),
+        _ => {
+            let (dir, url) = common::sqlite_db();
+            (Some(dir), url)
+        }
+    };
+    let legacy_db = Database::connect(&shape.url).await.unwrap();
+    let new_db = Database::connect(&new_url).await.unwrap();
+    for (db, table) in [(&legacy_db, "kv_legacy"), (&new_db, "kv_new")] {
+        twintrack::schema::install(db).await.unwrap();
+        let sql = format!(
+            "CREATE TABLE {table} (k {} PRIMARY KEY, v TEXT NOT NULL)",
+            I::column(db.backend())
+        );
+        Query::assert_safe(sql).execute(db).await.unwrap();
     }
-    for (backend, legacy_url, new_url, _guards) in pairs {
-        let legacy_db = Database::connect(&legacy_url).await.unwrap();
-        let new_db = Database::connect(&new_url).await.unwrap();
-        for (db, table) in [(&legacy_db, "kv_legacy"), (&new_db, "kv_new")] {
-            twintrack::schema::install(db).await.unwrap();
-            let sql = format!("CREATE TABLE {table} (k BIGINT PRIMARY KEY, v TEXT NOT NULL)");
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(db.pool())
+    let flags_store = Arc::new(SqlFlagStore::open(legacy_db.clone()).await.unwrap());
+    flags_store.register(M, "t").await.unwrap();
+    let flags = FlagCache::builder(flags_store.clone())
+        .migration(M, Stage::LegacyOnly)
+        .soft_ttl(Duration::from_secs(3600))
+        .build()
+        .await;
+    let committed = Arc::new(tokio::sync::Notify::new());
+    let signal = committed.clone();
+    let kv = |table, fail_one_in| -> Arc<dyn Kv<DB, I>> {
+        Arc::new(KvTable {
+            table,
+            fail_one_in,
+            puts: AtomicUsize::new(0),
+        })
+    };
+    let store = DualStore::builder(
+        M,
+        kv("kv_legacy", 7),
+        kv("kv_new", 7),
+        legacy_db.typed::<DB>().unwrap().clone(),
+        flags.clone(),
+        KvResync(std::marker::PhantomData),
+    )
+    .new_database(new_db.typed::<DB>().unwrap().clone())
+    .fault_hooks(FaultHooks {
+        after_authoritative_commit: Some(Arc::new(move |_: &str| signal.notify_one())),
+        ..FaultHooks::default()
+    })
+    .build()
+    .unwrap();
+
+    let mut model = BTreeMap::new();
+    let (mut dropped, mut completed, mut refused) = (0u32, 0u32, 0u32);
+    let mut i = 0u32;
+    // Until 1,000 writes have been dropped right after their authoritative commit. (Under
+    // load a write sometimes finishes in the very poll that commits it: then it is simply
+    // acknowledged, and the loop goes on.)
+    while dropped < 1000 {
+        assert!(i < 5000, "{b}: only {dropped} drops in {i} writes");
+        if i == 0 || (dropped == 500 && flags.snapshot().stage(M) != Some(Stage::Live)) {
+            let stage = if i == 0 {
+                Stage::DualWrite
+            } else {
+                Stage::Live
+            };
+            flags_store
+                .set_stage(StageChange::new(M, stage, "t", "t").force(true))
                 .await
                 .unwrap();
+            flags.refresh().await.unwrap();
         }
-        let flags_store = Arc::new(SqlFlagStore::open(legacy_db.clone()).await.unwrap());
-        flags_store.register(M, "t").await.unwrap();
-        let flags = FlagCache::builder(flags_store.clone())
-            .migration(M, Stage::LegacyOnly)
-            .soft_ttl(Duration::from_secs(3600))
-            .build()
-            .await;
-        let committed = Arc::new(tokio::sync::Notify::new());
-        let signal = committed.clone();
-        let kv = |table, fail_one_in| -> Arc<dyn Kv> {
-            Arc::new(KvTable {
-                table,
-                backend: legacy_db.backend(),
-                fail_one_in,
-                puts: AtomicUsize::new(0),
-            })
-        };
-        let store = DualStore::builder(
-            M,
-            kv("kv_legacy", 7),
-            kv("kv_new", 7),
-            legacy_db.clone(),
-            flags.clone(),
-            KvResync,
-        )
-        .new_database(new_db.clone())
-        .on_authoritative_commit(move |_| signal.notify_one())
-        .build()
-        .unwrap();
-
-        let mut model = std::collections::BTreeMap::new();
-        let (mut dropped, mut completed, mut refused) = (0u32, 0u32, 0u32);
-        let mut i = 0u32;
-        // Until 1,000 writes have been dropped right after their authoritative commit. (Under
-        // load a write sometimes finishes in the very poll that commits it: then it is simply
-        // acknowledged, and the loop goes on.)
-        while dropped < 1000 {
-            assert!(i < 5000, "{backend}: only {dropped} drops in {i} writes");
-            if i == 0 || (dropped == 500 && flags.snapshot().stage(M) != Some(Stage::Live)) {
-                let stage = if i == 0 {
-                    Stage::DualWrite
-                } else {
-                    Stage::Live
-                };
-                flags_store
-                    .set_stage(StageChange::new(M, stage, "t", "t").force(true))
-                    .await
-                    .unwrap();
-                flags.refresh().await.unwrap();
-            }
-            let key = i64::from(i % 97) + 1;
-            let delete = i.is_multiple_of(13);
-            let value = format!("v{i}");
-            i += 1;
-            let written = value.clone();
-            let write = store.write(key, move |repo, conn| {
-                if delete {
-                    repo.delete(conn, key)
-                } else {
-                    repo.put(conn, key, written.clone())
-                }
-            });
-            tokio::select! {
-                biased;
-                _ = committed.notified() => dropped += 1,
-                result = write => match result {
-                    Ok(()) => completed += 1,
-                    // An injected failure on the authoritative side: refused, nothing written.
-                    Err(_) => {
-                        refused += 1;
-                        continue;
-                    }
-                },
-            }
+        let key = I::nth(u64::from(i % 97));
+        let delete = i.is_multiple_of(13);
+        let value = format!("v{i}");
+        i += 1;
+        let (written, k) = (value.clone(), key.clone());
+        let write = store.write(&key, move |repo, conn| {
             if delete {
-                model.remove(&key);
+                repo.delete(conn, k.clone())
             } else {
-                model.insert(key, value);
+                repo.put(conn, k.clone(), written.clone())
             }
+        });
+        tokio::select! {
+            biased;
+            _ = committed.notified() => dropped += 1,
+            result = write => match result {
+                Ok(()) => completed += 1,
+                // An injected failure on the authoritative side: refused, nothing written.
+                Err(_) => {
+                    refused += 1;
+                    continue;
+                }
+            },
         }
-
-        // Let the detached copies finish, then repair what they could not do.
-        let start = std::time::Instant::now();
-        loop {
-            store.repair(Duration::ZERO).await.unwrap();
-            let pending = pending_intents(&legacy_db, M).await.unwrap()
-                + pending_intents(&new_db, M).await.unwrap();
-            if pending == 0 {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{backend}: {pending} intents left"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if delete {
+            model.remove(&key.to_text());
+        } else {
+            model.insert(key.to_text(), value);
         }
-        let expected: Vec<(i64, String)> = model.into_iter().collect();
-        let legacy = kv_rows(&legacy_db, "kv_legacy").await;
-        let new = kv_rows(&new_db, "kv_new").await;
-        eprintln!(
-            "{backend}: {dropped} writes dropped after commit, {completed} completed, {refused} refused; {} keys on each side",
-            expected.len()
-        );
-        assert_eq!(
-            legacy, expected,
-            "{backend}: legacy holds every acknowledged write"
-        );
-        assert_eq!(
-            new, expected,
-            "{backend}: new holds every acknowledged write"
-        );
     }
+
+    // Let the detached copies finish, then repair what they could not do.
+    let start = std::time::Instant::now();
+    loop {
+        store.repair(Duration::ZERO).await.unwrap();
+        let pending = pending_intents(&legacy_db, M).await.unwrap()
+            + pending_intents(&new_db, M).await.unwrap();
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{b}: {pending} intents left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let legacy = kv_rows::<I>(&legacy_db, "kv_legacy").await;
+    let new = kv_rows::<I>(&new_db, "kv_new").await;
+    eprintln!(
+        "{b}: {dropped} writes dropped after commit, {completed} completed, {refused} refused; {} keys on each side",
+        model.len()
+    );
+    assert_eq!(legacy, model, "{b}: legacy holds every acknowledged write");
+    assert_eq!(new, model, "{b}: new holds every acknowledged write");
 }
 
 /// A real divergence makes every compared read a mismatch. A storm of them must neither stall
@@ -1324,60 +1375,62 @@ async fn a_mismatch_storm_neither_stalls_reads_nor_grows_the_table() {
         recheck_delay: Duration::from_millis(10),
         ..ShadowOptions::default()
     };
-    for f in Fixture::all(options).await {
-        let b = f.backend;
-        f.stage(Stage::Shadow).await;
-        let mut ids = Vec::new();
-        for i in 0..30 {
-            let id = f
-                .users
-                .create(&format!("storm{i}@example.com"), settings("x"))
-                .await
-                .unwrap();
-            f.plant(id, &settings("dark"), &settings("light")).await;
-            ids.push(id);
+    each_fixture!(mismatch_storm, options);
+}
+
+async fn mismatch_storm<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.stage(Stage::Shadow).await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let id = f
+            .users
+            .create(&format!("storm{i}@example.com"), settings("x"))
+            .await
+            .unwrap();
+        f.plant(&id, &settings("dark"), &settings("light")).await;
+        ids.push(id);
+    }
+    let reads: Vec<_> = (0..300)
+        .map(|i| {
+            let (users, id) = (f.users.clone(), ids[i % ids.len()].clone());
+            tokio::spawn(async move { users.settings(&id).await })
+        })
+        .collect();
+    for read in reads {
+        let served = read
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{b}: a read failed: {e:?}"));
+        assert_eq!(served, settings("dark"), "{b}");
+    }
+    // Let the re-checks finish, then the table holds at most `keep` rows.
+    let start = std::time::Instant::now();
+    while f
+        .metrics
+        .counter("twintrack.shadow.results", ("result", "confirmed"))
+        + f.metrics
+            .counter("twintrack.shadow.results", ("result", "unclassified"))
+        < 300
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{b}: re-checks never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The last records may still be landing (the result is counted before its record is
+    // written): once they have, at most `keep` rows remain.
+    let start = std::time::Instant::now();
+    loop {
+        let kept = list_mismatches(&f.db, M, 1000).await.unwrap().len();
+        if (1..=5).contains(&kept) {
+            break;
         }
-        let reads: Vec<_> = (0..300)
-            .map(|i| {
-                let (users, id) = (f.users.clone(), ids[i % ids.len()]);
-                tokio::spawn(async move { users.settings(id).await })
-            })
-            .collect();
-        for read in reads {
-            let served = read
-                .await
-                .unwrap()
-                .unwrap_or_else(|e| panic!("{b}: a read failed: {e:?}"));
-            assert_eq!(served, settings("dark"), "{b}");
-        }
-        // Let the re-checks finish, then the table holds at most `keep` rows.
-        let start = std::time::Instant::now();
-        while f
-            .metrics
-            .counter("twintrack.shadow.results", ("result", "confirmed"))
-            + f.metrics
-                .counter("twintrack.shadow.results", ("result", "unclassified"))
-            < 300
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{b}: re-checks never finished"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // The last records may still be landing (the result is counted before its record is
-        // written): once they have, at most `keep` rows remain.
-        let start = std::time::Instant::now();
-        loop {
-            let kept = list_mismatches(&f.db, M, 1000).await.unwrap().len();
-            if (1..=5).contains(&kept) {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "{b}: {kept} rows kept"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{b}: {kept} rows kept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

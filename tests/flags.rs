@@ -245,8 +245,8 @@ async fn an_unparsable_stored_stage_keeps_the_last_good_value() {
         assert_eq!(cache.snapshot().stage("m"), Some(Stage::DualWrite));
 
         // Someone edits the row by hand.
-        sqlx::query("UPDATE twintrack_flags SET stage = 'banana' WHERE migration = 'm'")
-            .execute(s.database().pool())
+        twintrack::db::query("UPDATE twintrack_flags SET stage = 'banana' WHERE migration = 'm'")
+            .execute(s.database())
             .await
             .unwrap();
         cache.refresh().await.unwrap();

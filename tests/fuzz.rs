@@ -112,15 +112,22 @@ proptest! {
         name in "[a-zA-Z0-9_ ;\"'.-]{0,20}",
         table in "[a-zA-Z0-9_ ;\"'.()*-]{0,20}",
         key in "[a-zA-Z0-9_ ;\"'.-]{0,12}",
+        second in proptest::option::of("[a-zA-Z0-9_ ;\"'.-]{0,12}"),
         stage in "[a-z_]{0,12}",
     ) {
+        // One key column, or a composite key of two (and a new key of as many).
+        let (legacy_key, new_key) = match &second {
+            None => (format!("{key:?}"), "\"k\"".to_owned()),
+            Some(second) => (format!("[{key:?}, {second:?}]"), "[\"k1\", \"k2\"]".to_owned()),
+        };
         let text = format!(
-            "[[migration]]\nname = {name:?}\nlegacy_table = {table:?}\nlegacy_key = {key:?}\nnew_table = \"t\"\nnew_key = \"k\"\nfallback_stage = {stage:?}\n"
+            "[[migration]]\nname = {name:?}\nlegacy_table = {table:?}\nlegacy_key = {legacy_key}\nnew_table = \"t\"\nnew_key = {new_key}\nfallback_stage = {stage:?}\n"
         );
         if let Ok(config) = Config::parse(&text) {
             let m = &config.migrations[0];
             let plain = |s: &str| s.split('.').all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
-            prop_assert!(plain(&m.legacy_table) && plain(&m.legacy_key), "{text}");
+            prop_assert!(plain(&m.legacy_table), "{text}");
+            prop_assert!(m.legacy_key.names().iter().all(|k| plain(k)), "{text}");
             prop_assert!(m.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
         }
     }
@@ -143,7 +150,7 @@ fn service() -> &'static (
         let app = rt.block_on(async {
             use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
             let db = twintrack::Database::connect(&url).await.unwrap();
-            repos::create_shapes(&db).await.unwrap();
+            repos::create_shapes::<i64>(&db).await.unwrap();
             let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
             store.register(app::MIGRATION, "fuzz").await.unwrap();
             let flags = FlagCache::builder(store)
@@ -154,14 +161,14 @@ fn service() -> &'static (
                 .build()
                 .await
                 .unwrap();
-            let (legacy, new) = repos::repos(db.backend());
+            let (legacy, new) = repos::repos::<sqlx::Sqlite, i64>();
             let settings = twintrack::dual::DualStore::builder(
                 app::MIGRATION,
                 legacy,
                 new,
-                db,
+                db.as_sqlite().unwrap().clone(),
                 flags.clone(),
-                repos::SettingsResync,
+                repos::SettingsResync::default(),
             )
             .router(router.clone())
             .build()

@@ -65,8 +65,8 @@ async fn replica_health_follows_real_lag_and_outages() {
     wait_for("a healthy replica", &set, |s| s.pick(None) == Some(0)).await;
 
     // A committed write: the replica has not replayed it, so it must not serve a read of it...
-    sqlx::query("CREATE TABLE written (x INT)")
-        .execute(primary.pool())
+    twintrack::db::query("CREATE TABLE written (x INT)")
+        .execute(&primary)
         .await
         .unwrap();
     let lsn = set.primary_lsn().await.unwrap();
@@ -87,8 +87,8 @@ async fn replica_health_follows_real_lag_and_outages() {
         "replayed after {took:?}: is the apply delay real?"
     );
     let replica = Database::connect(&db.replica_urls[0]).await.unwrap();
-    sqlx::query("SELECT x FROM written")
-        .fetch_all(replica.pool())
+    twintrack::db::query("SELECT x FROM written")
+        .fetch_all(&replica)
         .await
         .unwrap();
 
@@ -108,9 +108,9 @@ async fn replica_health_follows_real_lag_and_outages() {
         let primary = primary.clone();
         tokio::spawn(async move {
             for i in 0..400 {
-                sqlx::query("INSERT INTO written (x) VALUES ($1)")
+                twintrack::db::query("INSERT INTO written (x) VALUES ($1)")
                     .bind(i)
-                    .execute(primary.pool())
+                    .execute(&primary)
                     .await
                     .unwrap();
                 tokio::time::sleep(Duration::from_millis(5)).await;

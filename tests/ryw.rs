@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use common::TestKey;
 use common::TestMetrics;
 use common::pg::{self, Cluster, ReplicaSpec, TestDb};
 use http_body_util::BodyExt;
-use repos::{Settings, SettingsResync, Users};
+use repos::{Settings, SettingsResync, UserId, Users};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use twintrack::dual::DualStore;
@@ -25,17 +26,22 @@ use twintrack::ryw::{
     TokenSigner,
 };
 use twintrack::shadow::{ShadowMode, ShadowOptions, list_mismatches};
-use twintrack::{Backend, Database, RequestContext, Stage, TwinTrack};
+use twintrack::{Database, DynKey, RequestContext, Stage, TwinTrack};
 
 const M: &str = "user_settings";
 const SECRET: &[u8] = b"twintrack test secret, 32 bytes!";
 
-/// The quickstart service over a primary and its replicas, with metrics to look at.
-struct Svc {
+/// A user id type the read-your-writes guarantees run with.
+trait K: UserId + TestKey {}
+impl<T: UserId + TestKey> K for T {}
+
+/// The quickstart service over a primary and its replicas, with metrics to look at; its user
+/// ids are of type `I` (`bigint` as in the example itself, or UUID).
+struct Svc<I: K = i64> {
     app: TwinTrack<axum::Router>,
     router: Router,
     replicas: ReplicaSet,
-    users: Users,
+    users: Users<sqlx::Postgres, I>,
     flags: FlagCache,
     metrics: TestMetrics,
     primary: Database,
@@ -52,6 +58,12 @@ struct Reply {
 
 impl Svc {
     async fn start(db: &TestDb, stage: Stage, options: RywOptions) -> Svc {
+        Svc::keyed(db, stage, options).await
+    }
+}
+
+impl<I: K> Svc<I> {
+    async fn keyed(db: &TestDb, stage: Stage, options: RywOptions) -> Svc<I> {
         Svc::start_with(
             &db.url,
             &db.replica_urls,
@@ -70,10 +82,10 @@ impl Svc {
         options: RywOptions,
         primary_reads: bool,
         poll_interval: Duration,
-    ) -> Svc {
+    ) -> Svc<I> {
         let metrics = TestMetrics::new();
         let primary = Database::connect(url).await.unwrap();
-        repos::create_shapes(&primary).await.unwrap();
+        repos::create_shapes::<I>(&primary).await.unwrap();
         let flag_store = Arc::new(SqlFlagStore::open(primary.clone()).await.unwrap());
         flag_store.register(M, "test").await.unwrap();
         if stage != Stage::LegacyOnly {
@@ -106,14 +118,14 @@ impl Svc {
             .build()
             .await
             .unwrap();
-        let (legacy, new) = repos::repos(Backend::Postgres);
+        let (legacy, new) = repos::repos::<sqlx::Postgres, I>();
         let settings = DualStore::builder(
             M,
             legacy,
             new,
-            primary.clone(),
+            primary.as_postgres().unwrap().clone(),
             flags.clone(),
-            SettingsResync,
+            SettingsResync::default(),
         )
         .router(router.clone())
         .primary_reads(primary_reads)
@@ -181,7 +193,7 @@ impl Svc {
         }
     }
 
-    async fn create_user(&self, email: &str) -> (i64, String) {
+    async fn create_user(&self, email: &str) -> (I, String) {
         let r = self
             .call(
                 "POST",
@@ -191,8 +203,9 @@ impl Svc {
             )
             .await;
         assert_eq!(r.status, 201, "{r:?}");
+        let id = DynKey::from_json(&r.body["id"], I::KINDS).unwrap();
         (
-            r.body["id"].as_i64().unwrap(),
+            I::from_dyn(id).unwrap(),
             r.token.expect("a write answers with a token"),
         )
     }
@@ -201,7 +214,7 @@ impl Svc {
     /// returns how long after `written` that was. Fails past `deadline`.
     async fn read_until_the_replica_serves(
         &self,
-        id: i64,
+        id: &I,
         token: &str,
         expected: &str,
         written: Instant,
@@ -221,11 +234,11 @@ impl Svc {
         }
     }
 
-    async fn put_theme(&self, id: i64, theme: &str) -> String {
+    async fn put_theme(&self, id: &I, theme: &str) -> String {
         let r = self
             .call(
                 "PUT",
-                &format!("/users/{id}/settings"),
+                &format!("/users/{}/settings", id.to_text()),
                 Some(json!({"theme": theme, "notifications_enabled": true})),
                 None,
             )
@@ -234,9 +247,14 @@ impl Svc {
         r.token.expect("a write answers with a token")
     }
 
-    async fn get(&self, id: i64, token: Option<&str>) -> Reply {
-        self.call("GET", &format!("/users/{id}/settings"), None, token)
-            .await
+    async fn get(&self, id: &I, token: Option<&str>) -> Reply {
+        self.call(
+            "GET",
+            &format!("/users/{}/settings", id.to_text()),
+            None,
+            token,
+        )
+        .await
     }
 
     /// Waits until every replica is in service and has replayed everything written so far.
@@ -272,10 +290,16 @@ fn theme(reply: &Reply) -> &str {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_writes_then_reads_with_the_token_are_never_stale() {
+    // With `bigint` user ids, then UUID ones.
+    thousand_writes::<i64>().await;
+    thousand_writes::<uuid::Uuid>().await;
+}
+
+async fn thousand_writes<I: K>() {
     let Some(db) = pg::fresh_db().await else {
         return;
     };
-    let svc = Svc::start(&db, Stage::LegacyOnly, RywOptions::default()).await;
+    let svc = Svc::<I>::keyed(&db, Stage::LegacyOnly, RywOptions::default()).await;
     let (id, _) = svc.create_user("a@example.com").await;
     svc.wait_replicas_caught_up().await;
 
@@ -284,8 +308,8 @@ async fn a_thousand_writes_then_reads_with_the_token_are_never_stale() {
     let mut from_primary = 0;
     for i in 1..=1000 {
         let value = format!("with-{i}");
-        let token = svc.put_theme(id, &value).await;
-        let r = svc.get(id, Some(&token)).await;
+        let token = svc.put_theme(&id, &value).await;
+        let r = svc.get(&id, Some(&token)).await;
         assert_eq!(r.status, 200, "{r:?}");
         if theme(&r) != value {
             stale += 1;
@@ -307,8 +331,8 @@ async fn a_thousand_writes_then_reads_with_the_token_are_never_stale() {
     let mut from_replica = 0;
     for i in 1..=1000 {
         let value = format!("without-{i}");
-        svc.put_theme(id, &value).await;
-        let r = svc.get(id, None).await;
+        svc.put_theme(&id, &value).await;
+        let r = svc.get(&id, None).await;
         assert_eq!(r.status, 200, "{r:?}");
         if theme(&r) != value {
             stale += 1;
@@ -328,24 +352,30 @@ async fn a_thousand_writes_then_reads_with_the_token_are_never_stale() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_holder_reads_from_the_replica_once_it_has_caught_up() {
+    // With `bigint` user ids, then UUID ones.
+    token_holder_back_on_the_replica::<i64>().await;
+    token_holder_back_on_the_replica::<uuid::Uuid>().await;
+}
+
+async fn token_holder_back_on_the_replica<I: K>() {
     let Some(db) = pg::fresh_db().await else {
         return;
     };
-    let svc = Svc::start(&db, Stage::LegacyOnly, RywOptions::default()).await;
+    let svc = Svc::<I>::keyed(&db, Stage::LegacyOnly, RywOptions::default()).await;
     let (id, _) = svc.create_user("b@example.com").await;
     svc.wait_replicas_caught_up().await;
-    let token = svc.put_theme(id, "fresh").await;
+    let token = svc.put_theme(&id, "fresh").await;
     let written = Instant::now();
 
     let early = written.elapsed() < Duration::from_millis(200);
-    let r = svc.get(id, Some(&token)).await;
+    let r = svc.get(&id, Some(&token)).await;
     assert_eq!(theme(&r), "fresh");
     if early {
         assert_eq!(r.read_from.as_deref(), Some("primary"));
     }
     // The same token, a little later: the replica has replayed the write and serves it.
     let took = svc
-        .read_until_the_replica_serves(id, &token, "fresh", written, Duration::from_secs(10))
+        .read_until_the_replica_serves(&id, &token, "fresh", written, Duration::from_secs(10))
         .await;
     eprintln!("back on the replica {took:?} after the write");
     assert!(
@@ -368,7 +398,7 @@ async fn with_two_replicas_the_caught_up_one_is_chosen() {
 
     for i in 0..20 {
         let value = format!("v{i}");
-        let token = svc.put_theme(id, &value).await;
+        let token = svc.put_theme(&id, &value).await;
         // The token's position: the quick replica has it (or soon will); the slow one will
         // not for 1.5 s.
         let token = svc.router.accept(&header_map(&token)).unwrap();
@@ -377,7 +407,7 @@ async fn with_two_replicas_the_caught_up_one_is_chosen() {
         let (got, target) = loop {
             let got = ctx
                 .clone()
-                .scope(svc.users.settings(id))
+                .scope(svc.users.settings(&id))
                 .await
                 .unwrap()
                 .theme;
@@ -396,7 +426,7 @@ async fn with_two_replicas_the_caught_up_one_is_chosen() {
     }
     // Without a token, too, the least-behind replica serves.
     let ctx = RequestContext::from_cache(&svc.flags);
-    ctx.clone().scope(svc.users.settings(id)).await.unwrap();
+    ctx.clone().scope(svc.users.settings(&id)).await.unwrap();
     assert_eq!(ctx.read_from(), Some(ReadTarget::Replica(1)));
 }
 
@@ -410,7 +440,7 @@ async fn a_stopped_replica_sends_reads_to_the_primary_without_errors() {
     let (id, _) = svc.create_user("d@example.com").await;
     svc.wait_replicas_caught_up().await;
     assert_eq!(
-        svc.get(id, None).await.read_from.as_deref(),
+        svc.get(&id, None).await.read_from.as_deref(),
         Some("replica")
     );
 
@@ -421,7 +451,7 @@ async fn a_stopped_replica_sends_reads_to_the_primary_without_errors() {
         tokio::spawn(async move {
             let (mut ok, mut errors) = (0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = svc.get(id, None).await;
+                let r = svc.get(&id, None).await;
                 if r.status == 200 && theme(&r) == "t0" {
                     ok += 1;
                 } else {
@@ -434,7 +464,7 @@ async fn a_stopped_replica_sends_reads_to_the_primary_without_errors() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     cluster.stop_replica(0);
     common::pg::eventually(Duration::from_secs(10), "reads on the primary", || async {
-        svc.get(id, None).await.read_from.as_deref() == Some("primary")
+        svc.get(&id, None).await.read_from.as_deref() == Some("primary")
     })
     .await;
     // The gauge says so too.
@@ -448,7 +478,7 @@ async fn a_stopped_replica_sends_reads_to_the_primary_without_errors() {
     common::pg::eventually(
         Duration::from_secs(20),
         "reads on the replica again",
-        || async { svc.get(id, None).await.read_from.as_deref() == Some("replica") },
+        || async { svc.get(&id, None).await.read_from.as_deref() == Some("replica") },
     )
     .await;
     assert_eq!(healthy(), Some(1));
@@ -529,7 +559,7 @@ async fn bad_tokens_are_ignored_counted_and_never_pin() {
         let before = svc
             .metrics
             .counter("twintrack.ryw.tokens", ("verdict", verdict));
-        let r = svc.get(id, Some(bad)).await;
+        let r = svc.get(&id, Some(bad)).await;
         assert_eq!(r.status, 200, "{verdict}: {r:?}");
         assert_eq!(theme(&r), "t0");
         assert_eq!(
@@ -557,7 +587,7 @@ async fn bad_tokens_are_ignored_counted_and_never_pin() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["x-twintrack-read-from"], "replica");
     // The control: the same position, validly signed, does pin.
-    let r = svc.get(id, Some(&valid)).await;
+    let r = svc.get(&id, Some(&valid)).await;
     assert_eq!(r.read_from.as_deref(), Some("primary"));
     assert!(
         svc.metrics
@@ -597,8 +627,8 @@ async fn a_handler_that_writes_then_fails_still_pins_and_answers_with_a_token() 
                     theme: "written-then-failed".into(),
                     notifications_enabled: false,
                 };
-                users.update(id, settings).await.unwrap();
-                let read = users.settings(id).await.unwrap();
+                users.update(&id, settings).await.unwrap();
+                let read = users.settings(&id).await.unwrap();
                 let ctx = RequestContext::current().unwrap();
                 let from = ctx.read_from().unwrap();
                 (
@@ -635,7 +665,7 @@ async fn a_handler_that_writes_then_fails_still_pins_and_answers_with_a_token() 
         "the read after the write was not pinned"
     );
     // And the token works: the next request sees the write.
-    let r = svc.get(id, Some(&token)).await;
+    let r = svc.get(&id, Some(&token)).await;
     assert_eq!(theme(&r), "written-then-failed");
     assert_eq!(svc.reads("primary", "wrote_in_request"), 1);
 }
@@ -660,7 +690,7 @@ async fn concurrent_requests_keep_separate_read_your_writes_state() {
         async move {
             users
                 .update(
-                    id,
+                    &id,
                     Settings {
                         theme: "a".into(),
                         notifications_enabled: true,
@@ -669,7 +699,7 @@ async fn concurrent_requests_keep_separate_read_your_writes_state() {
                 .await
                 .unwrap();
             barrier.wait().await;
-            let theme = users.settings(id).await.unwrap().theme;
+            let theme = users.settings(&id).await.unwrap().theme;
             barrier.wait().await;
             format!(
                 "{theme}|{}",
@@ -687,7 +717,7 @@ async fn concurrent_requests_keep_separate_read_your_writes_state() {
         let (users, barrier) = (users.clone(), b2.clone());
         async move {
             barrier.wait().await;
-            let theme = users.settings(other).await.unwrap().theme;
+            let theme = users.settings(&other).await.unwrap().theme;
             barrier.wait().await;
             format!(
                 "{theme}|{}",
@@ -731,25 +761,31 @@ async fn concurrent_requests_keep_separate_read_your_writes_state() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shadow_comparison_in_a_request_that_wrote_reads_both_sides_from_the_primary() {
+    // With `bigint` user ids, then UUID ones.
+    shadow_comparison_after_a_write::<i64>().await;
+    shadow_comparison_after_a_write::<uuid::Uuid>().await;
+}
+
+async fn shadow_comparison_after_a_write<I: K>() {
     let Some(db) = pg::fresh_db().await else {
         return;
     };
-    let svc = Svc::start(&db, Stage::Shadow, RywOptions::default()).await;
+    let svc = Svc::<I>::keyed(&db, Stage::Shadow, RywOptions::default()).await;
     // `serial` reads the two sides one after the other; `concurrent` reads the shadow side in a
     // task of its own, which must carry the request's state along.
     for (n, mode) in [ShadowMode::Serial, ShadowMode::Concurrent]
         .into_iter()
         .enumerate()
     {
-        let (legacy, new) = repos::repos(Backend::Postgres);
+        let (legacy, new) = repos::repos::<sqlx::Postgres, I>();
         let users = Users {
             settings: DualStore::builder(
                 M,
                 legacy,
                 new,
-                svc.primary.clone(),
+                svc.primary.as_postgres().unwrap().clone(),
                 svc.flags.clone(),
-                SettingsResync,
+                SettingsResync::default(),
             )
             .router(svc.router.clone())
             .shadow(ShadowOptions {
@@ -773,12 +809,14 @@ async fn a_shadow_comparison_in_a_request_that_wrote_reads_both_sides_from_the_p
         // differ from the other and show up as a mismatch.
         let ctx = RequestContext::from_cache(&svc.flags);
         let request_users = users.clone();
+        let request_id = id.clone();
         let theme = ctx
             .clone()
             .scope(async move {
+                let id = request_id;
                 request_users
                     .update(
-                        id,
+                        &id,
                         Settings {
                             theme: "new".into(),
                             notifications_enabled: false,
@@ -786,7 +824,7 @@ async fn a_shadow_comparison_in_a_request_that_wrote_reads_both_sides_from_the_p
                     )
                     .await
                     .unwrap();
-                request_users.settings(id).await.unwrap().theme
+                request_users.settings(&id).await.unwrap().theme
             })
             .await;
         assert_eq!(theme, "new", "{mode:?}");
@@ -816,7 +854,7 @@ async fn a_shadow_comparison_in_a_request_that_wrote_reads_both_sides_from_the_p
         // Control: a request that did not write compares on the replica (both sides there).
         svc.wait_replicas_caught_up().await;
         let ctx = RequestContext::from_cache(&svc.flags);
-        ctx.clone().scope(users.settings(id)).await.unwrap();
+        ctx.clone().scope(users.settings(&id)).await.unwrap();
         assert_eq!(ctx.read_from(), Some(ReadTarget::Replica(0)), "{mode:?}");
         assert_eq!(svc.reads("replica", "none") - before_replica, 2, "{mode:?}");
     }
@@ -827,7 +865,7 @@ async fn a_migration_can_ask_for_primary_reads() {
     let Some(db) = pg::fresh_db().await else {
         return;
     };
-    let svc = Svc::start_with(
+    let svc = Svc::<i64>::start_with(
         &db.url,
         &db.replica_urls,
         Stage::LegacyOnly,
@@ -838,7 +876,7 @@ async fn a_migration_can_ask_for_primary_reads() {
     .await;
     let (id, _) = svc.create_user("j@example.com").await;
     svc.wait_replicas_caught_up().await;
-    let r = svc.get(id, None).await;
+    let r = svc.get(&id, None).await;
     assert_eq!((r.status, r.read_from.as_deref()), (200, Some("primary")));
     assert_eq!(svc.reads("primary", "migration_rule"), 1);
     assert_eq!(svc.reads("replica", "none"), 0);
@@ -863,10 +901,10 @@ async fn a_token_without_a_position_pins_for_the_fallback_window_only() {
         cluster: svc.router.cluster(),
         issued_at_ms: now_ms(),
     });
-    let r = svc.get(id, Some(&token)).await;
+    let r = svc.get(&id, Some(&token)).await;
     assert_eq!(r.read_from.as_deref(), Some("primary"));
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let r = svc.get(id, Some(&token)).await;
+    let r = svc.get(&id, Some(&token)).await;
     assert_eq!(
         r.read_from.as_deref(),
         Some("replica"),
@@ -894,22 +932,25 @@ async fn a_hot_standby_conflict_is_retried_on_the_primary() {
         let (router, attempts) = (svc.router.clone(), attempts.clone());
         tokio::spawn(async move {
             router
-                .read(move |conn| -> BoxFuture<'_, sqlx::Result<i64>> {
-                    let attempts = attempts.clone();
-                    Box::pin(async move {
-                        let on_replica: i64 =
-                            sqlx::query_scalar("SELECT CAST(pg_is_in_recovery() AS INTEGER)")
-                                .fetch_one(&mut *conn)
-                                .await?;
-                        attempts.lock().unwrap().push(on_replica);
-                        let n: i64 = sqlx::query_scalar(
-                            "SELECT COUNT(*) FROM users, (SELECT pg_sleep(3)) AS s",
-                        )
-                        .fetch_one(&mut *conn)
-                        .await?;
-                        Ok(n)
-                    })
-                })
+                .read(
+                    move |conn: &mut sqlx::PgConnection| -> BoxFuture<'_, sqlx::Result<i64>> {
+                        let attempts = attempts.clone();
+                        Box::pin(async move {
+                            let on_replica: i64 = sqlx::query_scalar(
+                                "SELECT CAST(CAST(pg_is_in_recovery() AS INTEGER) AS BIGINT)",
+                            )
+                            .fetch_one(&mut *conn)
+                            .await?;
+                            attempts.lock().unwrap().push(on_replica);
+                            let n: i64 = sqlx::query_scalar(
+                                "SELECT COUNT(*) FROM users, (SELECT pg_sleep(3)) AS s",
+                            )
+                            .fetch_one(&mut *conn)
+                            .await?;
+                            Ok(n)
+                        })
+                    },
+                )
                 .await
         })
     };
@@ -920,7 +961,7 @@ async fn a_hot_standby_conflict_is_retried_on_the_primary() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut tx = svc.primary.pool().begin().await.unwrap();
+    let mut tx = svc.primary.as_postgres().unwrap().begin().await.unwrap();
     sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await
@@ -945,7 +986,7 @@ async fn a_hot_standby_conflict_is_retried_on_the_primary() {
 async fn on_sqlite_tokens_fall_back_to_a_time_window() {
     let (_dir, url) = common::sqlite_db();
     let primary = Database::connect(&url).await.unwrap();
-    repos::create_shapes(&primary).await.unwrap();
+    repos::create_shapes::<i64>(&primary).await.unwrap();
     let flag_store = Arc::new(SqlFlagStore::open(primary.clone()).await.unwrap());
     flag_store.register(M, "test").await.unwrap();
     let flags = FlagCache::builder(flag_store.clone())
@@ -956,14 +997,14 @@ async fn on_sqlite_tokens_fall_back_to_a_time_window() {
         .build()
         .await
         .unwrap();
-    let (legacy, new) = repos::repos(Backend::Sqlite);
+    let (legacy, new) = repos::repos::<sqlx::Sqlite, i64>();
     let settings = DualStore::builder(
         M,
         legacy,
         new,
-        primary.clone(),
+        primary.as_sqlite().unwrap().clone(),
         flags.clone(),
-        SettingsResync,
+        SettingsResync::default(),
     )
     .router(router.clone())
     .build()
@@ -1072,7 +1113,7 @@ async fn a_replica_is_proven_on_demand_between_polls() {
         return;
     };
     // A poller so slow it never runs during the test: only the on-demand check can help.
-    let svc = Svc::start_with(
+    let svc = Svc::<i64>::start_with(
         &db.url,
         &db.replica_urls,
         Stage::LegacyOnly,
@@ -1083,10 +1124,10 @@ async fn a_replica_is_proven_on_demand_between_polls() {
     .await;
     let (id, _) = svc.create_user("n@example.com").await;
     svc.wait_replicas_caught_up().await;
-    let token = svc.put_theme(id, "proven").await;
+    let token = svc.put_theme(&id, "proven").await;
     let written = Instant::now();
     let took = svc
-        .read_until_the_replica_serves(id, &token, "proven", written, Duration::from_secs(5))
+        .read_until_the_replica_serves(&id, &token, "proven", written, Duration::from_secs(5))
         .await;
     eprintln!("proven on the replica {took:?} after the write");
     assert!(

@@ -68,7 +68,7 @@ async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
 
     let (_dir, url) = common::sqlite_db();
     let db = Database::connect(&url).await.unwrap();
-    repos::create_shapes(&db).await.unwrap();
+    repos::create_shapes::<i64>(&db).await.unwrap();
     let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
     store.register("user_settings", "t").await.unwrap();
     store
@@ -80,15 +80,16 @@ async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
         .soft_ttl(Duration::from_secs(3600))
         .build()
         .await;
-    let (legacy, new) = repos::repos(db.backend());
+    let (legacy, new) = repos::repos::<sqlx::Sqlite, i64>();
+    let pool = db.as_sqlite().unwrap().clone();
     let store = |mode| Users {
         settings: DualStore::builder(
             "user_settings",
             legacy.clone(),
             new.clone(),
-            db.clone(),
+            pool.clone(),
             flags.clone(),
-            SettingsResync,
+            SettingsResync::default(),
         )
         .shadow(ShadowOptions {
             mode,
@@ -103,7 +104,7 @@ async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
         notifications_enabled: true,
     };
     let id = users.create("span@example.com", settings).await.unwrap();
-    users.settings(id).await.unwrap();
+    users.settings(&id).await.unwrap();
 
     let seen: Vec<String> = spans
         .lock()
@@ -133,7 +134,7 @@ async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
     for mode in [ShadowMode::Concurrent, ShadowMode::Background] {
         spans.lock().unwrap().clear();
         store(mode)
-            .settings(id)
+            .settings(&id)
             .instrument(tracing::info_span!("request"))
             .await
             .unwrap();

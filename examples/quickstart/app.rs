@@ -12,12 +12,13 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 use tower::Layer as _;
+use twintrack::db::Native;
 use twintrack::flags::FlagCache;
 use twintrack::metrics::PrometheusExporter;
 use twintrack::ryw::{ReadTarget, Router as ReadRouter};
 use twintrack::{RequestContext, TwinTrack, TwinTrackLayer};
 
-use crate::repos::{Settings, UserError, Users};
+use crate::repos::{Settings, UserError, UserId, Users};
 
 /// The migration the quickstart runs.
 pub const MIGRATION: &str = "user_settings";
@@ -27,17 +28,20 @@ pub const MIGRATION: &str = "user_settings";
 ///
 /// With a read router, reads go to a replica unless the request wrote or carries a
 /// read-your-writes token a replica has not replayed yet, and writes answer with a token.
-pub fn app(
-    users: Users,
+pub fn app<DB: Native, K: UserId>(
+    users: Users<DB, K>,
     flags: FlagCache,
     router: Option<ReadRouter>,
     debug_headers: bool,
     metrics: Option<&PrometheusExporter>,
 ) -> TwinTrack<Router> {
     let mut app = Router::new()
-        .route("/users", post(create_user))
-        .route("/users/{id}/settings", get(get_settings).put(put_settings))
-        .route("/users/{id}", axum::routing::delete(delete_user))
+        .route("/users", post(create_user::<DB, K>))
+        .route(
+            "/users/{id}/settings",
+            get(get_settings::<DB, K>).put(put_settings::<DB, K>),
+        )
+        .route("/users/{id}", axum::routing::delete(delete_user::<DB, K>))
         .with_state(users);
     if debug_headers {
         app = app.layer(middleware::from_fn(debug_headers_middleware));
@@ -95,7 +99,10 @@ impl From<UserError> for ApiError {
     }
 }
 
-async fn create_user(State(users): State<Users>, body: Bytes) -> Result<Response, ApiError> {
+async fn create_user<DB: Native, K: UserId>(
+    State(users): State<Users<DB, K>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let user: NewUser = parse_json(&body)?;
     if user.email.trim().is_empty() || user.email.len() > 320 || !user.email.contains('@') {
         return Err(ApiError::bad_request("email must be an address like a@b.c"));
@@ -115,32 +122,32 @@ async fn create_user(State(users): State<Users>, body: Bytes) -> Result<Response
     Ok((StatusCode::CREATED, axum::Json(body)).into_response())
 }
 
-async fn get_settings(
-    State(users): State<Users>,
+async fn get_settings<DB: Native, K: UserId>(
+    State(users): State<Users<DB, K>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    Ok(axum::Json(users.settings(id).await?).into_response())
+    let id = parse_id::<K>(&id)?;
+    Ok(axum::Json(users.settings(&id).await?).into_response())
 }
 
-async fn put_settings(
-    State(users): State<Users>,
+async fn put_settings<DB: Native, K: UserId>(
+    State(users): State<Users<DB, K>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+    let id = parse_id::<K>(&id)?;
     let settings: Settings = parse_json(&body)?;
     check_theme(&settings.theme)?;
-    users.update(id, settings.clone()).await?;
+    users.update(&id, settings.clone()).await?;
     Ok(axum::Json(settings).into_response())
 }
 
-async fn delete_user(
-    State(users): State<Users>,
+async fn delete_user<DB: Native, K: UserId>(
+    State(users): State<Users<DB, K>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    users.delete(id).await?;
+    let id = parse_id::<K>(&id)?;
+    users.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -149,9 +156,10 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-fn parse_id(id: &str) -> Result<i64, ApiError> {
-    id.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| {
-        ApiError::bad_request(format!("user id must be a positive integer, got {id:?}"))
+fn parse_id<K: UserId>(id: &str) -> Result<K, ApiError> {
+    K::from_path(id).ok_or_else(|| {
+        let shown: String = id.chars().take(80).collect();
+        ApiError::bad_request(format!("user id must be {}, got {shown:?}", K::SHAPE))
     })
 }
 

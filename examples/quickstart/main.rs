@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use axum::extract::Request;
 use twintrack::config::Config;
+use twintrack::db::Native;
 use twintrack::dual::DualStore;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
 use twintrack::metrics::PrometheusExporter;
@@ -40,8 +41,10 @@ mod repos;
 use app::MIGRATION;
 use repos::{SettingsResync, Users};
 
+type BoxError = Box<dyn std::error::Error>;
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<(), BoxError> {
     // Logs go to stderr: stdout carries the one "listening on" line scripts wait for.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -58,7 +61,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // First: twintrack's parts record through the global meter, which this makes Prometheus.
     let prometheus = PrometheusExporter::install_global()?;
     let db = Database::connect(&url).await?;
-    repos::create_shapes(&db).await?;
+    // The backend is picked by the URL: the rest runs on that backend's native driver.
+    match db.backend() {
+        Backend::Postgres => serve::<sqlx::Postgres>(db, &listen, debug_headers, prometheus).await,
+        _ => serve::<sqlx::Sqlite>(db, &listen, debug_headers, prometheus).await,
+    }
+}
+
+async fn serve<DB: Native>(
+    db: Database,
+    listen: &str,
+    debug_headers: bool,
+    prometheus: PrometheusExporter,
+) -> Result<(), BoxError> {
+    let pool = DB::typed(&db)
+        .ok_or("a database of another backend")?
+        .clone();
+    repos::create_shapes::<i64>(&db).await?;
 
     // twintrack's own tables, and the migration from the same file the CLI reads.
     let config = Config::parse(include_str!("../quickstart.toml"))?;
@@ -71,17 +90,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let flags = flags.build().await;
 
     let router = read_router(&db).await?;
-    let (legacy, new) = repos::repos(db.backend());
+    let (legacy, new) = repos::repos::<DB, i64>();
     let migration = config
         .migration(MIGRATION)
         .ok_or("examples/quickstart.toml defines no user_settings migration")?;
     let definition = migration.definition(db.backend())?;
     // The repair worker re-syncs keys with the same SQL as `twintrack verify --repair`.
-    let settings = DualStore::builder(MIGRATION, legacy, new, db, flags.clone(), SettingsResync)
-        .router(router.clone())
-        .primary_reads(migration.primary_reads)
-        .definition(definition)
-        .build()?;
+    let settings = DualStore::builder(
+        MIGRATION,
+        legacy,
+        new,
+        pool,
+        flags.clone(),
+        SettingsResync::default(),
+    )
+    .router(router.clone())
+    .primary_reads(migration.primary_reads)
+    .definition(definition)
+    .build()?;
     let app = app::app(
         Users { settings },
         flags,
@@ -89,7 +115,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         debug_headers,
         Some(&prometheus),
     );
-    let listener = tokio::net::TcpListener::bind(&listen).await?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
     // Tests and scripts read this line to find the port (TWINTRACK_LISTEN may say port 0).
     println!(
         "twintrack quickstart listening on http://{}",
@@ -107,7 +133,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The read router: the replicas in `REPLICA_DATABASE_URLS` (if any) and the token secret.
-async fn read_router(db: &Database) -> Result<Router, Box<dyn std::error::Error>> {
+async fn read_router(db: &Database) -> Result<Router, BoxError> {
     let urls: Vec<String> = std::env::var("REPLICA_DATABASE_URLS")
         .unwrap_or_default()
         .split(',')

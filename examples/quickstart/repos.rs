@@ -6,16 +6,24 @@
 //! - New: `user_settings(user_id, theme, notifications_enabled)`.
 //!
 //! `users(id, email)` is not part of the migration: it is written in every stage. Only the
-//! settings move. (Also compiled into `tests/dual.rs`, which proves the guarantees through it.)
+//! settings move.
+//!
+//! The quickstart runs on SQLite (its default) and on PostgreSQL, and its tests run it with
+//! `bigint`, UUID and text user ids, so this file is written once for every backend and id
+//! type: it runs its statements on the native connection the dual store hands it through
+//! twintrack's backend-neutral [`query`]. A service on one database writes its repositories
+//! with sqlx directly on `&mut PgConnection` (typed `query_as`, `FromRow`, the `query!`
+//! macros): see `examples/articles/`.
 #![allow(dead_code)]
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sqlx::{AnyConnection, Row};
-use twintrack::dual::{DualStore, Resync};
+use twintrack::db::{Native, Query, query};
+use twintrack::dual::{DualStore, NativeConnection, Resync};
 use twintrack::flags::BoxFuture;
-use twintrack::{Backend, Database};
+use twintrack::{Backend, Database, Key};
 
 /// The settings both shapes hold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,73 +33,139 @@ pub struct Settings {
     pub notifications_enabled: bool,
 }
 
+/// A user id type the quickstart runs with: `i64` (the example itself), `uuid::Uuid` or
+/// `String` (its tests).
+pub trait UserId: Key + Serialize {
+    /// `users.id`'s type and key clause (an integer id is assigned by the database).
+    fn id_column(backend: Backend) -> &'static str;
+    /// `user_settings.user_id`'s type.
+    fn key_type(backend: Backend) -> &'static str;
+    /// A new user's id chosen by the service, or `None` when the database assigns it.
+    fn generate() -> Option<Self>;
+    /// The id in a request path, if it is one.
+    fn from_path(text: &str) -> Option<Self>;
+    /// What an id looks like, for error messages.
+    const SHAPE: &'static str;
+}
+
+impl UserId for i64 {
+    fn id_column(backend: Backend) -> &'static str {
+        match backend {
+            Backend::Postgres => "BIGSERIAL PRIMARY KEY",
+            _ => "INTEGER PRIMARY KEY AUTOINCREMENT",
+        }
+    }
+    fn key_type(backend: Backend) -> &'static str {
+        match backend {
+            Backend::Postgres => "BIGINT",
+            _ => "INTEGER",
+        }
+    }
+    fn generate() -> Option<Self> {
+        None
+    }
+    fn from_path(text: &str) -> Option<Self> {
+        text.parse().ok().filter(|id| *id > 0)
+    }
+    const SHAPE: &'static str = "a positive integer";
+}
+
+impl UserId for uuid::Uuid {
+    fn id_column(_: Backend) -> &'static str {
+        "UUID PRIMARY KEY"
+    }
+    // On SQLite a column declared `UUID` holds sqlx's 16-byte blobs.
+    fn key_type(_: Backend) -> &'static str {
+        "UUID"
+    }
+    fn generate() -> Option<Self> {
+        Some(uuid::Uuid::new_v4())
+    }
+    fn from_path(text: &str) -> Option<Self> {
+        uuid::Uuid::parse_str(text).ok()
+    }
+    const SHAPE: &'static str = "a UUID";
+}
+
+impl UserId for String {
+    fn id_column(_: Backend) -> &'static str {
+        "TEXT NOT NULL PRIMARY KEY"
+    }
+    fn key_type(_: Backend) -> &'static str {
+        "TEXT NOT NULL"
+    }
+    fn generate() -> Option<Self> {
+        Some(format!("u-{}", uuid::Uuid::new_v4().simple()))
+    }
+    fn from_path(text: &str) -> Option<Self> {
+        (!text.is_empty() && text.len() <= 64).then(|| text.to_owned())
+    }
+    const SHAPE: &'static str = "1 to 64 characters";
+}
+
 /// One shape's storage of user settings. Both shapes implement it; the dual store picks.
-pub trait SettingsRepo: Send + Sync {
+pub trait SettingsRepo<DB: Native, K>: Send + Sync {
     /// The user's settings, or `None`. With `lock`, the row is locked for the transaction
     /// (used by repair so no write slips in between its read and its copy).
     fn get<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: K,
         lock: bool,
     ) -> BoxFuture<'c, sqlx::Result<Option<Settings>>>;
     /// Stores the user's settings; `false` if there is no such user.
     fn put<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: K,
         settings: Settings,
     ) -> BoxFuture<'c, sqlx::Result<bool>>;
     /// Removes the user's settings; `false` if there were none.
     fn delete<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: K,
     ) -> BoxFuture<'c, sqlx::Result<bool>>;
 }
 
 /// Settings in `users.profile` (JSON).
-pub struct LegacySettings {
-    pub backend: Backend,
-}
+pub struct LegacySettings;
 
 /// Settings in the `user_settings` table.
 pub struct NewSettings {
-    pub backend: Backend,
     /// The table lives in a database of its own (two-database mode): `users` is not there to
     /// check against, and the legacy side (authoritative until `live`) decides whether the
     /// user exists.
     pub standalone: bool,
 }
 
-fn for_share(backend: Backend, lock: bool) -> &'static str {
-    match (backend, lock) {
+fn for_share<DB: Native>(lock: bool) -> &'static str {
+    match (DB::BACKEND, lock) {
         (Backend::Postgres, true) => " FOR SHARE",
         _ => "",
     }
 }
 
-impl SettingsRepo for LegacySettings {
+impl<DB: Native, K: UserId> SettingsRepo<DB, K> for LegacySettings {
     fn get<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: K,
         lock: bool,
     ) -> BoxFuture<'c, sqlx::Result<Option<Settings>>> {
         Box::pin(async move {
-            let sql = match self.backend {
+            let sql = match DB::BACKEND {
                 Backend::Postgres => {
                     "SELECT CAST(profile AS TEXT) AS profile FROM users WHERE id = $1"
                 }
-                Backend::Sqlite => "SELECT profile FROM users WHERE id = $1",
+                _ => "SELECT profile FROM users WHERE id = $1",
             };
-            let sql = format!("{sql}{}", for_share(self.backend, lock));
-            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(id)
-                .fetch_optional(conn)
+            let row = Query::assert_safe(format!("{sql}{}", for_share::<DB>(lock)))
+                .bind_key(&id.to_dyn())
+                .fetch_optional(DB::conn(conn))
                 .await?;
             let Some(row) = row else { return Ok(None) };
-            let profile: String = row.try_get("profile")?;
+            let profile: String = row.get("profile")?;
             if profile.trim() == "{}" {
                 return Ok(None);
             }
@@ -103,70 +177,70 @@ impl SettingsRepo for LegacySettings {
 
     fn put<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: K,
         s: Settings,
     ) -> BoxFuture<'c, sqlx::Result<bool>> {
         Box::pin(async move {
-            let sql = match self.backend {
+            let sql = match DB::BACKEND {
                 Backend::Postgres => "UPDATE users SET profile = CAST($1 AS JSONB) WHERE id = $2",
-                Backend::Sqlite => "UPDATE users SET profile = $1 WHERE id = $2",
+                _ => "UPDATE users SET profile = $1 WHERE id = $2",
             };
             let profile = serde_json::to_string(&s).expect("settings serialize");
-            let done = sqlx::query(sql)
+            let changed = query(sql)
                 .bind(profile)
-                .bind(id)
-                .execute(conn)
+                .bind_key(&id.to_dyn())
+                .execute(DB::conn(conn))
                 .await?;
-            Ok(done.rows_affected() == 1)
+            Ok(changed == 1)
         })
     }
 
     fn delete<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: K,
     ) -> BoxFuture<'c, sqlx::Result<bool>> {
         Box::pin(async move {
-            let done = sqlx::query("UPDATE users SET profile = '{}' WHERE id = $1")
-                .bind(id)
-                .execute(conn)
+            let changed = query("UPDATE users SET profile = '{}' WHERE id = $1")
+                .bind_key(&id.to_dyn())
+                .execute(DB::conn(conn))
                 .await?;
-            Ok(done.rows_affected() == 1)
+            Ok(changed == 1)
         })
     }
 }
 
-impl SettingsRepo for NewSettings {
+impl<DB: Native, K: UserId> SettingsRepo<DB, K> for NewSettings {
     fn get<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: K,
         lock: bool,
     ) -> BoxFuture<'c, sqlx::Result<Option<Settings>>> {
         Box::pin(async move {
             let sql = format!(
-                "SELECT theme, CAST(notifications_enabled AS INTEGER) AS n FROM user_settings WHERE user_id = $1{}",
-                for_share(self.backend, lock)
+                "SELECT theme, notifications_enabled FROM user_settings WHERE user_id = $1{}",
+                for_share::<DB>(lock)
             );
-            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(id)
-                .fetch_optional(conn)
+            let row = Query::assert_safe(sql)
+                .bind_key(&id.to_dyn())
+                .fetch_optional(DB::conn(conn))
                 .await?;
-            row.map(|row| {
-                Ok(Settings {
-                    theme: row.try_get("theme")?,
-                    notifications_enabled: row.try_get::<i64, _>("n")? != 0,
-                })
+            Ok(match row {
+                None => None,
+                Some(row) => Some(Settings {
+                    theme: row.get("theme")?,
+                    notifications_enabled: row.get("notifications_enabled")?,
+                }),
             })
-            .transpose()
         })
     }
 
     fn put<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: K,
         s: Settings,
     ) -> BoxFuture<'c, sqlx::Result<bool>> {
         Box::pin(async move {
@@ -182,105 +256,122 @@ impl SettingsRepo for NewSettings {
                  ON CONFLICT (user_id) DO UPDATE
                  SET theme = excluded.theme, notifications_enabled = excluded.notifications_enabled"
             };
-            let done = sqlx::query(sql)
-                .bind(id)
-                .bind(&s.theme)
+            let changed = query(sql)
+                .bind_key(&id.to_dyn())
+                .bind(s.theme)
                 .bind(s.notifications_enabled)
-                .execute(conn)
+                .execute(DB::conn(conn))
                 .await?;
-            Ok(done.rows_affected() == 1)
+            Ok(changed == 1)
         })
     }
 
     fn delete<'c>(
         &'c self,
-        conn: &'c mut AnyConnection,
-        id: i64,
+        conn: &'c mut NativeConnection<DB>,
+        id: K,
     ) -> BoxFuture<'c, sqlx::Result<bool>> {
         Box::pin(async move {
-            let done = sqlx::query("DELETE FROM user_settings WHERE user_id = $1")
-                .bind(id)
-                .execute(conn)
+            let changed = query("DELETE FROM user_settings WHERE user_id = $1")
+                .bind_key(&id.to_dyn())
+                .execute(DB::conn(conn))
                 .await?;
-            Ok(done.rows_affected() == 1)
+            Ok(changed == 1)
         })
     }
 }
 
-/// How the repair worker copies one user's settings between the shapes.
-pub struct SettingsResync;
+/// How the dual store copies one user's settings between the shapes.
+pub struct SettingsResync<DB, K>(PhantomData<fn() -> (DB, K)>);
 
-impl Resync<dyn SettingsRepo> for SettingsResync {
+impl<DB, K> Default for SettingsResync<DB, K> {
+    fn default() -> Self {
+        SettingsResync(PhantomData)
+    }
+}
+
+// For every lifetime of the trait object (not only `'static`): a generic async handler's
+// future is checked for `Send` with its lifetimes erased, and needs the impl that general.
+impl<'a, DB: Native, K: UserId> Resync<dyn SettingsRepo<DB, K> + 'a> for SettingsResync<DB, K> {
+    type Database = DB;
+    type Key = K;
     type Record = Settings;
 
     fn load<'c>(
         &'c self,
-        repo: &'c dyn SettingsRepo,
-        conn: &'c mut AnyConnection,
-        key: i64,
+        repo: &'c (dyn SettingsRepo<DB, K> + 'a),
+        conn: &'c mut NativeConnection<DB>,
+        key: &'c K,
     ) -> BoxFuture<'c, sqlx::Result<Option<Settings>>> {
-        repo.get(conn, key, true)
+        repo.get(conn, key.clone(), true)
     }
 
     fn store<'c>(
         &'c self,
-        repo: &'c dyn SettingsRepo,
-        conn: &'c mut AnyConnection,
-        key: i64,
+        repo: &'c (dyn SettingsRepo<DB, K> + 'a),
+        conn: &'c mut NativeConnection<DB>,
+        key: &'c K,
         record: Settings,
     ) -> BoxFuture<'c, sqlx::Result<()>> {
-        Box::pin(async move { repo.put(conn, key, record).await.map(drop) })
+        Box::pin(async move { repo.put(conn, key.clone(), record).await.map(drop) })
     }
 
     fn delete<'c>(
         &'c self,
-        repo: &'c dyn SettingsRepo,
-        conn: &'c mut AnyConnection,
-        key: i64,
+        repo: &'c (dyn SettingsRepo<DB, K> + 'a),
+        conn: &'c mut NativeConnection<DB>,
+        key: &'c K,
     ) -> BoxFuture<'c, sqlx::Result<()>> {
-        Box::pin(async move { repo.delete(conn, key).await.map(drop) })
+        Box::pin(async move { repo.delete(conn, key.clone()).await.map(drop) })
     }
 }
 
 /// The dual store over the two shapes.
-pub type SettingsStore = DualStore<dyn SettingsRepo, SettingsResync>;
+pub type SettingsStore<DB, K> = DualStore<dyn SettingsRepo<DB, K>, SettingsResync<DB, K>>;
 
-/// The two shapes in two databases (the new one holding only `user_settings`).
-pub fn split_repos(backend: Backend) -> (Arc<dyn SettingsRepo>, Arc<dyn SettingsRepo>) {
-    (
-        Arc::new(LegacySettings { backend }),
-        Arc::new(NewSettings {
-            backend,
-            standalone: true,
-        }),
-    )
-}
+/// One shape's repository, shared.
+pub type Repo<DB, K> = Arc<dyn SettingsRepo<DB, K>>;
 
 /// The two shapes, for `DualStore::builder`.
-pub fn repos(backend: Backend) -> (Arc<dyn SettingsRepo>, Arc<dyn SettingsRepo>) {
+pub fn repos<DB: Native, K: UserId>() -> (Repo<DB, K>, Repo<DB, K>) {
     (
-        Arc::new(LegacySettings { backend }),
-        Arc::new(NewSettings {
-            backend,
-            standalone: false,
-        }),
+        Arc::new(LegacySettings),
+        Arc::new(NewSettings { standalone: false }),
     )
 }
 
-/// Both shapes, created idempotently. The new table starts empty.
-pub async fn create_shapes(db: &Database) -> Result<(), sqlx::Error> {
-    let statements: &[&'static str] = match db.backend() {
-        Backend::Postgres => &[
-            "CREATE TABLE IF NOT EXISTS users (id BIGSERIAL PRIMARY KEY, email TEXT NOT NULL UNIQUE, profile JSONB NOT NULL DEFAULT '{}')",
-            "CREATE TABLE IF NOT EXISTS user_settings (user_id BIGINT PRIMARY KEY, theme TEXT NOT NULL, notifications_enabled BOOLEAN NOT NULL)",
+/// The two shapes in two databases (the new one holding only `user_settings`).
+pub fn split_repos<DB: Native, K: UserId>() -> (Repo<DB, K>, Repo<DB, K>) {
+    (
+        Arc::new(LegacySettings),
+        Arc::new(NewSettings { standalone: true }),
+    )
+}
+
+/// Both shapes, created idempotently, with user ids of type `K`. The new table starts empty.
+pub async fn create_shapes<K: UserId>(db: &Database) -> twintrack::Result<()> {
+    let id = K::id_column(db.backend());
+    let key = K::key_type(db.backend());
+    let statements = match db.backend() {
+        Backend::Postgres => [
+            format!(
+                "CREATE TABLE IF NOT EXISTS users (id {id}, email TEXT NOT NULL UNIQUE, profile JSONB NOT NULL DEFAULT '{{}}')"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS user_settings (user_id {key} PRIMARY KEY, theme TEXT NOT NULL, notifications_enabled BOOLEAN NOT NULL)"
+            ),
         ],
-        Backend::Sqlite => &[
-            "CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL UNIQUE, profile TEXT NOT NULL DEFAULT '{}')",
-            "CREATE TABLE IF NOT EXISTS user_settings (user_id INTEGER PRIMARY KEY, theme TEXT NOT NULL, notifications_enabled INTEGER NOT NULL)",
+        _ => [
+            format!(
+                "CREATE TABLE IF NOT EXISTS users (id {id}, email TEXT NOT NULL UNIQUE, profile TEXT NOT NULL DEFAULT '{{}}')"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS user_settings (user_id {key} PRIMARY KEY, theme TEXT NOT NULL, notifications_enabled INTEGER NOT NULL)"
+            ),
         ],
     };
     for sql in statements {
-        sqlx::raw_sql(*sql).execute(db.pool()).await?;
+        Query::assert_safe(sql).execute(db).await?;
     }
     Ok(())
 }
@@ -298,52 +389,77 @@ pub enum UserError {
 
 impl From<twintrack::Error> for UserError {
     fn from(e: twintrack::Error) -> Self {
-        UserError::Failed(e)
+        match &e {
+            twintrack::Error::Database(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                UserError::Duplicate
+            }
+            _ => UserError::Failed(e),
+        }
     }
 }
 
 impl From<sqlx::Error> for UserError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Database(db) if db.is_unique_violation() => UserError::Duplicate,
-            _ => UserError::Failed(e.into()),
-        }
+        twintrack::Error::from(e).into()
     }
 }
 
 /// The user service: `users` rows directly, settings through the dual store.
-#[derive(Clone)]
-pub struct Users {
-    pub settings: SettingsStore,
+pub struct Users<DB: Native, K: UserId> {
+    pub settings: SettingsStore<DB, K>,
 }
 
-impl Users {
+impl<DB: Native, K: UserId> Clone for Users<DB, K> {
+    fn clone(&self) -> Self {
+        Users {
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+impl<DB: Native, K: UserId> Users<DB, K> {
     fn db(&self) -> &Database {
         self.settings.database()
     }
 
+    /// Inserts the user row on `conn`; returns its id.
+    async fn insert_user(conn: &mut NativeConnection<DB>, email: &str) -> Result<K, UserError> {
+        let row = match K::generate() {
+            Some(id) => query("INSERT INTO users (id, email) VALUES ($1, $2) RETURNING id")
+                .bind_key(&id.to_dyn())
+                .bind(email),
+            None => query("INSERT INTO users (email) VALUES ($1) RETURNING id").bind(email),
+        }
+        .fetch_one(DB::conn(conn))
+        .await?;
+        Ok(K::from_dyn(twintrack::DynKey::from_values(
+            row.into_values(),
+            K::KINDS,
+        )?)?)
+    }
+
     /// Creates a user and its settings in one transaction; returns the id. (Two databases: the
     /// user row first, then the settings through the dual store.)
-    pub async fn create(&self, email: &str, settings: Settings) -> Result<i64, UserError> {
+    pub async fn create(&self, email: &str, settings: Settings) -> Result<K, UserError> {
         if self.settings.is_split() {
             twintrack::ryw::note_write();
-            let id: i64 = sqlx::query_scalar("INSERT INTO users (email) VALUES ($1) RETURNING id")
-                .bind(email)
-                .fetch_one(self.db().pool())
-                .await?;
+            let mut conn = self.settings.pool().acquire().await?;
+            let id = Self::insert_user(&mut conn, email).await?;
+            drop(conn);
+            let key = id.clone();
             self.settings
-                .write(id, move |repo, conn| repo.put(conn, id, settings.clone()))
+                .write(&id, move |repo, conn| {
+                    repo.put(conn, key.clone(), settings.clone())
+                })
                 .await?;
             return Ok(id);
         }
-        let mut tx = self.db().pool().begin().await?;
-        let id: i64 = sqlx::query_scalar("INSERT INTO users (email) VALUES ($1) RETURNING id")
-            .bind(email)
-            .fetch_one(&mut *tx)
-            .await?;
+        let mut tx = self.settings.pool().begin().await?;
+        let id = Self::insert_user(&mut tx, email).await?;
+        let key = id.clone();
         self.settings
-            .write_in(&mut tx, id, move |repo, conn| {
-                repo.put(conn, id, settings.clone())
+            .write_in(&mut tx, &id, move |repo, conn| {
+                repo.put(conn, key.clone(), settings.clone())
             })
             .await?;
         tx.commit().await?;
@@ -351,18 +467,22 @@ impl Users {
     }
 
     /// The user's settings.
-    pub async fn settings(&self, id: i64) -> Result<Settings, UserError> {
+    pub async fn settings(&self, id: &K) -> Result<Settings, UserError> {
+        let key = id.clone();
         self.settings
-            .read(id, move |repo, conn| repo.get(conn, id, false))
+            .read(id, move |repo, conn| repo.get(conn, key.clone(), false))
             .await?
             .ok_or(UserError::NotFound)
     }
 
     /// Replaces the user's settings.
-    pub async fn update(&self, id: i64, settings: Settings) -> Result<(), UserError> {
+    pub async fn update(&self, id: &K, settings: Settings) -> Result<(), UserError> {
+        let key = id.clone();
         let found = self
             .settings
-            .write(id, move |repo, conn| repo.put(conn, id, settings.clone()))
+            .write(id, move |repo, conn| {
+                repo.put(conn, key.clone(), settings.clone())
+            })
             .await?;
         if found {
             Ok(())
@@ -373,31 +493,27 @@ impl Users {
 
     /// Deletes the user and its settings. (Two databases: the settings through the dual store,
     /// then the user row.)
-    pub async fn delete(&self, id: i64) -> Result<(), UserError> {
+    pub async fn delete(&self, id: &K) -> Result<(), UserError> {
+        let key = id.clone();
+        let delete_user = query("DELETE FROM users WHERE id = $1").bind_key(&id.to_dyn());
         if self.settings.is_split() {
             self.settings
-                .write(id, move |repo, conn| repo.delete(conn, id))
+                .write(id, move |repo, conn| repo.delete(conn, key.clone()))
                 .await?;
-            let gone = sqlx::query("DELETE FROM users WHERE id = $1")
-                .bind(id)
-                .execute(self.db().pool())
-                .await?
-                .rows_affected();
+            let gone = delete_user.execute(self.db()).await?;
             return if gone == 0 {
                 Err(UserError::NotFound)
             } else {
                 Ok(())
             };
         }
-        let mut tx = self.db().pool().begin().await?;
+        let mut tx = self.settings.pool().begin().await?;
         self.settings
-            .write_in(&mut tx, id, move |repo, conn| repo.delete(conn, id))
+            .write_in(&mut tx, id, move |repo, conn| {
+                repo.delete(conn, key.clone())
+            })
             .await?;
-        let gone = sqlx::query("DELETE FROM users WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let gone = delete_user.execute(DB::conn(&mut tx)).await?;
         if gone == 0 {
             return Err(UserError::NotFound);
         }

@@ -76,13 +76,18 @@ pub(crate) async fn backfill(
     let report = report?;
     out.print(&report, || {
         format!(
-            "{} {} backfill of {migration}: {} rows copied by this run ({} in total) over keys ({}, {}] in {:.1} s{}{}",
+            "{} {} backfill of {migration}: {} rows copied by this run ({} in total) over {} keys {} in {:.1} s{}{}",
             if report.finished { "finished" } else { "done here; other processes still hold chunks of" },
             report.direction.as_str(),
             report.rows_copied,
             report.run_rows_copied,
-            report.lower_bound,
-            report.upper_bound,
+            report.keys_done,
+            match (&report.lower_bound, &report.upper_bound) {
+                (None, None) => "(all of them)".to_owned(),
+                (None, Some(hi)) => format!("up to {hi}"),
+                (Some(lo), None) => format!("after {lo}"),
+                (Some(lo), Some(hi)) => format!("after {lo} up to {hi}"),
+            },
             report.elapsed_seconds,
             if report.resumed { " (resumed an interrupted run)" } else { "" },
             if report.paused_seconds > 0.0 {
@@ -108,12 +113,13 @@ fn draw(p: &Progress) {
     let mut err = std::io::stderr();
     let _ = write!(
         err,
-        "\r[{}{}] {:5.1}%  {} rows  {:.0} rows/s  ETA {eta}  batch {}{}   ",
+        "\r[{}{}] {:5.1}%  {} keys  {} rows  {:.0} keys/s  ETA {eta}  batch {}{}   ",
         "#".repeat(filled.min(30)),
         " ".repeat(30 - filled.min(30)),
         share * 100.0,
+        p.keys_done,
         p.rows_copied,
-        p.rows_per_second,
+        p.keys_per_second,
         p.batch_size,
         if p.paused {
             "  PAUSED (replica lag)"

@@ -297,7 +297,7 @@ pub fn exit_code(err: &Error) -> u8 {
         | Error::Config(_)
         | Error::InvalidInput(_)
         | Error::NotInitialized => 2,
-        Error::Database(_) | Error::Repository { .. } => 5,
+        Error::Database(_) | Error::Repository { .. } | Error::Internal(_) => 5,
     }
 }
 

@@ -194,8 +194,7 @@ async fn render(
             .iter()
             .find(|r| r.direction == "forward")
             .map(|r| {
-                let total = (r.upper_bound - r.lower_bound).max(1);
-                let pct = 100.0 * r.keys_done as f64 / total as f64;
+                let pct = 100.0 * r.keys_done as f64 / r.keys_total.max(1) as f64;
                 match r.finished_at {
                     Some(at) if at > 0 => {
                         format!("done {} ({} rows)", format_micros(at), r.rows_copied)

@@ -39,7 +39,7 @@ impl AdminIdentity {
     pub(crate) fn csrf(&self) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.digest).expect("HMAC takes any key");
         mac.update(b"twintrack csrf v1");
-        crate::ryw::hex(&mac.finalize().into_bytes())
+        crate::util::hex(&mac.finalize().into_bytes())
     }
 
     /// Whether `presented` is this holder's CSRF token (constant time).

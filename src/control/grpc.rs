@@ -42,8 +42,18 @@ pub fn status(err: Error) -> Status {
         }
         Error::Unreachable(_) => Status::unavailable(message),
         Error::NotInitialized | Error::InvalidFlag { .. } => Status::failed_precondition(message),
-        Error::Database(_) | Error::Repository { .. } => Status::internal(message),
+        Error::Database(_) | Error::Repository { .. } | Error::Internal(_) => {
+            Status::internal(message)
+        }
     }
+}
+
+/// A bound's integer value for the deprecated integer fields (0 when it is none or no integer).
+fn integer(bound: &Option<String>) -> i64 {
+    bound
+        .as_deref()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_default()
 }
 
 pub(crate) fn to_proto(state: &FlagState) -> proto::Migration {
@@ -257,6 +267,7 @@ impl ControlService for ControlPlane {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    #[allow(deprecated)] // fills the deprecated integer key for older clients
     async fn list_mismatches(
         &self,
         request: Request<proto::ListMismatchesRequest>,
@@ -280,16 +291,18 @@ impl ControlService for ControlPlane {
             mismatches: found
                 .into_iter()
                 .map(|m| proto::Mismatch {
-                    key: m.key,
+                    key: m.key.parse().unwrap_or_default(),
                     class: m.class.as_str().into(),
                     stage: m.stage,
                     diff_json: serde_json::to_string(&m.diff).unwrap_or_default(),
                     at_micros: m.at,
+                    key_text: m.key,
                 })
                 .collect(),
         }))
     }
 
+    #[allow(deprecated)] // fills the deprecated integer bounds for older clients
     async fn get_progress(
         &self,
         request: Request<proto::GetProgressRequest>,
@@ -305,12 +318,15 @@ impl ControlService for ControlPlane {
                 .map(|r| proto::BackfillRun {
                     run_id: r.run_id,
                     direction: r.direction,
-                    lower_bound: r.lower_bound,
-                    upper_bound: r.upper_bound,
+                    lower_bound: integer(&r.lower_bound),
+                    upper_bound: integer(&r.upper_bound),
                     keys_done: r.keys_done,
+                    keys_total: r.keys_total,
                     rows_copied: r.rows_copied,
                     started_at_micros: r.started_at,
                     finished_at_micros: r.finished_at,
+                    lower_key: r.lower_bound,
+                    upper_key: r.upper_bound,
                 })
                 .collect(),
             verify_clean_at_micros: record.evidence.verify_clean_at,

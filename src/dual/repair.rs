@@ -1,51 +1,22 @@
 //! Repair intents and the repair worker: converge the two sides on keys whose
-//! non-authoritative write failed.
+//! non-authoritative write failed (or may not have landed yet, across two databases).
+//!
+//! An intent names the migration, the key (as its canonical text, see [`crate::key`]) and the
+//! side that missed the write. It is written in the authoritative side's transaction, so no
+//! crash or dropped future can lose it; the repair worker re-syncs the key from the side that
+//! is authoritative *now* and drops the intent, in one transaction where both shapes share a
+//! database.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sqlx::{AnyConnection, Connection, Row};
+use sqlx::{AssertSqlSafe, Connection};
 
-use super::DualStore;
-use crate::db::{Backend, now_micros};
-use crate::flags::BoxFuture;
+use super::{ConnOf, Db, DualStore, KeyOf, Resync};
+use crate::db::{Backend, Conn, Database, Native, now_micros, query};
+use crate::definition::Resynced;
+use crate::key::Key;
 use crate::{Result, Side};
-
-/// How to copy one key from one side of a migration to the other, in your repository's terms.
-///
-/// The repair worker calls `load` on the side that is authoritative now, then `store` (or
-/// `delete`, when the key is gone there) on the other side, in one transaction. `load` should
-/// lock what it reads (`FOR SHARE` on PostgreSQL) so that a concurrent write cannot slip in
-/// between the load and the store. All three must be idempotent.
-pub trait Resync<R: ?Sized>: Send + Sync + 'static {
-    /// A key's data, in a form both sides can store.
-    type Record: Send;
-
-    /// The key's record on this side, or `None` if it has none.
-    fn load<'c>(
-        &'c self,
-        repo: &'c R,
-        conn: &'c mut AnyConnection,
-        key: i64,
-    ) -> BoxFuture<'c, sqlx::Result<Option<Self::Record>>>;
-
-    /// Makes this side hold `record` for the key (insert or update).
-    fn store<'c>(
-        &'c self,
-        repo: &'c R,
-        conn: &'c mut AnyConnection,
-        key: i64,
-        record: Self::Record,
-    ) -> BoxFuture<'c, sqlx::Result<()>>;
-
-    /// Makes this side hold nothing for the key.
-    fn delete<'c>(
-        &'c self,
-        repo: &'c R,
-        conn: &'c mut AnyConnection,
-        key: i64,
-    ) -> BoxFuture<'c, sqlx::Result<()>>;
-}
 
 /// What a repair pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,47 +31,47 @@ pub struct RepairReport {
     pub skipped: u64,
 }
 
-/// Records, in the caller's transaction, that `side` missed (or may miss) a write of `key`.
-/// Returns the intent's id.
+/// Records, on `conn` (the authoritative side's transaction), that `side` missed (or may miss)
+/// a write of the key `key_text`. Returns the intent's id.
 pub(super) async fn record_intent(
-    conn: &mut AnyConnection,
+    conn: Conn<'_>,
     migration: &str,
-    key: i64,
+    key_text: &str,
     side: Side,
     error: &str,
 ) -> Result<i64> {
     let error: String = error.chars().take(1000).collect();
-    Ok(sqlx::query_scalar(
-        "INSERT INTO twintrack_repair_intents (migration, key, target_side, created_at, last_error)
+    query(
+        "INSERT INTO twintrack_repair_intents (migration, key_text, target_side, created_at, last_error)
          VALUES ($1, $2, $3, $4, $5) RETURNING id",
     )
     .bind(migration)
-    .bind(key)
+    .bind(key_text)
     .bind(side.as_str())
     .bind(now_micros())
     .bind(error)
-    .fetch_one(conn)
-    .await?)
+    .scalar(conn)
+    .await
 }
 
 /// Drops an intent whose write has landed.
-pub(super) async fn clear_intent(db: &crate::Database, id: i64) -> Result<()> {
-    sqlx::query("DELETE FROM twintrack_repair_intents WHERE id = $1")
+pub(super) async fn clear_intent(db: &Database, id: i64) -> Result<()> {
+    query("DELETE FROM twintrack_repair_intents WHERE id = $1")
         .bind(id)
-        .execute(db.pool())
+        .execute(db)
         .await?;
     Ok(())
 }
 
 /// Notes why an intent's write failed (it stays for the repair worker).
-pub(super) async fn note_failure(db: &crate::Database, id: i64, error: &str) -> Result<()> {
+pub(super) async fn note_failure(db: &Database, id: i64, error: &str) -> Result<()> {
     let error: String = error.chars().take(1000).collect();
-    sqlx::query(
+    query(
         "UPDATE twintrack_repair_intents SET attempts = attempts + 1, last_error = $1 WHERE id = $2",
     )
     .bind(error)
     .bind(id)
-    .execute(db.pool())
+    .execute(db)
     .await?;
     Ok(())
 }
@@ -112,15 +83,18 @@ where
     X: Resync<R>,
 {
     let inner = &store.inner;
+    if let Some(def) = &inner.definition {
+        store.definition_kinds(def).await?;
+    }
     let cutoff = now_micros() - i64::try_from(min_age.as_micros()).unwrap_or(i64::MAX);
     let mut report = RepairReport::default();
     // Intents live in the database of the side that was authoritative when they were written.
-    let mut databases = vec![store.database_of(Side::Legacy)];
+    let mut sides = vec![Side::Legacy];
     if store.is_split() {
-        databases.push(store.database_of(Side::New));
+        sides.push(Side::New);
     }
-    for db in databases {
-        pass(store, db, cutoff, &mut report).await?;
+    for side in sides {
+        pass(store, side, cutoff, &mut report).await?;
     }
     for (event, n) in [
         ("repaired", report.copied + report.deleted),
@@ -141,7 +115,7 @@ where
 
 async fn pass<R, X>(
     store: &DualStore<R, X>,
-    db: &crate::Database,
+    side: Side,
     cutoff: i64,
     report: &mut RepairReport,
 ) -> Result<()>
@@ -150,32 +124,43 @@ where
     X: Resync<R>,
 {
     let inner = &store.inner;
+    let db = store.database_of(side);
     let mut after = 0i64;
     loop {
-        let batch = sqlx::query(
-            "SELECT id, key FROM twintrack_repair_intents
+        let batch = query(
+            "SELECT id, key_text FROM twintrack_repair_intents
              WHERE migration = $1 AND created_at <= $2 AND id > $3 ORDER BY id LIMIT 100",
         )
         .bind(&*inner.migration)
         .bind(cutoff)
         .bind(after)
-        .fetch_all(db.pool())
+        .fetch_all(db)
         .await?;
         let Some(last) = batch.last() else { break };
-        after = last.try_get("id")?;
+        after = last.get("id")?;
         for row in &batch {
-            let id: i64 = row.try_get("id")?;
-            let key: i64 = row.try_get("key")?;
+            let id: i64 = row.get("id")?;
+            let text: String = row.get("key_text")?;
+            let key = match KeyOf::<R, X>::parse(&text) {
+                Ok(key) => key,
+                Err(err) => {
+                    // Written by a store with another key type: keep it, say so, go on.
+                    report.failed += 1;
+                    tracing::warn!(migration = %inner.migration, key = %text, error = %err, "repair intent with an unreadable key");
+                    note_failure(db, id, &err.to_string()).await?;
+                    continue;
+                }
+            };
             // The side that holds the truth now (the stage may have moved since the intent).
             let (flag, _) = store.flag()?;
             let source = flag.stage().plan().authoritative;
-            match resync_one(store, db, id, key, source).await {
-                Ok(Some(true)) => report.copied += 1,
-                Ok(Some(false)) => report.deleted += 1,
+            match resync_one(store, side, id, &key, source).await {
+                Ok(Some(Resynced::Copied)) => report.copied += 1,
+                Ok(Some(_)) => report.deleted += 1,
                 Ok(None) => report.skipped += 1,
                 Err(err) => {
                     report.failed += 1;
-                    tracing::warn!(migration = %inner.migration, key, error = %err, "repair failed; will retry");
+                    tracing::warn!(migration = %inner.migration, key = %text, error = %err, "repair failed; will retry");
                     note_failure(db, id, &err.to_string()).await?;
                 }
             }
@@ -184,127 +169,66 @@ where
     Ok(())
 }
 
-/// Re-syncs one key and drops its intent, in one transaction. `Some(true)` copied,
-/// `Some(false)` deleted, `None` when another worker holds the intent or it is gone.
+/// Re-syncs one key and drops its intent (stored in `intents_side`'s database), in one
+/// transaction where both shapes share a database. `None` when another worker holds the intent
+/// or it is gone.
 async fn resync_one<R, X>(
     store: &DualStore<R, X>,
-    intents: &crate::Database,
+    intents_side: Side,
     id: i64,
-    key: i64,
+    key: &KeyOf<R, X>,
     source: Side,
-) -> Result<Option<bool>>
+) -> Result<Option<Resynced>>
 where
     R: ?Sized + Send + Sync + 'static,
     X: Resync<R>,
 {
-    let inner = &store.inner;
-    let mut conn = intents.pool().acquire().await?;
-    let lock = match intents.backend() {
+    let backend = <Db<R, X> as Native>::BACKEND;
+    let lock = match backend {
         Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-        Backend::Sqlite => "",
+        _ => "",
     };
-    let mut tx = conn.begin_with(intents.backend().begin_write()).await?;
-    let sql = format!("SELECT id FROM twintrack_repair_intents WHERE id = $1{lock}");
-    if sqlx::query(sqlx::AssertSqlSafe(sql))
+    let sql = match lock {
+        "" => "SELECT id FROM twintrack_repair_intents WHERE id = $1",
+        _ => "SELECT id FROM twintrack_repair_intents WHERE id = $1 FOR UPDATE SKIP LOCKED",
+    };
+    let mut conn = store.pool_of(intents_side).acquire().await?;
+    let mut tx = conn
+        .begin_with(AssertSqlSafe(backend.begin_write()))
+        .await?;
+    let held = query(sql)
         .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .is_none()
-    {
+        .fetch_optional(Db::<R, X>::conn(&mut tx))
+        .await?;
+    if held.is_none() {
         return Ok(None);
     }
-    let target = source.other();
-    let copied = if store.is_split() {
-        if intents.backend() == Backend::Sqlite {
+    let done = if store.is_split() {
+        if backend == Backend::Sqlite {
             // SQLite has no row locks: release the file's write lock before the copy takes it
             // (the intents may live in the source's file).
             tx.rollback().await?;
-            let copied = resync_across(store, key, source).await?;
-            clear_intent(intents, id).await?;
-            return Ok(Some(copied));
+            let done = store.resync_across(key, source).await?;
+            clear_intent(store.database_of(intents_side), id).await?;
+            return Ok(Some(done));
         }
-        resync_across(store, key, source).await?
-    } else if let Some(def) = &inner.definition
-        && let outcome = crate::definition::resync_key(&mut tx, def, key, source).await?
-        && outcome != crate::definition::Resynced::LeftAlone
-    {
-        outcome == crate::definition::Resynced::Copied
+        store.resync_across(key, source).await?
     } else {
-        let record = inner
-            .resync
-            .load(store.repo(source), &mut tx, key)
-            .await
-            .map_err(store.side_error(source))?;
-        let copied = record.is_some();
-        match record {
-            Some(record) => {
-                let repo = store.repo(target);
-                inner.resync.store(repo, &mut tx, key, record).await
-            }
-            None => inner.resync.delete(store.repo(target), &mut tx, key).await,
-        }
-        .map_err(store.side_error(target))?;
-        copied
+        let conn: &mut ConnOf<R, X> = &mut tx;
+        store.resync_in(conn, key, source).await?
     };
-    sqlx::query("DELETE FROM twintrack_repair_intents WHERE id = $1")
+    query("DELETE FROM twintrack_repair_intents WHERE id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .execute(Db::<R, X>::conn(&mut tx))
         .await?;
     tx.commit().await?;
-    Ok(Some(copied))
-}
-
-/// Two databases: copies `key` from `source` to the other side. The source transaction holds
-/// the key's row (the `Resync::load` lock on PostgreSQL, the write lock on SQLite) until the
-/// target has committed, so concurrent copies of one key land in commit order. Returns whether
-/// a record was copied (`false`: deleted on the target).
-pub(super) async fn resync_across<R, X>(
-    store: &DualStore<R, X>,
-    key: i64,
-    source: Side,
-) -> Result<bool>
-where
-    R: ?Sized + Send + Sync + 'static,
-    X: Resync<R>,
-{
-    let inner = &store.inner;
-    let target = source.other();
-    let source_db = store.database_of(source);
-    let mut source_conn = source_db.pool().acquire().await?;
-    let mut source_tx = source_conn
-        .begin_with(source_db.backend().begin_write())
-        .await?;
-    let record = inner
-        .resync
-        .load(store.repo(source), &mut source_tx, key)
-        .await
-        .map_err(store.side_error(source))?;
-    let copied = record.is_some();
-    let mut target_tx = store.database_of(target).pool().begin().await?;
-    match record {
-        Some(record) => {
-            let repo = store.repo(target);
-            inner.resync.store(repo, &mut target_tx, key, record).await
-        }
-        None => {
-            inner
-                .resync
-                .delete(store.repo(target), &mut target_tx, key)
-                .await
-        }
-    }
-    .map_err(store.side_error(target))?;
-    target_tx.commit().await?;
-    source_tx.commit().await?;
-    Ok(copied)
+    Ok(Some(done))
 }
 
 /// The number of repair intents waiting for `migration`.
-pub async fn pending_intents(db: &crate::Database, migration: &str) -> Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT COUNT(*) FROM twintrack_repair_intents WHERE migration = $1")
-            .bind(migration)
-            .fetch_one(db.pool())
-            .await?,
-    )
+pub async fn pending_intents(db: &Database, migration: &str) -> Result<i64> {
+    query("SELECT COUNT(*) FROM twintrack_repair_intents WHERE migration = $1")
+        .bind(migration)
+        .scalar(db)
+        .await
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
@@ -21,12 +21,19 @@ impl Drop for ListenerHandle {
     }
 }
 
-/// Connects and subscribes before returning, so no change made after `open` is missed.
+/// Connects and subscribes before returning, so no change made after `open` is missed. The
+/// listener gets a one-connection pool of its own, with the service pool's connect options
+/// (TLS included), so it never holds one of the service's connections.
 pub(crate) async fn spawn(
-    url: String,
+    pool: &PgPool,
     changes: broadcast::Sender<FlagChange>,
 ) -> Result<ListenerHandle> {
-    let mut listener = PgListener::connect(&url).await.map_err(Error::from_sqlx)?;
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(PgConnectOptions::clone(&pool.connect_options()));
+    let mut listener = PgListener::connect_with(&own)
+        .await
+        .map_err(Error::from_sqlx)?;
     listener.listen(CHANNEL).await.map_err(Error::from_sqlx)?;
     Ok(ListenerHandle(tokio::spawn(run(listener, changes))))
 }

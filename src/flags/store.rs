@@ -1,15 +1,13 @@
 //! [`SqlFlagStore`]: the flag table, the evidence columns and the audit log, in the
 //! application's own database (PostgreSQL or SQLite).
 
-use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Connection, Row};
 use tokio::sync::broadcast;
 
 use super::{
     AuditEntry, BoxFuture, EvidenceKind, FlagChange, FlagState, FlagStore, LoadedFlag,
     MigrationRecord, StageChange, StageOutcome, TuningChange,
 };
-use crate::db::{Backend, Database, now_micros};
+use crate::db::{Backend, Database, Query, Row, Tx, now_micros, query};
 use crate::transition::{self, Evidence, Verdict};
 use crate::{Error, Result, Stage};
 
@@ -67,8 +65,8 @@ impl SqlFlagStore {
     pub async fn listen(self) -> Result<SqlFlagStore> {
         #[cfg(feature = "postgres")]
         if self.db.backend() == Backend::Postgres && self.listener.is_none() {
-            let listener =
-                super::listen::spawn(self.db.url().to_owned(), self.changes.clone()).await?;
+            let pool = self.db.as_postgres().expect("a PostgreSQL database");
+            let listener = super::listen::spawn(pool, self.changes.clone()).await?;
             return Ok(SqlFlagStore {
                 listener: Some(listener),
                 ..self
@@ -82,18 +80,9 @@ impl SqlFlagStore {
         &self.db
     }
 
-    /// Begins a transaction that holds the write lock for flag rows: `FOR UPDATE` row locks on
-    /// PostgreSQL (taken by [`lock_row`]), the database write lock on SQLite.
-    async fn begin<'c>(
-        &self,
-        conn: &'c mut AnyConnection,
-    ) -> Result<sqlx::Transaction<'c, sqlx::Any>> {
-        Ok(conn.begin_with(self.db.backend().begin_write()).await?)
-    }
-
     async fn lock_row(
         &self,
-        tx: &mut AnyConnection,
+        tx: &mut Tx,
         migration: &str,
     ) -> Result<(std::result::Result<FlagState, String>, Evidence)> {
         let lock = match self.db.backend() {
@@ -103,7 +92,7 @@ impl SqlFlagStore {
         let sql = format!(
             "SELECT {STATE_COLUMNS}, {EVIDENCE_COLUMNS} FROM twintrack_flags WHERE migration = $1{lock}"
         );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let row = Query::assert_safe(sql)
             .bind(migration)
             .fetch_optional(&mut *tx)
             .await?
@@ -149,11 +138,11 @@ pub fn validate_migration_name(name: &str) -> Result<()> {
     }
 }
 
-fn parse_state(row: &AnyRow) -> Result<std::result::Result<FlagState, String>> {
-    let migration: String = row.try_get("migration")?;
-    let stage_text: String = row.try_get("stage")?;
-    let rate: f64 = row.try_get("shadow_sample_rate")?;
-    let percent: Option<i64> = row.try_get("read_rollout_percent")?;
+fn parse_state(row: &Row) -> Result<std::result::Result<FlagState, String>> {
+    let migration: String = row.get("migration")?;
+    let stage_text: String = row.get("stage")?;
+    let rate: f64 = row.get("shadow_sample_rate")?;
+    let percent: Option<i64> = row.get("read_rollout_percent")?;
     let stage = match stage_text.parse::<Stage>() {
         Ok(stage) => stage,
         Err(e) => return Ok(Err(e.to_string())),
@@ -171,23 +160,23 @@ fn parse_state(row: &AnyRow) -> Result<std::result::Result<FlagState, String>> {
     Ok(Ok(FlagState {
         migration,
         stage,
-        version: row.try_get("version")?,
-        updated_at: row.try_get("updated_at")?,
-        updated_by: row.try_get("updated_by")?,
-        reason: row.try_get("reason")?,
+        version: row.get("version")?,
+        updated_at: row.get("updated_at")?,
+        updated_by: row.get("updated_by")?,
+        reason: row.get("reason")?,
         shadow_sample_rate: rate,
         read_rollout_percent,
     }))
 }
 
-fn parse_evidence(row: &AnyRow) -> Result<Evidence> {
+fn parse_evidence(row: &Row) -> Result<Evidence> {
     Ok(Evidence {
-        backfill_finished_at: row.try_get("backfill_finished_at")?,
-        verify_clean_at: row.try_get("verify_clean_at")?,
-        reverse_synced_at: row.try_get("reverse_synced_at")?,
-        left_legacy_only_at: row.try_get("left_legacy_only_at")?,
-        entered_new_only_at: row.try_get("entered_new_only_at")?,
-        left_new_only_at: row.try_get("left_new_only_at")?,
+        backfill_finished_at: row.get("backfill_finished_at")?,
+        verify_clean_at: row.get("verify_clean_at")?,
+        reverse_synced_at: row.get("reverse_synced_at")?,
+        left_legacy_only_at: row.get("left_legacy_only_at")?,
+        entered_new_only_at: row.get("entered_new_only_at")?,
+        left_new_only_at: row.get("left_new_only_at")?,
     })
 }
 
@@ -205,8 +194,8 @@ struct AuditRecord<'a> {
     overridden: Option<String>,
 }
 
-async fn append_audit(tx: &mut AnyConnection, rec: AuditRecord<'_>) -> Result<()> {
-    sqlx::query(
+async fn append_audit(tx: &mut Tx, rec: AuditRecord<'_>) -> Result<()> {
+    query(
         "INSERT INTO twintrack_audit (migration, at, actor, action, from_stage, to_stage, from_version, to_version, forced, reason, overridden)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
@@ -241,13 +230,11 @@ impl FlagStore for SqlFlagStore {
     fn load_all(&self) -> BoxFuture<'_, Result<Vec<LoadedFlag>>> {
         Box::pin(async move {
             let sql = format!("SELECT {STATE_COLUMNS} FROM twintrack_flags ORDER BY migration");
-            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .fetch_all(self.db.pool())
-                .await?;
+            let rows = Query::assert_safe(sql).fetch_all(&self.db).await?;
             rows.iter()
                 .map(|row| {
                     Ok(LoadedFlag {
-                        migration: row.try_get("migration")?,
+                        migration: row.get("migration")?,
                         state: parse_state(row)?,
                     })
                 })
@@ -260,9 +247,9 @@ impl FlagStore for SqlFlagStore {
             let sql = format!(
                 "SELECT {STATE_COLUMNS}, {EVIDENCE_COLUMNS} FROM twintrack_flags WHERE migration = $1"
             );
-            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            let row = Query::assert_safe(sql)
                 .bind(migration)
-                .fetch_optional(self.db.pool())
+                .fetch_optional(&self.db)
                 .await?
                 .ok_or_else(|| Error::UnknownMigration(migration.to_owned()))?;
             let state = parse_state(&row)?.map_err(|problem| Error::InvalidFlag {
@@ -281,9 +268,8 @@ impl FlagStore for SqlFlagStore {
             validate_migration_name(migration)?;
             check_text("actor", actor, MAX_ACTOR)?;
             let now = now_micros();
-            let mut conn = self.db.pool().acquire().await?;
-            let mut tx = self.begin(&mut conn).await?;
-            let inserted = sqlx::query(
+            let mut tx = self.db.begin().await?;
+            let inserted = query(
                 "INSERT INTO twintrack_flags (migration, stage, version, updated_at, updated_by, reason)
                  VALUES ($1, 'legacy_only', 1, $2, $3, 'registered')
                  ON CONFLICT (migration) DO NOTHING",
@@ -291,9 +277,8 @@ impl FlagStore for SqlFlagStore {
             .bind(migration)
             .bind(now)
             .bind(actor)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?
-            .rows_affected()
                 == 1;
             if inserted {
                 append_audit(
@@ -323,8 +308,7 @@ impl FlagStore for SqlFlagStore {
         Box::pin(async move {
             check_text("reason", &change.reason, MAX_REASON)?;
             check_text("actor", &change.actor, MAX_ACTOR)?;
-            let mut conn = self.db.pool().acquire().await?;
-            let mut tx = self.begin(&mut conn).await?;
+            let mut tx = self.db.begin().await?;
             let (state, evidence) = self.lock_row(&mut tx, &change.migration).await?;
             let raw_stage: String;
             let (from, version, current) = match state {
@@ -334,20 +318,19 @@ impl FlagStore for SqlFlagStore {
                 }
                 Err(problem) => {
                     // The stored stage is unreadable (edited by hand). Only --force may replace it.
-                    let row = sqlx::query(
-                        "SELECT stage, version FROM twintrack_flags WHERE migration = $1",
-                    )
-                    .bind(&change.migration)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    raw_stage = row.try_get("stage")?;
+                    let row =
+                        query("SELECT stage, version FROM twintrack_flags WHERE migration = $1")
+                            .bind(&change.migration)
+                            .fetch_one(&mut tx)
+                            .await?;
+                    raw_stage = row.get("stage")?;
                     if !change.force {
                         return Err(Error::InvalidFlag {
                             migration: change.migration.clone(),
                             problem: format!("{problem}; pass --force to overwrite it"),
                         });
                     }
-                    (None, row.try_get("version")?, None)
+                    (None, row.get("version")?, None)
                 }
             };
             check_version(&change.migration, change.expected_version, version)?;
@@ -371,7 +354,7 @@ impl FlagStore for SqlFlagStore {
 
             let now = now_micros();
             let evidence = evidence.after_move(from, change.to, now);
-            let updated = sqlx::query(
+            let updated = query(
                 "UPDATE twintrack_flags SET stage = $1, version = version + 1, updated_at = $2, updated_by = $3, reason = $4,
                      left_legacy_only_at = $5, entered_new_only_at = $6, left_new_only_at = $7
                  WHERE migration = $8 AND version = $9",
@@ -385,9 +368,8 @@ impl FlagStore for SqlFlagStore {
             .bind(evidence.left_new_only_at)
             .bind(&change.migration)
             .bind(version)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .execute(&mut tx)
+            .await?;
             if updated != 1 {
                 // The row is locked, so this means the table was changed outside the rules.
                 return Err(Error::Database(sqlx::Error::Protocol(format!(
@@ -451,8 +433,7 @@ impl FlagStore for SqlFlagStore {
                     "read rollout percent {p} is outside 0..=100"
                 )));
             }
-            let mut conn = self.db.pool().acquire().await?;
-            let mut tx = self.begin(&mut conn).await?;
+            let mut tx = self.db.begin().await?;
             let (state, _) = self.lock_row(&mut tx, &change.migration).await?;
             let state = state.map_err(|problem| Error::InvalidFlag {
                 migration: change.migration.clone(),
@@ -473,7 +454,7 @@ impl FlagStore for SqlFlagStore {
                     .unwrap_or(state.read_rollout_percent),
                 ..state.clone()
             };
-            sqlx::query(
+            query(
                 "UPDATE twintrack_flags SET version = $1, updated_at = $2, updated_by = $3, reason = $4,
                      shadow_sample_rate = $5, read_rollout_percent = $6
                  WHERE migration = $7 AND version = $8",
@@ -486,7 +467,7 @@ impl FlagStore for SqlFlagStore {
             .bind(new.read_rollout_percent.map(i64::from))
             .bind(&change.migration)
             .bind(state.version)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
             append_audit(
                 &mut tx,
@@ -519,18 +500,17 @@ impl FlagStore for SqlFlagStore {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             check_text("actor", actor, MAX_ACTOR)?;
-            let mut conn = self.db.pool().acquire().await?;
-            let mut tx = self.begin(&mut conn).await?;
+            let mut tx = self.db.begin().await?;
             // Locks the row and fails for an unknown migration; the state itself is not needed.
             let _ = self.lock_row(&mut tx, migration).await?;
             let sql = format!(
                 "UPDATE twintrack_flags SET {} = $1 WHERE migration = $2",
                 kind.column()
             );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
+            Query::assert_safe(sql)
                 .bind(at)
                 .bind(migration)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?;
             let reason = format!("{} at {at}", kind.column());
             append_audit(
@@ -561,30 +541,30 @@ impl FlagStore for SqlFlagStore {
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<AuditEntry>>> {
         Box::pin(async move {
-            let rows = sqlx::query(
+            let rows = query(
                 "SELECT id, migration, at, actor, action, from_stage, to_stage, from_version, to_version,
                         CAST(forced AS INTEGER) AS forced, reason, overridden
                  FROM twintrack_audit WHERE migration = $1 ORDER BY id DESC LIMIT $2",
             )
             .bind(migration)
             .bind(i64::from(limit))
-            .fetch_all(self.db.pool())
+            .fetch_all(&self.db)
             .await?;
             rows.iter()
                 .map(|row| {
                     Ok(AuditEntry {
-                        id: row.try_get("id")?,
-                        migration: row.try_get("migration")?,
-                        at: row.try_get("at")?,
-                        actor: row.try_get("actor")?,
-                        action: row.try_get("action")?,
-                        from_stage: row.try_get("from_stage")?,
-                        to_stage: row.try_get("to_stage")?,
-                        from_version: row.try_get("from_version")?,
-                        to_version: row.try_get("to_version")?,
-                        forced: row.try_get::<i64, _>("forced")? != 0,
-                        reason: row.try_get("reason")?,
-                        overridden: row.try_get("overridden")?,
+                        id: row.get("id")?,
+                        migration: row.get("migration")?,
+                        at: row.get("at")?,
+                        actor: row.get("actor")?,
+                        action: row.get("action")?,
+                        from_stage: row.get("from_stage")?,
+                        to_stage: row.get("to_stage")?,
+                        from_version: row.get("from_version")?,
+                        to_version: row.get("to_version")?,
+                        forced: row.get::<i64>("forced")? != 0,
+                        reason: row.get("reason")?,
+                        overridden: row.get("overridden")?,
                     })
                 })
                 .collect()

@@ -18,5 +18,4 @@ mod token;
 pub use replicas::{NoReplica, OutReason, ReplicaHealth, ReplicaOptions, ReplicaSet, cluster_id};
 pub use router::{PinReason, ReadTarget, Route, Router, RouterBuilder, RywOptions, note_write};
 pub(crate) use router::{ReplicaFailure, RequestRyw};
-pub(crate) use token::hex;
 pub use token::{ClusterId, HEADER, Lsn, MAX_LEN, Rejection, Token, TokenSigner};

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use opentelemetry::KeyValue;
-use sqlx::Row;
 
 use super::token::{ClusterId, Lsn};
-use crate::db::{ConnectOptions, Database};
+use crate::db::{ConnectOptions, Database, query};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
@@ -363,8 +362,8 @@ impl ReplicaSet {
 
     /// The primary's current WAL position: after a commit, the position a reader must see.
     pub async fn primary_lsn(&self) -> Result<Lsn> {
-        let text: String = sqlx::query_scalar("SELECT CAST(pg_current_wal_lsn() AS TEXT)")
-            .fetch_one(self.inner.primary.pool())
+        let text: String = query("SELECT CAST(pg_current_wal_lsn() AS TEXT)")
+            .scalar(&self.inner.primary)
             .await?;
         text.parse()
     }
@@ -372,14 +371,14 @@ impl ReplicaSet {
 
 /// The cluster's identity: system identifier and the primary's timeline.
 pub async fn cluster_id(primary: &Database) -> Result<ClusterId> {
-    let row = sqlx::query(
+    let row = query(
         "SELECT CAST(s.system_identifier AS TEXT) AS sysid, CAST(c.timeline_id AS TEXT) AS timeline
          FROM pg_control_system() s, pg_control_checkpoint() c",
     )
-    .fetch_one(primary.pool())
+    .fetch_one(primary)
     .await?;
-    let field = |name: &str| -> Result<String> { Ok(row.try_get(name)?) };
-    let bad = |what: &str| Error::Database(sqlx::Error::Protocol(format!("unreadable {what}")));
+    let field = |name: &str| -> Result<String> { row.get(name) };
+    let bad = |what: &str| Error::Internal(format!("the primary's {what} is unreadable"));
     Ok(ClusterId {
         system_identifier: field("sysid")?
             .parse()
@@ -389,22 +388,22 @@ pub async fn cluster_id(primary: &Database) -> Result<ClusterId> {
 }
 
 async fn poll(replica: &Replica, primary: Option<Lsn>, options: &ReplicaOptions) -> ReplicaHealth {
-    let query = sqlx::query(
+    let poll = query(
         "SELECT CAST(pg_is_in_recovery() AS INTEGER) AS recovering,
                 CAST(pg_last_wal_replay_lsn() AS TEXT) AS replayed,
                 CAST(COALESCE(EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp())) * 1000, 0) AS BIGINT) AS lag_ms",
     )
-    .fetch_one(replica.db.pool());
-    let row = match tokio::time::timeout(options.poll_timeout, query).await {
+    .fetch_one(&replica.db);
+    let row = match tokio::time::timeout(options.poll_timeout, poll).await {
         Ok(Ok(row)) => row,
         Ok(Err(err)) => return out_of_service(format!("poll failed: {err}")),
         Err(_) => return out_of_service(format!("no answer within {:?}", options.poll_timeout)),
     };
-    let read = || -> std::result::Result<(i64, Option<String>, i64), sqlx::Error> {
+    let read = || -> Result<(i64, Option<String>, i64)> {
         Ok((
-            row.try_get("recovering")?,
-            row.try_get("replayed")?,
-            row.try_get("lag_ms")?,
+            row.get("recovering")?,
+            row.get("replayed")?,
+            row.get("lag_ms")?,
         ))
     };
     let (recovering, replayed, lag_ms) = match read() {
@@ -465,8 +464,8 @@ async fn poller(set: Weak<Inner>, index: usize) {
         tokio::time::sleep(delay).await;
         let Some(inner) = set.upgrade() else { return };
         let started = Instant::now();
-        let primary = sqlx::query_scalar::<_, String>("SELECT CAST(pg_current_wal_lsn() AS TEXT)")
-            .fetch_one(inner.primary.pool());
+        let primary =
+            query("SELECT CAST(pg_current_wal_lsn() AS TEXT)").scalar::<String>(&inner.primary);
         let primary = match tokio::time::timeout(inner.options.poll_timeout, primary).await {
             Ok(Ok(text)) => text.parse().ok(),
             _ => None,

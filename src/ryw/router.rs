@@ -24,13 +24,13 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 use opentelemetry::KeyValue;
+use sqlx::Transaction;
 use sqlx::pool::PoolConnection;
-use sqlx::{Any, AnyConnection, Transaction};
 
 use super::replicas::{NoReplica, ReplicaSet};
 use super::token::{ClusterId, HEADER, Lsn, Rejection, Token, TokenSigner};
 use crate::RequestContext;
-use crate::db::{Backend, Database};
+use crate::db::{Backend, Database, Native, query};
 use crate::flags::BoxFuture;
 use crate::metrics::Metrics;
 use crate::{Error, Result};
@@ -469,13 +469,13 @@ impl Router {
     /// should have replayed it by now (the token's age exceeds the replica's lag), the replica
     /// is asked directly, on the connection that will serve the read: proven, it serves; not
     /// yet, the primary does. This keeps reads on replicas without waiting for the next poll.
-    pub(crate) async fn open(
+    pub(crate) async fn open<DB: Native>(
         &self,
         ctx: Option<&RequestContext>,
         primary_only: bool,
         excluded: u64,
         last_failure: Option<ReplicaFailure>,
-    ) -> (Route, std::result::Result<PoolConnection<Any>, sqlx::Error>) {
+    ) -> (Route, std::result::Result<PoolConnection<DB>, sqlx::Error>) {
         let mut route = self.route(ctx, primary_only, excluded);
         if excluded != 0 && route.target == ReadTarget::Primary {
             route.pin = Some(pin_after(last_failure));
@@ -490,7 +490,10 @@ impl Router {
             self.note(ctx, route);
             return (route, Ok(conn));
         }
-        let conn = self.database(route.target).pool().acquire().await;
+        let conn = match DB::typed(self.database(route.target)) {
+            Some(pool) => pool.acquire().await,
+            None => Err(wrong_backend::<DB>()),
+        };
         if conn.is_ok() {
             self.note(ctx, route);
         }
@@ -498,11 +501,11 @@ impl Router {
     }
 
     /// Asks a replica that should have replayed the request's token by now whether it has.
-    async fn prove(
+    async fn prove<DB: Native>(
         &self,
         ctx: Option<&RequestContext>,
         excluded: u64,
-    ) -> Option<(usize, PoolConnection<Any>)> {
+    ) -> Option<(usize, PoolConnection<DB>)> {
         let set = self.inner.replicas.as_ref()?;
         let ryw = ctx?.ryw_state()?;
         let token = ryw.token()?;
@@ -515,12 +518,12 @@ impl Router {
             return None; // not worth a round trip yet
         }
         let check = async {
-            let mut conn = set.replica(index).pool().acquire().await?;
-            let replayed: Option<String> =
-                sqlx::query_scalar("SELECT CAST(pg_last_wal_replay_lsn() AS TEXT)")
-                    .fetch_one(&mut *conn)
-                    .await?;
-            Ok::<_, sqlx::Error>((conn, replayed))
+            let pool = DB::typed(set.replica(index)).ok_or_else(wrong_backend::<DB>)?;
+            let mut conn = pool.acquire().await?;
+            let replayed: Option<String> = query("SELECT CAST(pg_last_wal_replay_lsn() AS TEXT)")
+                .scalar(DB::conn(&mut conn))
+                .await?;
+            Ok::<_, Error>((conn, replayed))
         };
         let (conn, replayed) = tokio::time::timeout(set.poll_timeout(), check)
             .await
@@ -577,13 +580,21 @@ impl Router {
     /// Runs the read `op` where the current request's state says (see the [module
     /// docs](self)), retrying on another replica and then on the primary after a hot-standby
     /// conflict or a dead replica.
-    pub async fn read<T, F>(&self, op: F) -> Result<T>
+    ///
+    /// `op` gets the native connection (`&mut PgConnection`, `&mut SqliteConnection`) of the
+    /// router's database; an [`Error::Config`] if the router's database is of another backend.
+    pub async fn read<C, T, F>(&self, op: F) -> Result<T>
     where
-        F: for<'c> Fn(&'c mut AnyConnection) -> BoxFuture<'c, sqlx::Result<T>>,
+        C: sqlx::Connection,
+        C::Database: Native<Connection = C>,
+        F: for<'c> Fn(&'c mut C) -> BoxFuture<'c, sqlx::Result<T>>,
     {
+        if DB::<C>::typed(&self.inner.primary).is_none() {
+            return Err(wrong_backend::<C::Database>().into());
+        }
         let ctx = RequestContext::current();
         let op = &op;
-        self.run_read(ctx.as_ref(), false, |mut conn, _| async move {
+        self.run_read::<C::Database, _, _, _>(ctx.as_ref(), false, |mut conn, _| async move {
             op(&mut conn).await.map_err(Error::from_sqlx)
         })
         .await
@@ -592,20 +603,22 @@ impl Router {
     /// The retry loop of every routed read: opens a connection where [`Router::route`] says,
     /// runs `attempt` on it (told the target), and when the attempt fails on a replica the way
     /// a replica fails ([`ReplicaFailure`]), tries the next replica, then the primary.
-    pub(crate) async fn run_read<T, A, Fut>(
+    pub(crate) async fn run_read<DB: Native, T, A, Fut>(
         &self,
         ctx: Option<&RequestContext>,
         primary_only: bool,
         mut attempt: A,
     ) -> Result<T>
     where
-        A: FnMut(PoolConnection<Any>, ReadTarget) -> Fut,
+        A: FnMut(PoolConnection<DB>, ReadTarget) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
         let mut excluded = 0u64;
         let mut last_failure = None;
         loop {
-            let (route, conn) = self.open(ctx, primary_only, excluded, last_failure).await;
+            let (route, conn) = self
+                .open::<DB>(ctx, primary_only, excluded, last_failure)
+                .await;
             let result = match conn {
                 Ok(conn) => attempt(conn, route.target).await,
                 Err(err) => Err(Error::from_sqlx(err)),
@@ -623,9 +636,14 @@ impl Router {
 
     /// A transaction on the primary, for a write; marks the current request as having written
     /// (its later reads go to the primary and its response carries a token).
-    pub async fn begin(&self) -> Result<Transaction<'static, Any>> {
+    ///
+    /// `DB` is the router's backend (`sqlx::Postgres`, `sqlx::Sqlite`); another is an
+    /// [`Error::Config`].
+    pub async fn begin<DB: Native>(&self) -> Result<Transaction<'static, DB>> {
+        let pool =
+            DB::typed(&self.inner.primary).ok_or_else(|| Error::from(wrong_backend::<DB>()))?;
         note_write();
-        Ok(self.inner.primary.pool().begin().await?)
+        Ok(pool.begin().await?)
     }
 
     /// The token for an incoming request's headers: the `x-twintrack-ryw` header, else the
@@ -672,11 +690,9 @@ impl Router {
             Backend::Postgres => {
                 // The insert position: past every record already inserted, so past our commits
                 // even with synchronous_commit off.
-                let query = sqlx::query_scalar::<_, String>(
-                    "SELECT CAST(pg_current_wal_insert_lsn() AS TEXT)",
-                )
-                .fetch_one(self.inner.primary.pool());
-                match tokio::time::timeout(self.inner.options.lsn_timeout, query).await {
+                let lsn = query("SELECT CAST(pg_current_wal_insert_lsn() AS TEXT)")
+                    .scalar::<String>(&self.inner.primary);
+                match tokio::time::timeout(self.inner.options.lsn_timeout, lsn).await {
                     Ok(Ok(text)) => text.parse().ok(),
                     Ok(Err(err)) => {
                         tracing::warn!(error = %err, "could not read the WAL position; token falls back to the time window");
@@ -717,6 +733,20 @@ pub fn note_write() {
     if let Some(ctx) = RequestContext::current() {
         ctx.note_write();
     }
+}
+
+/// The connection type of a native database.
+type DB<C> = <C as sqlx::Connection>::Database;
+
+/// The error for a typed read or transaction on a router of another backend.
+fn wrong_backend<DB: Native>() -> sqlx::Error {
+    sqlx::Error::Configuration(
+        format!(
+            "the router's database is not {}: use the connection type of its backend",
+            DB::BACKEND.as_str()
+        )
+        .into(),
+    )
 }
 
 fn pin_after(failure: Option<ReplicaFailure>) -> PinReason {

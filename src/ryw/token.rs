@@ -30,6 +30,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::util::hex;
 use crate::{Error, Result};
 
 /// The response and request header that carries the token.
@@ -214,16 +215,6 @@ impl TokenSigner {
         }
         Ok(token)
     }
-}
-
-/// Lowercase hex, the only spelling `verify` accepts.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        let _ = write!(out, "{byte:02x}");
-    }
-    out
 }
 
 fn parse_payload(payload: &str) -> Option<Token> {

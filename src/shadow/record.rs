@@ -1,10 +1,9 @@
 //! The mismatch table: the newest mismatches per migration, with their diffs.
 
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 
 use super::{FieldDiff, MismatchClass};
-use crate::db::{Backend, Database, now_micros};
+use crate::db::{Backend, Database, now_micros, query};
 use crate::{Result, Stage};
 
 /// One recorded mismatch.
@@ -14,8 +13,8 @@ pub struct Mismatch {
     pub id: i64,
     /// The migration.
     pub migration: String,
-    /// The key read.
-    pub key: i64,
+    /// The key read, as its canonical text (see [`crate::key`]).
+    pub key: String,
     /// `transient` or `confirmed`.
     pub class: MismatchClass,
     /// The stage the read ran in.
@@ -32,7 +31,7 @@ pub struct Mismatch {
 
 pub(crate) struct NewMismatch<'a> {
     pub(crate) migration: &'a str,
-    pub(crate) key: i64,
+    pub(crate) key: &'a str,
     pub(crate) class: MismatchClass,
     pub(crate) stage: Stage,
     pub(crate) diff: &'a [FieldDiff],
@@ -47,8 +46,8 @@ pub(crate) struct NewMismatch<'a> {
 /// holds a pooled connection while it waits).
 pub(crate) async fn record_mismatch(db: &Database, m: NewMismatch<'_>, keep: u32) -> Result<()> {
     let diff = serde_json::to_string(m.diff).unwrap_or_else(|_| "[]".into());
-    sqlx::query(
-        "INSERT INTO twintrack_mismatches (migration, key, class, stage, diff, legacy_micros, new_micros, at)
+    query(
+        "INSERT INTO twintrack_mismatches (migration, key_text, class, stage, diff, legacy_micros, new_micros, at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(m.migration)
@@ -59,7 +58,7 @@ pub(crate) async fn record_mismatch(db: &Database, m: NewMismatch<'_>, keep: u32
     .bind(m.legacy_micros)
     .bind(m.new_micros)
     .bind(now_micros())
-    .execute(db.pool())
+    .execute(db)
     .await?;
     let trim = match db.backend() {
         Backend::Postgres => {
@@ -73,42 +72,42 @@ pub(crate) async fn record_mismatch(db: &Database, m: NewMismatch<'_>, keep: u32
                  ORDER BY id DESC LIMIT -1 OFFSET $2)"
         }
     };
-    sqlx::query(trim)
+    query(trim)
         .bind(m.migration)
         .bind(i64::from(keep))
-        .execute(db.pool())
+        .execute(db)
         .await?;
     Ok(())
 }
 
 /// The newest `limit` mismatches of `migration`, newest first.
 pub async fn list_mismatches(db: &Database, migration: &str, limit: u32) -> Result<Vec<Mismatch>> {
-    let rows = sqlx::query(
-        "SELECT id, migration, key, class, stage, diff, legacy_micros, new_micros, at
+    let rows = query(
+        "SELECT id, migration, key_text, class, stage, diff, legacy_micros, new_micros, at
          FROM twintrack_mismatches WHERE migration = $1 ORDER BY id DESC LIMIT $2",
     )
     .bind(migration)
     .bind(i64::from(limit))
-    .fetch_all(db.pool())
+    .fetch_all(db)
     .await?;
     rows.iter()
         .map(|row| {
-            let class: String = row.try_get("class")?;
-            let diff: String = row.try_get("diff")?;
+            let class: String = row.get("class")?;
+            let diff: String = row.get("diff")?;
             Ok(Mismatch {
-                id: row.try_get("id")?,
-                migration: row.try_get("migration")?,
-                key: row.try_get("key")?,
+                id: row.get("id")?,
+                migration: row.get("migration")?,
+                key: row.get("key_text")?,
                 class: if class == "transient" {
                     MismatchClass::Transient
                 } else {
                     MismatchClass::Confirmed
                 },
-                stage: row.try_get("stage")?,
+                stage: row.get("stage")?,
                 diff: serde_json::from_str(&diff).unwrap_or_default(),
-                legacy_micros: row.try_get("legacy_micros")?,
-                new_micros: row.try_get("new_micros")?,
-                at: row.try_get("at")?,
+                legacy_micros: row.get("legacy_micros")?,
+                new_micros: row.get("new_micros")?,
+                at: row.get("at")?,
             })
         })
         .collect()
@@ -120,18 +119,18 @@ pub async fn mismatch_counts(
     migration: &str,
     since: i64,
 ) -> Result<Vec<(MismatchClass, i64)>> {
-    let rows = sqlx::query(
+    let rows = query(
         "SELECT class, COUNT(*) AS n FROM twintrack_mismatches
          WHERE migration = $1 AND at >= $2 GROUP BY class ORDER BY class",
     )
     .bind(migration)
     .bind(since)
-    .fetch_all(db.pool())
+    .fetch_all(db)
     .await?;
     let mut out = Vec::new();
     for row in rows {
-        let class: String = row.try_get("class")?;
-        let n: i64 = row.try_get("n")?;
+        let class: String = row.get("class")?;
+        let n: i64 = row.get("n")?;
         let class = if class == "transient" {
             MismatchClass::Transient
         } else {

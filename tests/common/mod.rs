@@ -29,6 +29,128 @@ pub async fn backends() -> Vec<(&'static str, String, Option<tempfile::TempDir>)
     all
 }
 
+/// One database and key type a guarantee runs on: SQLite with `bigint` and text keys,
+/// PostgreSQL (when available) with `bigint` and UUID keys. Each gets a database of its own.
+pub struct Shape {
+    /// `sqlite` or `postgres`.
+    pub backend: &'static str,
+    /// `i64`, `text` or `uuid`.
+    pub key: &'static str,
+    pub url: String,
+    /// The test's replicas of `url` (PostgreSQL).
+    pub replica_urls: Vec<String>,
+    pub guard: Option<tempfile::TempDir>,
+}
+
+impl Shape {
+    /// `backend/key`, for assertion messages.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.backend, self.key)
+    }
+}
+
+/// Every [`Shape`] a guarantee runs on (PostgreSQL ones only when a server is available).
+pub async fn shapes() -> Vec<Shape> {
+    let mut all = Vec::new();
+    for key in ["i64", "text"] {
+        let (dir, url) = sqlite_db();
+        all.push(Shape {
+            backend: "sqlite",
+            key,
+            url,
+            replica_urls: Vec::new(),
+            guard: Some(dir),
+        });
+    }
+    for key in ["i64", "uuid"] {
+        if let Some(db) = pg::fresh_db().await {
+            all.push(Shape {
+                backend: "postgres",
+                key,
+                url: db.url,
+                replica_urls: db.replica_urls,
+                guard: None,
+            });
+        }
+    }
+    all
+}
+
+/// Runs the generic async fn `$test::<DB, K>(shape, args…)` once per [`Shape`], with the
+/// database type and key type it names.
+#[macro_export]
+macro_rules! each_shape {
+    ($test:ident $(, $arg:expr)* $(,)?) => {{
+        for shape in common::shapes().await {
+            match (shape.backend, shape.key) {
+                ("sqlite", "i64") => $test::<sqlx::Sqlite, i64>(shape $(, $arg)*).await,
+                ("sqlite", "text") => $test::<sqlx::Sqlite, String>(shape $(, $arg)*).await,
+                ("postgres", "i64") => $test::<sqlx::Postgres, i64>(shape $(, $arg)*).await,
+                ("postgres", "uuid") => $test::<sqlx::Postgres, uuid::Uuid>(shape $(, $arg)*).await,
+                other => panic!("no test shape {other:?}"),
+            }
+        }
+    }};
+}
+
+/// A key type the tests make keys of.
+pub trait TestKey: twintrack::Key + Ord + std::hash::Hash {
+    /// The `n`-th of a set of distinct keys.
+    fn nth(n: u64) -> Self;
+    /// The column type of a key column, on `backend`.
+    fn column(backend: twintrack::Backend) -> &'static str;
+    /// An SQL expression making a new random key on `backend`, or `None` when the database
+    /// assigns keys (an identity column).
+    fn random_sql(backend: twintrack::Backend) -> Option<&'static str>;
+}
+
+impl TestKey for i64 {
+    fn nth(n: u64) -> i64 {
+        n as i64 + 1
+    }
+    fn column(backend: twintrack::Backend) -> &'static str {
+        match backend {
+            twintrack::Backend::Postgres => "BIGINT",
+            _ => "INTEGER",
+        }
+    }
+    fn random_sql(_: twintrack::Backend) -> Option<&'static str> {
+        None
+    }
+}
+
+impl TestKey for uuid::Uuid {
+    fn nth(n: u64) -> uuid::Uuid {
+        // Spread over the whole range, not in insertion order.
+        uuid::Uuid::from_u128(u128::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835))
+    }
+    fn column(_: twintrack::Backend) -> &'static str {
+        "UUID"
+    }
+    fn random_sql(backend: twintrack::Backend) -> Option<&'static str> {
+        Some(match backend {
+            twintrack::Backend::Postgres => "gen_random_uuid()",
+            // A 16-byte blob, as sqlx stores a UUID in SQLite.
+            _ => "randomblob(16)",
+        })
+    }
+}
+
+impl TestKey for String {
+    fn nth(n: u64) -> String {
+        format!("key-{:x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+    fn column(_: twintrack::Backend) -> &'static str {
+        "TEXT"
+    }
+    fn random_sql(backend: twintrack::Backend) -> Option<&'static str> {
+        Some(match backend {
+            twintrack::Backend::Postgres => "md5(random()::text)",
+            _ => "lower(hex(randomblob(8)))",
+        })
+    }
+}
+
 /// A TCP proxy in front of a server. [`Proxy::cut`] drops every connection and refuses new
 /// ones, as if the network went away; [`Proxy::restore`] brings it back on the same port.
 pub struct Proxy {

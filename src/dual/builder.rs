@@ -1,0 +1,154 @@
+//! [`DualStoreBuilder`]: a dual store's options.
+
+use std::sync::Arc;
+
+use super::{DualStore, Inner, Resync, database_of};
+use crate::definition::MigrationDef;
+use crate::flags::FlagCache;
+use crate::metrics::Metrics;
+use crate::ryw::Router;
+use crate::shadow::{ShadowMode, ShadowOptions};
+use crate::{Error, Result};
+
+/// Decides, from a key's canonical text, whether to fail a write before its commit.
+#[doc(hidden)]
+pub type CommitHook = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Called with a key's canonical text after a two-database write's authoritative commit.
+#[doc(hidden)]
+pub type CommittedHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Fault injection for drills and tests (not part of the documented API): a hook that fails a
+/// write just before its commit, and one called right after a two-database write's
+/// authoritative side committed. Both get the key's canonical text.
+#[doc(hidden)]
+#[derive(Clone, Default)]
+pub struct FaultHooks {
+    /// When it returns true for a key, the write fails after both sides were written and
+    /// before the commit.
+    pub before_commit: Option<CommitHook>,
+    /// Called with the key right after the authoritative side committed (two databases).
+    pub after_authoritative_commit: Option<CommittedHook>,
+}
+
+/// Builds a [`DualStore`].
+pub struct DualStoreBuilder<R: ?Sized, X: Resync<R>> {
+    inner: Inner<R, X>,
+}
+
+impl<R, X> DualStoreBuilder<R, X>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    pub(super) fn new(
+        migration: &str,
+        legacy: Arc<R>,
+        new: Arc<R>,
+        pool: sqlx::Pool<X::Database>,
+        flags: FlagCache,
+        resync: X,
+    ) -> Self {
+        DualStoreBuilder {
+            inner: Inner {
+                migration: migration.into(),
+                legacy,
+                new,
+                db: database_of(&pool),
+                pool,
+                new_pool: None,
+                flags,
+                resync,
+                shadow: ShadowOptions::default(),
+                metrics: Metrics::global(),
+                hooks: FaultHooks::default(),
+                background: Arc::new(tokio::sync::Semaphore::new(1)),
+                classifying: Arc::new(tokio::sync::Semaphore::new(1)),
+                router: None,
+                primary_reads: false,
+                definition: None,
+            },
+        }
+    }
+
+    /// How shadow reads run and compare (default: serial, equality of normalized values).
+    pub fn shadow(mut self, options: ShadowOptions) -> Self {
+        self.inner.shadow = options;
+        self
+    }
+
+    /// Records metrics on these instruments instead of the global meter's.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.inner.metrics = metrics;
+        self
+    }
+
+    /// The new shape lives in this other database (of the same backend). Writes then commit on
+    /// the authoritative side together with a repair intent, and the other side is written by
+    /// a task that survives the caller being dropped; the intent is cleared when it succeeds.
+    /// Both databases need twintrack's tables ([`crate::schema::install`]).
+    pub fn new_database(mut self, pool: sqlx::Pool<X::Database>) -> Self {
+        let db = database_of(&pool);
+        self.inner.new_pool = Some((pool, db));
+        self
+    }
+
+    /// Reads go where `router` says: a replica of the database, unless the request wrote,
+    /// carries a token no replica has replayed, or the migration asks for primary reads (see
+    /// [`crate::ryw`]). The router's primary must be this store's database. With two databases
+    /// ([`DualStoreBuilder::new_database`]) only the legacy database's reads are routed; the
+    /// new database's are served by its primary.
+    pub fn router(mut self, router: Router) -> Self {
+        self.inner.router = Some(router);
+        self
+    }
+
+    /// The repair worker re-syncs keys with this definition's SQL
+    /// ([`resync_key`](crate::definition::resync_key), the same way `twintrack verify --repair`
+    /// does) instead of through [`Resync`]; `Resync` still deletes a legacy row an
+    /// authoritative new side no longer has, and still serves two-database stores. Backfill
+    /// ([`DualStore::backfill`]) needs it.
+    pub fn definition(mut self, definition: MigrationDef) -> Self {
+        self.inner.definition = Some(definition);
+        self
+    }
+
+    /// This migration reads from the primary only, whatever the request (for data that must
+    /// never be read stale, or a replica that does not have the new shape yet).
+    pub fn primary_reads(mut self, primary_only: bool) -> Self {
+        self.inner.primary_reads = primary_only;
+        self
+    }
+
+    /// Fault injection for drills and tests; see [`FaultHooks`].
+    #[doc(hidden)]
+    pub fn fault_hooks(mut self, hooks: FaultHooks) -> Self {
+        self.inner.hooks = hooks;
+        self
+    }
+
+    /// The store, or [`Error::Config`] for a combination that cannot work (`Snapshot` shadow
+    /// reads need both shapes in one database; a router must route this store's database).
+    pub fn build(mut self) -> Result<DualStore<R, X>> {
+        if self.inner.new_pool.is_some() && self.inner.shadow.mode == ShadowMode::Snapshot {
+            return Err(Error::Config(
+                "snapshot shadow reads need both shapes in one database; use concurrent or background".into(),
+            ));
+        }
+        if let Some(router) = &self.inner.router
+            && !router.primary().same_database(&self.inner.db)
+        {
+            return Err(Error::Config(format!(
+                "the router's primary ({}) is not the dual store's database ({})",
+                router.primary().describe(),
+                self.inner.db.describe()
+            )));
+        }
+        let limit = self.inner.shadow.background_limit.max(1);
+        self.inner.background = Arc::new(tokio::sync::Semaphore::new(limit));
+        self.inner.classifying = Arc::new(tokio::sync::Semaphore::new(limit));
+        Ok(DualStore {
+            inner: Arc::new(self.inner),
+        })
+    }
+}

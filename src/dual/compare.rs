@@ -1,0 +1,210 @@
+//! Comparing a read's two values and classifying a mismatch: the one place that decides
+//! `match`, `transient` or `confirmed`, counts it, and records it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use serde::Serialize;
+
+use super::read::{Pair, Reading, Subject};
+use super::{ConnOf, DualStore, KeyOf, Operation, Resync};
+use crate::context::random_key;
+use crate::shadow::{MismatchClass, NewMismatch, record_mismatch};
+use crate::{Result, Side, Stage};
+
+/// One side's value, as compared, and how long its read took.
+pub(super) struct Observed {
+    pub(super) value: serde_json::Value,
+    pub(super) took: Duration,
+}
+
+impl Observed {
+    pub(super) fn of<T: Serialize>(value: &T, took: Duration) -> Observed {
+        Observed {
+            value: to_value(value),
+            took,
+        }
+    }
+}
+
+/// Whether this read is compared, for a sample rate between 0 (never) and 1 (always).
+pub(super) fn sampled(rate: f64) -> bool {
+    let unit = (random_key() >> 11) as f64 / (1u64 << 53) as f64; // uniform in [0, 1)
+    rate >= 1.0 || (rate > 0.0 && unit < rate)
+}
+
+fn to_value<T: Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl<R, X> DualStore<R, X>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    /// Counts a failed or panicked shadow read, returns the served value (or its error), and on
+    /// a pair of values compares them, classifying a mismatch off the caller's path.
+    pub(super) fn serve_and_compare<T, F>(
+        &self,
+        key: &Subject<'_, KeyOf<R, X>>,
+        stage: Stage,
+        pair: Pair<T>,
+        op: Arc<F>,
+    ) -> Result<T>
+    where
+        T: Serialize + Send + 'static,
+        F: Operation<R, ConnOf<R, X>, T> + 'static,
+    {
+        let Pair {
+            served,
+            served_result,
+            shadow,
+            shadow_result,
+        } = pair;
+        let shadow_value = match shadow_result {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(err)) => {
+                tracing::warn!(migration = %self.inner.migration, key = %key.text(), side = %shadow, error = %err, "shadow read failed");
+                self.count_shadow_error(shadow);
+                None
+            }
+            Err(_panic) => {
+                tracing::error!(migration = %self.inner.migration, key = %key.text(), side = %shadow, "shadow read panicked");
+                self.count_shadow_error(shadow);
+                None
+            }
+        };
+        let (value, served_took) = match served_result {
+            Ok(v) => v,
+            Err(err) => {
+                self.count_shadow_error(served);
+                return Err(err);
+            }
+        };
+        if let Some((other, shadow_took)) = shadow_value {
+            let served_read = Observed::of(&value, served_took);
+            let shadow_read = Observed::of(&other, shadow_took);
+            // A mismatch is classified off the request's path (a second look after a delay).
+            if let Some(classify) = self.clone().compare_or_classify_later(
+                key,
+                stage,
+                served,
+                served_read,
+                shadow_read,
+                op,
+            ) {
+                tokio::spawn(classify);
+            }
+        }
+        Ok(value)
+    }
+
+    /// Compares; on a mismatch returns the classification work (re-read and record), to be run
+    /// off the caller's path.
+    pub(super) fn compare_or_classify_later<T, F>(
+        self,
+        key: &Subject<'_, KeyOf<R, X>>,
+        stage: Stage,
+        served: Side,
+        served_read: Observed,
+        shadow_read: Observed,
+        op: Arc<F>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static>
+    where
+        T: Serialize + Send + 'static,
+        F: Operation<R, ConnOf<R, X>, T> + 'static,
+    {
+        let (legacy, new) = match served {
+            Side::Legacy => (served_read, shadow_read),
+            Side::New => (shadow_read, served_read),
+        };
+        if self
+            .inner
+            .shadow
+            .comparison
+            .compare(&legacy.value, &new.value)
+            .is_ok()
+        {
+            self.count_result("match");
+            return None;
+        }
+        let Ok(permit) = self.inner.classifying.clone().try_acquire_owned() else {
+            // Too many re-checks in flight already: count it, do not pile up more work.
+            self.count_result("unclassified");
+            return None;
+        };
+        let key = key.text();
+        Some(async move {
+            let _permit = permit;
+            self.classify(&key, stage, op, micros(legacy.took), micros(new.took))
+                .await
+        })
+    }
+
+    /// The second look: both sides re-read on the primary after a delay; agreeing now is
+    /// `transient`, still differing is `confirmed`. Counted and recorded.
+    async fn classify<T, F>(&self, key: &str, stage: Stage, op: Arc<F>, legacy_us: i64, new_us: i64)
+    where
+        T: Serialize + Send + 'static,
+        F: Operation<R, ConnOf<R, X>, T>,
+    {
+        tokio::time::sleep(self.inner.shadow.recheck_delay).await;
+        // The second look is on the primary: the truth, whatever served the first.
+        let legacy = self
+            .read_side(&*op, Side::Legacy, stage, Reading::Primary)
+            .await;
+        let new = self
+            .read_side(&*op, Side::New, stage, Reading::Primary)
+            .await;
+        let (Ok((legacy, _)), Ok((new, _))) = (legacy, new) else {
+            tracing::warn!(migration = %self.inner.migration, key, "re-read of a mismatch failed; not classified");
+            return;
+        };
+        let (class, diff) = match self
+            .inner
+            .shadow
+            .comparison
+            .compare(&to_value(&legacy), &to_value(&new))
+        {
+            Ok(()) => (MismatchClass::Transient, Vec::new()),
+            Err(diff) => (MismatchClass::Confirmed, diff),
+        };
+        self.count_result(class.as_str());
+        let recorded = record_mismatch(
+            &self.inner.db,
+            NewMismatch {
+                migration: &self.inner.migration,
+                key,
+                class,
+                stage,
+                diff: &diff,
+                legacy_micros: legacy_us,
+                new_micros: new_us,
+            },
+            self.inner.shadow.keep,
+        )
+        .await;
+        if let Err(err) = recorded {
+            tracing::warn!(migration = %self.inner.migration, key, error = %err, "could not record a mismatch");
+        }
+    }
+
+    pub(super) fn count_result(&self, result: &'static str) {
+        self.inner
+            .metrics
+            .shadow_results
+            .add(1, &[self.migration_attr(), KeyValue::new("result", result)]);
+    }
+
+    pub(super) fn count_shadow_error(&self, side: Side) {
+        self.inner.metrics.shadow_errors.add(
+            1,
+            &[self.migration_attr(), KeyValue::new("side", side.as_str())],
+        );
+    }
+}
