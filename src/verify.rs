@@ -354,8 +354,7 @@ async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
         .await?;
     let cuts = cuts_of(
         ctx,
-        &format!("SELECT {} FROM {table}", keyset::order_by(key)),
-        key,
+        &format!("SELECT {} FROM {table}", named(key)),
         None,
         u64::try_from(total).unwrap_or(0),
         segments as u64,
@@ -401,12 +400,8 @@ fn compare_range(
             &ctx.new
         };
         let p = keyset::predicate(&ctx.key, &range, 1);
-        let source = format!(
-            "SELECT {} FROM ({proj}) p WHERE {}",
-            ctx.key.join(", "),
-            p.sql
-        );
-        let cuts = cuts_of(&ctx, &source, &ctx.key, Some(p.args), rows, FANOUT).await?;
+        let source = format!("SELECT {} FROM ({proj}) p WHERE {}", named(&ctx.key), p.sql);
+        let cuts = cuts_of(&ctx, &source, Some(p.args), rows, FANOUT).await?;
         if cuts.is_empty() {
             // Every row of the range has one key: compare that key's rows.
             return compare_rows_found(&ctx, &range).await;
@@ -481,13 +476,21 @@ fn pieces(range: &KeyRange, cuts: &[DynKey]) -> Vec<KeyRange> {
     out
 }
 
-/// Keys that cut `total` rows of `source` (a `SELECT` of key columns `key`, parameters
-/// `args`) into about `pieces` pieces of equal size: every step-th key in key order, skipping
-/// the first row (each cut starts a piece).
+/// `key`'s columns selected as `twintrack_k1`, `twintrack_k2`, … (what [`cuts_of`] reads).
+fn named(key: &[String]) -> String {
+    key.iter()
+        .enumerate()
+        .map(|(i, k)| format!("{k} AS twintrack_k{}", i + 1))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Keys that cut `total` rows of `source` (a `SELECT` of the key columns named by [`named`],
+/// parameters `args`) into about `pieces` pieces of equal size: every step-th key in key
+/// order, skipping the first row (each cut starts a piece).
 async fn cuts_of(
     ctx: &Ctx,
     source: &str,
-    key: &[String],
     args: Option<Vec<Value>>,
     total: u64,
     pieces: u64,
@@ -496,18 +499,14 @@ async fn cuts_of(
     if total <= step {
         return Ok(Vec::new());
     }
-    let names: Vec<String> = (1..=key.len()).map(|i| format!("twintrack_k{i}")).collect();
-    let select: Vec<String> = key
-        .iter()
-        .zip(&names)
-        .map(|(k, n)| format!("{k} AS {n}"))
+    let names: Vec<String> = (1..=ctx.kinds.len())
+        .map(|i| format!("twintrack_k{i}"))
         .collect();
     let sql = format!(
         "SELECT {names} FROM (SELECT {names}, row_number() OVER (ORDER BY {names}) AS twintrack_rn
-                              FROM (SELECT {select} FROM ({source}) s0) s1) s2
+                              FROM ({source}) s1) s2
          WHERE (twintrack_rn - 1) % {step} = 0 AND twintrack_rn > 1 ORDER BY {names}",
         names = names.join(", "),
-        select = select.join(", "),
     );
     let mut cuts: Vec<DynKey> = bound(Query::assert_safe(sql), args.unwrap_or_default())
         .fetch_all(&ctx.db)

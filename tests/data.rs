@@ -264,12 +264,13 @@ async fn planted_divergences_are_reported_exactly_and_repaired() {
 
 async fn planted_divergences<DB: Native, I: K>(f: Fixture<DB, I>) {
     let b = &f.name;
-    f.seed(2_000).await;
+    // 750 rows a segment: a differing segment is cut again before rows are compared.
+    f.seed(6_000).await;
     f.stage(Stage::DualWrite).await;
     f.backfill(BackfillOptions::default()).await.unwrap();
     assert!(f.verify(false).await.clean);
     let keys = f.keys().await;
-    let (missing, gone, changed) = (&keys[16], &keys[1233], &keys[1998]);
+    let (missing, gone, changed) = (&keys[16], &keys[3233], &keys[5998]);
 
     // Missing in new, missing in legacy (a user whose legacy settings are gone), and one
     // column different.
@@ -301,7 +302,7 @@ async fn planted_divergences<DB: Native, I: K>(f: Fixture<DB, I>) {
     want.sort();
     assert_eq!(repaired, want, "{b}");
     assert!(f.verify(false).await.clean);
-    assert_eq!(f.count("user_settings").await, 1_999);
+    assert_eq!(f.count("user_settings").await, 5_999);
 }
 
 #[tokio::test(flavor = "multi_thread")]

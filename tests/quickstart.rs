@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -25,32 +25,6 @@ impl Drop for Quickstart {
     }
 }
 
-fn example_binary() -> PathBuf {
-    // `cargo test --test quickstart` alone does not rebuild examples: make sure it is current.
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    BUILT.call_once(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--example", "quickstart"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo");
-        assert!(status.success(), "building the quickstart failed");
-    });
-    // target/debug/deps/quickstart-<hash> -> target/debug/examples/quickstart
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("examples/quickstart");
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test` (it builds the examples)",
-        path.display()
-    );
-    path
-}
-
 impl Quickstart {
     /// Starts the quickstart in `cwd`, as `cargo run --example quickstart` would.
     fn start(cwd: &Path, database_url: Option<&str>) -> Quickstart {
@@ -59,7 +33,7 @@ impl Quickstart {
 
     /// [`Quickstart::start`] with more environment variables.
     fn start_with(cwd: &Path, database_url: Option<&str>, env: &[(&str, &str)]) -> Quickstart {
-        let mut cmd = Command::new(example_binary());
+        let mut cmd = Command::new(common::example_binary("quickstart"));
         cmd.current_dir(cwd)
             .env("TWINTRACK_LISTEN", "127.0.0.1:0")
             .env("TWINTRACK_DEBUG_HEADERS", "1")
@@ -102,26 +76,7 @@ impl Quickstart {
         body: &str,
         token: Option<&str>,
     ) -> (u16, http::HeaderMap, Value) {
-        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .build_http::<Full<Bytes>>();
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("content-type", "application/json");
-        if let Some(token) = token {
-            req = req.header("x-twintrack-ryw", token);
-        }
-        let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
-        let res = client.request(req).await.unwrap();
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        (status, headers, value)
+        common::http(&self.base, method, path, body, token).await
     }
 }
 
