@@ -307,6 +307,12 @@ pub const SCHEMA_VERSION: i64 = 4;
 /// Upgrades keep every row (schema version 4 turns the integer key columns into canonical key
 /// text, see [`crate::key`]).
 pub async fn install(db: &Database) -> Result<()> {
+    install_to(db, SCHEMA_VERSION).await
+}
+
+/// Installs the schema up to `version` only: for tests of upgrades from an older twintrack.
+#[doc(hidden)]
+pub async fn install_to(db: &Database, version: i64) -> Result<()> {
     if db.backend() == Backend::Sqlite {
         // WAL lets the CLI flip flags while the service reads them. The setting is stored in
         // the file, so this runs once per database; it is a no-op for in-memory databases.
@@ -332,7 +338,10 @@ pub async fn install(db: &Database) -> Result<()> {
             "the database holds twintrack schema version {current}, newer than this build understands ({SCHEMA_VERSION}); upgrade twintrack"
         )));
     }
-    for step in STEPS.iter().filter(|s| s.version > current) {
+    for step in STEPS
+        .iter()
+        .filter(|s| s.version > current && s.version <= version)
+    {
         let statements = match db.backend() {
             Backend::Postgres => step.postgres,
             Backend::Sqlite => step.sqlite,

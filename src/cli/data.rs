@@ -136,6 +136,7 @@ pub(crate) async fn verify(
     migration: &str,
     segments: usize,
     repair: bool,
+    keys: Vec<String>,
 ) -> Result<ExitCode, Error> {
     let parallel = 4;
     let db = env.database_with(parallel as u32 * 2 + 2).await?;
@@ -148,7 +149,8 @@ pub(crate) async fn verify(
         actor: env.actor.clone(),
         ..VerifyOptions::default()
     };
-    let report = verify::run(&db, &flags, &def, options, Metrics::global()).await?;
+    let chosen = (!keys.is_empty()).then_some(keys.as_slice());
+    let report = verify::run_keys(&db, &flags, &def, options, Metrics::global(), chosen).await?;
     out.print(&report, || {
         let mut text = format!(
             "{migration}: {} ({} legacy rows, {} new rows, {} segments, {} differing) in {:.1} s",

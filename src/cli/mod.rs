@@ -109,12 +109,16 @@ pub enum Command {
     Verify {
         /// The migration (defined in the config file, with its projections).
         migration: String,
-        /// Segments the key range is cut into.
-        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        /// Segments the key space is cut into.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         segments: u64,
         /// Re-sync each difference from the authoritative side, then check again.
         #[arg(long)]
         repair: bool,
+        /// Compare only this key (repeatable): `42`, a UUID, text, or a JSON array for a
+        /// composite key (`[7,"0b5d…"]`). A verify of chosen keys is not gate evidence.
+        #[arg(long = "key", value_name = "KEY")]
+        keys: Vec<String>,
     },
     /// Serve the control plane: gRPC, the admin page and /metrics, on one listener. Every call
     /// but /metrics needs a token from TWINTRACK_ADMIN_TOKEN (`token`, or `name=token,…`).
@@ -244,9 +248,10 @@ pub(crate) async fn run(cli: Cli, out: &Output) -> Result<ExitCode, Error> {
             migration,
             segments,
             repair,
+            keys,
         } => {
             let segments = usize::try_from(segments).unwrap_or(64);
-            data::verify(&env, out, &migration, segments, repair).await
+            data::verify(&env, out, &migration, segments, repair, keys).await
         }
         Command::Serve { listen } => serve::run(&env, &listen).await,
         Command::Mismatches { migration, limit } => {

@@ -1,0 +1,444 @@
+//! Keys of every shape, end to end through the `twintrack` CLI on real databases: composite
+//! keys, the ends of the `bigint` range, a skewed key distribution, the `$1`/`$2` bounds of
+//! definitions written before `{batch}`, keys of the wrong type, and twintrack's own tables
+//! upgraded from integer keys to key text without losing a row.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{Value, json};
+use twintrack::Database;
+use twintrack::db::{Query, query};
+
+/// `twintrack --database-url URL --config CONFIG ARGS…`: exit code, stdout, stderr.
+fn tt(url: &str, config: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .arg("--database-url")
+        .arg(url)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json_of(stdout: &str) -> Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+async fn exec(db: &Database, sql: &str) {
+    Query::assert_safe(sql).execute(db).await.unwrap();
+}
+
+async fn count(db: &Database, table: &str) -> i64 {
+    Query::assert_safe(format!("SELECT COUNT(*) FROM {table}"))
+        .scalar(db)
+        .await
+        .unwrap()
+}
+
+/// Writes `text` as the config file of a test and returns its path.
+fn config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("twintrack.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `(tenant_id bigint, id uuid)` on PostgreSQL, `(tenant_id integer, id text)` on SQLite:
+/// backfilled, verified clean, then a changed row and a missing one reported by their keys (a
+/// JSON array) and the changed column, checked one key at a time, and repaired.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_composite_key_is_backfilled_verified_and_its_differences_reported_by_key() {
+    for (backend, url, _guard) in common::backends().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::connect(&url).await.unwrap();
+        let (schema, copy, legacy_projection, seed) = match backend {
+            "postgres" => (
+                [
+                    "CREATE TABLE legacy_items (tenant_id bigint NOT NULL, id uuid NOT NULL, payload jsonb NOT NULL, PRIMARY KEY (tenant_id, id))",
+                    "CREATE TABLE items (tenant_id bigint NOT NULL, id uuid NOT NULL, name text NOT NULL, qty integer NOT NULL, PRIMARY KEY (tenant_id, id))",
+                ],
+                "INSERT INTO items (tenant_id, id, name, qty) SELECT tenant_id, id, payload->>'name', CAST(payload->>'qty' AS INTEGER) FROM legacy_items WHERE {batch} ON CONFLICT (tenant_id, id) DO UPDATE SET name = excluded.name, qty = excluded.qty",
+                "SELECT tenant_id AS key1, id AS key2, payload->>'name' AS name, CAST(payload->>'qty' AS INTEGER) AS qty FROM legacy_items",
+                "INSERT INTO legacy_items SELECT t, gen_random_uuid(), jsonb_build_object('name', 'n' || g, 'qty', g) FROM generate_series(1, 20) t, generate_series(1, 500) g",
+            ),
+            _ => (
+                [
+                    "CREATE TABLE legacy_items (tenant_id INTEGER NOT NULL, id TEXT NOT NULL, payload TEXT NOT NULL, PRIMARY KEY (tenant_id, id))",
+                    "CREATE TABLE items (tenant_id INTEGER NOT NULL, id TEXT NOT NULL, name TEXT NOT NULL, qty INTEGER NOT NULL, PRIMARY KEY (tenant_id, id))",
+                ],
+                "INSERT INTO items (tenant_id, id, name, qty) SELECT tenant_id, id, json_extract(payload, '$.name'), json_extract(payload, '$.qty') FROM legacy_items WHERE {batch} ON CONFLICT (tenant_id, id) DO UPDATE SET name = excluded.name, qty = excluded.qty",
+                "SELECT tenant_id AS key1, id AS key2, json_extract(payload, '$.name') AS name, json_extract(payload, '$.qty') AS qty FROM legacy_items",
+                "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 20),
+                      g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 500)
+                 INSERT INTO legacy_items SELECT t.n, lower(hex(randomblob(8))), json_object('name', 'n' || g.n, 'qty', g.n) FROM t, g",
+            ),
+        };
+        for sql in schema {
+            exec(&db, sql).await;
+        }
+        exec(&db, seed).await;
+        let config = config(
+            dir.path(),
+            &format!(
+                r#"
+[[migration]]
+name = "items"
+legacy_table = "legacy_items"
+legacy_key = ["tenant_id", "id"]
+new_table = "items"
+new_key = ["tenant_id", "id"]
+copy = "{copy}"
+legacy_projection = "{legacy_projection}"
+new_projection = "SELECT tenant_id AS key1, id AS key2, name, qty FROM items"
+"#
+            ),
+        );
+        let run = |args: &[&str]| tt(&url, &config, args);
+        assert_eq!(run(&["init"]).0, 0);
+        let (code, _, err) = run(&["stage", "set", "items", "dual_write", "--reason", "go"]);
+        assert_eq!(code, 0, "{err}");
+        let (code, out, err) = run(&["--json", "backfill", "items", "--batch-size", "700"]);
+        assert_eq!(code, 0, "{backend}: {err}");
+        let report = json_of(&out);
+        assert_eq!(report["rows_copied"], 10_000, "{report}");
+        assert_eq!(report["upper_bound"].as_array().map(Vec::len), Some(2));
+        assert_eq!(count(&db, "items").await, 10_000);
+        // Four segments of 2,500 rows: differing ones are cut again before rows are compared.
+        let (code, out, err) = run(&["--json", "verify", "items", "--segments", "4"]);
+        assert_eq!(code, 0, "{backend}: {out}{err}");
+        assert_eq!(json_of(&out)["legacy_rows"], 10_000);
+
+        let pick = async |offset: i64| -> Value {
+            let row = Query::assert_safe(format!(
+                "SELECT tenant_id, id FROM items ORDER BY tenant_id, id LIMIT 1 OFFSET {offset}"
+            ))
+            .fetch_one(&db)
+            .await
+            .unwrap();
+            let key = twintrack::DynKey::from_values(
+                row.into_values(),
+                &[
+                    twintrack::KeyKind::BigInt,
+                    if backend == "postgres" {
+                        twintrack::KeyKind::Uuid
+                    } else {
+                        twintrack::KeyKind::Text
+                    },
+                ],
+            )
+            .unwrap();
+            key.to_json()
+        };
+        let (changed, missing) = (pick(1234).await, pick(8765).await);
+        let bind = |key: &Value, sql: &'static str| {
+            let q = query(sql).bind(key[0].as_i64().unwrap());
+            match backend {
+                "postgres" => q.bind(uuid::Uuid::parse_str(key[1].as_str().unwrap()).unwrap()),
+                _ => q.bind(key[1].as_str().unwrap()),
+            }
+        };
+        bind(
+            &changed,
+            "UPDATE items SET qty = -1 WHERE tenant_id = $1 AND id = $2",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        bind(
+            &missing,
+            "DELETE FROM items WHERE tenant_id = $1 AND id = $2",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let (code, out, _) = run(&["--json", "verify", "items", "--segments", "4"]);
+        assert_eq!(code, 1, "{backend}: {out}");
+        let report = json_of(&out);
+        assert_eq!(report["missing_in_new"], json!([missing]), "{report}");
+        assert_eq!(
+            report["different"],
+            json!([{"key": changed, "columns": ["qty"]}]),
+            "{report}"
+        );
+        let (code, out, _) = run(&["verify", "items"]);
+        assert_eq!(code, 1);
+        let shown = format!(
+            "different [{},\"{}\"] (qty)",
+            changed[0],
+            changed[1].as_str().unwrap()
+        );
+        assert!(out.contains(&shown), "{shown:?} in {out}");
+
+        // One key at a time: the changed one differs, a clean one does not.
+        let (code, out, _) = run(&["--json", "verify", "items", "--key", &changed.to_string()]);
+        assert_eq!(code, 1, "{out}");
+        assert_eq!(json_of(&out)["different"][0]["key"], changed);
+        let clean = pick(10).await.to_string();
+        let (code, out, _) = run(&["verify", "items", "--key", &clean]);
+        assert_eq!(code, 0, "{out}");
+        // A key of the wrong shape is refused, naming it.
+        for bad in ["5", "[5]", "[\"x\", \"y\"]", "[5, 6]", "not json"] {
+            let (code, _, err) = run(&["verify", "items", "--key", bad]);
+            assert_eq!(code, 2, "{bad}: {err}");
+            assert!(err.contains(&format!("key {bad:?}")), "{bad}: {err}");
+        }
+
+        let (code, out, err) = run(&["verify", "items", "--repair"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(run(&["verify", "items"]).0, 0);
+        assert_eq!(count(&db, "items").await, 10_000);
+    }
+}
+
+const EXT_COPY_BATCH: &str = "INSERT INTO ext_new (id, v) SELECT id, v FROM ext_legacy WHERE {batch} ON CONFLICT (id) DO UPDATE SET v = excluded.v";
+const EXT_COPY_BOUNDS: &str = "INSERT INTO ext_new (id, v) SELECT id, v FROM ext_legacy WHERE id > $1 AND id <= $2 ON CONFLICT (id) DO UPDATE SET v = excluded.v";
+
+fn ext_config(dir: &Path, copy: &str) -> std::path::PathBuf {
+    config(
+        dir,
+        &format!(
+            r#"
+[[migration]]
+name = "ext"
+legacy_table = "ext_legacy"
+legacy_key = "id"
+new_table = "ext_new"
+new_key = "id"
+copy = "{copy}"
+legacy_projection = "SELECT id AS key, v FROM ext_legacy"
+new_projection = "SELECT id AS key, v FROM ext_new"
+"#
+        ),
+    )
+}
+
+/// Keys at both ends of the `bigint` range and around zero: every row copied and compared (no
+/// arithmetic on keys, so nothing overflows, loops or is left out); the smallest key, deleted
+/// from the new shape, is reported missing. A definition still bounding batches with `$1`/`$2`
+/// works where an integer below the smallest key exists, and is refused, naming `{batch}`,
+/// where none does (`i64::MIN`), before anything is copied.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_at_the_ends_of_the_range_are_all_copied_and_compared() {
+    let keys = [i64::MIN, i64::MIN + 1, -7, 0, 1, i64::MAX - 1, i64::MAX];
+    for (backend, url, _guard) in common::backends().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::connect(&url).await.unwrap();
+        for table in ["ext_legacy", "ext_new"] {
+            exec(
+                &db,
+                &format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, v TEXT NOT NULL)"),
+            )
+            .await;
+        }
+        for k in keys {
+            query("INSERT INTO ext_legacy (id, v) VALUES ($1, $2)")
+                .bind(k)
+                .bind(format!("v{k}"))
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+        let config = ext_config(dir.path(), EXT_COPY_BATCH);
+        let run = |args: &[&str]| tt(&url, &config, args);
+        assert_eq!(run(&["init"]).0, 0);
+        assert_eq!(
+            run(&["stage", "set", "ext", "dual_write", "--reason", "go"]).0,
+            0
+        );
+        // One key per batch: every boundary of the walk is one of the extremes.
+        let (code, out, err) = run(&["--json", "backfill", "ext", "--batch-size", "1"]);
+        assert_eq!(code, 0, "{backend}: {err}");
+        let report = json_of(&out);
+        assert_eq!(report["rows_copied"], 7, "{report}");
+        assert_eq!(report["upper_bound"], json!(i64::MAX), "{report}");
+        assert_eq!(count(&db, "ext_new").await, 7);
+        let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "3"]);
+        assert_eq!(code, 0, "{backend}: {out}");
+        assert_eq!(json_of(&out)["legacy_rows"], 7);
+
+        query("DELETE FROM ext_new WHERE id = $1")
+            .bind(i64::MIN)
+            .execute(&db)
+            .await
+            .unwrap();
+        let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "3"]);
+        assert_eq!(code, 1, "{backend}: {out}");
+        assert_eq!(json_of(&out)["missing_in_new"], json!([i64::MIN]), "{out}");
+
+        // `$1`/`$2` bounds: refused while i64::MIN is among the keys, nothing copied.
+        exec(&db, "DELETE FROM ext_new").await;
+        let bounds = ext_config(dir.path(), EXT_COPY_BOUNDS);
+        let (code, _, err) = tt(&url, &bounds, &["backfill", "ext"]);
+        assert_eq!(code, 2, "{backend}: {err}");
+        assert!(
+            err.contains("{batch}") && err.contains("-9223372036854775808"),
+            "{err}"
+        );
+        assert_eq!(count(&db, "ext_new").await, 0);
+        // Without it, the old form still works, through i64::MAX.
+        query("DELETE FROM ext_legacy WHERE id = $1")
+            .bind(i64::MIN)
+            .execute(&db)
+            .await
+            .unwrap();
+        let (code, out, err) = tt(
+            &url,
+            &bounds,
+            &["--json", "backfill", "ext", "--batch-size", "2"],
+        );
+        assert_eq!(code, 0, "{backend}: {err}");
+        assert_eq!(json_of(&out)["rows_copied"], 6, "{out}");
+        assert_eq!(tt(&url, &bounds, &["verify", "ext"]).0, 0);
+    }
+}
+
+/// A million keys, 99% of them in 1% of the range: chunks are cut at the table's own keys, so
+/// they hold the same number of rows however the keys are spread (the largest at most twice the
+/// median), and every row is copied and compared. (PostgreSQL.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_skewed_million_row_table_is_cut_into_even_chunks() {
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::connect(&pg.url).await.unwrap();
+    for table in ["ext_legacy", "ext_new"] {
+        exec(
+            &db,
+            &format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, v TEXT NOT NULL)"),
+        )
+        .await;
+    }
+    // 990,000 keys in [0, 10^10), 10,000 in [10^10, 10^12): the range is 10^12 wide.
+    exec(
+        &db,
+        "INSERT INTO ext_legacy (id, v)
+         SELECT CAST(g AS BIGINT) * 10101, 'dense' FROM generate_series(1, 990000) g
+         UNION ALL
+         SELECT 10000000000 + CAST(g AS BIGINT) * 99000000, 'sparse' FROM generate_series(1, 10000) g",
+    )
+    .await;
+    let config = ext_config(dir.path(), EXT_COPY_BATCH);
+    let run = |args: &[&str]| tt(&pg.url, &config, args);
+    assert_eq!(run(&["init"]).0, 0);
+    assert_eq!(
+        run(&["stage", "set", "ext", "dual_write", "--reason", "go"]).0,
+        0
+    );
+    let (code, out, err) = run(&["--json", "backfill", "ext", "--workers", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_of(&out)["rows_copied"], 1_000_000, "{out}");
+    let mut sizes: Vec<i64> = query("SELECT rows_copied FROM twintrack_backfill_chunks")
+        .fetch_all(&db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get_at(0).unwrap())
+        .collect();
+    sizes.sort_unstable();
+    let median = sizes[sizes.len() / 2];
+    let largest = *sizes.last().unwrap();
+    eprintln!(
+        "{} chunks: smallest {} rows, median {median}, largest {largest}; all: {sizes:?}",
+        sizes.len(),
+        sizes[0]
+    );
+    assert!(sizes.len() > 10, "{sizes:?}");
+    assert!(largest <= 2 * median, "largest {largest}, median {median}");
+    let (code, out, _) = run(&["--json", "verify", "ext"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(json_of(&out)["legacy_rows"], 1_000_000);
+    assert_eq!(json_of(&out)["new_rows"], 1_000_000);
+}
+
+/// twintrack's tables from before keys of any type (integer key columns) are upgraded in place:
+/// every intent, mismatch, run and chunk is kept, its key now canonical key text.
+#[tokio::test(flavor = "multi_thread")]
+async fn twintracks_own_tables_are_upgraded_to_key_text_keeping_every_row() {
+    for (backend, url, _guard) in common::backends().await {
+        let db = Database::connect(&url).await.unwrap();
+        twintrack::schema::install_to(&db, 3).await.unwrap();
+        for sql in [
+            "INSERT INTO twintrack_repair_intents (migration, key, target_side, created_at, attempts, last_error) VALUES ('m', 42, 'new', 5, 2, 'boom')",
+            "INSERT INTO twintrack_repair_intents (migration, key, target_side, created_at) VALUES ('m', -9223372036854775808, 'legacy', 6)",
+            "INSERT INTO twintrack_mismatches (migration, key, class, stage, diff, legacy_micros, new_micros, at) VALUES ('m', 7, 'confirmed', 'shadow', '[]', 1, 2, 3)",
+            "INSERT INTO twintrack_backfill_runs (migration, direction, lower_bound, upper_bound, started_at) VALUES ('m', 'forward', 0, 100, 9)",
+            "INSERT INTO twintrack_backfill_chunks (run_id, chunk, lo, hi, next_key, rows_copied) VALUES (1, 0, 0, 100, 40, 40)",
+        ] {
+            exec(&db, sql).await;
+        }
+        twintrack::schema::install(&db).await.unwrap();
+        let version: i64 = query("SELECT MAX(version) FROM twintrack_schema")
+            .scalar(&db)
+            .await
+            .unwrap();
+        assert_eq!(version, twintrack::schema::SCHEMA_VERSION, "{backend}");
+        let intents: Vec<(i64, String, i64, Option<String>)> = query(
+            "SELECT id, key_text, attempts, last_error FROM twintrack_repair_intents ORDER BY id",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r.get("id").unwrap(),
+                r.get("key_text").unwrap(),
+                r.get("attempts").unwrap(),
+                r.get("last_error").unwrap(),
+            )
+        })
+        .collect();
+        assert_eq!(
+            intents,
+            vec![
+                (1, "42".to_owned(), 2, Some("boom".to_owned())),
+                (2, "-9223372036854775808".to_owned(), 0, None)
+            ],
+            "{backend}"
+        );
+        let mismatch = twintrack::shadow::list_mismatches(&db, "m", 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            (mismatch.len(), mismatch[0].key.as_str()),
+            (1, "7"),
+            "{backend}"
+        );
+        let run = query("SELECT lower_bound, upper_bound FROM twintrack_backfill_runs")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                run.get::<Option<String>>("lower_bound").unwrap(),
+                run.get::<Option<String>>("upper_bound").unwrap()
+            ),
+            (Some("0".into()), Some("100".into())),
+            "{backend}"
+        );
+        let chunk = query("SELECT lo, hi, next_key, rows_copied FROM twintrack_backfill_chunks")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(chunk.get::<String>("next_key").unwrap(), "40", "{backend}");
+        assert_eq!(chunk.get::<i64>("rows_copied").unwrap(), 40);
+        // New rows get ids after the old ones.
+        exec(&db, "INSERT INTO twintrack_repair_intents (migration, key_text, target_side, created_at) VALUES ('m', 'x', 'new', 7)").await;
+        let last: i64 = query("SELECT MAX(id) FROM twintrack_repair_intents")
+            .scalar(&db)
+            .await
+            .unwrap();
+        assert_eq!(last, 3, "{backend}");
+        // Idempotent.
+        twintrack::schema::install(&db).await.unwrap();
+    }
+}
