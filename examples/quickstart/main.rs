@@ -44,7 +44,23 @@ use repos::{SettingsResync, Users};
 type BoxError = Box<dyn std::error::Error>;
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quickstart: {e}");
+            // As the CLI: 4 when the database cannot be reached (TLS refusals included), 2 for
+            // a bad URL or configuration, 5 for the rest.
+            std::process::ExitCode::from(match e.downcast_ref::<twintrack::Error>() {
+                Some(twintrack::Error::Unreachable(_)) => 4,
+                Some(twintrack::Error::Config(_) | twintrack::Error::InvalidInput(_)) => 2,
+                _ => 5,
+            })
+        }
+    }
+}
+
+async fn run() -> Result<(), BoxError> {
     // Logs go to stderr: stdout carries the one "listening on" line scripts wait for.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -45,6 +45,8 @@ struct Servers {
     pub primary_port: u16,
     stop_on_drop: bool,
     durable: bool,
+    /// TLS only (`ssl = on`, `hostssl` entries only), with this CA's certificate.
+    tls: Option<PathBuf>,
 }
 
 /// One replica of a private cluster: its apply delay and any extra `postgresql.conf` lines.
@@ -149,6 +151,19 @@ impl Cluster {
         }
     }
 
+    /// A private primary (no replica) that accepts TLS connections only: `ssl = on` with a
+    /// server certificate for `localhost` and `127.0.0.1` signed by a throwaway CA made here
+    /// (`openssl`), and only `hostssl` entries in `pg_hba.conf`. Its URL asks for
+    /// `sslmode=verify-full` against that CA; see [`Cluster::ca_cert`].
+    pub fn start_tls() -> Result<Cluster, String> {
+        Cluster::provision_with(Vec::new(), true, false, true)
+    }
+
+    /// The CA certificate a TLS-only cluster's server certificate is signed by.
+    pub fn ca_cert(&self) -> Option<&Path> {
+        self.servers.as_ref()?.tls.as_deref()
+    }
+
     /// A private pair with durable commits (`fsync=on`, `synchronous_commit=on`), for
     /// benchmarks whose figures must include the cost of a real commit.
     pub fn start_durable() -> Result<Cluster, String> {
@@ -222,9 +237,18 @@ impl Cluster {
     }
 
     fn provision(
+        replicas: Vec<ReplicaSpec>,
+        stop_on_drop: bool,
+        durable: bool,
+    ) -> Result<Cluster, String> {
+        Cluster::provision_with(replicas, stop_on_drop, durable, false)
+    }
+
+    fn provision_with(
         mut replicas: Vec<ReplicaSpec>,
         stop_on_drop: bool,
         durable: bool,
+        tls: bool,
     ) -> Result<Cluster, String> {
         let bin = find_bin()?;
         let as_postgres = is_root();
@@ -252,6 +276,7 @@ impl Cluster {
             primary_port,
             stop_on_drop,
             durable,
+            tls: tls.then(|| dir.join("ca.crt")),
         };
         if !stop_on_drop {
             servers.spawn_watchdog()?;
@@ -260,7 +285,13 @@ impl Cluster {
         for replica in &servers.replicas {
             servers.init_replica(replica)?;
         }
-        let url = |port: u16| format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        let url = |port: u16| match &servers.tls {
+            Some(ca) => format!(
+                "postgres://postgres@127.0.0.1:{port}/postgres?sslmode=verify-full&sslrootcert={}",
+                ca.display()
+            ),
+            None => format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        };
         Ok(Cluster {
             primary_url: url(primary_port),
             replica_urls: servers.replicas.iter().map(|r| url(r.port)).collect(),
@@ -341,6 +372,19 @@ impl Servers {
             &self.primary_data.join("pg_hba.conf"),
             "host replication all 127.0.0.1/32 trust\n",
         )?;
+        if self.tls.is_some() {
+            self.make_certificates()?;
+            append(
+                &self.primary_data.join("postgresql.conf"),
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            )?;
+            // Only local (socket) and TLS connections: a plain TCP connection is refused.
+            std::fs::write(
+                self.primary_data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .map_err(|e| format!("pg_hba.conf: {e}"))?;
+        }
         let mut c = self.command("pg_ctl");
         c.arg("-D")
             .arg(&self.primary_data)
@@ -348,6 +392,79 @@ impl Servers {
             .arg(self.dir.join("primary.log"))
             .args(["-w", "start"]);
         run(&mut c)
+    }
+
+    /// A throwaway CA (`ca.crt` in the cluster's directory) and the server's certificate and
+    /// key (in the data directory, the key mode 600 and owned by the server's user).
+    fn make_certificates(&self) -> Result<(), String> {
+        let openssl = |args: &[&str]| {
+            run(Command::new("openssl")
+                .args(args)
+                .current_dir(&self.dir)
+                .stdout(Stdio::null()))
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=twintrack test CA",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ])?;
+        std::fs::write(
+            self.dir.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .map_err(|e| format!("san.ext: {e}"))?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ])?;
+        for file in ["server.crt", "server.key"] {
+            std::fs::copy(self.dir.join(file), self.primary_data.join(file))
+                .map_err(|e| format!("{file}: {e}"))?;
+        }
+        let key = self.primary_data.join("server.key");
+        run(Command::new("chmod").arg("600").arg(&key))?;
+        if self.as_postgres {
+            run(Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&key)
+                .arg(self.primary_data.join("server.crt")))?;
+        }
+        Ok(())
     }
 
     fn init_replica(&self, replica: &ReplicaSpec) -> Result<(), String> {
