@@ -53,6 +53,8 @@
 //!   backend-neutral statements, and identifier quoting.
 //! - [`key`]: migration keys of any orderable type (integers, UUIDs, text, composites) and
 //!   their canonical text.
+//! - [`keyset`]: row-value range predicates over a key's columns, with bounds taken from the
+//!   data (never computed).
 //! - [`schema`]: twintrack's own tables, as embedded versioned migrations.
 //! - [`config`]: the `twintrack.toml` file.
 //! - [`metrics`]: the OpenTelemetry instruments.

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{DualStore, Inner, Resync, database_of};
+use super::{DualStore, Inner, Resync, handle_of};
 use crate::definition::MigrationDef;
 use crate::flags::FlagCache;
 use crate::metrics::Metrics;
@@ -54,7 +54,7 @@ where
                 migration: migration.into(),
                 legacy,
                 new,
-                db: database_of(&pool),
+                db: handle_of(&pool),
                 pool,
                 new_pool: None,
                 flags,
@@ -88,7 +88,7 @@ where
     /// a task that survives the caller being dropped; the intent is cleared when it succeeds.
     /// Both databases need twintrack's tables ([`crate::schema::install`]).
     pub fn new_database(mut self, pool: sqlx::Pool<X::Database>) -> Self {
-        let db = database_of(&pool);
+        let db = handle_of(&pool);
         self.inner.new_pool = Some((pool, db));
         self
     }

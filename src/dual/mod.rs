@@ -330,8 +330,7 @@ where
     }
 }
 
-/// Checks, at build time, that `db` is of the store's native backend (it always is: it was
-/// made from a `Pool<DB>`).
-fn database_of<DB: Native>(pool: &sqlx::Pool<DB>) -> Database {
+/// twintrack's handle on a pool of the store's backend.
+fn handle_of<DB: Native>(pool: &sqlx::Pool<DB>) -> Database {
     DB::database(pool.clone())
 }

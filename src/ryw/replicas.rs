@@ -159,30 +159,54 @@ impl ReplicaSet {
         replica_urls: &[String],
         options: ReplicaOptions,
     ) -> Result<ReplicaSet> {
-        if replica_urls.len() > 64 {
-            return Err(Error::Config(format!(
-                "{} replicas configured; at most 64 are supported",
-                replica_urls.len()
-            )));
-        }
-        let cluster = cluster_id(&primary).await?;
-        let mut replicas = Vec::with_capacity(replica_urls.len());
-        for (index, url) in replica_urls.iter().enumerate() {
+        let mut pools = Vec::with_capacity(replica_urls.len());
+        for url in replica_urls {
             // A short acquire timeout: a replica that cannot hand out a connection quickly is
             // skipped for the primary, not waited for.
-            let db = Database::connect_lazy_with(
+            pools.push(Database::connect_lazy_with(
                 url,
                 ConnectOptions {
                     max_connections: options.max_connections,
                     acquire_timeout: options.poll_timeout,
                 },
-            )?;
-            replicas.push(Replica {
+            )?);
+        }
+        ReplicaSet::with_pools(primary, pools, options).await
+    }
+
+    /// Like [`ReplicaSet::connect`], over replica pools the service already has
+    /// (`Database::from(pg_pool)`). Give them a short acquire timeout: a read waits that long
+    /// for a busy replica before the primary serves it.
+    pub async fn with_pools(
+        primary: Database,
+        replica_pools: Vec<Database>,
+        options: ReplicaOptions,
+    ) -> Result<ReplicaSet> {
+        if replica_pools.len() > 64 {
+            return Err(Error::Config(format!(
+                "{} replicas configured; at most 64 are supported",
+                replica_pools.len()
+            )));
+        }
+        if let Some(other) = std::iter::once(&primary)
+            .chain(&replica_pools)
+            .find(|db| db.backend() != crate::Backend::Postgres)
+        {
+            return Err(Error::Config(format!(
+                "replicas are PostgreSQL streaming replicas; {} is not PostgreSQL",
+                other.describe()
+            )));
+        }
+        let cluster = cluster_id(&primary).await?;
+        let replicas = replica_pools
+            .into_iter()
+            .enumerate()
+            .map(|(index, db)| Replica {
                 db,
                 health: ArcSwap::from_pointee(ReplicaHealth::unknown()),
                 attr: KeyValue::new("replica", index as i64),
-            });
-        }
+            })
+            .collect();
         let set = ReplicaSet {
             inner: Arc::new(Inner {
                 primary,
