@@ -31,7 +31,7 @@ use opentelemetry::KeyValue;
 use serde::Serialize;
 
 use crate::db::{Backend, Conn, Database, Query, Row, Tx, now_micros, query};
-use crate::definition::{Direction, MigrationDef, bound, error_message};
+use crate::definition::{Direction, MigrationDef, bound};
 use crate::flags::{BoxFuture, EvidenceKind, FlagStore};
 use crate::key::{DynKey, KeyKind};
 use crate::keyset::{self, KeyRange, Lower};
@@ -57,10 +57,24 @@ pub struct BackfillOptions {
     pub lease: Duration,
     /// Who runs it (recorded with the evidence).
     pub actor: String,
-    /// For demonstrations and tests only: copy without locking the source rows `FOR SHARE`,
-    /// which lets a racing dual write be overwritten by a batch's older copy. Never set it in
-    /// production.
+    /// For demonstrations and tests only: copy without locking the source rows `FOR SHARE` and
+    /// without holding one snapshot for the batch (`REPEATABLE READ`), which lets a racing dual
+    /// write be overwritten by a batch's older copy. Never set it in production.
     pub unsafe_no_row_locks: bool,
+    /// Tests only: awaited in every batch between locking its keys and copying them.
+    #[doc(hidden)]
+    pub before_copy: Option<BeforeCopy>,
+}
+
+/// See [`BackfillOptions::before_copy`].
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct BeforeCopy(pub Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>);
+
+impl std::fmt::Debug for BeforeCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeCopy")
+    }
 }
 
 impl Default for BackfillOptions {
@@ -75,6 +89,7 @@ impl Default for BackfillOptions {
             lease: Duration::from_secs(30),
             actor: "twintrack backfill".into(),
             unsafe_no_row_locks: false,
+            before_copy: None,
         }
     }
 }
@@ -175,6 +190,8 @@ struct Shared {
     db: Database,
     def: MigrationDef,
     kinds: Vec<KeyKind>,
+    /// Two databases: the last batch also walks the target's keys above the source's largest.
+    open_ended: bool,
     options: BackfillOptions,
     metrics: Metrics,
     run: Run,
@@ -276,14 +293,15 @@ pub(crate) async fn run_with(
         Direction::Forward => record.evidence.left_legacy_only_at,
         Direction::Reverse => record.evidence.left_new_only_at,
     };
-    // Two databases: the last chunk has no upper end, so keys the target holds above the
-    // source's largest (rows the source lost) are walked and removed too.
+    // Two databases: the last batch also walks the target's keys above the source's largest
+    // (rows the source lost), to remove them.
     let open_ended = matches!(copier, Copier::Keys(_));
     let run = open_run(db, def, &kinds, direction, stale_before, open_ended).await?;
     let shared = Arc::new(Shared {
         db: db.clone(),
         def: def.clone(),
         kinds,
+        open_ended,
         options: options.clone(),
         metrics,
         owner: format!("{}-{:x}", std::process::id(), crate::context::random_key()),
@@ -357,6 +375,11 @@ pub(crate) fn row_key(row: Row, kinds: &[KeyKind]) -> Result<DynKey> {
 }
 
 /// The open run for this migration and direction, or a new one over the source's keys now.
+///
+/// A new run's chunks are planned (a count and a pass over the source's key index) outside
+/// any lock: on SQLite the write lock would stop the service's writes for the whole pass. The
+/// run is then created under the lock, unless another process created one meanwhile, which
+/// this one joins.
 async fn open_run(
     db: &Database,
     def: &MigrationDef,
@@ -365,58 +388,34 @@ async fn open_run(
     stale_before: Option<i64>,
     open_ended: bool,
 ) -> Result<Run> {
-    let mut tx = db.begin().await?;
-    if db.backend() == Backend::Postgres {
-        // One creator at a time; everyone else then finds the run and joins it.
-        query("SELECT pg_advisory_xact_lock(1953986927)")
-            .execute(&mut tx)
-            .await?;
+    let mut tx = lock_runs(db).await?;
+    if let Some(run) = find_open(&mut tx, def, kinds, direction, stale_before).await? {
+        tx.commit().await?;
+        return Ok(run);
     }
-    let open = query(
-        "SELECT id, lower_bound, upper_bound, started_at, rows_total FROM twintrack_backfill_runs
-         WHERE migration = $1 AND direction = $2 AND finished_at IS NULL",
-    )
-    .bind(&def.name)
-    .bind(direction.as_str())
-    .fetch_optional(&mut tx)
-    .await?;
-    if let Some(row) = open {
-        let run = Run {
-            id: row.get("id")?,
-            lower: stored_key(row.get("lower_bound")?, kinds)?,
-            upper: stored_key(row.get("upper_bound")?, kinds)?,
-            started_at: row.get("started_at")?,
-            resumed: true,
-            keys_total: row.get("rows_total")?,
-        };
-        if stale_before.is_none_or(|at| run.started_at > at) {
-            tx.commit().await?;
-            return Ok(run);
-        }
-        tracing::warn!(migration = %def.name, run = run.id,
-            "abandoning an interrupted backfill run older than the last time the target shape missed writes");
-        // Closed without evidence (finished_at < started_at marks it abandoned).
-        query("UPDATE twintrack_backfill_runs SET finished_at = 0 WHERE id = $1")
-            .bind(run.id)
-            .execute(&mut tx)
-            .await?;
-    }
+    tx.commit().await?;
+
     let (table, key) = def.source(direction);
     let columns = keyset::order_by(key);
     let total: i64 = Query::assert_safe(format!("SELECT COUNT(*) FROM {table}"))
-        .scalar(&mut tx)
+        .scalar(db)
         .await?;
     let descending: Vec<String> = key.iter().map(|c| format!("{c} DESC")).collect();
-    let largest = Query::assert_safe(format!(
+    let upper = Query::assert_safe(format!(
         "SELECT {columns} FROM {table} ORDER BY {} LIMIT 1",
         descending.join(", ")
     ))
-    .fetch_optional(&mut tx)
+    .fetch_optional(db)
     .await?
     .map(|row| row_key(row, kinds))
     .transpose()?;
-    let boundaries = chunk_boundaries(&mut tx, table, key, kinds, total).await?;
-    let upper = if open_ended { None } else { largest.clone() };
+    let boundaries = chunk_boundaries(db, table, key, kinds, total).await?;
+
+    let mut tx = lock_runs(db).await?;
+    if let Some(run) = find_open(&mut tx, def, kinds, direction, stale_before).await? {
+        tx.commit().await?;
+        return Ok(run);
+    }
     let started_at = now_micros();
     let id: i64 = query(
         "INSERT INTO twintrack_backfill_runs (migration, direction, lower_bound, upper_bound, started_at, rows_total)
@@ -435,20 +434,16 @@ async fn open_run(
     let mut counted = 0i64;
     let mut ends: Vec<(Option<DynKey>, i64)> = boundaries
         .into_iter()
+        .filter(|b| Some(b) != upper.as_ref())
         .map(|b| {
             counted += step;
             (Some(b), step)
         })
         .collect();
-    let last_rows = total - counted;
-    if last_rows > 0 || open_ended || ends.is_empty() {
-        ends.push((upper.clone(), last_rows.max(0)));
-    } else if let Some(last) = ends.last_mut() {
-        // The last boundary is the largest key: that chunk ends the run.
-        last.0 = upper.clone();
-    }
+    ends.push((upper.clone(), (total - counted).max(0)));
     for (index, (hi, rows)) in ends.into_iter().enumerate() {
-        // With nothing to copy and nothing to remove, a chunk is done from the start.
+        // With nothing to copy (and, in one database, nothing to remove), a chunk is done
+        // from the start.
         let done = rows == 0 && !open_ended;
         query(
             "INSERT INTO twintrack_backfill_chunks (run_id, chunk, lo, hi, next_key, rows_expected, done_at)
@@ -475,6 +470,57 @@ async fn open_run(
     })
 }
 
+/// A transaction holding the right to create a run: PostgreSQL's advisory lock (one creator
+/// at a time), SQLite's write lock.
+async fn lock_runs(db: &Database) -> Result<Tx> {
+    let mut tx = db.begin().await?;
+    if db.backend() == Backend::Postgres {
+        query("SELECT pg_advisory_xact_lock(1953986927)")
+            .execute(&mut tx)
+            .await?;
+    }
+    Ok(tx)
+}
+
+/// The open run of `def` in `direction`, unless it started before `stale_before` (then it is
+/// closed without evidence and `None` returned).
+async fn find_open(
+    tx: &mut Tx,
+    def: &MigrationDef,
+    kinds: &[KeyKind],
+    direction: Direction,
+    stale_before: Option<i64>,
+) -> Result<Option<Run>> {
+    let open = query(
+        "SELECT id, lower_bound, upper_bound, started_at, rows_total FROM twintrack_backfill_runs
+         WHERE migration = $1 AND direction = $2 AND finished_at IS NULL",
+    )
+    .bind(&def.name)
+    .bind(direction.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = open else { return Ok(None) };
+    let run = Run {
+        id: row.get("id")?,
+        lower: stored_key(row.get("lower_bound")?, kinds)?,
+        upper: stored_key(row.get("upper_bound")?, kinds)?,
+        started_at: row.get("started_at")?,
+        resumed: true,
+        keys_total: row.get("rows_total")?,
+    };
+    if stale_before.is_none_or(|at| run.started_at > at) {
+        return Ok(Some(run));
+    }
+    tracing::warn!(migration = %def.name, run = run.id,
+        "abandoning an interrupted backfill run older than the last time the target shape missed writes");
+    // Closed without evidence (finished_at < started_at marks it abandoned).
+    query("UPDATE twintrack_backfill_runs SET finished_at = 0 WHERE id = $1")
+        .bind(run.id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(None)
+}
+
 /// Source rows per chunk for a table of `total` rows: at least [`MIN_CHUNK_ROWS`], and few
 /// enough chunks to stay within [`MAX_CHUNKS`].
 fn rows_per_chunk(total: i64) -> i64 {
@@ -485,7 +531,7 @@ fn rows_per_chunk(total: i64) -> i64 {
 /// Every [`rows_per_chunk`]-th key of `table` in key order (one pass over the key index): the
 /// chunks' upper ends, so each chunk holds the same number of rows.
 async fn chunk_boundaries(
-    tx: &mut Tx,
+    db: &Database,
     table: &str,
     key: &[String],
     kinds: &[KeyKind],
@@ -502,7 +548,7 @@ async fn chunk_boundaries(
     );
     Query::assert_safe(sql)
         .bind(step)
-        .fetch_all(tx)
+        .fetch_all(db)
         .await?
         .into_iter()
         .map(|row| row_key(row, kinds))
@@ -534,7 +580,7 @@ async fn work(shared: &Shared, copier: &Copier) -> Result<()> {
         loop {
             wait_for_replicas(shared).await?;
             let started = Instant::now();
-            let Some(done) = copy_batch(shared, copier, &lease, batch).await? else {
+            let Some(done) = copy_batch_retrying(shared, copier, &lease, batch).await? else {
                 break; // the lease was lost to another worker
             };
             let took = started.elapsed();
@@ -559,6 +605,65 @@ async fn work(shared: &Shared, copier: &Copier) -> Result<()> {
         }
     }
 }
+
+/// The most times one batch is retried after transient errors before the run gives up.
+const MAX_RETRIES: u32 = 10;
+
+/// [`copy_batch`], retried with exponential backoff (50 ms doubling, at most 5 s, with
+/// jitter) while it fails the way a busy database fails ([`transient`]): each retry counted
+/// in `twintrack.backfill.retries` by reason, and logged. Any other error stops the run.
+async fn copy_batch_retrying(
+    shared: &Shared,
+    copier: &Copier,
+    lease: &Lease,
+    batch: u32,
+) -> Result<Option<Batch>> {
+    let mut attempt = 0u32;
+    loop {
+        let err = match copy_batch(shared, copier, lease, batch).await {
+            Ok(done) => return Ok(done),
+            Err(err) => err,
+        };
+        let Some(reason) = transient(&err).filter(|_| attempt < MAX_RETRIES) else {
+            return Err(err);
+        };
+        attempt += 1;
+        shared.metrics.backfill_retries.add(
+            1,
+            &[
+                KeyValue::new("migration", shared.def.name.clone()),
+                KeyValue::new("reason", reason),
+            ],
+        );
+        let backoff = Duration::from_millis(50u64 << attempt.min(7)).min(Duration::from_secs(5));
+        let jitter = Duration::from_millis(crate::context::random_key() % 50);
+        tracing::warn!(migration = %shared.def.name, attempt, reason, error = %err, retry_in = ?backoff,
+            "backfill batch failed transiently; retrying");
+        tokio::time::sleep(backoff + jitter).await;
+    }
+}
+
+/// Why an error is worth retrying the batch for, if it is: a deadlock, a serialization
+/// failure, the batch's own lock timeout, a busy SQLite file, a lost connection.
+pub(crate) fn transient(err: &Error) -> Option<&'static str> {
+    match err {
+        Error::Unreachable(_) => Some("connection"),
+        Error::Database(sqlx::Error::Database(db)) => match db.code().as_deref() {
+            Some("40P01") => Some("deadlock"),
+            Some("40001") => Some("serialization_failure"),
+            Some("55P03") => Some("lock_timeout"),
+            // SQLITE_BUSY and SQLITE_LOCKED with their extended codes.
+            Some("5" | "261" | "517" | "6" | "262") => Some("busy"),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// How long a batch waits for a row lock before giving up (and retrying): shorter than
+/// PostgreSQL's `deadlock_timeout` (1 s by default), so in a lock cycle with the service's
+/// own transaction the batch is the one to step back, not the service.
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '500ms'";
 
 /// Leases the next chunk not done and not leased (or whose lease expired).
 async fn lease_chunk(shared: &Shared) -> Result<Option<Lease>> {
@@ -643,7 +748,21 @@ async fn copy_batch(
         "SELECT {columns} FROM {table} WHERE {} ORDER BY {columns} LIMIT ${limit}{lock}",
         p.sql
     );
-    let mut tx = db.begin().await?;
+    // PostgreSQL: one snapshot for the whole batch. The copy statement then sees the batch's
+    // rows as the keys' SELECT did: a row inserted into the range after that (dual-written
+    // already) is neither copied stale nor brought back, and a row changed under the copy
+    // makes it fail with a serialization failure, retried. Two-database copies read each key
+    // under its lock instead, as of now.
+    let mut tx = match (db.backend(), copier) {
+        (Backend::Postgres, Copier::Sql) if !shared.options.unsafe_no_row_locks => {
+            db.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                .await?
+        }
+        _ => db.begin().await?,
+    };
+    if db.backend() == Backend::Postgres {
+        query(LOCK_TIMEOUT).execute(&mut tx).await?;
+    }
     let keys: Vec<DynKey> = bound(Query::assert_safe(select), p.args)
         .bind(i64::from(batch))
         .fetch_all(&mut tx)
@@ -651,6 +770,9 @@ async fn copy_batch(
         .into_iter()
         .map(|row| row_key(row, &shared.kinds))
         .collect::<Result<_>>()?;
+    if let Some(hook) = &shared.options.before_copy {
+        (hook.0)().await;
+    }
     // A full batch ends at its last key; a short one covers the rest of the chunk.
     let full = keys.len() == batch as usize;
     let upto = if full {
@@ -660,39 +782,56 @@ async fn copy_batch(
     };
     let chunk_done = !full || (upto.is_some() && upto == lease.hi);
     let range = KeyRange::after_upto(lease.next_key.clone(), upto.clone());
-    let rows =
-        match copier {
-            Copier::Keys(copier) => copier.copy(tx.conn(), &keys, &range).await?,
-            Copier::Sql if keys.is_empty() => 0,
-            Copier::Sql => {
-                // `$1`/`$2` definitions need a lower integer bound: the batch starts at its first key.
-                let range = match (&range.lower, keys.first()) {
-                    (Lower::Unbounded, Some(first)) => KeyRange {
-                        lower: Lower::From(first.clone()),
-                        ..range
-                    },
-                    _ => range,
-                };
-                let what = match direction {
-                    Direction::Forward => "copy",
-                    Direction::Reverse => "reverse_copy",
-                };
-                shared
+    let rows = match copier {
+        Copier::Keys(copier) => {
+            // The last batch of the run also walks the target's keys above the source's
+            // largest at start, to remove those the source lost.
+            let range = if shared.open_ended && chunk_done && lease.hi == shared.run.upper {
+                KeyRange::after_upto(lease.next_key.clone(), None)
+            } else {
+                range
+            };
+            copier.copy(tx.conn(), &keys, &range).await?
+        }
+        Copier::Sql if keys.is_empty() => 0,
+        Copier::Sql => {
+            // `$1`/`$2` definitions need a lower integer bound: the batch starts at its first key.
+            let range = match (&range.lower, keys.first()) {
+                (Lower::Unbounded, Some(first)) => KeyRange {
+                    lower: Lower::From(first.clone()),
+                    ..range
+                },
+                _ => range,
+            };
+            let what = match direction {
+                Direction::Forward => "copy",
+                Direction::Reverse => "reverse_copy",
+            };
+            shared
                 .def
                 .copy_statement(direction, &shared.kinds, &range)?
                 .execute(&mut tx)
                 .await
-                .map_err(|e| {
-                    Error::Config(format!(
-                        "migration {:?}: the {what} SQL failed on the batch after {} up to {}: {}",
-                        shared.def.name,
-                        lease.next_key.as_ref().map_or("the first key".into(), |k| k.to_string()),
-                        upto.as_ref().map_or("the last key".into(), |k| k.to_string()),
-                        error_message(&e)
-                    ))
+                .map_err(|e| match e {
+                    // Transient: retried as it is (`copy_batch_retrying`).
+                    e if transient(&e).is_some() => e,
+                    Error::Database(source) => Error::Statement {
+                        what: format!(
+                            "migration {:?}: the {what} SQL failed on the batch after {} up to {}",
+                            shared.def.name,
+                            lease
+                                .next_key
+                                .as_ref()
+                                .map_or("the first key".into(), |k| k.to_string()),
+                            upto.as_ref()
+                                .map_or("the last key".into(), |k| k.to_string()),
+                        ),
+                        source,
+                    },
+                    other => other,
                 })?
-            }
-        };
+        }
+    };
     let done = Batch {
         upto,
         keys: keys.len() as u64,

@@ -705,7 +705,7 @@ async fn column_kinds(
         }
         .ok_or_else(|| {
             Error::Config(format!(
-                "migration {migration:?}: {which}_key column {name} of {table_name} is of type {declared:?}; a key column must be bigint, integer, smallint, uuid or text"
+                "migration {migration:?}: {which}_key column {name} of {table_name} is of type {declared:?}; a key column must be bigint, integer, smallint, uuid, text or varchar"
             ))
         })?;
         out.push((name, kind));
@@ -716,8 +716,15 @@ async fn column_kinds(
 /// The database's own message for `e`, without twintrack's or sqlx's wrapping.
 pub(crate) fn error_message(e: &Error) -> String {
     match e {
-        Error::Database(sqlx::Error::Database(db)) => db.message().to_owned(),
-        Error::Database(other) => other.to_string(),
+        Error::Database(source) => error_message_of(source),
+        other => other.to_string(),
+    }
+}
+
+/// The database's own message for an sqlx error.
+pub(crate) fn error_message_of(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_owned(),
         other => other.to_string(),
     }
 }

@@ -17,6 +17,16 @@ pub enum Error {
     /// A statement reached the database and failed there.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// A statement of a long job (a backfill's copy, a verify's projection) failed at run
+    /// time; `what` says which and where. Not the caller's input: the definition was checked.
+    #[error("{what}: {}", crate::definition::error_message_of(.source))]
+    Statement {
+        /// What was being run, and on which keys.
+        what: String,
+        /// The database's error.
+        #[source]
+        source: sqlx::Error,
+    },
     /// No migration of that name is registered in the flag store.
     #[error(
         "unknown migration {0:?} (run `twintrack init` to register the migrations in the config)"

@@ -41,7 +41,7 @@ pub enum KeyKind {
     Int,
     /// A UUID (`uuid`; on SQLite a column declared `UUID`, holding sqlx's 16-byte blobs).
     Uuid,
-    /// Text (`text`, `varchar`, `char`), ordered by the column's collation.
+    /// Text (`text`, `varchar`), ordered by the column's collation.
     Text,
 }
 
@@ -56,13 +56,25 @@ impl KeyKind {
         }
     }
 
+    /// The PostgreSQL type a value of this kind is bound as (a `smallint` or `varchar` key
+    /// column is cast to it where record values are compared).
+    pub(crate) fn postgres_type(self) -> &'static str {
+        match self {
+            KeyKind::BigInt => "BIGINT",
+            KeyKind::Int => "INTEGER",
+            KeyKind::Uuid => "UUID",
+            KeyKind::Text => "TEXT",
+        }
+    }
+
     /// The kind of a PostgreSQL column type (`pg_type.typname`), if it can be a key.
     pub(crate) fn from_postgres(typname: &str) -> Option<KeyKind> {
         match typname {
             "int8" => Some(KeyKind::BigInt),
             "int4" | "int2" => Some(KeyKind::Int),
             "uuid" => Some(KeyKind::Uuid),
-            "text" | "varchar" | "bpchar" => Some(KeyKind::Text),
+            // Not `char(n)`: its comparisons ignore trailing spaces, a text parameter's do not.
+            "text" | "varchar" => Some(KeyKind::Text),
             _ => None,
         }
     }
@@ -139,7 +151,13 @@ impl KeyPart {
         match kind {
             KeyKind::BigInt => i64::from_value(value).map(KeyPart::BigInt),
             KeyKind::Int => i32::from_value(value).map(KeyPart::Int),
-            KeyKind::Uuid => Uuid::from_value(value).map(KeyPart::Uuid),
+            // Not from text: a UUID column holding text (SQLite) would not compare with the
+            // UUIDs bound against it, and walks over it would skip rows.
+            KeyKind::Uuid => match value {
+                Value::Uuid(u) => Some(KeyPart::Uuid(u)),
+                Value::Bytes(b) => Uuid::from_slice(&b).ok().map(KeyPart::Uuid),
+                _ => None,
+            },
             KeyKind::Text => String::from_value(value).map(KeyPart::Text),
         }
     }

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub(crate) replica_healthy: Gauge<u64>,
     pub(crate) backfill_rows: Counter<u64>,
     pub(crate) backfill_pauses: Counter<u64>,
+    pub(crate) backfill_retries: Counter<u64>,
     pub(crate) verify_runs: Counter<u64>,
 }
 
@@ -131,6 +132,12 @@ impl Metrics {
             backfill_pauses: meter
                 .u64_counter("twintrack.backfill.pauses")
                 .with_description("Backfill pauses because a replica lagged past the limit")
+                .build(),
+            backfill_retries: meter
+                .u64_counter("twintrack.backfill.retries")
+                .with_description(
+                    "Backfill batches retried after a transient error (deadlock, serialization failure, lock timeout, lost connection), by reason",
+                )
                 .build(),
             verify_runs: meter
                 .u64_counter("twintrack.verify.runs")

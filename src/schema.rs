@@ -209,11 +209,17 @@ const STEPS: &[Step] = &[
     Step {
         version: 4,
         description: "keys of any type, stored as canonical text; keyset backfill chunks",
+        // Intents and mismatches gain `key_text` beside the integer `key`, which stays (no
+        // longer required): processes of the previous version, still running during a rolling
+        // upgrade, keep writing their intents (and reading integer keys). The backfill tables
+        // are converted in place: stop backfills of the previous version before upgrading.
         postgres: &[
-            "ALTER TABLE twintrack_repair_intents ALTER COLUMN key TYPE TEXT USING CAST(key AS TEXT)",
-            "ALTER TABLE twintrack_repair_intents RENAME COLUMN key TO key_text",
-            "ALTER TABLE twintrack_mismatches ALTER COLUMN key TYPE TEXT USING CAST(key AS TEXT)",
-            "ALTER TABLE twintrack_mismatches RENAME COLUMN key TO key_text",
+            "ALTER TABLE twintrack_repair_intents ADD COLUMN IF NOT EXISTS key_text TEXT",
+            "UPDATE twintrack_repair_intents SET key_text = CAST(key AS TEXT) WHERE key_text IS NULL",
+            "ALTER TABLE twintrack_repair_intents ALTER COLUMN key DROP NOT NULL",
+            "ALTER TABLE twintrack_mismatches ADD COLUMN IF NOT EXISTS key_text TEXT",
+            "UPDATE twintrack_mismatches SET key_text = CAST(key AS TEXT) WHERE key_text IS NULL",
+            "ALTER TABLE twintrack_mismatches ALTER COLUMN key DROP NOT NULL",
             r#"ALTER TABLE twintrack_backfill_runs
                ALTER COLUMN lower_bound TYPE TEXT USING CAST(lower_bound AS TEXT),
                ALTER COLUMN lower_bound DROP NOT NULL,
@@ -235,21 +241,23 @@ const STEPS: &[Step] = &[
             r#"CREATE TABLE twintrack_repair_intents_v4 (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             migration TEXT NOT NULL,
-            key_text TEXT NOT NULL,
+            key INTEGER,
+            key_text TEXT,
             target_side TEXT NOT NULL,
             created_at INTEGER NOT NULL,
             attempts INTEGER NOT NULL DEFAULT 0,
             last_error TEXT
         )"#,
-            r#"INSERT INTO twintrack_repair_intents_v4 (id, migration, key_text, target_side, created_at, attempts, last_error)
-               SELECT id, migration, CAST(key AS TEXT), target_side, created_at, attempts, last_error FROM twintrack_repair_intents"#,
+            r#"INSERT INTO twintrack_repair_intents_v4 (id, migration, key, key_text, target_side, created_at, attempts, last_error)
+               SELECT id, migration, key, CAST(key AS TEXT), target_side, created_at, attempts, last_error FROM twintrack_repair_intents"#,
             "DROP TABLE twintrack_repair_intents",
             "ALTER TABLE twintrack_repair_intents_v4 RENAME TO twintrack_repair_intents",
             "CREATE INDEX IF NOT EXISTS twintrack_repair_intents_by_age ON twintrack_repair_intents (migration, created_at)",
             r#"CREATE TABLE twintrack_mismatches_v4 (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             migration TEXT NOT NULL,
-            key_text TEXT NOT NULL,
+            key INTEGER,
+            key_text TEXT,
             class TEXT NOT NULL,
             stage TEXT NOT NULL,
             diff TEXT NOT NULL,
@@ -257,8 +265,8 @@ const STEPS: &[Step] = &[
             new_micros INTEGER NOT NULL,
             at INTEGER NOT NULL
         )"#,
-            r#"INSERT INTO twintrack_mismatches_v4 (id, migration, key_text, class, stage, diff, legacy_micros, new_micros, at)
-               SELECT id, migration, CAST(key AS TEXT), class, stage, diff, legacy_micros, new_micros, at FROM twintrack_mismatches"#,
+            r#"INSERT INTO twintrack_mismatches_v4 (id, migration, key, key_text, class, stage, diff, legacy_micros, new_micros, at)
+               SELECT id, migration, key, CAST(key AS TEXT), class, stage, diff, legacy_micros, new_micros, at FROM twintrack_mismatches"#,
             "DROP TABLE twintrack_mismatches",
             "ALTER TABLE twintrack_mismatches_v4 RENAME TO twintrack_mismatches",
             "CREATE INDEX IF NOT EXISTS twintrack_mismatches_by_migration ON twintrack_mismatches (migration, id)",

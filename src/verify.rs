@@ -36,9 +36,7 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
 use crate::db::{Backend, Database, Query, Row, Value, now_micros};
-use crate::definition::{
-    MigrationDef, Resynced, bound, error_message, projection_key_columns, resync_key,
-};
+use crate::definition::{MigrationDef, Resynced, bound, projection_key_columns, resync_key};
 use crate::flags::{BoxFuture, EvidenceKind, FlagStore};
 use crate::key::{DynKey, KeyKind};
 use crate::keyset::{self, KeyRange, Lower, Upper};
@@ -186,6 +184,8 @@ struct Ctx {
     new: String,
     /// The projections' key columns, qualified by `p`.
     key: Vec<String>,
+    /// The same, as the column names rows carry (`key`, `key1`, …).
+    key_names: Vec<String>,
     limit: tokio::sync::Semaphore,
 }
 
@@ -238,6 +238,10 @@ pub async fn run_keys(
         hash,
         def: def.clone(),
         key: keyset::qualified(&projection_key_columns(kinds.len()), Some("p")),
+        key_names: projection_key_columns(kinds.len())
+            .iter()
+            .map(|c| c.replace('"', ""))
+            .collect(),
         kinds,
         legacy: legacy.to_owned(),
         new: new.to_owned(),
@@ -343,11 +347,20 @@ pub async fn run_keys(
     Ok(report)
 }
 
-/// [`RowHash::Record`] when both projections' rows can be hashed that way (PostgreSQL 14 and
-/// later, and every column of a type with an extended hash function: not `json`, say), else
-/// [`RowHash::Text`]. Probed on one row of each side.
+/// [`RowHash::Record`] when both projections' columns are of the same types, in the same order,
+/// and every type's equality means identical values (integers, booleans, UUIDs, text under a
+/// deterministic collation, bytes, dates and timestamps, and arrays of them), so that a type's
+/// hash cannot call two different stored values equal (`numeric` `1.0` and `1.00`, `citext`,
+/// a case-insensitive collation would); and the server has `hash_record_extended`
+/// (PostgreSQL 14). Else [`RowHash::Text`], which hashes the row's text.
 async fn row_hash(db: &Database, legacy: &str, new: &str) -> RowHash {
     if db.backend() != Backend::Postgres {
+        return RowHash::Text;
+    }
+    let (Some(l), Some(n)) = (column_types(db, legacy).await, column_types(db, new).await) else {
+        return RowHash::Text;
+    };
+    if l != n || !l.iter().all(|(_, exact)| *exact) {
         return RowHash::Text;
     }
     for proj in [legacy, new] {
@@ -357,6 +370,52 @@ async fn row_hash(db: &Database, legacy: &str, new: &str) -> RowHash {
         }
     }
     RowHash::Record
+}
+
+/// Each output column of `proj`: its type and whether that type's equality means identical
+/// values. Read from the catalog through a temporary view, in a transaction rolled back.
+async fn column_types(db: &Database, proj: &str) -> Option<Vec<(i64, bool)>> {
+    let mut tx = db.begin().await.ok()?;
+    Query::assert_safe(format!("CREATE TEMP VIEW twintrack_probe AS {proj}"))
+        .execute(&mut tx)
+        .await
+        .ok()?;
+    let rows = crate::db::query(
+        "SELECT CAST(a.atttypid AS BIGINT) AS typ,
+                CAST(COALESCE(e.typname, t.typname) AS TEXT) AS base,
+                COALESCE(c.collisdeterministic, TRUE) AS deterministic
+         FROM pg_attribute a
+         JOIN pg_type t ON t.oid = a.atttypid
+         LEFT JOIN pg_type e ON t.typcategory = 'A' AND e.oid = t.typelem
+         LEFT JOIN pg_collation c ON c.oid = a.attcollation
+         WHERE a.attrelid = to_regclass('pg_temp.twintrack_probe') AND a.attnum > 0
+         ORDER BY a.attnum",
+    )
+    .fetch_all(&mut tx)
+    .await
+    .ok()?;
+    let _ = tx.rollback().await;
+    const EXACT: &[&str] = &[
+        "int2",
+        "int4",
+        "int8",
+        "bool",
+        "uuid",
+        "text",
+        "varchar",
+        "bytea",
+        "date",
+        "timestamp",
+        "timestamptz",
+    ];
+    rows.iter()
+        .map(|row| {
+            let typ: i64 = row.get("typ").ok()?;
+            let base: String = row.get("base").ok()?;
+            let deterministic: bool = row.get("deterministic").ok()?;
+            Some((typ, deterministic && EXACT.contains(&base.as_str())))
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -449,15 +508,15 @@ async fn sampled_cuts(ctx: &Ctx, segments: usize) -> Option<Vec<DynKey>> {
 }
 
 /// Compares `range`: cut at keys of its own rows, summarised, differing pieces looked into.
-/// `rows` is how many rows the side with more holds in it, when known.
+/// `sizes` is how many rows each side holds in it (legacy, new), when known.
 fn compare_range(
     ctx: Arc<Ctx>,
     range: KeyRange,
-    rows: Option<u64>,
+    sizes: Option<(u64, u64)>,
 ) -> BoxFuture<'static, Result<Found>> {
     Box::pin(async move {
-        let rows = match rows {
-            Some(rows) => rows,
+        let (legacy_rows, new_rows) = match sizes {
+            Some(sizes) => sizes,
             None => {
                 let (l, n) = tokio::try_join!(
                     summarize(&ctx, &ctx.legacy, &range, &[]),
@@ -466,25 +525,27 @@ fn compare_range(
                 if l == n {
                     return Ok(Found::default());
                 }
-                l[0].rows.max(n[0].rows)
+                (l[0].rows, n[0].rows)
             }
         };
+        let rows = legacy_rows.max(new_rows);
         if rows <= ROW_COMPARE {
             return compare_rows_found(&ctx, &range).await;
         }
         // Cut at the keys of the side with more rows in the range.
-        let (l, n) = tokio::try_join!(
-            summarize(&ctx, &ctx.legacy, &range, &[]),
-            summarize(&ctx, &ctx.new, &range, &[])
-        )?;
-        let proj = if l[0].rows >= n[0].rows {
+        let proj = if legacy_rows >= new_rows {
             &ctx.legacy
         } else {
             &ctx.new
         };
         let p = keyset::predicate(&ctx.key, &range, 1);
         let source = format!("SELECT {} FROM ({proj}) p WHERE {}", named(&ctx.key), p.sql);
-        let cuts = cuts_of(&ctx, &source, Some(p.args), rows, FANOUT).await?;
+        let mut cuts = cuts_of(&ctx, &source, Some(p.args), rows, FANOUT).await?;
+        // A cut at the range's own first key would leave one piece that is the whole range
+        // again (one key holding most of the rows, in a one-to-many projection).
+        if let Lower::From(first) = &range.lower {
+            cuts.retain(|cut| cut != first);
+        }
         if cuts.is_empty() {
             // Every row of the range has one key: compare that key's rows.
             return compare_rows_found(&ctx, &range).await;
@@ -531,7 +592,13 @@ async fn compare_pieces(
             found.differing_segments += 1;
         }
         let ctx = ctx.clone();
-        tasks.spawn(compare_range(ctx, piece, Some(l.rows.max(n.rows))));
+        if piece == range {
+            // Cutting made no progress (every cut outside the range's rows): compare its rows
+            // rather than cut it again, forever.
+            tasks.spawn(async move { compare_rows_found(&ctx, &piece).await });
+        } else {
+            tasks.spawn(compare_range(ctx, piece, Some((l.rows, n.rows))));
+        }
     }
     while let Some(done) = tasks.join_next().await {
         let part = done.map_err(|e| Error::Internal(format!("a verify task died: {e}")))??;
@@ -594,7 +661,7 @@ async fn cuts_of(
     let mut cuts: Vec<DynKey> = bound(Query::assert_safe(sql), args.unwrap_or_default())
         .fetch_all(&ctx.db)
         .await
-        .map_err(|e| projection_error(&ctx.def.name, &e))?
+        .map_err(|e| projection_error(&ctx.def.name, e))?
         .into_iter()
         .map(|row| crate::backfill::row_key(row, &ctx.kinds))
         .collect::<Result<_>>()?;
@@ -603,16 +670,16 @@ async fn cuts_of(
     Ok(cuts)
 }
 
-fn projection_error(name: &str, e: &Error) -> Error {
+/// A projection that failed while verifying: the definition passed its check, so this is a
+/// failure at run time (a value a cast rejects, a lost connection), not bad input.
+fn projection_error(name: &str, e: Error) -> Error {
     match e {
-        Error::Database(_) => Error::Config(format!(
-            "migration {name:?}: a projection failed: {}",
-            error_message(e)
-        )),
-        Error::Unreachable(_) | Error::Internal(_) => {
-            Error::Internal(format!("migration {name:?}: {}", error_message(e)))
-        }
-        other => Error::Config(format!("migration {name:?}: {other}")),
+        Error::Database(source) => Error::Statement {
+            what: format!("migration {name:?}: a projection failed"),
+            source,
+        },
+        Error::Internal(message) => Error::Internal(format!("migration {name:?}: {message}")),
+        other => other,
     }
 }
 
@@ -650,9 +717,21 @@ async fn summarize(
                         many => format!("ROW({})", many.join(", ")),
                     });
                 }
+                // Record values compare column types strictly: each key column is cast to the
+                // type its thresholds are bound as (a `smallint` to `integer`, say).
                 let operand = match ctx.key.as_slice() {
                     [one] => one.clone(),
-                    many => format!("ROW({})", many.join(", ")),
+                    many => format!(
+                        "ROW({})",
+                        many.iter()
+                            .zip(&ctx.kinds)
+                            .map(|(column, kind)| format!(
+                                "CAST({column} AS {})",
+                                kind.postgres_type()
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 };
                 // A scalar subquery: the array is built once (an InitPlan), not for every row
                 // as a bare `ARRAY[$1, …]` of parameters would be.
@@ -671,7 +750,7 @@ async fn summarize(
             let rows = bound(Query::assert_safe(sql), args)
                 .fetch_all(&ctx.db)
                 .await
-                .map_err(|e| projection_error(&ctx.def.name, &e))?;
+                .map_err(|e| projection_error(&ctx.def.name, e))?;
             let mut out = vec![Summary::default(); cuts.len() + 1];
             for s in out.iter_mut() {
                 s.hash = "0".into();
@@ -726,7 +805,7 @@ async fn fetch_rows(
             let rows = bound(Query::assert_safe(sql), p.args)
                 .fetch_all(&ctx.db)
                 .await
-                .map_err(|e| projection_error(&ctx.def.name, &e))?;
+                .map_err(|e| projection_error(&ctx.def.name, e))?;
             for row in rows {
                 let mut values = row.into_values();
                 let doc = values.pop().unwrap_or(Value::Null);
@@ -743,7 +822,7 @@ async fn fetch_rows(
             let rows = bound(Query::assert_safe(sql), p.args)
                 .fetch_all(&ctx.db)
                 .await
-                .map_err(|e| projection_error(&ctx.def.name, &e))?;
+                .map_err(|e| projection_error(&ctx.def.name, e))?;
             let names = projection_key_columns(n);
             for row in rows {
                 let key = key_of(&row, &names, &ctx.kinds)?;
@@ -791,7 +870,7 @@ async fn compare_rows(ctx: &Ctx, range: &KeyRange) -> Result<BTreeMap<DynKey, Ki
                 out.insert(key.clone(), Kind::MissingInNew);
             }
             Some(n) => {
-                if let Some(columns) = differing(l, n) {
+                if let Some(columns) = differing(l, n, &ctx.key_names) {
                     out.insert(key.clone(), Kind::Different(columns));
                 }
             }
@@ -808,9 +887,10 @@ async fn compare_key(ctx: &Ctx, key: &DynKey) -> Result<BTreeMap<DynKey, Kind>> 
     compare_rows(ctx, &KeyRange::exactly(key.clone())).await
 }
 
-/// `None` when the two multisets of rows are equal; else the columns whose multisets of values
-/// differ (`(rows)` when every column agrees but the rows pair values differently).
-fn differing(l: &[Json], n: &[Json]) -> Option<Vec<String>> {
+/// `None` when the two multisets of rows are equal; else the columns (other than the key's,
+/// `keys`) whose multisets of values differ (`(rows)` when every column agrees but the rows
+/// pair values differently).
+fn differing(l: &[Json], n: &[Json], keys: &[String]) -> Option<Vec<String>> {
     let sorted = |rows: &[Json]| {
         let mut texts: Vec<String> = rows.iter().map(Json::to_string).collect();
         texts.sort();
@@ -840,7 +920,7 @@ fn differing(l: &[Json], n: &[Json]) -> Option<Vec<String>> {
     };
     let columns: Vec<String> = names
         .into_iter()
-        .filter(|name| column(l, name) != column(n, name))
+        .filter(|name| !keys.contains(name) && column(l, name) != column(n, name))
         .cloned()
         .collect();
     Some(if columns.is_empty() {
@@ -867,18 +947,25 @@ mod tests {
 
     #[test]
     fn rows_compare_as_multisets_and_name_the_columns_that_differ() {
+        let keys = ["key".to_owned()];
         let a = json!({"key": 1, "tag": "a"});
         let b = json!({"key": 1, "tag": "b"});
         assert_eq!(
-            differing(&[a.clone(), b.clone()], &[b.clone(), a.clone()]),
+            differing(&[a.clone(), b.clone()], &[b.clone(), a.clone()], &keys),
             None
         );
+        // One row twice against once: the tag's multiset differs (the key's is not listed).
         assert_eq!(
-            differing(std::slice::from_ref(&a), &[a.clone(), a.clone()]),
-            Some(vec!["key".to_owned(), "tag".to_owned()])
+            differing(std::slice::from_ref(&a), &[a.clone(), a.clone()], &keys),
+            Some(vec!["tag".to_owned()])
+        );
+        // Duplicates on both sides that a bit-xor of row hashes would call equal.
+        assert_eq!(
+            differing(&[a.clone(), a.clone()], &[b.clone(), b.clone()], &keys),
+            Some(vec!["tag".to_owned()])
         );
         assert_eq!(
-            differing(std::slice::from_ref(&a), std::slice::from_ref(&b)),
+            differing(std::slice::from_ref(&a), std::slice::from_ref(&b), &keys),
             Some(vec!["tag".to_owned()])
         );
         let x1 = json!({"k": 1, "u": "a", "v": "x"});
@@ -886,7 +973,7 @@ mod tests {
         let y1 = json!({"k": 1, "u": "a", "v": "y"});
         let y2 = json!({"k": 1, "u": "b", "v": "x"});
         assert_eq!(
-            differing(&[x1, x2], &[y1, y2]),
+            differing(&[x1, x2], &[y1, y2], &["k".to_owned()]),
             Some(vec!["(rows)".to_owned()])
         );
     }

@@ -486,11 +486,11 @@ async fn bad_definitions<DB: Native, I: K>(f: Fixture<DB, I>) {
     assert!(record.evidence.verify_clean_at.is_none());
 }
 
-/// The `FOR SHARE` lock is what keeps a racing dual write from being overwritten by a batch's
-/// older copy. A copy statement made slow on purpose (it sleeps after taking its snapshot)
-/// gives a write the time to land in between: with the lock the write waits for the batch and
-/// wins; without it, the batch's stale copy overwrites it. (PostgreSQL: SQLite's batch holds
-/// the database's write lock.)
+/// The `FOR SHARE` lock (and the batch's one snapshot) is what keeps a racing dual write from
+/// being overwritten by a batch's older copy. A copy statement made slow on purpose (it sleeps
+/// after taking its snapshot) gives a write the time to land in between: with the protections
+/// the write waits for the batch and wins; without them, the batch's stale copy overwrites it.
+/// (PostgreSQL: SQLite's batch holds the database's write lock.)
 #[tokio::test(flavor = "multi_thread")]
 async fn the_row_lock_keeps_racing_writes_from_being_overwritten() {
     each_fixture!(row_lock);

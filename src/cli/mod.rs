@@ -302,7 +302,10 @@ pub fn exit_code(err: &Error) -> u8 {
         | Error::Config(_)
         | Error::InvalidInput(_)
         | Error::NotInitialized => 2,
-        Error::Database(_) | Error::Repository { .. } | Error::Internal(_) => 5,
+        Error::Database(_)
+        | Error::Statement { .. }
+        | Error::Repository { .. }
+        | Error::Internal(_) => 5,
     }
 }
 

@@ -42,9 +42,10 @@ pub fn status(err: Error) -> Status {
         }
         Error::Unreachable(_) => Status::unavailable(message),
         Error::NotInitialized | Error::InvalidFlag { .. } => Status::failed_precondition(message),
-        Error::Database(_) | Error::Repository { .. } | Error::Internal(_) => {
-            Status::internal(message)
-        }
+        Error::Database(_)
+        | Error::Statement { .. }
+        | Error::Repository { .. }
+        | Error::Internal(_) => Status::internal(message),
     }
 }
 

@@ -48,16 +48,19 @@ impl Value {
         }
     }
 
-    /// The value as JSON: numbers, strings, booleans, null; bytes as lowercase hex.
+    /// The value as JSON: numbers, strings, booleans, null. What JSON has no value for keeps
+    /// its own shape, so it never equals another value's JSON: bytes as `{"bytes": "<hex>"}`,
+    /// a float that is not finite as `{"float": "inf"}` (`-inf`, `NaN`).
     pub fn to_json(&self) -> serde_json::Value {
         match self {
             Value::Null => serde_json::Value::Null,
             Value::Bool(b) => (*b).into(),
             Value::I32(v) => (*v).into(),
             Value::I64(v) => (*v).into(),
-            Value::F64(v) => (*v).into(),
+            Value::F64(v) if v.is_finite() => (*v).into(),
+            Value::F64(v) => serde_json::json!({ "float": v.to_string() }),
             Value::Text(s) => s.clone().into(),
-            Value::Bytes(b) => crate::util::hex(b).into(),
+            Value::Bytes(b) => serde_json::json!({ "bytes": crate::util::hex(b) }),
             Value::Uuid(u) => u.to_string().into(),
         }
     }

@@ -74,6 +74,7 @@ use std::time::Duration;
 use opentelemetry::KeyValue;
 
 pub use builder::{CommitHook, CommittedHook, DualStoreBuilder, FaultHooks};
+pub(crate) use repair::integer_key;
 pub use repair::{RepairReport, pending_intents};
 pub use resync::Resync;
 

@@ -42,16 +42,26 @@ pub(super) async fn record_intent(
 ) -> Result<i64> {
     let error: String = error.chars().take(1000).collect();
     query(
-        "INSERT INTO twintrack_repair_intents (migration, key_text, target_side, created_at, last_error)
-         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        "INSERT INTO twintrack_repair_intents (migration, key_text, key, target_side, created_at, last_error)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
     )
     .bind(migration)
     .bind(key_text)
+    .bind(integer_key(key_text))
     .bind(side.as_str())
     .bind(now_micros())
     .bind(error)
     .scalar(conn)
     .await
+}
+
+/// The integer `key` column of a key stored as text, for readers of the previous schema: the
+/// key when it is one integer, else `NULL`.
+pub(crate) fn integer_key(key_text: &str) -> Option<i64> {
+    key_text
+        .parse()
+        .ok()
+        .filter(|k: &i64| k.to_string() == key_text)
 }
 
 /// Drops an intent whose write has landed.
@@ -128,7 +138,7 @@ where
     let mut after = 0i64;
     loop {
         let batch = query(
-            "SELECT id, key_text FROM twintrack_repair_intents
+            "SELECT id, COALESCE(key_text, CAST(key AS TEXT)) AS key_text FROM twintrack_repair_intents
              WHERE migration = $1 AND created_at <= $2 AND id > $3 ORDER BY id LIMIT 100",
         )
         .bind(&*inner.migration)

@@ -47,11 +47,12 @@ pub(crate) struct NewMismatch<'a> {
 pub(crate) async fn record_mismatch(db: &Database, m: NewMismatch<'_>, keep: u32) -> Result<()> {
     let diff = serde_json::to_string(m.diff).unwrap_or_else(|_| "[]".into());
     query(
-        "INSERT INTO twintrack_mismatches (migration, key_text, class, stage, diff, legacy_micros, new_micros, at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO twintrack_mismatches (migration, key_text, key, class, stage, diff, legacy_micros, new_micros, at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(m.migration)
     .bind(m.key)
+    .bind(crate::dual::integer_key(m.key))
     .bind(m.class.as_str())
     .bind(m.stage.as_str())
     .bind(diff)
@@ -83,7 +84,7 @@ pub(crate) async fn record_mismatch(db: &Database, m: NewMismatch<'_>, keep: u32
 /// The newest `limit` mismatches of `migration`, newest first.
 pub async fn list_mismatches(db: &Database, migration: &str, limit: u32) -> Result<Vec<Mismatch>> {
     let rows = query(
-        "SELECT id, migration, key_text, class, stage, diff, legacy_micros, new_micros, at
+        "SELECT id, migration, COALESCE(key_text, CAST(key AS TEXT)) AS key_text, class, stage, diff, legacy_micros, new_micros, at
          FROM twintrack_mismatches WHERE migration = $1 ORDER BY id DESC LIMIT $2",
     )
     .bind(migration)
