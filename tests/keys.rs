@@ -769,3 +769,51 @@ new_projection = "SELECT id AS key, amount, doc FROM num_new"
     assert_eq!(code, 1, "{out}{err}");
     assert_eq!(json_of(&out)["clean"], false);
 }
+
+/// A copy that bounds its batches with `$1`/`$2` works for a single integer key only: with a
+/// text, UUID or composite key it is refused, naming `{batch}`, before anything is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_without_batch_for_a_key_integers_cannot_bound_is_refused() {
+    for (backend, url, _guard) in common::backends().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::connect(&url).await.unwrap();
+        for sql in [
+            "CREATE TABLE tk_legacy (id TEXT PRIMARY KEY, v TEXT NOT NULL)",
+            "CREATE TABLE tk_new (id TEXT PRIMARY KEY, v TEXT NOT NULL)",
+            "INSERT INTO tk_legacy (id, v) VALUES ('a', '1'), ('b', '2')",
+        ] {
+            exec(&db, sql).await;
+        }
+        let config = config(
+            dir.path(),
+            r#"
+[[migration]]
+name = "tk"
+legacy_table = "tk_legacy"
+legacy_key = "id"
+new_table = "tk_new"
+new_key = "id"
+copy = "INSERT INTO tk_new SELECT id, v FROM tk_legacy WHERE id > $1 AND id <= $2"
+legacy_projection = "SELECT id AS key, v FROM tk_legacy"
+new_projection = "SELECT id AS key, v FROM tk_new"
+"#,
+        );
+        assert_eq!(tt(&url, &config, &["init"]).0, 0);
+        assert_eq!(
+            tt(
+                &url,
+                &config,
+                &["stage", "set", "tk", "dual_write", "--reason", "go"]
+            )
+            .0,
+            0
+        );
+        for command in [&["backfill", "tk"][..], &["verify", "tk"][..]] {
+            let (code, _, err) = tt(&url, &config, command);
+            assert_eq!(code, 2, "{backend} {command:?}: {err}");
+            assert!(err.contains("{batch}") && err.contains("(text)"), "{err}");
+        }
+        assert_eq!(count(&db, "tk_new").await, 0);
+        assert_eq!(count(&db, "twintrack_backfill_runs").await, 0);
+    }
+}
