@@ -270,22 +270,6 @@ pub(crate) async fn run_with(
         // The other side is another database: the source's key is read here.
         Copier::Keys(_) => def.side_key_kinds(db, direction.source()).await?,
     };
-    if let Copier::Sql = &copier {
-        // A `$1`/`$2` copy bounds its first batch from below the smallest key: where no
-        // integer is below it (`i64::MIN`), say so now, before anything is written.
-        let (table, key) = def.source(direction);
-        let columns = keyset::order_by(key);
-        let smallest = Query::assert_safe(format!(
-            "SELECT {columns} FROM {table} ORDER BY {columns} LIMIT 1"
-        ))
-        .fetch_optional(db)
-        .await?
-        .map(|row| row_key(row, &kinds))
-        .transpose()?;
-        if let Some(smallest) = smallest {
-            let _checked = def.copy_statement(direction, &kinds, &KeyRange::exactly(smallest))?;
-        }
-    }
     // A run started before the target shape last missed writes (the migration went back to
     // legacy_only, or through new_only for a reverse run) cannot be resumed: its done chunks
     // no longer prove anything.

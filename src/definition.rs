@@ -420,20 +420,26 @@ impl MigrationDef {
             Direction::Forward => "copy",
             Direction::Reverse => "reverse_copy",
         };
-        let (lower, upper) = integer_bounds(range).map_err(|key| {
-            let why = match key {
-                Some(key) => format!("the key {key} has no integer below it"),
-                None => "the batch has no lower bound".to_owned(),
-            };
-            Error::Config(format!(
-                "migration {:?}: `{what}`'s $1/$2 cannot bound this batch ({why}): write the batch predicate as {{batch}}",
-                self.name
-            ))
-        })?;
         if !matches!(kinds, [KeyKind::BigInt | KeyKind::Int]) {
             return Err(self.needs_batch_token(what, kinds));
         }
-        Ok(Query::assert_safe(sql).bind(lower).bind(upper))
+        let (lower, upper) = integer_bounds(range).map_err(|key| {
+            Error::Config(format!(
+                "migration {:?}: `{what}`'s $1/$2 cannot bound this batch (it ends at {}): write the batch predicate as {{batch}}",
+                self.name,
+                key.map_or("no key".to_owned(), |k| k.to_string())
+            ))
+        })?;
+        // Below i64::MIN the lower bound is a double: the statement gets text of its own, as
+        // sqlx's PostgreSQL statement cache is keyed by the text alone and would send the
+        // double encoded for the `bigint` a cached statement expects.
+        let statement = match lower {
+            Value::F64(_) => Query::assert_safe(format!(
+                "/* twintrack: lower bound below every bigint */ {sql}"
+            )),
+            _ => Query::assert_safe(sql),
+        };
+        Ok(statement.bind(lower).bind(upper))
     }
 
     fn needs_batch_token(&self, what: &str, kinds: &[KeyKind]) -> Error {
@@ -507,21 +513,31 @@ impl MigrationDef {
     }
 }
 
-/// The `(lower, upper]` integers of a range, for `$1`/`$2` copy statements. `Err(Some(key))`:
-/// the range starts at `key` inclusive and no integer is below it (`i64::MIN`); `Err(None)`:
-/// the range has no lower end, which `$1` cannot express without leaving out `i64::MIN`.
-fn integer_bounds(range: &KeyRange) -> std::result::Result<(i64, i64), Option<DynKey>> {
+/// `-2^63 - 2048`: the largest double below `i64::MIN` (doubles are 2048 apart there).
+const BELOW_EVERY_BIGINT: f64 = -9_223_372_036_854_777_856.0;
+
+/// The `(lower, upper]` bounds of a range, for `$1`/`$2` copy statements, bound as values.
+/// `upper` is an integer; `lower` is the integer below the range's first key, or, where no
+/// integer is below it (the range starts at `i64::MIN`, or has no lower end), a number below
+/// every `bigint`: the double `-2^63 - 2048` (the next double below `i64::MIN`), which both
+/// PostgreSQL (`bigint > double precision`) and SQLite (`INTEGER > REAL`) compare numerically,
+/// so `key > $1` holds for every key, `i64::MIN` included. (Used only there: elsewhere the
+/// bound stays a `bigint` the key index serves.)
+/// `Err(key)`: a bound is not a single integer (or the range ends before `i64::MIN`).
+fn integer_bounds(range: &KeyRange) -> std::result::Result<(Value, i64), Option<DynKey>> {
     let int = |key: &DynKey| match key.parts() {
         [crate::key::KeyPart::BigInt(v)] => Some(*v),
         [crate::key::KeyPart::Int(v)] => Some(i64::from(*v)),
         _ => None,
     };
+    let below_every_bigint = || Value::F64(BELOW_EVERY_BIGINT);
     let lower = match &range.lower {
-        Lower::Unbounded => return Err(None),
-        Lower::After(k) => int(k).ok_or_else(|| Some(k.clone()))?,
-        Lower::From(k) => int(k)
-            .and_then(|v| v.checked_sub(1))
-            .ok_or_else(|| Some(k.clone()))?,
+        Lower::Unbounded => below_every_bigint(),
+        Lower::After(k) => Value::I64(int(k).ok_or_else(|| Some(k.clone()))?),
+        Lower::From(k) => match int(k).ok_or_else(|| Some(k.clone()))?.checked_sub(1) {
+            Some(v) => Value::I64(v),
+            None => below_every_bigint(),
+        },
     };
     let upper = match &range.upper {
         Upper::Unbounded => i64::MAX,
@@ -857,16 +873,29 @@ mod tests {
         let k = |v| DynKey::single(KeyPart::BigInt(v));
         assert_eq!(
             integer_bounds(&KeyRange::exactly(k(i64::MAX))).unwrap(),
-            (i64::MAX - 1, i64::MAX)
+            (Value::I64(i64::MAX - 1), i64::MAX)
         );
         assert_eq!(
-            integer_bounds(&KeyRange::exactly(k(i64::MIN))).unwrap_err(),
-            Some(k(i64::MIN))
+            integer_bounds(&KeyRange::exactly(k(i64::MIN))).unwrap(),
+            (Value::F64(BELOW_EVERY_BIGINT), i64::MIN)
         );
-        assert_eq!(integer_bounds(&KeyRange::all()).unwrap_err(), None);
+        assert!(BELOW_EVERY_BIGINT < i64::MIN as f64);
+        assert_eq!(
+            integer_bounds(&KeyRange::all()).unwrap(),
+            (Value::F64(BELOW_EVERY_BIGINT), i64::MAX)
+        );
         assert_eq!(
             integer_bounds(&KeyRange::after_upto(Some(k(i64::MIN)), Some(k(7)))).unwrap(),
-            (i64::MIN, 7)
+            (Value::I64(i64::MIN), 7)
+        );
+        // A range ending before i64::MIN holds no integer: refused, not wrapped.
+        assert_eq!(
+            integer_bounds(&KeyRange {
+                lower: Lower::Unbounded,
+                upper: Upper::Before(k(i64::MIN))
+            })
+            .unwrap_err(),
+            Some(k(i64::MIN))
         );
     }
 }

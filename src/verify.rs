@@ -104,6 +104,11 @@ pub struct VerifyReport {
     pub different: Vec<Different>,
     /// Segments whose summaries still differed with no differing key found in them.
     pub unexplained_segments: usize,
+    /// Legacy projection rows whose key (or a part of it) is `NULL`: no key range holds them,
+    /// so they cannot be compared; any keeps the verify from being clean.
+    pub legacy_null_keys: u64,
+    /// The same for the new projection.
+    pub new_null_keys: u64,
     /// Differences that were gone when looked at again (writes in flight).
     pub in_flight: usize,
     /// Keys re-synced by `repair`.
@@ -131,6 +136,16 @@ impl VerifyReport {
                 .iter()
                 .map(|d| format!("different {} ({})", d.key, d.columns.join(", "))),
         );
+        for (side, n) in [
+            ("legacy", self.legacy_null_keys),
+            ("new", self.new_null_keys),
+        ] {
+            if n > 0 {
+                out.push(format!(
+                    "{n} {side} projection rows have a NULL key and cannot be compared (not clean)"
+                ));
+            }
+        }
         if self.unexplained_segments > 0 {
             out.push(format!(
                 "{} segments differ in count or hash with no differing key found (not clean)",
@@ -186,6 +201,8 @@ struct Ctx {
     key: Vec<String>,
     /// The same, as the column names rows carry (`key`, `key1`, …).
     key_names: Vec<String>,
+    /// `p."key" IS NULL OR …`: a row no key range can hold.
+    null_key: String,
     limit: tokio::sync::Semaphore,
 }
 
@@ -242,6 +259,11 @@ pub async fn run_keys(
             .iter()
             .map(|c| c.replace('"', ""))
             .collect(),
+        null_key: keyset::qualified(&projection_key_columns(kinds.len()), Some("p"))
+            .iter()
+            .map(|c| format!("{c} IS NULL"))
+            .collect::<Vec<_>>()
+            .join(" OR "),
         kinds,
         legacy: legacy.to_owned(),
         new: new.to_owned(),
@@ -274,7 +296,10 @@ pub async fn run_keys(
         let mut still = Vec::new();
         for range in std::mem::take(&mut found.unexplained) {
             let again = compare_range(ctx.clone(), range.clone(), None).await?;
-            if again.rows.is_empty() && !again.unexplained.is_empty() {
+            if again.rows.is_empty() && again.unexplained.is_empty() {
+                // Equal now: a write was in flight.
+                in_flight += 1;
+            } else if again.rows.is_empty() {
                 still.push(range);
             } else {
                 found.rows.extend(again.rows);
@@ -302,7 +327,10 @@ pub async fn run_keys(
         }
         found.rows = still;
     }
-    let clean = found.rows.is_empty() && found.unexplained.is_empty();
+    let clean = found.rows.is_empty()
+        && found.unexplained.is_empty()
+        && found.legacy_null_keys == 0
+        && found.new_null_keys == 0;
     let mut report = VerifyReport {
         migration: def.name.clone(),
         clean,
@@ -314,6 +342,8 @@ pub async fn run_keys(
         missing_in_legacy: Vec::new(),
         different: Vec::new(),
         unexplained_segments: found.unexplained.len(),
+        legacy_null_keys: found.legacy_null_keys,
+        new_null_keys: found.new_null_keys,
         in_flight,
         repaired,
         elapsed_seconds: 0.0,
@@ -429,6 +459,8 @@ enum Kind {
 struct Found {
     legacy_rows: u64,
     new_rows: u64,
+    legacy_null_keys: u64,
+    new_null_keys: u64,
     segments: usize,
     differing_segments: usize,
     rows: BTreeMap<DynKey, Kind>,
@@ -518,7 +550,7 @@ fn compare_range(
         let (legacy_rows, new_rows) = match sizes {
             Some(sizes) => sizes,
             None => {
-                let (l, n) = tokio::try_join!(
+                let ((l, _), (n, _)) = tokio::try_join!(
                     summarize(&ctx, &ctx.legacy, &range, &[]),
                     summarize(&ctx, &ctx.new, &range, &[])
                 )?;
@@ -539,7 +571,12 @@ fn compare_range(
             &ctx.new
         };
         let p = keyset::predicate(&ctx.key, &range, 1);
-        let source = format!("SELECT {} FROM ({proj}) p WHERE {}", named(&ctx.key), p.sql);
+        let source = format!(
+            "SELECT {} FROM ({proj}) p WHERE ({}) AND NOT ({})",
+            named(&ctx.key),
+            p.sql,
+            ctx.null_key
+        );
         let mut cuts = cuts_of(&ctx, &source, Some(p.args), rows, FANOUT).await?;
         // A cut at the range's own first key would leave one piece that is the whole range
         // again (one key holding most of the rows, in a one-to-many projection).
@@ -572,7 +609,7 @@ async fn compare_pieces(
     cuts: Vec<DynKey>,
     top: bool,
 ) -> Result<Found> {
-    let (l, n) = tokio::try_join!(
+    let ((l, legacy_null_keys), (n, new_null_keys)) = tokio::try_join!(
         summarize(&ctx, &ctx.legacy, &range, &cuts),
         summarize(&ctx, &ctx.new, &range, &cuts)
     )?;
@@ -582,6 +619,8 @@ async fn compare_pieces(
         found.segments = pieces.len();
         found.legacy_rows = l.iter().map(|s| s.rows).sum();
         found.new_rows = n.iter().map(|s| s.rows).sum();
+        found.legacy_null_keys = legacy_null_keys;
+        found.new_null_keys = new_null_keys;
     }
     let mut tasks = tokio::task::JoinSet::new();
     for ((piece, l), n) in pieces.into_iter().zip(l).zip(n) {
@@ -683,13 +722,15 @@ fn projection_error(name: &str, e: Error) -> Error {
     }
 }
 
-/// Count and order-independent hash of `proj`'s rows in each piece of `range` between `cuts`.
+/// Count and order-independent hash of `proj`'s rows in each piece of `range` between `cuts`,
+/// and how many rows the range's predicate let through with a `NULL` in their key (held by no
+/// piece; counted for the whole key space, where the predicate lets every row through).
 async fn summarize(
     ctx: &Ctx,
     proj: &str,
     range: &KeyRange,
     cuts: &[DynKey],
-) -> Result<Vec<Summary>> {
+) -> Result<(Vec<Summary>, u64)> {
     let _permit = ctx
         .limit
         .acquire()
@@ -741,9 +782,10 @@ async fn summarize(
                 )
             };
             let sql = format!(
-                "SELECT {bucket} AS seg, COUNT(*) AS n,
+                "SELECT CASE WHEN {} THEN -1 ELSE {bucket} END AS seg, COUNT(*) AS n,
                         CAST(COALESCE(SUM({}), 0) AS TEXT) AS h
                  FROM ({proj}) p WHERE {} GROUP BY 1",
+                ctx.null_key,
                 ctx.hash.sql(),
                 p.sql
             );
@@ -755,15 +797,20 @@ async fn summarize(
             for s in out.iter_mut() {
                 s.hash = "0".into();
             }
+            let mut null_keys = 0;
             for row in rows {
                 let seg: i64 = row.get("seg")?;
+                if seg == -1 {
+                    null_keys = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
+                    continue;
+                }
                 let slot = out
                     .get_mut(usize::try_from(seg).unwrap_or(usize::MAX))
                     .ok_or_else(|| Error::Internal(format!("width_bucket gave segment {seg}")))?;
                 slot.rows = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
                 slot.hash = row.get("h")?;
             }
-            Ok(out)
+            Ok((out, null_keys))
         }
         Backend::Sqlite => {
             let mut out = Vec::with_capacity(cuts.len() + 1);
@@ -781,7 +828,17 @@ async fn summarize(
                     hash: hash.to_string(),
                 });
             }
-            Ok(out)
+            if *range != KeyRange::all() {
+                return Ok((out, 0));
+            }
+            let null_keys: i64 = Query::assert_safe(format!(
+                "SELECT COUNT(*) FROM ({proj}) p WHERE {}",
+                ctx.null_key
+            ))
+            .scalar(&ctx.db)
+            .await
+            .map_err(|e| projection_error(&ctx.def.name, e))?;
+            Ok((out, u64::try_from(null_keys).unwrap_or(0)))
         }
     }
 }
@@ -798,9 +855,10 @@ async fn fetch_rows(
     match ctx.db.backend() {
         Backend::Postgres => {
             let sql = format!(
-                "SELECT {}, CAST(row_to_json(p) AS TEXT) AS twintrack_doc FROM ({proj}) p WHERE {}",
+                "SELECT {}, CAST(row_to_json(p) AS TEXT) AS twintrack_doc FROM ({proj}) p WHERE ({}) AND NOT ({})",
                 ctx.key.join(", "),
-                p.sql
+                p.sql,
+                ctx.null_key
             );
             let rows = bound(Query::assert_safe(sql), p.args)
                 .fetch_all(&ctx.db)
@@ -818,7 +876,10 @@ async fn fetch_rows(
             }
         }
         Backend::Sqlite => {
-            let sql = format!("SELECT * FROM ({proj}) p WHERE {}", p.sql);
+            let sql = format!(
+                "SELECT * FROM ({proj}) p WHERE ({}) AND NOT ({})",
+                p.sql, ctx.null_key
+            );
             let rows = bound(Query::assert_safe(sql), p.args)
                 .fetch_all(&ctx.db)
                 .await

@@ -44,8 +44,9 @@ async fn count(db: &Database, table: &str) -> i64 {
         .unwrap()
 }
 
-/// Writes `text` as the config file of a test and returns its path.
+/// Writes `text` as the config file of a test (in `dir`, made if missing) and returns its path.
 fn config(dir: &Path, text: &str) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("twintrack.toml");
     std::fs::write(&path, text).unwrap();
     path
@@ -220,14 +221,20 @@ new_projection = "SELECT id AS key, v FROM ext_new"
     )
 }
 
-/// Keys at both ends of the `bigint` range and around zero: every row copied and compared (no
-/// arithmetic on keys, so nothing overflows, loops or is left out); the smallest key, deleted
-/// from the new shape, is reported missing. A definition still bounding batches with `$1`/`$2`
-/// works where an integer below the smallest key exists, and is refused, naming `{batch}`,
-/// where none does (`i64::MIN`), before anything is copied.
+/// Keys at both ends of the `bigint` range and around zero, through both ways of bounding a
+/// batch (`{batch}`, and the `$1`/`$2` of definitions written before it): every row copied
+/// and compared, with no arithmetic on keys, so nothing overflows, loops or is left out (the
+/// field reports: `1` and `i64::MAX` never ending, `±9e18` out of range, `i64::MIN` never
+/// copied). The smallest key, deleted from the new shape, is reported missing and repaired.
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_at_the_ends_of_the_range_are_all_copied_and_compared() {
-    let keys = [i64::MIN, i64::MIN + 1, -7, 0, 1, i64::MAX - 1, i64::MAX];
+    let sets: [&[i64]; 5] = [
+        &[1, i64::MAX],
+        &[-9_000_000_000_000_000_000, 9_000_000_000_000_000_000],
+        &[i64::MIN, i64::MIN + 1],
+        &[i64::MIN, i64::MAX],
+        &[i64::MIN, i64::MIN + 1, -7, 0, 1, i64::MAX - 1, i64::MAX],
+    ];
     for (backend, url, _guard) in common::backends().await {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::connect(&url).await.unwrap();
@@ -238,65 +245,57 @@ async fn keys_at_the_ends_of_the_range_are_all_copied_and_compared() {
             )
             .await;
         }
-        for k in keys {
-            query("INSERT INTO ext_legacy (id, v) VALUES ($1, $2)")
-                .bind(k)
-                .bind(format!("v{k}"))
-                .execute(&db)
-                .await
-                .unwrap();
-        }
-        let config = ext_config(dir.path(), EXT_COPY_BATCH);
-        let run = |args: &[&str]| tt(&url, &config, args);
-        assert_eq!(run(&["init"]).0, 0);
+        let batch = ext_config(dir.path(), EXT_COPY_BATCH);
+        assert_eq!(tt(&url, &batch, &["init"]).0, 0);
         assert_eq!(
-            run(&["stage", "set", "ext", "dual_write", "--reason", "go"]).0,
+            tt(
+                &url,
+                &batch,
+                &["stage", "set", "ext", "dual_write", "--reason", "go"]
+            )
+            .0,
             0
         );
-        // One key per batch: every boundary of the walk is one of the extremes.
-        let (code, out, err) = run(&["--json", "backfill", "ext", "--batch-size", "1"]);
-        assert_eq!(code, 0, "{backend}: {err}");
-        let report = json_of(&out);
-        assert_eq!(report["rows_copied"], 7, "{report}");
-        assert_eq!(report["upper_bound"], json!(i64::MAX), "{report}");
-        assert_eq!(count(&db, "ext_new").await, 7);
-        let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "3"]);
-        assert_eq!(code, 0, "{backend}: {out}");
-        assert_eq!(json_of(&out)["legacy_rows"], 7);
+        let bounds = ext_config(&dir.path().join("bounds"), EXT_COPY_BOUNDS);
+        for keys in sets {
+            for (form, config) in [("{batch}", &batch), ("$1/$2", &bounds)] {
+                for batch_size in ["1", "1000"] {
+                    let case = format!("{backend} {form} keys {keys:?} batch {batch_size}");
+                    let run = |args: &[&str]| tt(&url, config, args);
+                    exec(&db, "DELETE FROM ext_legacy").await;
+                    exec(&db, "DELETE FROM ext_new").await;
+                    for k in keys {
+                        query("INSERT INTO ext_legacy (id, v) VALUES ($1, $2)")
+                            .bind(*k)
+                            .bind(format!("v{k}"))
+                            .execute(&db)
+                            .await
+                            .unwrap();
+                    }
+                    let (code, out, err) =
+                        run(&["--json", "backfill", "ext", "--batch-size", batch_size]);
+                    assert_eq!(code, 0, "{case}: {err}");
+                    let report = json_of(&out);
+                    assert_eq!(report["rows_copied"], json!(keys.len()), "{case}: {report}");
+                    assert_eq!(count(&db, "ext_new").await, keys.len() as i64, "{case}");
+                    let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "3"]);
+                    assert_eq!(code, 0, "{case}: {out}");
+                    assert_eq!(json_of(&out)["legacy_rows"], json!(keys.len()), "{case}");
 
-        query("DELETE FROM ext_new WHERE id = $1")
-            .bind(i64::MIN)
-            .execute(&db)
-            .await
-            .unwrap();
-        let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "3"]);
-        assert_eq!(code, 1, "{backend}: {out}");
-        assert_eq!(json_of(&out)["missing_in_new"], json!([i64::MIN]), "{out}");
-
-        // `$1`/`$2` bounds: refused while i64::MIN is among the keys, nothing copied.
-        exec(&db, "DELETE FROM ext_new").await;
-        let bounds = ext_config(dir.path(), EXT_COPY_BOUNDS);
-        let (code, _, err) = tt(&url, &bounds, &["backfill", "ext"]);
-        assert_eq!(code, 2, "{backend}: {err}");
-        assert!(
-            err.contains("{batch}") && err.contains("-9223372036854775808"),
-            "{err}"
-        );
-        assert_eq!(count(&db, "ext_new").await, 0);
-        // Without it, the old form still works, through i64::MAX.
-        query("DELETE FROM ext_legacy WHERE id = $1")
-            .bind(i64::MIN)
-            .execute(&db)
-            .await
-            .unwrap();
-        let (code, out, err) = tt(
-            &url,
-            &bounds,
-            &["--json", "backfill", "ext", "--batch-size", "2"],
-        );
-        assert_eq!(code, 0, "{backend}: {err}");
-        assert_eq!(json_of(&out)["rows_copied"], 6, "{out}");
-        assert_eq!(tt(&url, &bounds, &["verify", "ext"]).0, 0);
+                    query("DELETE FROM ext_new WHERE id = $1")
+                        .bind(keys[0])
+                        .execute(&db)
+                        .await
+                        .unwrap();
+                    let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "3"]);
+                    assert_eq!(code, 1, "{case}: {out}");
+                    assert_eq!(json_of(&out)["missing_in_new"], json!([keys[0]]), "{case}");
+                    let (code, out, err) = run(&["verify", "ext", "--repair"]);
+                    assert_eq!(code, 0, "{case}: {out}{err}");
+                    assert_eq!(count(&db, "ext_new").await, keys.len() as i64, "{case}");
+                }
+            }
+        }
     }
 }
 
@@ -815,5 +814,197 @@ new_projection = "SELECT id AS key, v FROM tk_new"
         }
         assert_eq!(count(&db, "tk_new").await, 0);
         assert_eq!(count(&db, "twintrack_backfill_runs").await, 0);
+    }
+}
+
+/// The tags of users in the legacy shape's JSON, one row per tag in the new shape, with no
+/// unique key there: projections with several rows per key, compared per key as multisets.
+fn tags_config(dir: &Path, backend: &str) -> std::path::PathBuf {
+    let (each, copy_from) = match backend {
+        "postgres" => (
+            "SELECT id AS key, t AS tag FROM users, jsonb_array_elements_text(profile->'tags') t",
+            "SELECT id, t FROM users, jsonb_array_elements_text(profile->'tags') t",
+        ),
+        _ => (
+            "SELECT users.id AS key, t.value AS tag FROM users, json_each(users.profile, '$.tags') t",
+            "SELECT users.id, t.value FROM users, json_each(users.profile, '$.tags') t",
+        ),
+    };
+    config(
+        dir,
+        &format!(
+            r#"
+[[migration]]
+name = "tags"
+legacy_table = "users"
+legacy_key = "id"
+new_table = "user_tags"
+new_key = "user_id"
+copy = "INSERT INTO user_tags (user_id, tag) {copy_from} WHERE {{batch:users}}"
+legacy_projection = "{each}"
+new_projection = "SELECT user_id AS key, tag FROM user_tags"
+"#
+        ),
+    )
+}
+
+/// Rows for `users` and `user_tags`: `(id, [tags])` on the legacy side, `(user_id, tag)` rows
+/// on the new side.
+async fn put_tags(db: &Database, legacy: &[(i64, &[&str])], new: &[(Option<i64>, &str)]) {
+    let insert = match db.backend() {
+        twintrack::db::Backend::Postgres => {
+            "INSERT INTO users (id, profile) VALUES ($1, CAST($2 AS JSONB))"
+        }
+        _ => "INSERT INTO users (id, profile) VALUES ($1, $2)",
+    };
+    exec(db, "DELETE FROM users").await;
+    exec(db, "DELETE FROM user_tags").await;
+    for (id, tags) in legacy {
+        query(insert)
+            .bind(*id)
+            .bind(json!({ "tags": tags }).to_string())
+            .execute(db)
+            .await
+            .unwrap();
+    }
+    for (id, tag) in new {
+        query("INSERT INTO user_tags (user_id, tag) VALUES ($1, $2)")
+            .bind(*id)
+            .bind(*tag)
+            .execute(db)
+            .await
+            .unwrap();
+    }
+}
+
+/// The field report: projections with several rows per key that differ as multisets (a
+/// different tag; a tag twice on one side) are reported by key, exit 1, and never recorded as
+/// the clean verify the stage gate asks for; so are duplicates that agree as sets and in count
+/// (`[a, a, b]` against `[a, b, b]`), pairs that cancel out under an XOR of hashes (`[a, a]`
+/// against `[b, b]`), found through the segment summaries and bisection among thousands of
+/// equal keys; and rows whose key is NULL, which no key range holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn projections_with_several_rows_per_key_compare_as_multisets_and_never_pass_clean() {
+    for (backend, url, _guard) in common::backends().await {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::connect(&url).await.unwrap();
+        let profile = if backend == "postgres" {
+            "JSONB"
+        } else {
+            "TEXT"
+        };
+        exec(
+            &db,
+            &format!("CREATE TABLE users (id BIGINT PRIMARY KEY, profile {profile} NOT NULL)"),
+        )
+        .await;
+        exec(
+            &db,
+            "CREATE TABLE user_tags (user_id BIGINT, tag TEXT NOT NULL)",
+        )
+        .await;
+        let config = tags_config(dir.path(), backend);
+        let run = |args: &[&str]| tt(&url, &config, args);
+        assert_eq!(run(&["init"]).0, 0);
+        assert_eq!(
+            run(&["stage", "set", "tags", "dual_write", "--reason", "go"]).0,
+            0
+        );
+        let (code, _, err) = run(&["backfill", "tags"]);
+        assert_eq!(code, 0, "{backend}: {err}");
+        let different = |out: &str| -> Vec<(Value, Value)> {
+            let report = json_of(out);
+            report["different"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| (d["key"].clone(), d["columns"].clone()))
+                .collect()
+        };
+
+        // The listed input: 3 legacy rows against 4 new ones.
+        put_tags(
+            &db,
+            &[(1, &["x", "b"]), (2, &["a"])],
+            &[
+                (Some(1), "y"),
+                (Some(1), "b"),
+                (Some(2), "a"),
+                (Some(2), "a"),
+            ],
+        )
+        .await;
+        let (code, out, _) = run(&["--json", "verify", "tags"]);
+        assert_eq!(code, 1, "{backend}: {out}");
+        assert_eq!(
+            different(&out),
+            vec![(json!(1), json!(["tag"])), (json!(2), json!(["tag"]))],
+            "{backend}: {out}"
+        );
+        let (code, out, _) = run(&["verify", "tags"]);
+        assert_eq!(code, 1);
+        assert!(out.contains("DIVERGENT") && !out.contains("CLEAN"), "{out}");
+        let (code, _, err) = run(&["stage", "set", "tags", "shadow", "--reason", "compare"]);
+        assert_eq!(code, 3, "{backend}: no clean verify recorded: {err}");
+
+        // Multisets among 3,000 equal keys: found through summaries and bisection.
+        let both: Vec<(i64, &[&str])> = (1..=3000).map(|k| (k, &["a", "b"][..])).collect();
+        let mut legacy = both.clone();
+        let mut new: Vec<(Option<i64>, &str)> = both
+            .iter()
+            .flat_map(|(k, tags)| tags.iter().map(move |t| (Some(*k), *t)))
+            .collect();
+        let cases: [(i64, &[&str], &[&str]); 5] = [
+            (1001, &["a", "a", "b"], &["a", "b", "b"]),
+            (1002, &["a", "a"], &["b", "b"]),
+            (1003, &["a"], &["a", "a"]),
+            (2004, &["c", "d"], &["d", "c"]),
+            (2005, &[], &[]),
+        ];
+        for (k, l, n) in cases {
+            legacy.retain(|(id, _)| *id != k);
+            new.retain(|(id, _)| *id != Some(k));
+            legacy.push((k, l));
+            new.extend(n.iter().map(|t| (Some(k), *t)));
+        }
+        put_tags(&db, &legacy, &new).await;
+        for segments in ["1", "4"] {
+            let (code, out, _) = run(&["--json", "verify", "tags", "--segments", segments]);
+            assert_eq!(code, 1, "{backend}: {out}");
+            assert_eq!(
+                different(&out),
+                vec![
+                    (json!(1001), json!(["tag"])),
+                    (json!(1002), json!(["tag"])),
+                    (json!(1003), json!(["tag"])),
+                ],
+                "{backend} {segments} segments: {out}"
+            );
+            assert_eq!(json_of(&out)["unexplained_segments"], 0, "{out}");
+        }
+
+        // A row whose key is NULL: counted, named, never clean.
+        let equal: Vec<(Option<i64>, &str)> = both
+            .iter()
+            .flat_map(|(k, tags)| tags.iter().map(move |t| (Some(*k), *t)))
+            .collect();
+        let mut equal_and_null = equal.clone();
+        equal_and_null.push((None, "z"));
+        put_tags(&db, &both, &equal_and_null).await;
+        let (code, out, _) = run(&["--json", "verify", "tags", "--segments", "4"]);
+        assert_eq!(code, 1, "{backend}: {out}");
+        assert_eq!(json_of(&out)["new_null_keys"], 1, "{out}");
+        let (code, out, _) = run(&["verify", "tags"]);
+        assert_eq!(code, 1);
+        assert!(
+            out.contains("1 new projection rows have a NULL key"),
+            "{out}"
+        );
+        // Without it: clean, and the gate opens.
+        put_tags(&db, &both, &equal).await;
+        let (code, out, _) = run(&["verify", "tags", "--segments", "4"]);
+        assert_eq!(code, 0, "{backend}: {out}");
+        let (code, _, err) = run(&["stage", "set", "tags", "shadow", "--reason", "compare"]);
+        assert_eq!(code, 0, "{backend}: {err}");
     }
 }
