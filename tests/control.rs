@@ -606,3 +606,163 @@ async fn bad_admin_token_configuration_is_refused_by_serve() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Turns new connections to a database off while alive (`ALLOW_CONNECTIONS false`, which holds
+/// superusers off too) and back on when dropped.
+struct ConnectionsHeld {
+    admin: sqlx::PgPool,
+    name: String,
+}
+
+impl ConnectionsHeld {
+    async fn hold(admin: &sqlx::PgPool, name: &str) -> ConnectionsHeld {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS false"
+        )))
+        .execute(admin)
+        .await
+        .unwrap();
+        ConnectionsHeld {
+            admin: admin.clone(),
+            name: name.to_owned(),
+        }
+    }
+
+    async fn release(self) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            self.name
+        )))
+        .execute(&self.admin)
+        .await
+        .unwrap();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for ConnectionsHeld {
+    fn drop(&mut self) {
+        // A failed test must not leave the database shut for the rest of the binary.
+        let (admin, sql) = (
+            self.admin.clone(),
+            format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.name),
+        );
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&admin)
+                    .await;
+            })
+        })
+        .join()
+        .ok();
+    }
+}
+
+/// The field report: a flip made while the control plane's connection to PostgreSQL was cut
+/// never reached a `WatchMigrations` stream. Here every connection of the control plane and of
+/// a flag cache (soft TTL of an hour, so only the push can bring it the flip) is terminated,
+/// LISTEN ones included, reconnects are held off for over 30 s, a flip is made late in the gap, and
+/// connections are let back in: the stream emits the flip and the cache serves it, a few
+/// seconds after the reconnect.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flip_made_while_listen_connections_are_cut_reaches_watchers_and_caches() {
+    let Some(s) = server().await else { return };
+    let name = s
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut c = client(&s.base, Some(TOKEN)).await;
+    let mut watch = c
+        .watch_migrations(WatchMigrationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        watch.message().await.unwrap().unwrap();
+    }
+    let cache_store = SqlFlagStore::open(Database::connect(&s.url).await.unwrap())
+        .await
+        .unwrap();
+    let cache = twintrack::flags::FlagCache::builder(Arc::new(cache_store))
+        .migration(M, Stage::LegacyOnly)
+        .soft_ttl(Duration::from_secs(3600))
+        .build()
+        .await;
+    assert_eq!(cache.snapshot().stage(M), Some(Stage::LegacyOnly));
+    // The flip is made over a connection opened before the gap.
+    let flipper = SqlFlagStore::new(Database::from(
+        sqlx::postgres::PgPoolOptions::new()
+            .min_connections(1)
+            .max_connections(1)
+            .connect(&s.url)
+            .await
+            .unwrap(),
+    ));
+    flipper.get(M).await.unwrap();
+    // ALLOW_CONNECTIONS is changed from another database.
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&s.url.replacen(&format!("/{name}"), "/postgres", 1))
+        .await
+        .unwrap();
+
+    let flipper_pid: i32 = twintrack::db::query("SELECT pg_backend_pid()")
+        .scalar(flipper.database())
+        .await
+        .unwrap();
+
+    // The cut: every connection of the control plane and the cache ends (their pools', and
+    // the LISTEN ones), and none can be made again for a while.
+    let held = ConnectionsHeld::hold(&admin, &name).await;
+    let cut: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT query, pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = $1 AND pid <> $2",
+    )
+    .bind(&name)
+    .bind(flipper_pid)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(
+        cut.iter().filter(|(q, _)| q.starts_with("LISTEN")).count() >= 2,
+        "both listeners cut: {cut:?}"
+    );
+    // The listeners try to come back, and cannot, for longer than a connection attempt waits
+    // (sqlx's pool gives up on an acquire after 30 s by default): as in the field report,
+    // where the flip came 35 s into a 40 s cut.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    flipper
+        .set_stage(twintrack::flags::StageChange::new(
+            M,
+            Stage::DualWrite,
+            "oncall",
+            "during the gap",
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    held.release().await;
+
+    let next = tokio::time::timeout(Duration::from_secs(15), watch.message())
+        .await
+        .expect("the flip made in the gap reached the watcher")
+        .unwrap()
+        .unwrap()
+        .migration
+        .unwrap();
+    assert_eq!((next.name.as_str(), next.stage.as_str()), (M, "dual_write"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while cache.snapshot().stage(M) != Some(Stage::DualWrite) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flip made in the gap reached the cache"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -114,6 +115,7 @@ fn name_arg(name: &str) -> Result<&str, Status> {
 }
 
 impl ControlPlane {
+    /// Every registered migration's current state.
     async fn all(&self) -> Result<Vec<proto::Migration>, Status> {
         let flags = self.store.load_all().await.map_err(status)?;
         Ok(flags
@@ -121,6 +123,47 @@ impl ControlPlane {
             .filter_map(|f| f.state.ok())
             .map(|s| to_proto(&s))
             .collect())
+    }
+}
+
+/// How often a `WatchMigrations` stream re-reads every migration even with nothing pushed.
+const WATCH_RESYNC: Duration = Duration::from_secs(30);
+
+/// How long a `WatchMigrations` stream keeps trying to re-read the state before it ends with
+/// `UNAVAILABLE` (the client then subscribes again and gets the whole state).
+const WATCH_REREAD_FOR: Duration = Duration::from_secs(30);
+
+/// The state a watch stream must look at again: one migration, or (`None`) all of them. A
+/// failed read is retried (every 500 ms, for [`WATCH_REREAD_FOR`]): a change is never skipped
+/// because the database was briefly unreachable. `Err` is the status to end the stream with.
+async fn reread(
+    plane: &ControlPlane,
+    migration: Option<&str>,
+    tx: &tokio::sync::mpsc::Sender<Result<proto::WatchMigrationsResponse, Status>>,
+) -> Result<Vec<proto::Migration>, Status> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let read = match migration {
+            Some(name) => plane
+                .store
+                .get(name)
+                .await
+                .map(|record| vec![to_proto(&record.state)])
+                .map_err(status),
+            None => plane.all().await,
+        };
+        match read {
+            Ok(found) => return Ok(found),
+            // Gone (an unregistered name): nothing to send.
+            Err(e) if e.code() == tonic::Code::NotFound => return Ok(Vec::new()),
+            Err(e) if started.elapsed() >= WATCH_REREAD_FOR || tx.is_closed() => {
+                return Err(Status::unavailable(format!(
+                    "cannot re-read the migrations' state ({}); subscribe again",
+                    e.message()
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
     }
 }
 
@@ -228,30 +271,43 @@ impl ControlService for ControlPlane {
                     return;
                 }
             }
+            // A whole re-read every so often even when nothing is pushed: a change a lost
+            // notification took with it still arrives.
+            let mut resync =
+                tokio::time::interval_at(tokio::time::Instant::now() + WATCH_RESYNC, WATCH_RESYNC);
             loop {
-                let changed: Vec<proto::Migration> = match changes.as_mut() {
-                    Some(rx) => match tokio::select! {
-                        change = rx.recv() => change,
+                let wanted = match changes.as_mut() {
+                    Some(rx) => tokio::select! {
+                        change = rx.recv() => match change {
+                            Ok(FlagChange::Migration(name)) => Some(name),
+                            // Missed notifications (the listener reconnected, or this stream
+                            // fell behind): everything is read again.
+                            Ok(FlagChange::All) | Err(RecvError::Lagged(_)) => None,
+                            Err(RecvError::Closed) => {
+                                let _ = tx.send(Err(Status::unavailable(
+                                    "the flag change feed stopped; subscribe again",
+                                )))
+                                .await;
+                                return;
+                            }
+                        },
+                        _ = resync.tick() => None,
                         // The client went away: stop now, not at the next change.
                         () = tx.closed() => return,
-                    } {
-                        Ok(FlagChange::Migration(name)) => match plane.store.get(&name).await {
-                            Ok(record) => vec![to_proto(&record.state)],
-                            Err(_) => continue,
-                        },
-                        Ok(FlagChange::All)
-                        | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            plane.all().await.unwrap_or_default()
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
                     // SQLite cannot push: compare versions once a second instead.
                     None => {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        if tx.is_closed() {
-                            return;
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => None,
+                            () = tx.closed() => return,
                         }
-                        plane.all().await.unwrap_or_default()
+                    }
+                };
+                let changed = match reread(&plane, wanted.as_deref(), &tx).await {
+                    Ok(changed) => changed,
+                    Err(end) => {
+                        let _ = tx.send(Err(end)).await;
+                        return;
                     }
                 };
                 for m in changed {

@@ -30,33 +30,64 @@ pub(crate) async fn spawn(
 ) -> Result<ListenerHandle> {
     let own = PgPoolOptions::new()
         .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(PgConnectOptions::clone(&pool.connect_options()));
-    let mut listener = PgListener::connect_with(&own)
+    let listener = subscribe(&own).await?;
+    Ok(ListenerHandle(tokio::spawn(run(own, listener, changes))))
+}
+
+/// A listener connected and subscribed to the flag channel.
+async fn subscribe(own: &PgPool) -> Result<PgListener> {
+    let mut listener = PgListener::connect_with(own)
         .await
         .map_err(Error::from_sqlx)?;
     listener.listen(CHANNEL).await.map_err(Error::from_sqlx)?;
-    Ok(ListenerHandle(tokio::spawn(run(listener, changes))))
+    Ok(listener)
 }
 
-async fn run(mut listener: PgListener, changes: broadcast::Sender<FlagChange>) {
-    let mut backoff = Duration::from_millis(100);
+/// Forwards notifications. Whenever the connection was lost, notifications sent meanwhile are
+/// gone: once a new connection is listening again, [`FlagChange::All`] tells every consumer to
+/// re-read the whole state (a `FlagChange::All` sent while the database is still unreachable
+/// would be answered by a failed read, and the flip made in the gap never seen).
+async fn run(own: PgPool, listener: PgListener, changes: broadcast::Sender<FlagChange>) {
+    let mut listener = Some(listener);
     loop {
-        match listener.try_recv().await {
+        let Some(live) = listener.as_mut() else {
+            // The failed listener is gone first: it held the pool's one connection.
+            listener = Some(reconnect(&own).await);
+            tracing::info!("flag change listener reconnected");
+            let _ = changes.send(FlagChange::All);
+            continue;
+        };
+        match live.try_recv().await {
             Ok(Some(notification)) => {
-                backoff = Duration::from_millis(100);
                 let _ = changes.send(FlagChange::Migration(notification.payload().to_owned()));
             }
             Ok(None) => {
-                // The connection dropped; the next try_recv reconnects and re-listens. Anything
-                // sent meanwhile is lost, so everyone must reload.
-                tracing::warn!("flag change listener lost its connection; reconnecting");
+                // The connection dropped and sqlx has already reconnected and re-listened
+                // (eager reconnect): re-read now.
+                tracing::warn!("flag change listener lost its connection and reconnected");
                 let _ = changes.send(FlagChange::All);
             }
             Err(err) => {
-                tracing::warn!(error = %err, retry_in = ?backoff, "flag change listener failed");
-                let _ = changes.send(FlagChange::All);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tracing::warn!(error = %err, "flag change listener failed; reconnecting");
+                listener = None;
+            }
+        }
+    }
+}
+
+/// A fresh subscribed listener, retried with backoff (100 ms doubling, at most 2 s) for as long
+/// as it takes.
+async fn reconnect(own: &PgPool) -> PgListener {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        tokio::time::sleep(backoff).await;
+        match subscribe(own).await {
+            Ok(listener) => return listener,
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?backoff, "flag change listener cannot reconnect yet");
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }
