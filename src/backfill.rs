@@ -36,6 +36,7 @@ use crate::flags::{BoxFuture, EvidenceKind, FlagStore};
 use crate::key::{DynKey, KeyKind};
 use crate::keyset::{self, KeyRange, Lower};
 use crate::metrics::Metrics;
+use crate::retry;
 use crate::{Error, Result, Stage};
 
 /// How a backfill runs.
@@ -47,8 +48,15 @@ pub struct BackfillOptions {
     pub batch_size: u32,
     /// The batch size is tuned so a batch takes about this long. Default 200 ms.
     pub target_batch_time: Duration,
-    /// Pause while a streaming replica's replay lag is above this (PostgreSQL).
+    /// Pause while a standby's replay lag is above this, or while a standby that should be
+    /// watched shows no lag figure (an inactive replication slot, slots but no streaming
+    /// standby, a replica in `replicas` that cannot be polled). PostgreSQL only: refused on
+    /// SQLite ([`Error::InvalidInput`]).
     pub max_lag: Option<Duration>,
+    /// Replicas whose replay lag `max_lag` also reads directly (their replayed position and
+    /// last replayed transaction), beside the primary's `pg_stat_replication`: needed for
+    /// standbys the primary cannot see (cascading ones), and they are expected to be there.
+    pub replicas: Option<crate::ryw::ReplicaSet>,
     /// At most this many rows per second, all workers of this process together.
     pub rate: Option<f64>,
     /// Concurrent workers in this process. Default 1.
@@ -84,6 +92,7 @@ impl Default for BackfillOptions {
             batch_size: 1_000,
             target_batch_time: Duration::from_millis(200),
             max_lag: None,
+            replicas: None,
             rate: None,
             workers: 1,
             lease: Duration::from_secs(30),
@@ -113,6 +122,9 @@ pub struct Progress {
     pub eta_seconds: Option<f64>,
     /// Paused for replica lag right now.
     pub paused: bool,
+    /// Why, while paused: the standby over the limit and by how much, or why no lag figure
+    /// can be read.
+    pub pause_reason: Option<String>,
     /// The current batch size, in keys.
     pub batch_size: u32,
 }
@@ -201,6 +213,9 @@ struct Shared {
     batches: AtomicU64,
     paused_micros: AtomicU64,
     paused_now: AtomicBool,
+    pause_reason: std::sync::Mutex<Option<String>>,
+    /// Warned once that max lag has nothing to watch.
+    nothing_to_watch: AtomicBool,
     started: Instant,
     progress: Box<dyn Fn(&Progress) + Send + Sync>,
 }
@@ -241,6 +256,12 @@ pub(crate) async fn run_with(
         return Err(Error::InvalidInput(
             "rate must be a positive number of rows per second".into(),
         ));
+    }
+    if options.max_lag.is_some() && db.backend() != Backend::Postgres {
+        return Err(Error::InvalidInput(format!(
+            "a replica lag limit reads PostgreSQL replication; {} has no replicas to watch",
+            db.describe()
+        )));
     }
     let direction = options.direction;
     if let Copier::Sql = copier {
@@ -295,6 +316,8 @@ pub(crate) async fn run_with(
         batches: AtomicU64::new(0),
         paused_micros: AtomicU64::new(0),
         paused_now: AtomicBool::new(false),
+        pause_reason: std::sync::Mutex::new(None),
+        nothing_to_watch: AtomicBool::new(false),
         started: Instant::now(),
         progress: Box::new(progress),
     });
@@ -553,8 +576,16 @@ struct Lease {
 async fn work(shared: &Shared, copier: &Copier) -> Result<()> {
     let mut batch = shared.options.batch_size;
     loop {
-        let Some(mut lease) = lease_chunk(shared).await? else {
-            if unfinished_chunks(&shared.db, shared.run.id).await? == 0 {
+        let Some(mut lease) = shared
+            .retrying("lease a chunk", || lease_chunk(shared))
+            .await?
+        else {
+            let left = shared
+                .retrying("count the chunks left", || {
+                    unfinished_chunks(&shared.db, shared.run.id)
+                })
+                .await?;
+            if left == 0 {
                 return Ok(());
             }
             // Others hold the rest; wait in case a lease expires (its holder died).
@@ -564,7 +595,10 @@ async fn work(shared: &Shared, copier: &Copier) -> Result<()> {
         loop {
             wait_for_replicas(shared).await?;
             let started = Instant::now();
-            let Some(done) = copy_batch_retrying(shared, copier, &lease, batch).await? else {
+            let Some(done) = shared
+                .retrying("copy a batch", || copy_batch(shared, copier, &lease, batch))
+                .await?
+            else {
                 break; // the lease was lost to another worker
             };
             let took = started.elapsed();
@@ -590,57 +624,29 @@ async fn work(shared: &Shared, copier: &Copier) -> Result<()> {
     }
 }
 
-/// The most times one batch is retried after transient errors before the run gives up.
-const MAX_RETRIES: u32 = 10;
-
-/// [`copy_batch`], retried with exponential backoff (50 ms doubling, at most 5 s, with
-/// jitter) while it fails the way a busy database fails ([`transient`]): each retry counted
-/// in `twintrack.backfill.retries` by reason, and logged. Any other error stops the run.
-async fn copy_batch_retrying(
-    shared: &Shared,
-    copier: &Copier,
-    lease: &Lease,
-    batch: u32,
-) -> Result<Option<Batch>> {
-    let mut attempt = 0u32;
-    loop {
-        let err = match copy_batch(shared, copier, lease, batch).await {
-            Ok(done) => return Ok(done),
-            Err(err) => err,
+impl Shared {
+    /// `op`, retried through transient errors ([`retry::retrying`]), each retry counted in
+    /// `twintrack.backfill.retries` by reason. Any other error stops the run.
+    async fn retrying<T, F, Fut>(&self, what: &str, op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let counted = |reason: &'static str| {
+            self.metrics.backfill_retries.add(
+                1,
+                &[
+                    KeyValue::new("migration", self.def.name.clone()),
+                    KeyValue::new("reason", reason),
+                ],
+            );
         };
-        let Some(reason) = transient(&err).filter(|_| attempt < MAX_RETRIES) else {
-            return Err(err);
-        };
-        attempt += 1;
-        shared.metrics.backfill_retries.add(
-            1,
-            &[
-                KeyValue::new("migration", shared.def.name.clone()),
-                KeyValue::new("reason", reason),
-            ],
-        );
-        let backoff = Duration::from_millis(50u64 << attempt.min(7)).min(Duration::from_secs(5));
-        let jitter = Duration::from_millis(crate::context::random_key() % 50);
-        tracing::warn!(migration = %shared.def.name, attempt, reason, error = %err, retry_in = ?backoff,
-            "backfill batch failed transiently; retrying");
-        tokio::time::sleep(backoff + jitter).await;
-    }
-}
-
-/// Why an error is worth retrying the batch for, if it is: a deadlock, a serialization
-/// failure, the batch's own lock timeout, a busy SQLite file, a lost connection.
-pub(crate) fn transient(err: &Error) -> Option<&'static str> {
-    match err {
-        Error::Unreachable(_) => Some("connection"),
-        Error::Database(sqlx::Error::Database(db)) => match db.code().as_deref() {
-            Some("40P01") => Some("deadlock"),
-            Some("40001") => Some("serialization_failure"),
-            Some("55P03") => Some("lock_timeout"),
-            // SQLITE_BUSY and SQLITE_LOCKED with their extended codes.
-            Some("5" | "261" | "517" | "6" | "262") => Some("busy"),
-            _ => None,
-        },
-        _ => None,
+        retry::retrying(
+            &format!("backfill of {:?}: {what}", self.def.name),
+            counted,
+            op,
+        )
+        .await
     }
 }
 
@@ -797,8 +803,8 @@ async fn copy_batch(
                 .execute(&mut tx)
                 .await
                 .map_err(|e| match e {
-                    // Transient: retried as it is (`copy_batch_retrying`).
-                    e if transient(&e).is_some() => e,
+                    // Transient: retried as it is (`Shared::retrying`).
+                    e if retry::transient(&e).is_some() => e,
                     Error::Database(source) => Error::Statement {
                         what: format!(
                             "migration {:?}: the {what} SQL failed on the batch after {} up to {}",
@@ -882,31 +888,122 @@ async fn throttle(shared: &Shared, keys: u64, took: Duration) {
     }
 }
 
-/// Waits while any streaming replica's replay lag is above the limit (PostgreSQL), reporting
-/// the pause.
+/// What the lag watch sees.
+#[derive(Debug, PartialEq)]
+enum LagView {
+    /// Every standby that should be watched has a replay lag figure; the largest, in ms, and
+    /// whose it is.
+    Seen { lag_ms: i64, whose: String },
+    /// Nothing is expected to replicate and nothing streams: nothing to wait for.
+    NothingToWatch,
+    /// A standby that should be watched has no lag figure: why.
+    Blind(String),
+}
+
+/// What `max_lag` watches, read now: the primary's `pg_stat_replication` (the replay lag of
+/// each streaming standby) and `pg_replication_slots`, and each replica in
+/// [`BackfillOptions::replicas`] directly (its replay position against the primary's, and the
+/// age of its last replayed transaction: [`ReplicaSet`](crate::ryw::ReplicaSet)'s poll).
+///
+/// Blind, never healthy, when a standby is expected but has no figure: an inactive replication
+/// slot (its standby is disconnected while the slot holds WAL for it), slots but no streaming
+/// standby (or a role that cannot see `pg_stat_replication`'s columns: it needs `pg_monitor`),
+/// or a replica given by URL that cannot be polled or is not replaying.
+async fn lag_view(shared: &Shared) -> Result<LagView> {
+    let row = query(
+        "SELECT
+            (SELECT COUNT(*) FROM pg_stat_replication WHERE state = 'streaming') AS streaming,
+            (SELECT CAST(COALESCE(MAX(EXTRACT(EPOCH FROM replay_lag) * 1000), 0) AS BIGINT)
+               FROM pg_stat_replication) AS lag_ms,
+            (SELECT COALESCE(application_name, '') || '@' || COALESCE(CAST(client_addr AS TEXT), 'local')
+               FROM pg_stat_replication ORDER BY replay_lag DESC NULLS LAST LIMIT 1) AS laggard,
+            (SELECT COUNT(*) FROM pg_replication_slots) AS slots,
+            (SELECT string_agg(slot_name || ' (' || slot_type || ')', ', ' ORDER BY slot_name)
+               FROM pg_replication_slots WHERE NOT active) AS inactive",
+    )
+    .fetch_one(&shared.db)
+    .await?;
+    let streaming: i64 = row.get("streaming")?;
+    let slots: i64 = row.get("slots")?;
+    if let Some(inactive) = row.get::<Option<String>>("inactive")? {
+        return Ok(LagView::Blind(format!(
+            "replication slot {inactive} is inactive: its standby is not connected, so its lag cannot be read (drop the slot if that standby is gone for good)"
+        )));
+    }
+    let mut view = if streaming > 0 {
+        LagView::Seen {
+            lag_ms: row.get("lag_ms")?,
+            whose: format!(
+                "standby {}",
+                row.get::<Option<String>>("laggard")?.unwrap_or_default()
+            ),
+        }
+    } else if slots > 0 {
+        return Ok(LagView::Blind(format!(
+            "{slots} replication slot(s) but no standby streaming in pg_stat_replication (or this role cannot see it: grant pg_monitor)"
+        )));
+    } else {
+        LagView::NothingToWatch
+    };
+    if let Some(replicas) = &shared.options.replicas {
+        replicas.poll_all().await;
+        for (index, health) in replicas.health().into_iter().enumerate() {
+            let name = replicas.replica(index).describe();
+            let Some(lag) = health.lag else {
+                return Ok(LagView::Blind(format!(
+                    "replica {name} has no lag figure: {}",
+                    health.problem.unwrap_or_else(|| "not polled yet".into())
+                )));
+            };
+            let lag_ms = i64::try_from(lag.as_millis()).unwrap_or(i64::MAX);
+            view = match view {
+                LagView::Seen { lag_ms: seen, .. } if seen >= lag_ms => view,
+                _ => LagView::Seen {
+                    lag_ms,
+                    whose: format!("replica {name}"),
+                },
+            };
+        }
+    }
+    Ok(view)
+}
+
+/// Waits while a standby's replay lag is above the limit, or while a standby that should be
+/// watched shows no lag figure at all ([`lag_view`]): a throttle that cannot see pauses, and
+/// says why. PostgreSQL (the options were checked when the run started).
 async fn wait_for_replicas(shared: &Shared) -> Result<()> {
     let Some(max_lag) = shared.options.max_lag else {
         return Ok(());
     };
-    if shared.db.backend() != Backend::Postgres {
-        return Ok(());
-    }
+    let limit_ms = i64::try_from(max_lag.as_millis()).unwrap_or(i64::MAX);
     let mut paused_since: Option<Instant> = None;
     loop {
-        let lag_ms: i64 = query(
-            "SELECT CAST(COALESCE(MAX(EXTRACT(EPOCH FROM replay_lag) * 1000), 0) AS BIGINT) FROM pg_stat_replication",
-        )
-        .scalar(&shared.db)
-        .await?;
-        if u128::try_from(lag_ms.max(0)).unwrap_or(0) <= max_lag.as_millis() {
+        let view = shared
+            .retrying("read replica lag", || lag_view(shared))
+            .await?;
+        let why = match view {
+            LagView::Seen { lag_ms, .. } if lag_ms <= limit_ms => None,
+            LagView::Seen { lag_ms, whose } => Some(format!(
+                "{whose} replays {lag_ms} ms behind, over --max-lag-ms {limit_ms}"
+            )),
+            LagView::NothingToWatch => {
+                if !shared.nothing_to_watch.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(migration = %shared.def.name,
+                        "max lag set, but no standby streams and none is expected (no replication slot, no replica given): nothing to wait for");
+                }
+                None
+            }
+            LagView::Blind(why) => Some(format!("no replica lag figure: {why}")),
+        };
+        let Some(why) = why else {
             if let Some(since) = paused_since {
                 let paused = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
                 shared.paused_micros.fetch_add(paused, Ordering::Relaxed);
                 shared.paused_now.store(false, Ordering::Relaxed);
-                tracing::info!(migration = %shared.def.name, "replica lag back under the limit; backfill resumes");
+                tracing::info!(migration = %shared.def.name, "replica lag readable and under the limit; backfill resumes");
             }
             return Ok(());
-        }
+        };
         if paused_since.is_none() {
             paused_since = Some(Instant::now());
             shared.paused_now.store(true, Ordering::Relaxed);
@@ -914,8 +1011,12 @@ async fn wait_for_replicas(shared: &Shared) -> Result<()> {
                 .metrics
                 .backfill_pauses
                 .add(1, &[KeyValue::new("migration", shared.def.name.clone())]);
-            tracing::info!(migration = %shared.def.name, lag_ms, "replica lag over the limit; backfill paused");
+            tracing::info!(migration = %shared.def.name, reason = %why, "backfill paused");
         }
+        *shared
+            .pause_reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
         report(shared, shared.options.batch_size, true).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -938,6 +1039,15 @@ async fn report(shared: &Shared, batch: u32, paused: bool) {
         keys_per_second: rate,
         eta_seconds: eta,
         paused: paused || shared.paused_now.load(Ordering::Relaxed),
+        pause_reason: if paused || shared.paused_now.load(Ordering::Relaxed) {
+            shared
+                .pause_reason
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        } else {
+            None
+        },
         batch_size: batch,
     });
 }

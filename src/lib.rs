@@ -93,6 +93,7 @@ pub mod key;
 pub mod keyset;
 pub mod layer;
 pub mod metrics;
+mod retry;
 pub mod ryw;
 pub mod schema;
 pub mod shadow;

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub(crate) backfill_pauses: Counter<u64>,
     pub(crate) backfill_retries: Counter<u64>,
     pub(crate) verify_runs: Counter<u64>,
+    pub(crate) verify_retries: Counter<u64>,
 }
 
 impl Metrics {
@@ -142,6 +143,12 @@ impl Metrics {
             verify_runs: meter
                 .u64_counter("twintrack.verify.runs")
                 .with_description("Verify runs by result: clean or divergent")
+                .build(),
+            verify_retries: meter
+                .u64_counter("twintrack.verify.retries")
+                .with_description(
+                    "Verify statements retried after a transient error (lost connection, serialization failure), by reason",
+                )
                 .build(),
         }
     }

@@ -41,6 +41,7 @@ use crate::flags::{BoxFuture, EvidenceKind, FlagStore};
 use crate::key::{DynKey, KeyKind};
 use crate::keyset::{self, KeyRange, Lower, Upper};
 use crate::metrics::Metrics;
+use crate::retry;
 use crate::{Error, Result};
 
 /// How a verify runs.
@@ -204,6 +205,7 @@ struct Ctx {
     /// `p."key" IS NULL OR …`: a row no key range can hold.
     null_key: String,
     limit: tokio::sync::Semaphore,
+    metrics: Metrics,
 }
 
 /// Verifies `def` (both projections) on `db`; see the [module docs](self).
@@ -268,6 +270,7 @@ pub async fn run_keys(
         legacy: legacy.to_owned(),
         new: new.to_owned(),
         limit: tokio::sync::Semaphore::new(options.parallel),
+        metrics: metrics.clone(),
     });
     let mut found = match &chosen {
         None => compare_everything(&ctx, options.segments).await?,
@@ -483,8 +486,10 @@ async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
         None => {
             let (table, key) = ctx.def.shape(crate::Side::Legacy);
             let total: i64 = Query::assert_safe(format!("SELECT COUNT(*) FROM {table}"))
-                .scalar(&ctx.db)
-                .await?;
+                .run_on(ctx)
+                .await?
+                .first()
+                .map_or(Ok(0), |row| row.get_at(0))?;
             cuts_of(
                 ctx,
                 &format!("SELECT {} FROM {table}", named(key)),
@@ -698,9 +703,8 @@ async fn cuts_of(
         names = names.join(", "),
     );
     let mut cuts: Vec<DynKey> = bound(Query::assert_safe(sql), args.unwrap_or_default())
-        .fetch_all(&ctx.db)
-        .await
-        .map_err(|e| projection_error(&ctx.def.name, e))?
+        .run_on(ctx)
+        .await?
         .into_iter()
         .map(|row| crate::backfill::row_key(row, &ctx.kinds))
         .collect::<Result<_>>()?;
@@ -719,6 +723,32 @@ fn projection_error(name: &str, e: Error) -> Error {
         },
         Error::Internal(message) => Error::Internal(format!("migration {name:?}: {message}")),
         other => other,
+    }
+}
+
+/// A verify's statements: run on its database, retried through transient errors (a lost
+/// connection, a serialization failure; [`retry::retrying`]) and counted in
+/// `twintrack.verify.retries`; a failure that remains is a projection failing at run time.
+trait RunOn {
+    async fn run_on(self, ctx: &Ctx) -> Result<Vec<Row>>;
+}
+
+impl RunOn for Query {
+    async fn run_on(self, ctx: &Ctx) -> Result<Vec<Row>> {
+        let counted = |reason: &'static str| {
+            ctx.metrics.verify_retries.add(
+                1,
+                &[
+                    KeyValue::new("migration", ctx.def.name.clone()),
+                    KeyValue::new("reason", reason),
+                ],
+            );
+        };
+        retry::retrying(&format!("verify of {:?}", ctx.def.name), counted, || {
+            self.clone().fetch_all(&ctx.db)
+        })
+        .await
+        .map_err(|e| projection_error(&ctx.def.name, e))
     }
 }
 
@@ -789,10 +819,7 @@ async fn summarize(
                 ctx.hash.sql(),
                 p.sql
             );
-            let rows = bound(Query::assert_safe(sql), args)
-                .fetch_all(&ctx.db)
-                .await
-                .map_err(|e| projection_error(&ctx.def.name, e))?;
+            let rows = bound(Query::assert_safe(sql), args).run_on(ctx).await?;
             let mut out = vec![Summary::default(); cuts.len() + 1];
             for s in out.iter_mut() {
                 s.hash = "0".into();
@@ -835,9 +862,10 @@ async fn summarize(
                 "SELECT COUNT(*) FROM ({proj}) p WHERE {}",
                 ctx.null_key
             ))
-            .scalar(&ctx.db)
-            .await
-            .map_err(|e| projection_error(&ctx.def.name, e))?;
+            .run_on(ctx)
+            .await?
+            .first()
+            .map_or(Ok(0), |row| row.get_at(0))?;
             Ok((out, u64::try_from(null_keys).unwrap_or(0)))
         }
     }
@@ -860,10 +888,7 @@ async fn fetch_rows(
                 p.sql,
                 ctx.null_key
             );
-            let rows = bound(Query::assert_safe(sql), p.args)
-                .fetch_all(&ctx.db)
-                .await
-                .map_err(|e| projection_error(&ctx.def.name, e))?;
+            let rows = bound(Query::assert_safe(sql), p.args).run_on(ctx).await?;
             for row in rows {
                 let mut values = row.into_values();
                 let doc = values.pop().unwrap_or(Value::Null);
@@ -880,10 +905,7 @@ async fn fetch_rows(
                 "SELECT * FROM ({proj}) p WHERE ({}) AND NOT ({})",
                 p.sql, ctx.null_key
             );
-            let rows = bound(Query::assert_safe(sql), p.args)
-                .fetch_all(&ctx.db)
-                .await
-                .map_err(|e| projection_error(&ctx.def.name, e))?;
+            let rows = bound(Query::assert_safe(sql), p.args).run_on(ctx).await?;
             let names = projection_key_columns(n);
             for row in rows {
                 let key = key_of(&row, &names, &ctx.kinds)?;

@@ -1112,3 +1112,175 @@ async fn two_database_backfill<DB: Native, I: K>(f: Fixture<DB, I>) {
             .is_some()
     );
 }
+
+/// The field report: a backfill chosen as a deadlock victim against an application
+/// transaction that locks the batch's rows in the opposite order exited 5 with nothing copied.
+/// Here it really is the victim (its deadlock check runs first: `deadlock_timeout` 300 ms for
+/// its sessions, under its 500 ms lock timeout; 10 s for the application's), the application's
+/// transaction commits, and the batch is retried (counted by reason) until every row is copied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_chosen_as_a_deadlock_victim_retries_and_copies_every_row() {
+    use sqlx::Connection;
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let f = Fixture::<sqlx::Postgres, i64>::new(Shape {
+        backend: "postgres",
+        key: "i64",
+        url: pg.url.clone(),
+        replica_urls: Vec::new(),
+        guard: None,
+    })
+    .await;
+    f.seed(2_000).await;
+    f.stage(Stage::DualWrite).await;
+    let keys = f.keys().await;
+    Query::assert_safe(format!(
+        "ALTER DATABASE {} SET deadlock_timeout = '300ms'",
+        pg.name
+    ))
+    .execute(&f.db)
+    .await
+    .unwrap();
+    // Sessions opened from now on get it: the backfill's own pool.
+    let backfill_db = Database::connect(&pg.url).await.unwrap();
+
+    // The application: locks a row in the middle of the first batch.
+    let mut app = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    sqlx::raw_sql("BEGIN; SET LOCAL deadlock_timeout = '10s'")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+        .bind(keys[500])
+        .execute(&mut app)
+        .await
+        .unwrap();
+
+    let metrics = common::TestMetrics::new();
+    let backfill = {
+        let (db, store, def, metrics) = (
+            backfill_db.clone(),
+            f.store.clone(),
+            f.def.clone(),
+            metrics.metrics(),
+        );
+        tokio::spawn(async move {
+            backfill::run(
+                &db,
+                &*store,
+                &def,
+                BackfillOptions {
+                    batch_size: 1_000,
+                    ..BackfillOptions::default()
+                },
+                metrics,
+                |_| {},
+            )
+            .await
+        })
+    };
+    // The batch holds the first 500 rows FOR SHARE and waits for the 501st…
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = query(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .scalar(&f.db)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // …and the application now wants the first: a lock cycle.
+    let app_done = tokio::spawn(async move {
+        sqlx::query("UPDATE users SET email = email || '.x' WHERE id = $1")
+            .bind(keys[0])
+            .execute(&mut app)
+            .await?;
+        sqlx::raw_sql("COMMIT").execute(&mut app).await?;
+        Ok::<_, sqlx::Error>(())
+    });
+    app_done
+        .await
+        .unwrap()
+        .expect("the application's transaction is not the one aborted");
+    let report = backfill.await.unwrap().expect("the backfill finishes");
+    assert!(report.finished);
+    assert_eq!(f.count("user_settings").await, 2_000);
+    assert!(
+        metrics.counter("twintrack.backfill.retries", ("reason", "deadlock")) >= 1,
+        "the batch was a deadlock victim and was retried"
+    );
+    assert!(f.verify(false).await.clean);
+}
+
+/// A lost connection in the middle of a batch (its backend terminated while the batch holds
+/// its rows, twice): the batch is retried on a new connection, counted as `connection`, and
+/// the run finishes with every row.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_whose_connection_is_cut_mid_batch_retries_and_copies_every_row() {
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let f = Fixture::<sqlx::Postgres, i64>::new(Shape {
+        backend: "postgres",
+        key: "i64",
+        url: pg.url.clone(),
+        replica_urls: Vec::new(),
+        guard: None,
+    })
+    .await;
+    f.seed(3_000).await;
+    f.stage(Stage::DualWrite).await;
+    let cuts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let hook = {
+        let (db, cuts) = (f.db.clone(), cuts.clone());
+        backfill::BeforeCopy(Arc::new(move || {
+            let (db, cuts) = (db.clone(), cuts.clone());
+            Box::pin(async move {
+                if cuts.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+                    let cut: i64 = query(
+                        "SELECT COUNT(*) FILTER (WHERE cut) FROM (
+                           SELECT pg_terminate_backend(pid) AS cut FROM pg_stat_activity
+                           WHERE datname = current_database() AND state = 'idle in transaction'
+                             AND pid <> pg_backend_pid()) s",
+                    )
+                    .scalar(&db)
+                    .await
+                    .unwrap();
+                    cuts.fetch_add(
+                        u32::try_from(cut).unwrap(),
+                        std::sync::atomic::Ordering::SeqCst,
+                    );
+                }
+            })
+        }))
+    };
+    let metrics = common::TestMetrics::new();
+    let report = backfill::run(
+        &f.db,
+        &*f.store,
+        &f.def,
+        BackfillOptions {
+            batch_size: 500,
+            before_copy: Some(hook),
+            ..BackfillOptions::default()
+        },
+        metrics.metrics(),
+        |_| {},
+    )
+    .await
+    .expect("the backfill finishes");
+    assert!(report.finished);
+    assert_eq!(cuts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(f.count("user_settings").await, 3_000);
+    assert!(metrics.counter("twintrack.backfill.retries", ("reason", "connection")) >= 2);
+    assert!(f.verify(false).await.clean);
+}

@@ -1008,3 +1008,80 @@ async fn projections_with_several_rows_per_key_compare_as_multisets_and_never_pa
         assert_eq!(code, 0, "{backend}: {err}");
     }
 }
+
+/// A verify whose connection is cut while a projection runs (its backend terminated): the
+/// statement is retried on a new connection and the verify ends clean, exit 0, not exit 5.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verify_whose_connection_is_cut_mid_statement_retries_and_ends_clean() {
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::connect(&pg.url).await.unwrap();
+    for sql in [
+        "CREATE TABLE ext_legacy (id BIGINT PRIMARY KEY, v TEXT NOT NULL)",
+        "CREATE TABLE ext_new (id BIGINT PRIMARY KEY, v TEXT NOT NULL)",
+        "INSERT INTO ext_legacy SELECT g, 'v' || g FROM generate_series(1, 3000) g",
+        "INSERT INTO ext_new SELECT * FROM ext_legacy",
+    ] {
+        exec(&db, sql).await;
+    }
+    // A slow legacy projection (half a millisecond a row), so there is time to cut it.
+    let config = config(
+        dir.path(),
+        r#"
+[[migration]]
+name = "ext"
+legacy_table = "ext_legacy"
+legacy_key = "id"
+new_table = "ext_new"
+new_key = "id"
+copy = "INSERT INTO ext_new (id, v) SELECT id, v FROM ext_legacy WHERE {batch}"
+legacy_projection = "SELECT l.id AS key, l.v FROM ext_legacy l, LATERAL (SELECT pg_sleep(0.0005 + 0 * l.id)) s"
+new_projection = "SELECT id AS key, v FROM ext_new"
+"#,
+    );
+    assert_eq!(tt(&pg.url, &config, &["init"]).0, 0);
+    let child = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .arg("--database-url")
+        .arg(&pg.url)
+        .arg("--config")
+        .arg(&config)
+        .args(["verify", "ext", "--segments", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let cut: i64 = query(
+            "SELECT COUNT(*) FILTER (WHERE cut) FROM (
+               SELECT pg_terminate_backend(pid) AS cut FROM pg_stat_activity
+               WHERE datname = current_database() AND state = 'active'
+                 AND query LIKE '%pg_sleep%' AND pid <> pg_backend_pid()) s",
+        )
+        .scalar(&db)
+        .await
+        .unwrap();
+        if cut > 0 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the projection never ran: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("CLEAN"), "{text}");
+}

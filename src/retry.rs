@@ -1,0 +1,75 @@
+//! Retrying a long job's statements through the errors a busy or failing-over database gives:
+//! deadlocks, serialization failures, lock timeouts, a busy SQLite file, lost connections.
+//! Anything else is returned at once.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// How many times one step is retried before the job gives up: with the backoff below, about
+/// 80 s of trying (longer than a typical PostgreSQL failover).
+pub(crate) const MAX_RETRIES: u32 = 20;
+
+/// Why an error is worth retrying for, if it is.
+pub(crate) fn transient(err: &Error) -> Option<&'static str> {
+    let db = match err {
+        Error::Unreachable(_) => return Some("connection"),
+        Error::Database(sqlx::Error::Database(db))
+        | Error::Statement {
+            source: sqlx::Error::Database(db),
+            ..
+        } => db,
+        Error::Database(sqlx::Error::Io(_))
+        | Error::Statement {
+            source: sqlx::Error::Io(_),
+            ..
+        } => {
+            return Some("connection");
+        }
+        _ => return None,
+    };
+    match db.code().as_deref() {
+        Some("40P01") => Some("deadlock"),
+        Some("40001") => Some("serialization_failure"),
+        Some("55P03") => Some("lock_timeout"),
+        // Connection exceptions (class 08) and the server going away (admin or crash
+        // shutdown, cannot connect now).
+        Some(code) if code.starts_with("08") => Some("connection"),
+        Some("57P01" | "57P02" | "57P03") => Some("connection"),
+        // SQLITE_BUSY and SQLITE_LOCKED with their extended codes.
+        Some("5" | "261" | "517" | "6" | "262") => Some("busy"),
+        _ => None,
+    }
+}
+
+/// Runs `op` until it succeeds, fails in a way [`transient`] does not know, or has been retried
+/// [`MAX_RETRIES`] times; between tries waits 100 ms doubling to at most 5 s, with up to 50 ms
+/// of jitter. Each retry is logged (naming `what`) and passed to `counted` with its reason.
+pub(crate) async fn retrying<T, F, Fut>(
+    what: &str,
+    counted: impl Fn(&'static str),
+    mut op: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        let err = match op().await {
+            Ok(done) => return Ok(done),
+            Err(err) => err,
+        };
+        let Some(reason) = transient(&err).filter(|_| attempt < MAX_RETRIES) else {
+            return Err(err);
+        };
+        attempt += 1;
+        counted(reason);
+        let backoff = Duration::from_millis(50u64 << attempt.min(7)).min(Duration::from_secs(5));
+        let jitter = Duration::from_millis(crate::context::random_key() % 50);
+        tracing::warn!(what, attempt, reason, error = %err, retry_in = ?backoff,
+            "failed transiently; retrying");
+        tokio::time::sleep(backoff + jitter).await;
+    }
+}
