@@ -32,6 +32,8 @@ pub(crate) struct BackfillArgs {
     pub(crate) batch_size: u32,
     pub(crate) target_chunk_ms: u64,
     pub(crate) max_lag_ms: Option<u64>,
+    /// Replica URLs whose lag `max_lag_ms` reads directly.
+    pub(crate) replicas: Vec<String>,
     pub(crate) rate: Option<f64>,
     pub(crate) workers: usize,
     pub(crate) reverse: bool,
@@ -46,6 +48,17 @@ pub(crate) async fn backfill(
     let db = env.database_with(args.workers as u32 + 2).await?;
     let def = definition(env, migration, &db)?;
     let flags = SqlFlagStore::new(db.clone());
+    let replicas = match args.max_lag_ms {
+        Some(_) if !args.replicas.is_empty() && db.backend() == crate::Backend::Postgres => Some(
+            crate::ryw::ReplicaSet::connect(
+                db.clone(),
+                &args.replicas,
+                crate::ryw::ReplicaOptions::default(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
     let options = BackfillOptions {
         direction: if args.reverse {
             Direction::Reverse
@@ -55,6 +68,7 @@ pub(crate) async fn backfill(
         batch_size: args.batch_size,
         target_batch_time: Duration::from_millis(args.target_chunk_ms),
         max_lag: args.max_lag_ms.map(Duration::from_millis),
+        replicas,
         rate: args.rate,
         workers: args.workers,
         actor: env.actor.clone(),
@@ -66,7 +80,12 @@ pub(crate) async fn backfill(
             draw(p);
         } else if p.paused {
             // Scripts and logs see pauses too (one line per report while paused).
-            eprintln!("paused: replica lag over --max-lag-ms");
+            eprintln!(
+                "paused: {}",
+                p.pause_reason
+                    .as_deref()
+                    .unwrap_or("replica lag over --max-lag-ms")
+            );
         }
     })
     .await;
@@ -121,10 +140,10 @@ fn draw(p: &Progress) {
         p.rows_copied,
         p.keys_per_second,
         p.batch_size,
-        if p.paused {
-            "  PAUSED (replica lag)"
-        } else {
-            ""
+        match (&p.paused, &p.pause_reason) {
+            (true, Some(why)) => format!("  PAUSED: {why}"),
+            (true, None) => "  PAUSED (replica lag)".to_owned(),
+            (false, _) => String::new(),
         }
     );
     let _ = err.flush();

@@ -92,9 +92,15 @@ pub enum Command {
         /// Target time per batch, in milliseconds.
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
         target_chunk_ms: u64,
-        /// Pause while a streaming replica replays more than this many milliseconds behind.
+        /// Pause while a standby replays more than this many milliseconds behind, or while a
+        /// standby that should be there shows no lag (an inactive replication slot, slots but no
+        /// streaming standby, a --replica that cannot be polled). PostgreSQL only.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
         max_lag_ms: Option<u64>,
+        /// A replica whose replay lag --max-lag-ms reads directly (repeatable); without it, the
+        /// comma-separated REPLICA_DATABASE_URLS, if set.
+        #[arg(long = "replica", value_name = "URL")]
+        replicas: Vec<String>,
         /// At most this many rows per second.
         #[arg(long)]
         rate: Option<f64>,
@@ -225,10 +231,27 @@ pub(crate) async fn run(cli: Cli, out: &Output) -> Result<ExitCode, Error> {
             batch_size,
             target_chunk_ms,
             max_lag_ms,
+            replicas,
             rate,
             workers,
             reverse,
         } => {
+            if !replicas.is_empty() && max_lag_ms.is_none() {
+                return Err(Error::InvalidInput(
+                    "--replica is read for --max-lag-ms: give the lag limit too".into(),
+                ));
+            }
+            let replicas = if replicas.is_empty() {
+                std::env::var("REPLICA_DATABASE_URLS")
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            } else {
+                replicas
+            };
             if rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
                 return Err(Error::InvalidInput(
                     "--rate must be a positive number of rows per second".into(),
@@ -238,6 +261,7 @@ pub(crate) async fn run(cli: Cli, out: &Output) -> Result<ExitCode, Error> {
                 batch_size,
                 target_chunk_ms,
                 max_lag_ms,
+                replicas,
                 rate,
                 workers: usize::try_from(workers).unwrap_or(1),
                 reverse,
