@@ -50,6 +50,7 @@ pub struct Metrics {
     pub(crate) backfill_retries: Counter<u64>,
     pub(crate) verify_runs: Counter<u64>,
     pub(crate) verify_retries: Counter<u64>,
+    pub(crate) shadow_dropped: Counter<u64>,
 }
 
 impl Metrics {
@@ -143,6 +144,12 @@ impl Metrics {
             verify_runs: meter
                 .u64_counter("twintrack.verify.runs")
                 .with_description("Verify runs by result: clean or divergent")
+                .build(),
+            shadow_dropped: meter
+                .u64_counter("twintrack.shadow.mismatches_dropped")
+                .with_description(
+                    "Classified mismatches not recorded, by reason: queue_full (the recorder is behind) or write_failed",
+                )
                 .build(),
             verify_retries: meter
                 .u64_counter("twintrack.verify.retries")

@@ -766,3 +766,80 @@ async fn a_flip_made_while_listen_connections_are_cut_reaches_watchers_and_cache
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The field report: 20 mismatches with 400 KB values made a `ListMismatches` of 8 MB (a
+/// default gRPC client refuses over 4 MiB), an 8 MB `twintrack mismatches` and a 2 MB admin
+/// page. Here 100 rows sit in the table as an older twintrack stored them, uncapped (50 with
+/// 400 KB values, 50 with 2,000 differing fields): the listing at its largest limit stays under
+/// 4 MiB (values cut to their size, hash and first characters, fields past 64 KiB counted, and
+/// past 2 MiB in all a diff is left out, saying so), as do the CLI's and the admin page's.
+#[tokio::test(flavor = "multi_thread")]
+async fn listings_of_mismatches_with_huge_values_stay_small() {
+    let Some(s) = server().await else { return };
+    // Older: 50 with 2,000 differing fields each; newer: 50 with two 400 KB values each.
+    for sql in [
+        "INSERT INTO twintrack_mismatches (migration, key_text, key, class, stage, diff, legacy_micros, new_micros, at)
+         SELECT $1, CAST(g AS TEXT), g, 'confirmed', 'shadow',
+                (SELECT CAST(json_agg(json_build_object('path', 'f' || i,
+                    'legacy', repeat('l', 30), 'new', repeat('n', 30))) AS TEXT)
+                 FROM generate_series(1, 2000) i), 1, 1, g
+         FROM generate_series(1, 50) g",
+        "INSERT INTO twintrack_mismatches (migration, key_text, key, class, stage, diff, legacy_micros, new_micros, at)
+         SELECT $1, CAST(g AS TEXT), g, 'confirmed', 'shadow',
+                CAST(json_build_array(json_build_object('path', 'theme',
+                    'legacy', repeat('l', 400000), 'new', repeat('n', 400000))) AS TEXT), 1, 1, g
+         FROM generate_series(51, 100) g",
+    ] {
+        twintrack::db::query(sql)
+            .bind(M)
+            .execute(&s.db)
+            .await
+            .unwrap();
+    }
+    let mut c = client(&s.base, Some(TOKEN)).await;
+    let listed = c
+        .list_mismatches(ListMismatchesRequest {
+            name: M.into(),
+            limit: 1000,
+        })
+        .await
+        .expect("a default client takes the largest listing")
+        .into_inner();
+    assert_eq!(listed.mismatches.len(), 100);
+    let size = prost::Message::encoded_len(&listed);
+    assert!(size < 4 << 20, "ListMismatches answered {size} bytes");
+    let first: serde_json::Value = serde_json::from_str(&listed.mismatches[0].diff_json).unwrap();
+    assert_eq!(
+        first[0]["legacy"]["twintrack_truncated"]["bytes"], 400_002,
+        "{first}"
+    );
+    let fields: serde_json::Value = serde_json::from_str(&listed.mismatches[50].diff_json).unwrap();
+    assert!(
+        fields.as_array().unwrap().last().unwrap()["path"]
+            .as_str()
+            .unwrap()
+            .contains("more fields differ"),
+        "{fields}"
+    );
+    let last: serde_json::Value = serde_json::from_str(&listed.mismatches[99].diff_json).unwrap();
+    assert!(
+        last[0]["path"].as_str().unwrap().contains("diff left out"),
+        "{last}"
+    );
+
+    let (code, out) = cli(&s.url, "mismatches user_settings --limit 1000");
+    assert_eq!(code, 0);
+    assert!(out.len() < 4 << 20, "the CLI printed {} bytes", out.len());
+    let (code, out) = cli(&s.url, "--json mismatches user_settings --limit 1000");
+    assert_eq!(code, 0);
+    assert!(out.len() < 4 << 20, "the CLI printed {} bytes", out.len());
+
+    let auth = [("authorization", "Bearer oncall-token-0123456789")];
+    let (status, _, page) = http(&s.base, "GET", "/admin", &auth, "").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.len() < 1 << 20,
+        "the admin page weighs {} bytes",
+        page.len()
+    );
+}

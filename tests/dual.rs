@@ -1434,3 +1434,190 @@ async fn mismatch_storm<DB: Native, I: K>(f: Fixture<DB, I>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// PostgreSQL, `bigint` keys: the shape the field reports used.
+fn pg_shape(url: String) -> Shape {
+    Shape {
+        backend: "postgres",
+        key: "i64",
+        url,
+        replica_urls: Vec::new(),
+        guard: None,
+    }
+}
+
+/// The field report: 20 mismatches of 400 KB values made an 8 MB listing. Stored diffs are
+/// capped: each large value is kept as its size, its SHA-256 and its first characters, so a
+/// listing of them weighs a few KB.
+#[tokio::test(flavor = "multi_thread")]
+async fn mismatches_of_large_values_are_stored_capped_with_their_size_and_hash() {
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let f = Fixture::<sqlx::Postgres, i64>::new(
+        pg_shape(pg.url),
+        ShadowOptions {
+            recheck_delay: Duration::from_millis(1),
+            ..ShadowOptions::default()
+        },
+    )
+    .await;
+    f.stage(Stage::Shadow).await;
+    let (big_legacy, big_new) = ("l".repeat(400_000), "n".repeat(400_000));
+    for i in 0..20 {
+        let id = f
+            .users
+            .create(&format!("big{i}@example.com"), settings("x"))
+            .await
+            .unwrap();
+        f.plant(&id, &settings(&big_legacy), &settings(&big_new))
+            .await;
+        assert_eq!(f.users.settings(&id).await.unwrap().theme.len(), 400_000);
+    }
+    let start = std::time::Instant::now();
+    let listed = loop {
+        let listed = list_mismatches(&f.db, M, 20).await.unwrap();
+        if listed.len() == 20 {
+            break listed;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            listed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let size = serde_json::to_string(&listed).unwrap().len();
+    assert!(
+        size < 20 * 2048 + 20 * 512,
+        "20 mismatches listed in {size} bytes"
+    );
+    let theme = listed[0]
+        .diff
+        .iter()
+        .find(|d| d.path == "theme")
+        .expect("the theme differs");
+    let full = serde_json::to_string(&big_legacy).unwrap();
+    use sha2::Digest;
+    let want = serde_json::json!({"twintrack_truncated": {
+        "bytes": full.len(),
+        "sha256": sha2::Sha256::digest(full.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        "head": full.chars().take(64).collect::<String>(),
+    }});
+    assert_eq!(theme.legacy.as_ref(), Some(&want));
+    assert_ne!(theme.new, theme.legacy, "the two sides' values stay apart");
+}
+
+/// The field report: with every read mismatching, recording and re-checking took 5-6 of the
+/// pool's 10 connections. Here the mismatch table is locked for the whole storm (every insert
+/// waits): bookkeeping still holds at most its own connections (one recorder waiting on the
+/// lock, never more), every read is served from legacy, mismatches beyond what the recorder
+/// can queue are dropped and counted, and once the lock goes the table is written and trimmed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mismatch_storm_over_a_locked_mismatch_table_keeps_to_the_bookkeeping_connections() {
+    use sqlx::Connection;
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let f = Fixture::<sqlx::Postgres, i64>::new(
+        pg_shape(pg.url.clone()),
+        ShadowOptions {
+            keep: 50,
+            recheck_delay: Duration::from_millis(1),
+            ..ShadowOptions::default()
+        },
+    )
+    .await;
+    f.stage(Stage::Shadow).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let id = f
+            .users
+            .create(&format!("storm{i}@example.com"), settings("x"))
+            .await
+            .unwrap();
+        f.plant(&id, &settings("dark"), &settings("light")).await;
+        ids.push(id);
+    }
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE twintrack_mismatches IN EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (db, stop) = (f.db.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut most = 0i64;
+            while !stop.load(Ordering::SeqCst) {
+                let waiting: i64 = query(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()
+                     AND state <> 'idle' AND query LIKE 'INSERT INTO twintrack_mismatches%'",
+                )
+                .scalar(&db)
+                .await
+                .unwrap();
+                most = most.max(waiting);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            most
+        })
+    };
+    let dropped = || {
+        f.metrics.counter(
+            "twintrack.shadow.mismatches_dropped",
+            ("reason", "queue_full"),
+        )
+    };
+    // Reads until the recorder's queue has overflowed (at most 60,000).
+    let mut served = 0;
+    while dropped() == 0 && served < 60_000 {
+        let reads: Vec<_> = (0..16)
+            .map(|t| {
+                let (users, ids) = (f.users.clone(), ids.clone());
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        let id = &ids[(t * 50 + i) % ids.len()];
+                        let got = users.settings(id).await.expect("a read failed");
+                        assert_eq!(got, settings("dark"));
+                    }
+                })
+            })
+            .collect();
+        for read in reads {
+            tokio::time::timeout(Duration::from_secs(120), read)
+                .await
+                .expect("reads stalled behind the mismatch table's lock")
+                .unwrap();
+        }
+        served += 16 * 50;
+    }
+    assert!(
+        dropped() > 0,
+        "the queue never overflowed in {served} reads"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let most = sampler.await.unwrap();
+    assert!(
+        most <= 1,
+        "{most} connections were inserting mismatches at once"
+    );
+
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let kept = list_mismatches(&f.db, M, 1000).await.unwrap().len();
+        if (1..=50).contains(&kept) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{kept} rows kept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -64,6 +64,8 @@ where
                 hooks: FaultHooks::default(),
                 background: Arc::new(tokio::sync::Semaphore::new(1)),
                 classifying: Arc::new(tokio::sync::Semaphore::new(1)),
+                bookkeeping: Arc::new(tokio::sync::Semaphore::new(1)),
+                recorder: std::sync::OnceLock::new(),
                 router: None,
                 primary_reads: false,
                 definition: None,
@@ -128,7 +130,8 @@ where
     }
 
     /// The store, or [`Error::Config`] for a combination that cannot work (`Snapshot` shadow
-    /// reads need both shapes in one database; a router must route this store's database).
+    /// reads need both shapes in one database; a router must route this store's database) or
+    /// shadow options out of range.
     pub fn build(mut self) -> Result<DualStore<R, X>> {
         if self.inner.new_pool.is_some() && self.inner.shadow.mode == ShadowMode::Snapshot {
             return Err(Error::Config(
@@ -144,6 +147,20 @@ where
                 self.inner.db.describe()
             )));
         }
+        let shadow = &self.inner.shadow;
+        if !crate::shadow::MAX_DIFF_BYTES_RANGE.contains(&shadow.max_diff_bytes) {
+            return Err(Error::Config(format!(
+                "max_diff_bytes must be between 256 and 65536, got {}",
+                shadow.max_diff_bytes
+            )));
+        }
+        if shadow.bookkeeping_connections == 0 {
+            return Err(Error::Config(
+                "bookkeeping_connections must be at least 1".into(),
+            ));
+        }
+        self.inner.bookkeeping =
+            Arc::new(tokio::sync::Semaphore::new(shadow.bookkeeping_connections));
         let limit = self.inner.shadow.background_limit.max(1);
         self.inner.background = Arc::new(tokio::sync::Semaphore::new(limit));
         self.inner.classifying = Arc::new(tokio::sync::Semaphore::new(limit));

@@ -10,7 +10,8 @@ use serde::Serialize;
 use super::read::{Pair, Reading, Subject};
 use super::{ConnOf, DualStore, KeyOf, Operation, Resync};
 use crate::context::random_key;
-use crate::shadow::{MismatchClass, NewMismatch, record_mismatch};
+use crate::db::now_micros;
+use crate::shadow::{MismatchClass, NewMismatch, cap_diff, spawn_recorder};
 use crate::{Result, Side, Stage};
 
 /// One side's value, as compared, and how long its read took.
@@ -154,13 +155,18 @@ where
         F: Operation<R, ConnOf<R, X>, T>,
     {
         tokio::time::sleep(self.inner.shadow.recheck_delay).await;
-        // The second look is on the primary: the truth, whatever served the first.
+        // The second look is on the primary: the truth, whatever served the first. It holds
+        // one of the store's bookkeeping permits, never more of the pool than those.
+        let Ok(permit) = self.inner.bookkeeping.acquire().await else {
+            return;
+        };
         let legacy = self
             .read_side(&*op, Side::Legacy, stage, Reading::Primary)
             .await;
         let new = self
             .read_side(&*op, Side::New, stage, Reading::Primary)
             .await;
+        drop(permit);
         let (Ok((legacy, _)), Ok((new, _))) = (legacy, new) else {
             tracing::warn!(migration = %self.inner.migration, key, "re-read of a mismatch failed; not classified");
             return;
@@ -175,22 +181,35 @@ where
             Err(diff) => (MismatchClass::Confirmed, diff),
         };
         self.count_result(class.as_str());
-        let recorded = record_mismatch(
-            &self.inner.db,
-            NewMismatch {
-                migration: &self.inner.migration,
-                key,
-                class,
-                stage,
-                diff: &diff,
-                legacy_micros: legacy_us,
-                new_micros: new_us,
-            },
-            self.inner.shadow.keep,
-        )
-        .await;
-        if let Err(err) = recorded {
-            tracing::warn!(migration = %self.inner.migration, key, error = %err, "could not record a mismatch");
+        let mismatch = NewMismatch {
+            key: key.to_owned(),
+            class,
+            stage,
+            diff: cap_diff(&diff, self.inner.shadow.max_diff_bytes),
+            legacy_micros: legacy_us,
+            new_micros: new_us,
+            at: now_micros(),
+        };
+        let recorder = self.inner.recorder.get_or_init(|| {
+            let metrics = self.inner.metrics.clone();
+            let attr = self.migration_attr();
+            spawn_recorder(
+                self.inner.db.clone(),
+                self.inner.migration.clone(),
+                self.inner.shadow.keep,
+                self.inner.bookkeeping.clone(),
+                move |reason, n| {
+                    metrics
+                        .shadow_dropped
+                        .add(n, &[attr.clone(), KeyValue::new("reason", reason)]);
+                },
+            )
+        });
+        if recorder.try_send(mismatch).is_err() {
+            self.inner.metrics.shadow_dropped.add(
+                1,
+                &[self.migration_attr(), KeyValue::new("reason", "queue_full")],
+            );
         }
     }
 

@@ -144,6 +144,11 @@ struct Inner<R: ?Sized, X: Resync<R>> {
     background: Arc<tokio::sync::Semaphore>,
     /// Caps mismatch classifications in flight (a real divergence can make every read one).
     classifying: Arc<tokio::sync::Semaphore>,
+    /// The pool connections shadow bookkeeping (re-reads of a mismatch, the recorder) may hold
+    /// at once: [`ShadowOptions::bookkeeping_connections`].
+    bookkeeping: Arc<tokio::sync::Semaphore>,
+    /// The mismatch recorder's queue, started with the first mismatch.
+    recorder: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::shadow::NewMismatch>>,
     /// Routes reads between the primary and replicas (of `pool`); none: every read on `pool`.
     router: Option<Router>,
     /// The migration reads from the primary only.

@@ -215,7 +215,13 @@ where
             .read_side(&op, served, stage, Reading::Routed(ctx.as_ref()))
             .await?;
         let served_read = Observed::of(&value, took);
+        // A task slot, and one of the store's bookkeeping connections for the shadow read: off
+        // the request's path it never takes more of the pool than those. None free: skipped.
         let Ok(permit) = self.inner.background.clone().try_acquire_owned() else {
+            self.count_result("skipped");
+            return Ok(value);
+        };
+        let Ok(connection) = self.inner.bookkeeping.clone().try_acquire_owned() else {
             self.count_result("skipped");
             return Ok(value);
         };
@@ -242,6 +248,7 @@ where
                             return;
                         }
                     };
+                drop(connection);
                 let shadow_read = Observed::of(&other, other_took);
                 if let Some(classify) = store.clone().compare_or_classify_later(
                     &key.as_ref(),

@@ -19,8 +19,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use compare::{Comparator, Comparison, FieldDiff, normalize};
-pub use record::{Mismatch, list_mismatches, mismatch_counts};
-pub(crate) use record::{NewMismatch, record_mismatch};
+pub use record::{
+    DEFAULT_MAX_DIFF_BYTES, LIST_DIFF_BUDGET, MAX_DIFF_BYTES_RANGE, Mismatch, cap_diff,
+    list_mismatches, mismatch_counts,
+};
+pub(crate) use record::{NewMismatch, spawn_recorder};
 
 /// The order in which the two sides of a compared read run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,9 +40,9 @@ pub enum ShadowMode {
     Concurrent,
     /// The served side only, then the response; the shadow read and the comparison run
     /// afterwards in a task of their own, off the latency path. Bounded by
-    /// [`ShadowOptions::background_timeout`] and [`ShadowOptions::background_limit`] (reads
-    /// over the limit are not compared, and counted as `skipped`); never cancelled by the
-    /// request ending.
+    /// [`ShadowOptions::background_timeout`], [`ShadowOptions::background_limit`] and
+    /// [`ShadowOptions::bookkeeping_connections`] (reads over the limits are not compared, and
+    /// counted as `skipped`); never cancelled by the request ending.
     Background,
     /// Both reads in one `REPEATABLE READ` transaction (both shapes in one database), so a
     /// write landing between them cannot show up as a mismatch.
@@ -59,9 +62,23 @@ pub struct ShadowOptions {
     pub keep: u32,
     /// `Background` mode: the longest a shadow read may take (default 2 s).
     pub background_timeout: Duration,
-    /// `Background` mode: the most shadow reads in flight at once (default 64). Also the most
-    /// mismatch re-checks in flight, in every mode.
+    /// `Background` mode: the most shadow read tasks in flight at once (default 64; their
+    /// connections are [`ShadowOptions::bookkeeping_connections`]). Also the most
+    /// mismatch re-checks waiting or running, in every mode (past it a mismatch is counted
+    /// `unclassified` and not looked at again).
     pub background_limit: usize,
+    /// The most pool connections shadow bookkeeping holds at once (default 2): `Background`
+    /// shadow reads (one that finds none free is skipped), re-reading both sides of a mismatch,
+    /// and writing recorded mismatches (one task, in batches). With
+    /// every read mismatching, bookkeeping waits for these instead of taking the requests'
+    /// connections; mismatches beyond what it can record (a queue of 1,024) are dropped and
+    /// counted in `twintrack.shadow.mismatches_dropped`. At least 1.
+    pub bookkeeping_connections: usize,
+    /// The most bytes of diff stored with one mismatch (default 2 KiB, 256 B to 64 KiB): larger
+    /// values are stored as their size, SHA-256 and first characters, and fields past the
+    /// budget as a count ([`cap_diff`]). A listing of the largest limit (1,000) then stays
+    /// around 2 MB with the default.
+    pub max_diff_bytes: usize,
 }
 
 impl Default for ShadowOptions {
@@ -73,6 +90,8 @@ impl Default for ShadowOptions {
             keep: 1000,
             background_timeout: Duration::from_secs(2),
             background_limit: 64,
+            bookkeeping_connections: 2,
+            max_diff_bytes: DEFAULT_MAX_DIFF_BYTES,
         }
     }
 }
