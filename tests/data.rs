@@ -1284,3 +1284,66 @@ async fn a_backfill_whose_connection_is_cut_mid_batch_retries_and_copies_every_r
     assert!(metrics.counter("twintrack.backfill.retries", ("reason", "connection")) >= 2);
     assert!(f.verify(false).await.clean);
 }
+
+/// SQLite: another connection holds the database's write lock for longer than the busy
+/// timeout (5 s) between two batches: the batch that gets `SQLITE_BUSY` is retried, counted as
+/// `busy`, and the run finishes with every row.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sqlite_backfill_that_finds_the_database_busy_retries_and_copies_every_row() {
+    use sqlx::Connection;
+    let (dir, url) = common::sqlite_db();
+    let f = Fixture::<sqlx::Sqlite, i64>::new(Shape {
+        backend: "sqlite",
+        key: "i64",
+        url: url.clone(),
+        replica_urls: Vec::new(),
+        guard: Some(dir),
+    })
+    .await;
+    f.seed(2_000).await;
+    f.stage(Stage::DualWrite).await;
+    // After the first batch has committed (its progress report), another connection takes
+    // the write lock and holds it for 6 s; the report returns once it holds it.
+    let locked = std::sync::atomic::AtomicBool::new(false);
+    let lock_url = url.clone();
+    let progress = move |_: &backfill::Progress| {
+        if locked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let url = lock_url.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(async move {
+                    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+                    sqlx::raw_sql("BEGIN IMMEDIATE")
+                        .execute(&mut conn)
+                        .await
+                        .unwrap();
+                    held_tx.send(()).unwrap();
+                    tokio::time::sleep(Duration::from_secs(6)).await;
+                    sqlx::raw_sql("COMMIT").execute(&mut conn).await.unwrap();
+                })
+        });
+        held_rx.recv().unwrap();
+    };
+    let metrics = common::TestMetrics::new();
+    let report = backfill::run(
+        &f.db,
+        &*f.store,
+        &f.def,
+        BackfillOptions {
+            batch_size: 100,
+            target_batch_time: Duration::from_secs(60),
+            ..BackfillOptions::default()
+        },
+        metrics.metrics(),
+        progress,
+    )
+    .await
+    .expect("the backfill finishes");
+    assert!(report.finished);
+    assert_eq!(f.count("user_settings").await, 2_000);
+    assert!(metrics.counter("twintrack.backfill.retries", ("reason", "busy")) >= 1);
+}
