@@ -228,72 +228,90 @@ new_projection = "SELECT id AS key, v FROM ext_new"
 /// copied). The smallest key, deleted from the new shape, is reported missing and repaired.
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_at_the_ends_of_the_range_are_all_copied_and_compared() {
-    let sets: [&[i64]; 5] = [
+    let bigint: &[&[i64]] = &[
         &[1, i64::MAX],
         &[-9_000_000_000_000_000_000, 9_000_000_000_000_000_000],
         &[i64::MIN, i64::MIN + 1],
         &[i64::MIN, i64::MAX],
         &[i64::MIN, i64::MIN + 1, -7, 0, 1, i64::MAX - 1, i64::MAX],
     ];
+    let min = i64::from(i32::MIN);
+    let max = i64::from(i32::MAX);
+    let integer: &[&[i64]] = &[&[1, max], &[min, min + 1], &[min, -7, 0, max - 1, max]];
     for (backend, url, _guard) in common::backends().await {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::connect(&url).await.unwrap();
-        for table in ["ext_legacy", "ext_new"] {
-            exec(
-                &db,
-                &format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, v TEXT NOT NULL)"),
-            )
-            .await;
+        // SQLite's INTEGER is 64-bit: `integer` (32-bit) keys on PostgreSQL only.
+        let types: &[(&str, &[&[i64]])] = if backend == "postgres" {
+            &[("BIGINT", bigint), ("INTEGER", integer)]
+        } else {
+            &[("BIGINT", bigint)]
+        };
+        for (ty, sets) in types {
+            ends_of(backend, &url, ty, sets).await;
         }
-        let batch = ext_config(dir.path(), EXT_COPY_BATCH);
-        assert_eq!(tt(&url, &batch, &["init"]).0, 0);
-        assert_eq!(
-            tt(
-                &url,
-                &batch,
-                &["stage", "set", "ext", "dual_write", "--reason", "go"]
-            )
-            .0,
-            0
-        );
-        let bounds = ext_config(&dir.path().join("bounds"), EXT_COPY_BOUNDS);
-        for keys in sets {
-            for (form, config) in [("{batch}", &batch), ("$1/$2", &bounds)] {
-                for batch_size in ["1", "1000"] {
-                    let case = format!("{backend} {form} keys {keys:?} batch {batch_size}");
-                    let run = |args: &[&str]| tt(&url, config, args);
-                    exec(&db, "DELETE FROM ext_legacy").await;
-                    exec(&db, "DELETE FROM ext_new").await;
-                    for k in keys {
-                        query("INSERT INTO ext_legacy (id, v) VALUES ($1, $2)")
-                            .bind(*k)
-                            .bind(format!("v{k}"))
-                            .execute(&db)
-                            .await
-                            .unwrap();
-                    }
-                    let (code, out, err) =
-                        run(&["--json", "backfill", "ext", "--batch-size", batch_size]);
-                    assert_eq!(code, 0, "{case}: {err}");
-                    let report = json_of(&out);
-                    assert_eq!(report["rows_copied"], json!(keys.len()), "{case}: {report}");
-                    assert_eq!(count(&db, "ext_new").await, keys.len() as i64, "{case}");
-                    let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "3"]);
-                    assert_eq!(code, 0, "{case}: {out}");
-                    assert_eq!(json_of(&out)["legacy_rows"], json!(keys.len()), "{case}");
+    }
+}
 
-                    query("DELETE FROM ext_new WHERE id = $1")
-                        .bind(keys[0])
+/// [`keys_at_the_ends_of_the_range_are_all_copied_and_compared`] for key columns of type `ty`.
+async fn ends_of(backend: &str, url: &str, ty: &str, sets: &[&[i64]]) {
+    let url = url.to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::connect(&url).await.unwrap();
+    for table in ["ext_legacy", "ext_new"] {
+        exec(&db, &format!("DROP TABLE IF EXISTS {table}")).await;
+        exec(
+            &db,
+            &format!("CREATE TABLE {table} (id {ty} PRIMARY KEY, v TEXT NOT NULL)"),
+        )
+        .await;
+    }
+    let batch = ext_config(dir.path(), EXT_COPY_BATCH);
+    assert_eq!(tt(&url, &batch, &["init"]).0, 0);
+    assert_eq!(
+        tt(
+            &url,
+            &batch,
+            &["stage", "set", "ext", "dual_write", "--reason", "go"]
+        )
+        .0,
+        0
+    );
+    let bounds = ext_config(&dir.path().join("bounds"), EXT_COPY_BOUNDS);
+    for keys in sets.iter().copied() {
+        for (form, config) in [("{batch}", &batch), ("$1/$2", &bounds)] {
+            for batch_size in ["1", "1000"] {
+                let case = format!("{backend} {ty} {form} keys {keys:?} batch {batch_size}");
+                let run = |args: &[&str]| tt(&url, config, args);
+                exec(&db, "DELETE FROM ext_legacy").await;
+                exec(&db, "DELETE FROM ext_new").await;
+                for k in keys {
+                    query("INSERT INTO ext_legacy (id, v) VALUES ($1, $2)")
+                        .bind(*k)
+                        .bind(format!("v{k}"))
                         .execute(&db)
                         .await
                         .unwrap();
-                    let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "3"]);
-                    assert_eq!(code, 1, "{case}: {out}");
-                    assert_eq!(json_of(&out)["missing_in_new"], json!([keys[0]]), "{case}");
-                    let (code, out, err) = run(&["verify", "ext", "--repair"]);
-                    assert_eq!(code, 0, "{case}: {out}{err}");
-                    assert_eq!(count(&db, "ext_new").await, keys.len() as i64, "{case}");
                 }
+                let (code, out, err) =
+                    run(&["--json", "backfill", "ext", "--batch-size", batch_size]);
+                assert_eq!(code, 0, "{case}: {err}");
+                let report = json_of(&out);
+                assert_eq!(report["rows_copied"], json!(keys.len()), "{case}: {report}");
+                assert_eq!(count(&db, "ext_new").await, keys.len() as i64, "{case}");
+                let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "3"]);
+                assert_eq!(code, 0, "{case}: {out}");
+                assert_eq!(json_of(&out)["legacy_rows"], json!(keys.len()), "{case}");
+
+                query("DELETE FROM ext_new WHERE id = $1")
+                    .bind(keys[0])
+                    .execute(&db)
+                    .await
+                    .unwrap();
+                let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "3"]);
+                assert_eq!(code, 1, "{case}: {out}");
+                assert_eq!(json_of(&out)["missing_in_new"], json!([keys[0]]), "{case}");
+                let (code, out, err) = run(&["verify", "ext", "--repair"]);
+                assert_eq!(code, 0, "{case}: {out}{err}");
+                assert_eq!(count(&db, "ext_new").await, keys.len() as i64, "{case}");
             }
         }
     }
