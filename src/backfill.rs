@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::KeyValue;
 use serde::Serialize;
 
-use crate::db::{Backend, Conn, Database, Query, Row, Tx, now_micros, query};
+use crate::db::{Backend, Conn, Database, Query, Row, Tx, Value, now_micros, query};
 use crate::definition::{Direction, MigrationDef, bound};
 use crate::flags::{BoxFuture, EvidenceKind, FlagStore};
 use crate::key::{DynKey, KeyKind};
@@ -216,6 +216,8 @@ struct Shared {
     pause_reason: std::sync::Mutex<Option<String>>,
     /// Warned once that max lag has nothing to watch.
     nothing_to_watch: AtomicBool,
+    /// The most standbys seen streaming at once during this run.
+    standbys_seen: std::sync::atomic::AtomicI64,
     started: Instant,
     progress: Box<dyn Fn(&Progress) + Send + Sync>,
 }
@@ -286,6 +288,29 @@ pub(crate) async fn run_with(
             def.name
         )));
     }
+    // Two databases: a batch removes target rows of keys the source does not have, so the
+    // target must not be the side writes reach first (it would hold keys the source has not
+    // been given yet).
+    if matches!(copier, Copier::Keys(_)) && stage.plan().writes[0] == direction.source().other() {
+        return Err(Error::Precondition(format!(
+            "in stage {stage} the {} shape is written first, so a {} backfill across two databases could remove rows it holds that the other database has not received yet; {}",
+            match direction {
+                Direction::Forward => "new",
+                Direction::Reverse => "legacy",
+            },
+            direction.as_str(),
+            match direction {
+                Direction::Forward => format!(
+                    "roll back to shadow first (`twintrack rollback {}`), or run a reverse backfill",
+                    def.name
+                ),
+                Direction::Reverse => format!(
+                    "move to live or ramp_down first, or run a forward backfill (`twintrack backfill {}`)",
+                    def.name
+                ),
+            }
+        )));
+    }
     let kinds = match &copier {
         Copier::Sql => def.check(db).await?,
         // The other side is another database: the source's key is read here.
@@ -318,6 +343,7 @@ pub(crate) async fn run_with(
         paused_now: AtomicBool::new(false),
         pause_reason: std::sync::Mutex::new(None),
         nothing_to_watch: AtomicBool::new(false),
+        standbys_seen: std::sync::atomic::AtomicI64::new(0),
         started: Instant::now(),
         progress: Box::new(progress),
     });
@@ -797,14 +823,24 @@ async fn copy_batch(
                 Direction::Forward => "copy",
                 Direction::Reverse => "reverse_copy",
             };
-            shared
+            let statement = shared
                 .def
-                .copy_statement(direction, &shared.kinds, &range)?
+                .copy_statement(direction, &shared.kinds, &range)?;
+            // `$1` bound below every bigint (a batch starting at i64::MIN): SQL that casts `$1`
+            // to an integer type cannot take it.
+            let below_every_bigint = matches!(statement.args.first(), Some(Value::F64(_)));
+            statement
                 .execute(&mut tx)
                 .await
                 .map_err(|e| match e {
                     // Transient: retried as it is (`Shared::retrying`).
                     e if retry::transient(&e).is_some() => e,
+                    e if below_every_bigint => Error::Config(format!(
+                        "migration {:?}: the {what} SQL fails on the batch starting at {} (its $1 is bound below every bigint there, which SQL casting $1 to an integer type cannot take: {}); write the batch predicate as {{batch}}",
+                        shared.def.name,
+                        range_start(&range),
+                        crate::definition::error_message(&e)
+                    )),
                     Error::Database(source) => Error::Statement {
                         what: format!(
                             "migration {:?}: the {what} SQL failed on the batch after {} up to {}",
@@ -866,6 +902,15 @@ async fn finish_batch(shared: &Shared, mut tx: Tx, lease: &Lease, done: &Batch) 
     Ok(true)
 }
 
+/// The first key of `range`, for messages.
+fn range_start(range: &KeyRange) -> String {
+    match &range.lower {
+        Lower::Unbounded => "the first key".into(),
+        Lower::From(k) => k.to_string(),
+        Lower::After(k) => format!("the key after {k}"),
+    }
+}
+
 /// The next batch size: toward the target time, at most doubling or halving per batch.
 fn tune(batch: u32, took: Duration, target: Duration) -> u32 {
     if took.is_zero() {
@@ -917,9 +962,11 @@ async fn lag_view(shared: &Shared) -> Result<LagView> {
                FROM pg_stat_replication) AS lag_ms,
             (SELECT COALESCE(application_name, '') || '@' || COALESCE(CAST(client_addr AS TEXT), 'local')
                FROM pg_stat_replication ORDER BY replay_lag DESC NULLS LAST LIMIT 1) AS laggard,
-            (SELECT COUNT(*) FROM pg_replication_slots) AS slots,
-            (SELECT string_agg(slot_name || ' (' || slot_type || ')', ', ' ORDER BY slot_name)
-               FROM pg_replication_slots WHERE NOT active) AS inactive",
+                        (SELECT string_agg(COALESCE(application_name, '?') || ' (' || COALESCE(state, 'state unreadable: grant pg_monitor') || ')', ', ')
+               FROM pg_stat_replication WHERE state IS DISTINCT FROM 'streaming' AND state IS DISTINCT FROM 'backup') AS not_streaming,
+            (SELECT COUNT(*) FROM pg_replication_slots WHERE slot_type = 'physical') AS slots,
+            (SELECT string_agg(slot_name, ', ' ORDER BY slot_name)
+               FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT active) AS inactive",
     )
     .fetch_one(&shared.db)
     .await?;
@@ -927,9 +974,26 @@ async fn lag_view(shared: &Shared) -> Result<LagView> {
     let slots: i64 = row.get("slots")?;
     if let Some(inactive) = row.get::<Option<String>>("inactive")? {
         return Ok(LagView::Blind(format!(
-            "replication slot {inactive} is inactive: its standby is not connected, so its lag cannot be read (drop the slot if that standby is gone for good)"
+            "physical replication slot {inactive} is inactive: its standby is not connected, so its lag cannot be read (drop the slot if that standby is gone for good)"
         )));
     }
+    // A standby connected but not streaming (catching up, or a role that cannot read its
+    // state) has no lag figure to trust.
+    if let Some(which) = row.get::<Option<String>>("not_streaming")? {
+        return Ok(LagView::Blind(format!(
+            "standby {which} is connected but not streaming"
+        )));
+    }
+    // A standby that streamed earlier in this run and is gone now is still expected (one
+    // without a slot leaves no other trace).
+    // (Named after the replicas given by URL, whose own reason is more telling.)
+    let seen = shared.standbys_seen.fetch_max(streaming, Ordering::Relaxed);
+    let gone = (streaming < seen).then(|| {
+        format!(
+            "{} of the {seen} standbys streaming earlier in this run are gone from pg_stat_replication (restart the backfill to stop expecting them)",
+            seen - streaming
+        )
+    });
     let mut view = if streaming > 0 {
         LagView::Seen {
             lag_ms: row.get("lag_ms")?,
@@ -955,6 +1019,14 @@ async fn lag_view(shared: &Shared) -> Result<LagView> {
                     health.problem.unwrap_or_else(|| "not polled yet".into())
                 )));
             };
+            // Behind in bytes with no replayed transaction to date it (just restarted, say):
+            // a lag of 0 ms would be a guess.
+            if lag.is_zero() && health.lag_bytes.is_some_and(|b| b > 0) {
+                return Ok(LagView::Blind(format!(
+                    "replica {name} is {} bytes behind and has no replayed transaction to measure its lag by",
+                    health.lag_bytes.unwrap_or(0)
+                )));
+            }
             let lag_ms = i64::try_from(lag.as_millis()).unwrap_or(i64::MAX);
             view = match view {
                 LagView::Seen { lag_ms: seen, .. } if seen >= lag_ms => view,
@@ -964,6 +1036,9 @@ async fn lag_view(shared: &Shared) -> Result<LagView> {
                 },
             };
         }
+    }
+    if let Some(gone) = gone {
+        return Ok(LagView::Blind(gone));
     }
     Ok(view)
 }

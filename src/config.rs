@@ -66,6 +66,19 @@ pub struct MigrationConfig {
     /// Upserts legacy rows from new rows with key in `($1, $2]`.
     #[serde(default)]
     pub reverse_copy: Option<SqlText>,
+    /// The new shape in a database of its own: a `SELECT`, run on the legacy database, of the
+    /// batch's legacy rows (`{batch}`) in the new table's columns, named as there. twintrack
+    /// writes them to the new database (see [`crate::across`]).
+    #[serde(default)]
+    pub copy_select: Option<SqlText>,
+    /// The same from the new database, in the legacy table's columns (a reverse backfill).
+    #[serde(default)]
+    pub reverse_copy_select: Option<SqlText>,
+    /// The name of an environment variable holding the new shape's database URL, when it
+    /// lives apart (the URL itself stays out of the file). Unset or empty variable: the new
+    /// shape is in the legacy database. The CLI's `--new-database-url` takes precedence.
+    #[serde(default)]
+    pub new_database_url_env: Option<String>,
     /// `SELECT key, …` over the legacy shape, in canonical form.
     #[serde(default)]
     pub legacy_projection: Option<SqlText>,
@@ -91,6 +104,12 @@ impl MigrationConfig {
         }
         if let Some(sql) = pick(&self.reverse_copy, backend) {
             builder = builder.reverse_copy(sql);
+        }
+        if let Some(sql) = pick(&self.copy_select, backend) {
+            builder = builder.copy_select(sql);
+        }
+        if let Some(sql) = pick(&self.reverse_copy_select, backend) {
+            builder = builder.reverse_copy_select(sql);
         }
         if let (Some(l), Some(n)) = (
             pick(&self.legacy_projection, backend),
@@ -145,6 +164,18 @@ impl Config {
             for (field, ident) in idents {
                 quote_ident(ident)
                     .map_err(|e| Error::Config(format!("migration {:?}, {field}: {e}", m.name)))?;
+            }
+            if let Some(name) = &m.new_database_url_env {
+                let ok = !name.is_empty()
+                    && name.len() <= 128
+                    && !name.starts_with(|c: char| c.is_ascii_digit())
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !ok {
+                    return Err(Error::Config(format!(
+                        "migration {:?}, new_database_url_env: {name:?} is not an environment variable name (letters, digits and '_'; it names the variable holding the URL, not the URL)",
+                        m.name
+                    )));
+                }
             }
             for backend in [Backend::Postgres, Backend::Sqlite] {
                 m.definition(backend).map_err(|e| match e {

@@ -151,6 +151,12 @@ pub struct MigrationDef {
     pub copy: Option<String>,
     /// Upserts legacy rows from a batch of new rows.
     pub reverse_copy: Option<String>,
+    /// Two databases: a `SELECT`, run on the legacy database, of the batch's rows (`{batch}`)
+    /// in the new table's columns (named as they are there); twintrack writes them to the new
+    /// database (see [`crate::across`]).
+    pub copy_select: Option<String>,
+    /// Two databases: the same from the new database, in the legacy table's columns.
+    pub reverse_copy_select: Option<String>,
     /// `SELECT key, …` over the legacy shape, in canonical form.
     pub legacy_projection: Option<String>,
     /// `SELECT key, …` over the new shape, in the same canonical form.
@@ -164,6 +170,8 @@ pub struct MigrationDefBuilder {
     tables: Option<(String, KeyColumns, String, KeyColumns)>,
     copy: Option<String>,
     reverse_copy: Option<String>,
+    copy_select: Option<String>,
+    reverse_copy_select: Option<String>,
     legacy_projection: Option<String>,
     new_projection: Option<String>,
 }
@@ -196,6 +204,20 @@ impl MigrationDefBuilder {
     /// The reverse copy statement.
     pub fn reverse_copy(mut self, sql: &str) -> Self {
         self.reverse_copy = Some(sql.into());
+        self
+    }
+
+    /// Two databases: the `SELECT` of a batch's rows on the legacy database, in the new
+    /// table's columns (see [`crate::across`]).
+    pub fn copy_select(mut self, sql: &str) -> Self {
+        self.copy_select = Some(sql.into());
+        self
+    }
+
+    /// Two databases: the `SELECT` of a batch's rows on the new database, in the legacy
+    /// table's columns.
+    pub fn reverse_copy_select(mut self, sql: &str) -> Self {
+        self.reverse_copy_select = Some(sql.into());
         self
     }
 
@@ -253,6 +275,8 @@ impl MigrationDefBuilder {
             new_key,
             copy: non_empty("copy", self.copy)?,
             reverse_copy: non_empty("reverse_copy", self.reverse_copy)?,
+            copy_select: non_empty("copy_select", self.copy_select)?,
+            reverse_copy_select: non_empty("reverse_copy_select", self.reverse_copy_select)?,
             legacy_projection: non_empty("legacy_projection", self.legacy_projection)?,
             new_projection: non_empty("new_projection", self.new_projection)?,
             name: self.name,
@@ -305,6 +329,8 @@ impl MigrationDef {
             tables: None,
             copy: None,
             reverse_copy: None,
+            copy_select: None,
+            reverse_copy_select: None,
             legacy_projection: None,
             new_projection: None,
         }
@@ -365,6 +391,26 @@ impl MigrationDef {
         Ok(legacy.into_iter().map(|(_, kind)| kind).collect())
     }
 
+    /// The key's kinds when the shapes live in two databases: each shape's key columns read
+    /// from its own database's catalog, the same checks as [`MigrationDef::key_kinds`].
+    pub async fn key_kinds_across(
+        &self,
+        legacy: &Database,
+        new: &Database,
+    ) -> Result<Vec<KeyKind>> {
+        let l = column_kinds(
+            legacy,
+            &self.name,
+            "legacy",
+            &self.legacy_table,
+            &self.legacy_key,
+        )
+        .await?;
+        let n = column_kinds(new, &self.name, "new", &self.new_table, &self.new_key).await?;
+        self.same_kinds(&l, &n)?;
+        Ok(l.into_iter().map(|(_, kind)| kind).collect())
+    }
+
     /// The kinds of one shape's key columns in `db` (for a shape in a database of its own).
     pub async fn side_key_kinds(&self, db: &Database, side: Side) -> Result<Vec<KeyKind>> {
         let (table, key) = self.shape(side);
@@ -398,7 +444,7 @@ impl MigrationDef {
     }
 
     /// Whether the copy statement for `direction` uses `{batch}` (rather than `$1`/`$2`).
-    fn uses_batch_token(sql: &str) -> bool {
+    pub(crate) fn uses_batch_token(sql: &str) -> bool {
         tokens(sql).is_ok_and(|t| !t.is_empty())
     }
 
@@ -613,7 +659,7 @@ fn tokens(sql: &str) -> std::result::Result<Vec<Token>, String> {
 
 /// `sql` with every token replaced by the predicate selecting `range` (`None`: no key at all,
 /// `1 = 0`), its parameters bound once and shared by every token.
-fn expand(
+pub(crate) fn expand(
     sql: &str,
     source: &[String],
     target: &[String],

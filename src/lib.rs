@@ -79,6 +79,7 @@
 #![deny(missing_docs, unsafe_code)]
 #![warn(unreachable_pub)]
 
+pub mod across;
 pub mod backfill;
 pub mod cli;
 pub mod config;

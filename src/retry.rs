@@ -11,22 +11,27 @@ use crate::{Error, Result};
 /// 80 s of trying (longer than a typical PostgreSQL failover).
 pub(crate) const MAX_RETRIES: u32 = 20;
 
-/// Why an error is worth retrying for, if it is.
+/// Why an error is worth retrying for, if it is. Classified by the driver's error inside
+/// (whether twintrack saw it as unreachable, a statement's failure or a repository's), so a
+/// lost connection is retried and a wrong password or a missing database is not.
 pub(crate) fn transient(err: &Error) -> Option<&'static str> {
+    match err {
+        Error::Unreachable(source)
+        | Error::Database(source)
+        | Error::Statement { source, .. }
+        | Error::Repository { source, .. } => transient_sqlx(source),
+        _ => None,
+    }
+}
+
+fn transient_sqlx(err: &sqlx::Error) -> Option<&'static str> {
     let db = match err {
-        Error::Unreachable(_) => return Some("connection"),
-        Error::Database(sqlx::Error::Database(db))
-        | Error::Statement {
-            source: sqlx::Error::Database(db),
-            ..
-        } => db,
-        Error::Database(sqlx::Error::Io(_))
-        | Error::Statement {
-            source: sqlx::Error::Io(_),
-            ..
-        } => {
+        sqlx::Error::Database(db) => db,
+        // The connection broke or timed out, or the pool had none free in time.
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => {
             return Some("connection");
         }
+        // TLS refusals, bad configuration, a closed pool, protocol errors: retrying cannot help.
         _ => return None,
     };
     match db.code().as_deref() {
@@ -34,11 +39,12 @@ pub(crate) fn transient(err: &Error) -> Option<&'static str> {
         Some("40001") => Some("serialization_failure"),
         Some("55P03") => Some("lock_timeout"),
         // Connection exceptions (class 08) and the server going away (admin or crash
-        // shutdown, cannot connect now).
+        // shutdown, cannot connect now), or the session ended by a server-side timeout.
         Some(code) if code.starts_with("08") => Some("connection"),
-        Some("57P01" | "57P02" | "57P03") => Some("connection"),
+        Some("57P01" | "57P02" | "57P03" | "57P05" | "25P03") => Some("connection"),
         // SQLITE_BUSY and SQLITE_LOCKED with their extended codes.
         Some("5" | "261" | "517" | "6" | "262") => Some("busy"),
+        // Authentication (28xxx), a missing or dropped database (3D000, 57P04) and the rest.
         _ => None,
     }
 }
@@ -71,5 +77,48 @@ where
         tracing::warn!(what, attempt, reason, error = %err, retry_in = ?backoff,
             "failed transiently; retrying");
         tokio::time::sleep(backoff + jitter).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io() -> sqlx::Error {
+        sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ))
+    }
+
+    #[test]
+    fn errors_are_classified_by_the_driver_error_inside() {
+        // A lost connection, whichever way twintrack wrapped it (a two-database copy's
+        // repository call included).
+        assert_eq!(transient(&Error::Unreachable(io())), Some("connection"));
+        assert_eq!(transient(&Error::Database(io())), Some("connection"));
+        assert_eq!(
+            transient(&Error::Repository {
+                migration: "m".into(),
+                side: crate::Side::New,
+                source: io(),
+            }),
+            Some("connection")
+        );
+        assert_eq!(
+            transient(&Error::Unreachable(sqlx::Error::PoolTimedOut)),
+            Some("connection")
+        );
+        // Retrying cannot fix these.
+        assert_eq!(
+            transient(&Error::Unreachable(sqlx::Error::PoolClosed)),
+            None
+        );
+        assert_eq!(
+            transient(&Error::Unreachable(sqlx::Error::Tls("unknown CA".into()))),
+            None
+        );
+        assert_eq!(transient(&Error::Config("bad".into())), None);
+        assert_eq!(transient(&Error::Database(sqlx::Error::RowNotFound)), None);
     }
 }

@@ -33,16 +33,19 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use serde::Serialize;
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 
+use crate::across::CrossCopier;
 use crate::db::{Backend, Database, Query, Row, Value, now_micros};
-use crate::definition::{MigrationDef, Resynced, bound, projection_key_columns, resync_key};
+use crate::definition::{
+    Direction, MigrationDef, Resynced, bound, projection_key_columns, resync_key,
+};
 use crate::flags::{BoxFuture, EvidenceKind, FlagStore};
 use crate::key::{DynKey, KeyKind};
 use crate::keyset::{self, KeyRange, Lower, Upper};
 use crate::metrics::Metrics;
 use crate::retry;
-use crate::{Error, Result};
+use crate::{Error, Result, Side};
 
 /// How a verify runs.
 #[derive(Clone, Debug)]
@@ -173,26 +176,33 @@ const FANOUT: u64 = 16;
 /// The most segments a verify cuts the key space into.
 const MAX_SEGMENTS: usize = 10_000;
 
-/// How PostgreSQL hashes a projection's row; the same on both sides of one verify.
+/// How a projection's rows are hashed; the same on both sides of one verify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RowHash {
-    /// `hash_record_extended(p, 0)`: each column by its type's own hash function.
+    /// PostgreSQL, in the database: `hash_record_extended(p, 0)`, each column by its type's
+    /// own hash function.
     Record,
-    /// `hashtextextended(CAST(p AS TEXT), 0)`: the row's text.
+    /// PostgreSQL, in the database: `hashtextextended(CAST(p AS TEXT), 0)`, the row's text.
     Text,
+    /// Here: each row streamed in its canonical text ([`canonical`]) and hashed with FNV-1a
+    /// (SQLite; two databases whose in-database hashes cannot be proved the same).
+    Client,
 }
 
 impl RowHash {
     fn sql(self) -> &'static str {
         match self {
             RowHash::Record => "hash_record_extended(p, 0)",
-            RowHash::Text => "hashtextextended(CAST(p AS TEXT), 0)",
+            RowHash::Text | RowHash::Client => "hashtextextended(CAST(p AS TEXT), 0)",
         }
     }
 }
 
 struct Ctx {
-    db: Database,
+    /// The legacy shape's database.
+    legacy_db: Database,
+    /// The new shape's database: the same as `legacy_db`, or another one.
+    new_db: Database,
     hash: RowHash,
     def: MigrationDef,
     kinds: Vec<KeyKind>,
@@ -206,6 +216,16 @@ struct Ctx {
     null_key: String,
     limit: tokio::sync::Semaphore,
     metrics: Metrics,
+}
+
+impl Ctx {
+    /// `side`'s database and projection.
+    fn side(&self, side: Side) -> (&Database, &str) {
+        match side {
+            Side::Legacy => (&self.legacy_db, &self.legacy),
+            Side::New => (&self.new_db, &self.new),
+        }
+    }
 }
 
 /// Verifies `def` (both projections) on `db`; see the [module docs](self).
@@ -229,6 +249,26 @@ pub async fn run_keys(
     metrics: Metrics,
     keys: Option<&[String]>,
 ) -> Result<VerifyReport> {
+    run_across(db, db, flags, def, options, metrics, keys).await
+}
+
+/// [`run_keys`] with each shape in its own database: the legacy projection runs on `legacy`,
+/// the new one on `new` (the same database as `legacy`, or another one). Across two
+/// databases, both PostgreSQL of one major version and encoding whose projections' columns
+/// all have exact types, each database hashes its own rows (`hash_record_extended`, as in one
+/// database); otherwise rows are streamed in their canonical text and hashed here. Either
+/// way a side is never held in memory: summaries are per segment, and rows are read only for
+/// the few hundred of a differing piece. `--repair` copies through the definition's
+/// `copy_select` (see [`crate::across`]). The evidence opens the gates as in one database.
+pub async fn run_across(
+    legacy_db: &Database,
+    new_db: &Database,
+    flags: &dyn FlagStore,
+    def: &MigrationDef,
+    options: VerifyOptions,
+    metrics: Metrics,
+    keys: Option<&[String]>,
+) -> Result<VerifyReport> {
     if options.segments == 0 || options.segments > MAX_SEGMENTS {
         return Err(Error::InvalidInput(format!(
             "segments must be between 1 and {MAX_SEGMENTS}"
@@ -239,11 +279,19 @@ pub async fn run_keys(
             "parallel must be between 1 and 64".into(),
         ));
     }
+    let across = !legacy_db.same_database(new_db);
     let started = Instant::now();
     let started_at = now_micros();
     let (legacy, new) = def.projections()?;
     let record = flags.get(&def.name).await?;
-    let kinds = def.check(db).await?;
+    let kinds = if across {
+        let kinds = def.key_kinds_across(legacy_db, new_db).await?;
+        check_projection(legacy_db, def, "legacy_projection", legacy, kinds.len()).await?;
+        check_projection(new_db, def, "new_projection", new, kinds.len()).await?;
+        kinds
+    } else {
+        def.check(legacy_db).await?
+    };
     let chosen = keys
         .map(|keys| {
             keys.iter()
@@ -251,21 +299,34 @@ pub async fn run_keys(
                 .collect::<Result<Vec<_>>>()
         })
         .transpose()?;
-    let hash = row_hash(db, legacy, new).await;
+    // Across two databases, repairs copy with `copy_select`: proved before anything runs.
+    let authoritative = record.state.stage.plan().writes[0];
+    let copier = if across && options.repair {
+        let (direction, source, target) = match authoritative {
+            Side::Legacy => (Direction::Forward, legacy_db, new_db),
+            Side::New => (Direction::Reverse, new_db, legacy_db),
+        };
+        Some(CrossCopier::new(def, &kinds, direction, source, target).await?)
+    } else {
+        None
+    };
+    let hash = row_hash(legacy_db, new_db, legacy, new).await;
+    let qualified = keyset::qualified(&projection_key_columns(kinds.len()), Some("p"));
     let ctx = Arc::new(Ctx {
-        db: db.clone(),
+        legacy_db: legacy_db.clone(),
+        new_db: new_db.clone(),
         hash,
         def: def.clone(),
-        key: keyset::qualified(&projection_key_columns(kinds.len()), Some("p")),
         key_names: projection_key_columns(kinds.len())
             .iter()
             .map(|c| c.replace('"', ""))
             .collect(),
-        null_key: keyset::qualified(&projection_key_columns(kinds.len()), Some("p"))
+        null_key: qualified
             .iter()
             .map(|c| format!("{c} IS NULL"))
             .collect::<Vec<_>>()
             .join(" OR "),
+        key: qualified,
         kinds,
         legacy: legacy.to_owned(),
         new: new.to_owned(),
@@ -277,58 +338,59 @@ pub async fn run_keys(
         Some(keys) => {
             let mut found = Found::default();
             for key in keys {
-                found.rows.extend(compare_key(&ctx, key).await?);
+                found.merge(compare_rows_found(&ctx, &KeyRange::exactly(key.clone())).await?);
             }
+            // A chosen key that agrees is no unexplained difference.
+            found.unexplained.clear();
             found
         }
     };
-    // A second look at every difference: gone now means a write was in flight.
+    // A second look at every piece where something differed: its summaries equal now means
+    // a write was in flight. The whole piece is looked at again, not only the keys found in
+    // it, so a difference the row comparison could not name still keeps the verify unclean.
     let mut in_flight = 0;
     if !found.rows.is_empty() || !found.unexplained.is_empty() {
         tokio::time::sleep(options.recheck_delay).await;
-        let mut confirmed = BTreeMap::new();
-        for key in std::mem::take(&mut found.rows).into_keys() {
-            match compare_key(&ctx, &key).await?.remove(&key) {
-                None => in_flight += 1,
-                Some(kind) => {
-                    confirmed.insert(key, kind);
-                }
-            }
-        }
-        found.rows = confirmed;
-        let mut still = Vec::new();
-        for range in std::mem::take(&mut found.unexplained) {
-            let again = compare_range(ctx.clone(), range.clone(), None).await?;
-            if again.rows.is_empty() && again.unexplained.is_empty() {
-                // Equal now: a write was in flight.
-                in_flight += 1;
-            } else if again.rows.is_empty() {
-                still.push(range);
-            } else {
-                found.rows.extend(again.rows);
-            }
-        }
-        found.unexplained = still;
+        let before = std::mem::take(&mut found.rows);
+        let unexplained = std::mem::take(&mut found.unexplained);
+        let leaves = std::mem::take(&mut found.leaves);
+        let again = look_again(&ctx, &leaves, &unexplained).await?;
+        in_flight = before
+            .keys()
+            .filter(|k| !again.found.rows.contains_key(*k))
+            .count()
+            + again.settled_unexplained;
+        found.merge(again.found);
     }
     let mut repaired = Vec::new();
     if options.repair && !found.rows.is_empty() {
-        let stage = record.state.stage;
-        let authoritative = stage.plan().writes[0];
         for key in found.rows.keys() {
-            let mut tx = db.begin().await?;
-            let outcome = resync_key(tx.conn(), def, &ctx.kinds, key, authoritative).await?;
-            tx.commit().await?;
+            let outcome = match &copier {
+                Some(copier) => {
+                    let source = match authoritative {
+                        Side::Legacy => legacy_db,
+                        Side::New => new_db,
+                    };
+                    copier.resync_key(source, key).await?
+                }
+                None => {
+                    let mut tx = legacy_db.begin().await?;
+                    let outcome =
+                        resync_key(tx.conn(), def, &ctx.kinds, key, authoritative).await?;
+                    tx.commit().await?;
+                    outcome
+                }
+            };
             if outcome != Resynced::LeftAlone {
                 repaired.push(key.clone());
             }
         }
-        let mut still = BTreeMap::new();
-        for key in std::mem::take(&mut found.rows).into_keys() {
-            if let Some(kind) = compare_key(&ctx, &key).await?.remove(&key) {
-                still.insert(key, kind);
-            }
-        }
-        found.rows = still;
+        // After the repairs, every piece that differed is compared again as a whole.
+        found.rows.clear();
+        let leaves = std::mem::take(&mut found.leaves);
+        let unexplained = std::mem::take(&mut found.unexplained);
+        let again = look_again(&ctx, &leaves, &unexplained).await?;
+        found.merge(again.found);
     }
     let clean = found.rows.is_empty()
         && found.unexplained.is_empty()
@@ -380,26 +442,119 @@ pub async fn run_keys(
     Ok(report)
 }
 
-/// [`RowHash::Record`] when both projections' columns are of the same types, in the same order,
-/// and every type's equality means identical values (integers, booleans, UUIDs, text under a
-/// deterministic collation, bytes, dates and timestamps, and arrays of them), so that a type's
-/// hash cannot call two different stored values equal (`numeric` `1.0` and `1.00`, `citext`,
-/// a case-insensitive collation would); and the server has `hash_record_extended`
-/// (PostgreSQL 14). Else [`RowHash::Text`], which hashes the row's text.
-async fn row_hash(db: &Database, legacy: &str, new: &str) -> RowHash {
-    if db.backend() != Backend::Postgres {
-        return RowHash::Text;
+/// What a second look at some pieces found.
+struct Again {
+    found: Found,
+    /// Unexplained pieces whose summaries are equal now.
+    settled_unexplained: usize,
+}
+
+/// Compares `leaves` (pieces where keys differed) and `unexplained` pieces again from their
+/// summaries down.
+async fn look_again(
+    ctx: &Arc<Ctx>,
+    leaves: &[KeyRange],
+    unexplained: &[KeyRange],
+) -> Result<Again> {
+    let mut found = Found::default();
+    let mut settled_unexplained = 0;
+    for range in leaves {
+        found.merge(compare_range(ctx.clone(), range.clone(), None).await?);
     }
-    let (Some(l), Some(n)) = (column_types(db, legacy).await, column_types(db, new).await) else {
-        return RowHash::Text;
+    for range in unexplained {
+        let again = compare_range(ctx.clone(), range.clone(), None).await?;
+        if again.rows.is_empty() && again.unexplained.is_empty() {
+            settled_unexplained += 1;
+        }
+        found.merge(again);
+    }
+    Ok(Again {
+        found,
+        settled_unexplained,
+    })
+}
+
+/// Proves a projection on its own database (two databases): it runs and selects the key's
+/// columns.
+async fn check_projection(
+    db: &Database,
+    def: &MigrationDef,
+    what: &str,
+    sql: &str,
+    key_len: usize,
+) -> Result<()> {
+    let key_columns = projection_key_columns(key_len);
+    let columns = keyset::qualified(&key_columns, Some("p")).join(", ");
+    Query::assert_safe(format!("SELECT {columns} FROM ({sql}) p WHERE 1 = 0"))
+        .fetch_all(db)
+        .await
+        .map(drop)
+        .map_err(|e| match e {
+            e if e.is_unreachable() => e,
+            e => Error::Config(format!(
+                "migration {:?}: {what} SQL fails on {} (it must select the key as {}): {}",
+                def.name,
+                db.describe(),
+                key_columns.join(", ").replace('"', ""),
+                crate::definition::error_message(&e)
+            )),
+        })
+}
+
+/// How rows are hashed (see [`RowHash`]). One database: [`RowHash::Record`] when both
+/// projections' columns are of the same types, in the same order, and every type's equality
+/// means identical values (integers, booleans, UUIDs, text under a deterministic collation,
+/// bytes, dates and timestamps, and arrays of them), so that a type's hash cannot call two
+/// different stored values equal (`numeric` `1.0` and `1.00`, `citext`, a case-insensitive
+/// collation would); and the server has `hash_record_extended` (PostgreSQL 14). Else
+/// [`RowHash::Text`], which hashes the row's text. SQLite: [`RowHash::Client`].
+///
+/// Two databases: [`RowHash::Record`] on the same conditions, checked in each database, and
+/// both servers of one major version and one server encoding (the same hash functions over
+/// the same bytes); otherwise [`RowHash::Client`] (the row's text depends on each session's
+/// settings, so `Text` is never used across).
+async fn row_hash(legacy_db: &Database, new_db: &Database, legacy: &str, new: &str) -> RowHash {
+    if legacy_db.backend() != Backend::Postgres || new_db.backend() != Backend::Postgres {
+        return RowHash::Client;
+    }
+    let across = !legacy_db.same_database(new_db);
+    let fallback = if across {
+        RowHash::Client
+    } else {
+        RowHash::Text
+    };
+    if across {
+        let server = |db: &Database| {
+            let db = db.clone();
+            async move {
+                crate::db::query(
+                    "SELECT CAST(current_setting('server_version_num') AS INTEGER) / 10000 AS major,
+                            current_setting('server_encoding') AS encoding",
+                )
+                .fetch_one(&db)
+                .await
+                .ok()
+                .and_then(|row| Some((row.get::<i64>("major").ok()?, row.get::<String>("encoding").ok()?)))
+            }
+        };
+        let (l, n) = (server(legacy_db).await, server(new_db).await);
+        if l.is_none() || l != n {
+            return fallback;
+        }
+    }
+    let (Some(l), Some(n)) = (
+        column_types(legacy_db, legacy).await,
+        column_types(new_db, new).await,
+    ) else {
+        return fallback;
     };
     if l != n || !l.iter().all(|(_, exact)| *exact) {
-        return RowHash::Text;
+        return fallback;
     }
-    for proj in [legacy, new] {
+    for (db, proj) in [(legacy_db, legacy), (new_db, new)] {
         let probe = format!("SELECT hash_record_extended(p, 0) FROM ({proj}) p LIMIT 1");
         if Query::assert_safe(probe).fetch_all(db).await.is_err() {
-            return RowHash::Text;
+            return fallback;
         }
     }
     RowHash::Record
@@ -467,6 +622,8 @@ struct Found {
     segments: usize,
     differing_segments: usize,
     rows: BTreeMap<DynKey, Kind>,
+    /// The pieces compared row by row in which keys differed (looked at again as a whole).
+    leaves: Vec<KeyRange>,
     /// Ranges whose summaries differed with no differing key found in them.
     unexplained: Vec<KeyRange>,
 }
@@ -474,6 +631,7 @@ struct Found {
 impl Found {
     fn merge(&mut self, other: Found) {
         self.rows.extend(other.rows);
+        self.leaves.extend(other.leaves);
         self.unexplained.extend(other.unexplained);
     }
 }
@@ -486,12 +644,13 @@ async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
         None => {
             let (table, key) = ctx.def.shape(crate::Side::Legacy);
             let total: i64 = Query::assert_safe(format!("SELECT COUNT(*) FROM {table}"))
-                .run_on(ctx)
+                .run_on(ctx, Side::Legacy)
                 .await?
                 .first()
                 .map_or(Ok(0), |row| row.get_at(0))?;
             cuts_of(
                 ctx,
+                Side::Legacy,
                 &format!("SELECT {} FROM {table}", named(key)),
                 None,
                 u64::try_from(total).unwrap_or(0),
@@ -511,7 +670,7 @@ async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
 /// needs of them (its bisection cuts at exact row counts). `None` (then the exact way) on
 /// SQLite, for a table without statistics yet, or when sampling fails (a view, say).
 async fn sampled_cuts(ctx: &Ctx, segments: usize) -> Option<Vec<DynKey>> {
-    if ctx.db.backend() != Backend::Postgres || segments < 2 {
+    if ctx.legacy_db.backend() != Backend::Postgres || segments < 2 {
         return None;
     }
     let (table, key) = ctx.def.shape(crate::Side::Legacy);
@@ -519,7 +678,7 @@ async fn sampled_cuts(ctx: &Ctx, segments: usize) -> Option<Vec<DynKey>> {
         "SELECT CAST(reltuples AS DOUBLE PRECISION) FROM pg_class WHERE oid = to_regclass($1)",
     )
     .bind(table)
-    .scalar::<Option<f64>>(&ctx.db)
+    .scalar::<Option<f64>>(&ctx.legacy_db)
     .await
     .ok()??;
     if rows < 1.0 {
@@ -531,7 +690,7 @@ async fn sampled_cuts(ctx: &Ctx, segments: usize) -> Option<Vec<DynKey>> {
     let sample: Vec<DynKey> = Query::assert_safe(format!(
         "SELECT {columns} FROM {table} TABLESAMPLE SYSTEM ({percent}) ORDER BY {columns}"
     ))
-    .fetch_all(&ctx.db)
+    .fetch_all(&ctx.legacy_db)
     .await
     .ok()?
     .into_iter()
@@ -556,8 +715,8 @@ fn compare_range(
             Some(sizes) => sizes,
             None => {
                 let ((l, _), (n, _)) = tokio::try_join!(
-                    summarize(&ctx, &ctx.legacy, &range, &[]),
-                    summarize(&ctx, &ctx.new, &range, &[])
+                    summarize(&ctx, Side::Legacy, &range, &[]),
+                    summarize(&ctx, Side::New, &range, &[])
                 )?;
                 if l == n {
                     return Ok(Found::default());
@@ -570,11 +729,12 @@ fn compare_range(
             return compare_rows_found(&ctx, &range).await;
         }
         // Cut at the keys of the side with more rows in the range.
-        let proj = if legacy_rows >= new_rows {
-            &ctx.legacy
+        let side = if legacy_rows >= new_rows {
+            Side::Legacy
         } else {
-            &ctx.new
+            Side::New
         };
+        let (_, proj) = ctx.side(side);
         let p = keyset::predicate(&ctx.key, &range, 1);
         let source = format!(
             "SELECT {} FROM ({proj}) p WHERE ({}) AND NOT ({})",
@@ -582,7 +742,7 @@ fn compare_range(
             p.sql,
             ctx.null_key
         );
-        let mut cuts = cuts_of(&ctx, &source, Some(p.args), rows, FANOUT).await?;
+        let mut cuts = cuts_of(&ctx, side, &source, Some(p.args), rows, FANOUT).await?;
         // A cut at the range's own first key would leave one piece that is the whole range
         // again (one key holding most of the rows, in a one-to-many projection).
         if let Lower::From(first) = &range.lower {
@@ -601,6 +761,8 @@ async fn compare_rows_found(ctx: &Ctx, range: &KeyRange) -> Result<Found> {
     let mut found = Found::default();
     if rows.is_empty() {
         found.unexplained.push(range.clone());
+    } else {
+        found.leaves.push(range.clone());
     }
     found.rows = rows;
     Ok(found)
@@ -615,8 +777,8 @@ async fn compare_pieces(
     top: bool,
 ) -> Result<Found> {
     let ((l, legacy_null_keys), (n, new_null_keys)) = tokio::try_join!(
-        summarize(&ctx, &ctx.legacy, &range, &cuts),
-        summarize(&ctx, &ctx.new, &range, &cuts)
+        summarize(&ctx, Side::Legacy, &range, &cuts),
+        summarize(&ctx, Side::New, &range, &cuts)
     )?;
     let pieces = pieces(&range, &cuts);
     let mut found = Found::default();
@@ -684,6 +846,7 @@ fn named(key: &[String]) -> String {
 /// order, skipping the first row (each cut starts a piece).
 async fn cuts_of(
     ctx: &Ctx,
+    side: Side,
     source: &str,
     args: Option<Vec<Value>>,
     total: u64,
@@ -703,7 +866,7 @@ async fn cuts_of(
         names = names.join(", "),
     );
     let mut cuts: Vec<DynKey> = bound(Query::assert_safe(sql), args.unwrap_or_default())
-        .run_on(ctx)
+        .run_on(ctx, side)
         .await?
         .into_iter()
         .map(|row| crate::backfill::row_key(row, &ctx.kinds))
@@ -730,34 +893,41 @@ fn projection_error(name: &str, e: Error) -> Error {
 /// connection, a serialization failure; [`retry::retrying`]) and counted in
 /// `twintrack.verify.retries`; a failure that remains is a projection failing at run time.
 trait RunOn {
-    async fn run_on(self, ctx: &Ctx) -> Result<Vec<Row>>;
+    async fn run_on(self, ctx: &Ctx, side: Side) -> Result<Vec<Row>>;
 }
 
 impl RunOn for Query {
-    async fn run_on(self, ctx: &Ctx) -> Result<Vec<Row>> {
-        let counted = |reason: &'static str| {
-            ctx.metrics.verify_retries.add(
-                1,
-                &[
-                    KeyValue::new("migration", ctx.def.name.clone()),
-                    KeyValue::new("reason", reason),
-                ],
-            );
-        };
-        retry::retrying(&format!("verify of {:?}", ctx.def.name), counted, || {
-            self.clone().fetch_all(&ctx.db)
-        })
+    async fn run_on(self, ctx: &Ctx, side: Side) -> Result<Vec<Row>> {
+        let (db, _) = ctx.side(side);
+        retry::retrying(
+            &format!("verify of {:?}", ctx.def.name),
+            counted(ctx),
+            || self.clone().fetch_all(db),
+        )
         .await
         .map_err(|e| projection_error(&ctx.def.name, e))
     }
 }
 
-/// Count and order-independent hash of `proj`'s rows in each piece of `range` between `cuts`,
+/// Counts a verify's retry in `twintrack.verify.retries`.
+fn counted(ctx: &Ctx) -> impl Fn(&'static str) + '_ {
+    move |reason: &'static str| {
+        ctx.metrics.verify_retries.add(
+            1,
+            &[
+                KeyValue::new("migration", ctx.def.name.clone()),
+                KeyValue::new("reason", reason),
+            ],
+        );
+    }
+}
+
+/// Count and order-independent hash of `side`'s rows in each piece of `range` between `cuts`,
 /// and how many rows the range's predicate let through with a `NULL` in their key (held by no
 /// piece; counted for the whole key space, where the predicate lets every row through).
 async fn summarize(
     ctx: &Ctx,
-    proj: &str,
+    side: Side,
     range: &KeyRange,
     cuts: &[DynKey],
 ) -> Result<(Vec<Summary>, u64)> {
@@ -766,156 +936,231 @@ async fn summarize(
         .acquire()
         .await
         .map_err(|_| Error::Internal("verify stopped".into()))?;
-    match ctx.db.backend() {
-        Backend::Postgres => {
-            let p = keyset::predicate(&ctx.key, range, 1);
-            let mut args = p.args;
-            let bucket = if cuts.is_empty() {
-                "0".to_owned()
-            } else {
-                let mut items = Vec::with_capacity(cuts.len());
-                for cut in cuts {
-                    let params: Vec<String> = cut
-                        .parts()
-                        .iter()
-                        .map(|part| {
-                            args.push(part.to_value());
-                            format!("${}", args.len())
-                        })
-                        .collect();
-                    items.push(match params.as_slice() {
-                        [one] => one.clone(),
-                        many => format!("ROW({})", many.join(", ")),
-                    });
-                }
-                // Record values compare column types strictly: each key column is cast to the
-                // type its thresholds are bound as (a `smallint` to `integer`, say).
-                let operand = match ctx.key.as_slice() {
-                    [one] => one.clone(),
-                    many => format!(
-                        "ROW({})",
-                        many.iter()
-                            .zip(&ctx.kinds)
-                            .map(|(column, kind)| format!(
-                                "CAST({column} AS {})",
-                                kind.postgres_type()
-                            ))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                };
-                // A scalar subquery: the array is built once (an InitPlan), not for every row
-                // as a bare `ARRAY[$1, …]` of parameters would be.
-                format!(
-                    "width_bucket({operand}, (SELECT ARRAY[{}]))",
-                    items.join(", ")
-                )
-            };
-            let sql = format!(
-                "SELECT CASE WHEN {} THEN -1 ELSE {bucket} END AS seg, COUNT(*) AS n,
-                        CAST(COALESCE(SUM({}), 0) AS TEXT) AS h
-                 FROM ({proj}) p WHERE {} GROUP BY 1",
-                ctx.null_key,
-                ctx.hash.sql(),
-                p.sql
-            );
-            let rows = bound(Query::assert_safe(sql), args).run_on(ctx).await?;
-            let mut out = vec![Summary::default(); cuts.len() + 1];
-            for s in out.iter_mut() {
-                s.hash = "0".into();
-            }
-            let mut null_keys = 0;
-            for row in rows {
-                let seg: i64 = row.get("seg")?;
-                if seg == -1 {
-                    null_keys = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
-                    continue;
-                }
-                let slot = out
-                    .get_mut(usize::try_from(seg).unwrap_or(usize::MAX))
-                    .ok_or_else(|| Error::Internal(format!("width_bucket gave segment {seg}")))?;
-                slot.rows = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
-                slot.hash = row.get("h")?;
-            }
-            Ok((out, null_keys))
+    let (_, proj) = ctx.side(side);
+    if ctx.hash == RowHash::Client {
+        let mut out = Vec::with_capacity(cuts.len() + 1);
+        for piece in pieces(range, cuts) {
+            let (rows, hash) = stream_rows(
+                ctx,
+                side,
+                &piece,
+                || (0u64, 0u64),
+                |(rows, hash), _, doc| {
+                    *rows += 1;
+                    *hash = hash.wrapping_add(fnv1a(canonical(&doc).as_bytes()));
+                    Ok(())
+                },
+            )
+            .await?;
+            out.push(Summary {
+                rows,
+                hash: hash.to_string(),
+            });
         }
-        Backend::Sqlite => {
-            let mut out = Vec::with_capacity(cuts.len() + 1);
-            for piece in pieces(range, cuts) {
-                let mut rows = 0u64;
-                let mut hash = 0u64;
-                for docs in fetch_rows(ctx, proj, &piece).await?.into_values() {
-                    for doc in docs {
-                        rows += 1;
-                        hash = hash.wrapping_add(fnv1a(doc.to_string().as_bytes()));
+        if *range != KeyRange::all() {
+            return Ok((out, 0));
+        }
+        let null_keys: i64 = Query::assert_safe(format!(
+            "SELECT COUNT(*) FROM ({proj}) p WHERE {}",
+            ctx.null_key
+        ))
+        .run_on(ctx, side)
+        .await?
+        .first()
+        .map_or(Ok(0), |row| row.get_at(0))?;
+        return Ok((out, u64::try_from(null_keys).unwrap_or(0)));
+    }
+    let p = keyset::predicate(&ctx.key, range, 1);
+    let mut args = p.args;
+    let bucket = if cuts.is_empty() {
+        "0".to_owned()
+    } else {
+        let mut items = Vec::with_capacity(cuts.len());
+        for cut in cuts {
+            let params: Vec<String> = cut
+                .parts()
+                .iter()
+                .map(|part| {
+                    args.push(part.to_value());
+                    format!("${}", args.len())
+                })
+                .collect();
+            items.push(match params.as_slice() {
+                [one] => one.clone(),
+                many => format!("ROW({})", many.join(", ")),
+            });
+        }
+        // Record values compare column types strictly: each key column is cast to the
+        // type its thresholds are bound as (a `smallint` to `integer`, say).
+        let operand = match ctx.key.as_slice() {
+            [one] => one.clone(),
+            many => format!(
+                "ROW({})",
+                many.iter()
+                    .zip(&ctx.kinds)
+                    .map(|(column, kind)| format!("CAST({column} AS {})", kind.postgres_type()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        // A scalar subquery: the array is built once (an InitPlan), not for every row
+        // as a bare `ARRAY[$1, …]` of parameters would be.
+        format!(
+            "width_bucket({operand}, (SELECT ARRAY[{}]))",
+            items.join(", ")
+        )
+    };
+    let sql = format!(
+        "SELECT CASE WHEN {} THEN -1 ELSE {bucket} END AS seg, COUNT(*) AS n,
+                CAST(COALESCE(SUM({}), 0) AS TEXT) AS h
+         FROM ({proj}) p WHERE {} GROUP BY 1",
+        ctx.null_key,
+        ctx.hash.sql(),
+        p.sql
+    );
+    let rows = bound(Query::assert_safe(sql), args)
+        .run_on(ctx, side)
+        .await?;
+    let mut out = vec![Summary::default(); cuts.len() + 1];
+    for s in out.iter_mut() {
+        s.hash = "0".into();
+    }
+    let mut null_keys = 0;
+    for row in rows {
+        let seg: i64 = row.get("seg")?;
+        if seg == -1 {
+            null_keys = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
+            continue;
+        }
+        let slot = out
+            .get_mut(usize::try_from(seg).unwrap_or(usize::MAX))
+            .ok_or_else(|| Error::Internal(format!("width_bucket gave segment {seg}")))?;
+        slot.rows = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
+        slot.hash = row.get("h")?;
+    }
+    Ok((out, null_keys))
+}
+
+/// A projection's row: each column's value in its canonical text, by column name. On
+/// PostgreSQL the text `row_to_json` gives the value (its type's own output, so `numeric`
+/// keeps every digit); on SQLite the value as JSON.
+type Doc = BTreeMap<String, String>;
+
+/// A row's canonical text: a JSON object of its columns in name order, each value in its
+/// canonical text ([`Doc`]). What the client-side hash hashes, and what rows compare by.
+fn canonical(doc: &Doc) -> String {
+    let mut out = String::from("{");
+    for (i, (name, value)) in doc.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&Json::String(name.clone()).to_string());
+        out.push(':');
+        out.push_str(value);
+    }
+    out.push('}');
+    out
+}
+
+/// Streams `side`'s rows in `range` (a `NULL` key excluded) to `f`, each with its key, in
+/// bounded memory, folding them into a state that starts as `init()`. A transient failure
+/// (a lost connection) starts the statement over with a fresh state, so no row counts twice.
+async fn stream_rows<S>(
+    ctx: &Ctx,
+    side: Side,
+    range: &KeyRange,
+    init: impl Fn() -> S,
+    mut f: impl FnMut(&mut S, DynKey, Doc) -> Result<()> + Send,
+) -> Result<S>
+where
+    S: Send,
+{
+    let (db, proj) = ctx.side(side);
+    let p = keyset::predicate(&ctx.key, range, 1);
+    let n = ctx.kinds.len();
+    let sql = match db.backend() {
+        Backend::Postgres => format!(
+            "SELECT {}, CAST(row_to_json(p) AS TEXT) AS twintrack_doc FROM ({proj}) p WHERE ({}) AND NOT ({})",
+            ctx.key.join(", "),
+            p.sql,
+            ctx.null_key
+        ),
+        Backend::Sqlite => format!(
+            "SELECT * FROM ({proj}) p WHERE ({}) AND NOT ({})",
+            p.sql, ctx.null_key
+        ),
+    };
+    let query = bound(Query::assert_safe(sql), p.args);
+    let names = projection_key_columns(n);
+    let backend = db.backend();
+    let mut attempt = 0u32;
+    loop {
+        let mut state = init();
+        let result = query
+            .clone()
+            .for_each(db, |row| {
+                let (key, doc) = match backend {
+                    Backend::Postgres => {
+                        let mut values = row.into_values();
+                        let doc = values.pop().unwrap_or(Value::Null);
+                        let key = DynKey::from_values(values.into_iter().take(n), &ctx.kinds)?;
+                        let Value::Text(text) = doc else {
+                            return Err(Error::Internal("row_to_json gave no text".into()));
+                        };
+                        (key, doc_of_json(&text)?)
                     }
-                }
-                out.push(Summary {
-                    rows,
-                    hash: hash.to_string(),
-                });
-            }
-            if *range != KeyRange::all() {
-                return Ok((out, 0));
-            }
-            let null_keys: i64 = Query::assert_safe(format!(
-                "SELECT COUNT(*) FROM ({proj}) p WHERE {}",
-                ctx.null_key
-            ))
-            .run_on(ctx)
-            .await?
-            .first()
-            .map_or(Ok(0), |row| row.get_at(0))?;
-            Ok((out, u64::try_from(null_keys).unwrap_or(0)))
-        }
+                    Backend::Sqlite => (key_of(&row, &names, &ctx.kinds)?, doc_of_row(&row)),
+                };
+                f(&mut state, key, doc)
+            })
+            .await;
+        let err = match result {
+            Ok(_) => return Ok(state),
+            Err(err) => err,
+        };
+        let Some(reason) = retry::transient(&err).filter(|_| attempt < retry::MAX_RETRIES) else {
+            return Err(projection_error(&ctx.def.name, err));
+        };
+        attempt += 1;
+        counted(ctx)(reason);
+        let backoff = Duration::from_millis(50u64 << attempt.min(7)).min(Duration::from_secs(5));
+        tracing::warn!(migration = %ctx.def.name, attempt, reason, error = %err, retry_in = ?backoff,
+            "verify: reading a projection failed transiently; starting it over");
+        tokio::time::sleep(backoff).await;
     }
 }
 
-/// Each key's rows of `proj` in `range`, as JSON objects by column name.
-async fn fetch_rows(
-    ctx: &Ctx,
-    proj: &str,
-    range: &KeyRange,
-) -> Result<BTreeMap<DynKey, Vec<Json>>> {
-    let p = keyset::predicate(&ctx.key, range, 1);
-    let n = ctx.kinds.len();
-    let mut out: BTreeMap<DynKey, Vec<Json>> = BTreeMap::new();
-    match ctx.db.backend() {
-        Backend::Postgres => {
-            let sql = format!(
-                "SELECT {}, CAST(row_to_json(p) AS TEXT) AS twintrack_doc FROM ({proj}) p WHERE ({}) AND NOT ({})",
-                ctx.key.join(", "),
-                p.sql,
-                ctx.null_key
-            );
-            let rows = bound(Query::assert_safe(sql), p.args).run_on(ctx).await?;
-            for row in rows {
-                let mut values = row.into_values();
-                let doc = values.pop().unwrap_or(Value::Null);
-                let key = DynKey::from_values(values.into_iter().take(n), &ctx.kinds)?;
-                let doc = match doc {
-                    Value::Text(t) => serde_json::from_str(&t).unwrap_or(Json::String(t)),
-                    other => other.to_json(),
-                };
-                out.entry(key).or_default().push(doc);
-            }
-        }
-        Backend::Sqlite => {
-            let sql = format!(
-                "SELECT * FROM ({proj}) p WHERE ({}) AND NOT ({})",
-                p.sql, ctx.null_key
-            );
-            let rows = bound(Query::assert_safe(sql), p.args).run_on(ctx).await?;
-            let names = projection_key_columns(n);
-            for row in rows {
-                let key = key_of(&row, &names, &ctx.kinds)?;
-                out.entry(key)
-                    .or_default()
-                    .push(Json::Object(row_to_json(&row)));
-            }
-        }
-    }
-    Ok(out)
+/// A [`Doc`] from `row_to_json`'s text: each value's raw JSON text, as PostgreSQL wrote it.
+fn doc_of_json(text: &str) -> Result<Doc> {
+    let raw: BTreeMap<String, Box<serde_json::value::RawValue>> = serde_json::from_str(text)
+        .map_err(|e| Error::Internal(format!("row_to_json gave no JSON object: {e}")))?;
+    Ok(raw
+        .into_iter()
+        .map(|(name, value)| (name, value.get().to_owned()))
+        .collect())
+}
+
+/// A [`Doc`] from a row's values.
+fn doc_of_row(row: &Row) -> Doc {
+    row.names()
+        .zip(row.values())
+        .map(|(name, value)| (name.to_owned(), value.to_json().to_string()))
+        .collect()
+}
+
+/// Each key's rows of `side` in `range`.
+async fn fetch_rows(ctx: &Ctx, side: Side, range: &KeyRange) -> Result<BTreeMap<DynKey, Vec<Doc>>> {
+    stream_rows(
+        ctx,
+        side,
+        range,
+        BTreeMap::new,
+        |out: &mut BTreeMap<DynKey, Vec<Doc>>, key, doc| {
+            out.entry(key).or_default().push(doc);
+            Ok(())
+        },
+    )
+    .await
 }
 
 /// The key columns (by name, `key` or `key1`…) of a projection's row.
@@ -927,14 +1172,6 @@ fn key_of(row: &Row, names: &[String], kinds: &[KeyKind]) -> Result<DynKey> {
     DynKey::from_values(values, kinds)
 }
 
-/// A row as a JSON object, each value as the database returned it.
-fn row_to_json(row: &Row) -> Map<String, Json> {
-    row.names()
-        .zip(row.values())
-        .map(|(name, value)| (name.to_owned(), value.to_json()))
-        .collect()
-}
-
 /// Key-by-key comparison of `range`, each key's rows as a multiset.
 async fn compare_rows(ctx: &Ctx, range: &KeyRange) -> Result<BTreeMap<DynKey, Kind>> {
     let _permit = ctx
@@ -943,8 +1180,8 @@ async fn compare_rows(ctx: &Ctx, range: &KeyRange) -> Result<BTreeMap<DynKey, Ki
         .await
         .map_err(|_| Error::Internal("verify stopped".into()))?;
     let (legacy, new) = tokio::try_join!(
-        fetch_rows(ctx, &ctx.legacy, range),
-        fetch_rows(ctx, &ctx.new, range)
+        fetch_rows(ctx, Side::Legacy, range),
+        fetch_rows(ctx, Side::New, range)
     )?;
     let mut out = BTreeMap::new();
     for (key, l) in &legacy {
@@ -965,40 +1202,27 @@ async fn compare_rows(ctx: &Ctx, range: &KeyRange) -> Result<BTreeMap<DynKey, Ki
     Ok(out)
 }
 
-/// One key compared again: empty when both sides agree now.
-async fn compare_key(ctx: &Ctx, key: &DynKey) -> Result<BTreeMap<DynKey, Kind>> {
-    compare_rows(ctx, &KeyRange::exactly(key.clone())).await
-}
-
-/// `None` when the two multisets of rows are equal; else the columns (other than the key's,
-/// `keys`) whose multisets of values differ (`(rows)` when every column agrees but the rows
-/// pair values differently).
-fn differing(l: &[Json], n: &[Json], keys: &[String]) -> Option<Vec<String>> {
-    let sorted = |rows: &[Json]| {
-        let mut texts: Vec<String> = rows.iter().map(Json::to_string).collect();
+/// `None` when the two multisets of rows are equal (each row by its canonical text); else
+/// the columns (other than the key's, `keys`) whose multisets of values differ (`(rows)` when
+/// every column agrees but the rows pair values differently).
+fn differing(l: &[Doc], n: &[Doc], keys: &[String]) -> Option<Vec<String>> {
+    let sorted = |rows: &[Doc]| {
+        let mut texts: Vec<String> = rows.iter().map(canonical).collect();
         texts.sort();
         texts
     };
     if sorted(l) == sorted(n) {
         return None;
     }
-    let mut names: Vec<&String> = l
-        .iter()
-        .chain(n)
-        .filter_map(Json::as_object)
-        .flat_map(Map::keys)
-        .collect();
+    let mut names: Vec<&String> = l.iter().chain(n).flat_map(BTreeMap::keys).collect();
     names.sort();
     names.dedup();
-    let column = |rows: &[Json], name: &str| {
+    let column = |rows: &[Doc], name: &str| -> Vec<String> {
         let mut values: Vec<String> = rows
             .iter()
-            .map(|r| {
-                r.get(name)
-                    .map_or_else(|| "(absent)".to_owned(), Json::to_string)
-            })
+            .map(|r| r.get(name).cloned().unwrap_or_else(|| "(absent)".into()))
             .collect();
-        values.sort();
+        values.sort_unstable();
         values
     };
     let columns: Vec<String> = names
@@ -1028,11 +1252,16 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A [`Doc`] from a JSON object literal, as PostgreSQL's `row_to_json` would give it.
+    fn doc(v: Json) -> Doc {
+        doc_of_json(&v.to_string()).unwrap()
+    }
+
     #[test]
     fn rows_compare_as_multisets_and_name_the_columns_that_differ() {
         let keys = ["key".to_owned()];
-        let a = json!({"key": 1, "tag": "a"});
-        let b = json!({"key": 1, "tag": "b"});
+        let a = doc(json!({"key": 1, "tag": "a"}));
+        let b = doc(json!({"key": 1, "tag": "b"}));
         assert_eq!(
             differing(&[a.clone(), b.clone()], &[b.clone(), a.clone()], &keys),
             None
@@ -1051,14 +1280,38 @@ mod tests {
             differing(std::slice::from_ref(&a), std::slice::from_ref(&b), &keys),
             Some(vec!["tag".to_owned()])
         );
-        let x1 = json!({"k": 1, "u": "a", "v": "x"});
-        let x2 = json!({"k": 1, "u": "b", "v": "y"});
-        let y1 = json!({"k": 1, "u": "a", "v": "y"});
-        let y2 = json!({"k": 1, "u": "b", "v": "x"});
+        let x1 = doc(json!({"k": 1, "u": "a", "v": "x"}));
+        let x2 = doc(json!({"k": 1, "u": "b", "v": "y"}));
+        let y1 = doc(json!({"k": 1, "u": "a", "v": "y"}));
+        let y2 = doc(json!({"k": 1, "u": "b", "v": "x"}));
         assert_eq!(
             differing(&[x1, x2], &[y1, y2], &["k".to_owned()]),
             Some(vec!["(rows)".to_owned()])
         );
+    }
+
+    #[test]
+    fn numbers_compare_by_every_digit_postgresql_wrote() {
+        // Beyond a double's precision: equal as f64, different as numeric.
+        let l = doc_of_json(r#"{"key":7,"amount":12345678901234567.01}"#).unwrap();
+        let n = doc_of_json(r#"{"key":7,"amount":12345678901234567.02}"#).unwrap();
+        assert_eq!(
+            differing(
+                std::slice::from_ref(&l),
+                std::slice::from_ref(&n),
+                &["key".to_owned()]
+            ),
+            Some(vec!["amount".to_owned()])
+        );
+        assert_ne!(
+            fnv1a(canonical(&l).as_bytes()),
+            fnv1a(canonical(&n).as_bytes())
+        );
+        // Column order does not matter; the canonical text sorts by name.
+        let a = doc_of_json(r#"{"key":1,"b":2,"a":"x"}"#).unwrap();
+        let b = doc_of_json(r#"{"a":"x","key":1,"b":2}"#).unwrap();
+        assert_eq!(canonical(&a), canonical(&b));
+        assert_eq!(canonical(&a), r#"{"a":"x","b":2,"key":1}"#);
     }
 
     #[test]

@@ -315,6 +315,42 @@ async fn ends_of(backend: &str, url: &str, ty: &str, sets: &[&[i64]]) {
             }
         }
     }
+    // `$1` cast to the key's type cannot take a bound below every bigint: a batch starting at
+    // i64::MIN is refused as bad input naming {batch}, and nothing is copied.
+    if backend == "postgres" && ty == "BIGINT" {
+        let cast = ext_config(
+            &dir.path().join("cast"),
+            &EXT_COPY_BOUNDS.replace("$1", "$1::bigint"),
+        );
+        exec(&db, "DELETE FROM ext_legacy").await;
+        exec(&db, "DELETE FROM ext_new").await;
+        for k in [i64::MIN, 5] {
+            query("INSERT INTO ext_legacy (id, v) VALUES ($1, 'x')")
+                .bind(k)
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+        let (code, _, err) = tt(&url, &cast, &["backfill", "ext"]);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains("{batch}") && err.contains("below every bigint"),
+            "{err}"
+        );
+        assert_eq!(count(&db, "ext_new").await, 0);
+        // Abandon the refused run (as moving back to legacy_only does), for the next types.
+        for stage in ["legacy_only", "dual_write"] {
+            assert_eq!(
+                tt(
+                    &url,
+                    &cast,
+                    &["stage", "set", "ext", stage, "--reason", "t"]
+                )
+                .0,
+                0
+            );
+        }
+    }
 }
 
 /// A million keys, 99% of them in 1% of the range: chunks are cut at the table's own keys, so
@@ -1102,4 +1138,48 @@ new_projection = "SELECT id AS key, v FROM ext_new"
     );
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("CLEAN"), "{text}");
+}
+
+/// Values a double cannot tell apart (`numeric` past 17 digits) are compared by every digit
+/// PostgreSQL writes: the key is named with its column, never an unexplained segment and never
+/// clean; `--repair` copies it and the verify ends clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn numbers_that_differ_past_a_doubles_precision_are_named_and_repaired() {
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = Database::connect(&pg.url).await.unwrap();
+    for sql in [
+        "CREATE TABLE ext_legacy (id BIGINT PRIMARY KEY, v NUMERIC NOT NULL)",
+        "CREATE TABLE ext_new (id BIGINT PRIMARY KEY, v NUMERIC NOT NULL)",
+        "INSERT INTO ext_legacy SELECT g, 12345678901234567.01 + g FROM generate_series(1, 3000) g",
+    ] {
+        exec(&db, sql).await;
+    }
+    let config = ext_config(dir.path(), EXT_COPY_BATCH);
+    let run = |args: &[&str]| tt(&pg.url, &config, args);
+    assert_eq!(run(&["init"]).0, 0);
+    assert_eq!(
+        run(&["stage", "set", "ext", "dual_write", "--reason", "go"]).0,
+        0
+    );
+    assert_eq!(run(&["backfill", "ext"]).0, 0);
+    assert_eq!(run(&["verify", "ext"]).0, 0);
+    exec(&db, "UPDATE ext_new SET v = v + 0.01 WHERE id = 1700").await;
+    let (code, out, _) = run(&["--json", "verify", "ext", "--segments", "4"]);
+    assert_eq!(code, 1, "{out}");
+    let report = json_of(&out);
+    assert_eq!(
+        report["different"],
+        json!([{"key": 1700, "columns": ["v"]}]),
+        "{report}"
+    );
+    assert_eq!(report["unexplained_segments"], 0, "{report}");
+    let (code, out, _) = run(&["--json", "verify", "ext", "--key", "1700"]);
+    assert_eq!(code, 1, "{out}");
+    let (code, out, err) = run(&["--json", "verify", "ext", "--repair"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(json_of(&out)["repaired"], json!([1700]));
+    assert_eq!(run(&["verify", "ext"]).0, 0);
 }

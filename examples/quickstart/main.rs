@@ -10,6 +10,10 @@
 //!
 //! - `DATABASE_URL`: default `sqlite://twintrack-quickstart.db?mode=rwc`; a `postgres://` URL
 //!   works the same (and flag flips then arrive by `NOTIFY` instead of the 1 s refresh).
+//! - `NEW_DATABASE_URL`: optional; the new shape (`user_settings`) then lives in this database
+//!   of its own (same backend as `DATABASE_URL`), `users` stays in `DATABASE_URL`. Writes
+//!   commit on the authoritative side with a repair intent, then reach the other database;
+//!   the CLI finds it through `new_database_url_env` in `examples/quickstart.toml`.
 //! - `TWINTRACK_LISTEN`: default `127.0.0.1:8080`.
 //! - `REPLICA_DATABASE_URLS`: comma-separated streaming replicas of a `postgres://` primary.
 //!   Reads go to them unless the request wrote, or carries a read-your-writes token that no
@@ -77,15 +81,38 @@ async fn run() -> Result<(), BoxError> {
     // First: twintrack's parts record through the global meter, which this makes Prometheus.
     let prometheus = PrometheusExporter::install_global()?;
     let db = Database::connect(&url).await?;
+    let new_db = match std::env::var("NEW_DATABASE_URL") {
+        Ok(new_url) if !new_url.trim().is_empty() => {
+            let new_db = Database::connect(&new_url).await.map_err(|e| match e {
+                twintrack::Error::Unreachable(source) => {
+                    twintrack::Error::Unreachable(sqlx::Error::Io(std::io::Error::other(format!(
+                        "the new database (NEW_DATABASE_URL): {source}"
+                    ))))
+                }
+                other => other,
+            })?;
+            if new_db.backend() != db.backend() {
+                return Err(twintrack::Error::Config(
+                    "NEW_DATABASE_URL must be of the same backend as DATABASE_URL".into(),
+                )
+                .into());
+            }
+            Some(new_db).filter(|n| !n.same_database(&db))
+        }
+        _ => None,
+    };
     // The backend is picked by the URL: the rest runs on that backend's native driver.
     match db.backend() {
-        Backend::Postgres => serve::<sqlx::Postgres>(db, &listen, debug_headers, prometheus).await,
-        _ => serve::<sqlx::Sqlite>(db, &listen, debug_headers, prometheus).await,
+        Backend::Postgres => {
+            serve::<sqlx::Postgres>(db, new_db, &listen, debug_headers, prometheus).await
+        }
+        _ => serve::<sqlx::Sqlite>(db, new_db, &listen, debug_headers, prometheus).await,
     }
 }
 
 async fn serve<DB: Native>(
     db: Database,
+    new_db: Option<Database>,
     listen: &str,
     debug_headers: bool,
     prometheus: PrometheusExporter,
@@ -93,7 +120,13 @@ async fn serve<DB: Native>(
     let pool = DB::typed(&db)
         .ok_or("a database of another backend")?
         .clone();
-    repos::create_shapes::<i64>(&db).await?;
+    repos::create_shapes_apart::<i64>(&db, new_db.as_ref().unwrap_or(&db)).await?;
+    if let Some(new_db) = &new_db {
+        // Repair intents of writes made while the new shape is authoritative live there.
+        twintrack::schema::install(new_db).await?;
+        tracing::info!(legacy = %db.describe(), new = %new_db.describe(),
+            "two databases: users in the first, user_settings in the second");
+    }
 
     // twintrack's own tables, and the migration from the same file the CLI reads.
     let config = Config::parse(include_str!("../quickstart.toml"))?;
@@ -106,24 +139,50 @@ async fn serve<DB: Native>(
     let flags = flags.build().await;
 
     let router = read_router(&db).await?;
-    let (legacy, new) = repos::repos::<DB, i64>();
+    let (legacy, new) = match new_db {
+        None => repos::repos::<DB, i64>(),
+        // The new database holds only `user_settings`: no `users` there to check against.
+        Some(_) => repos::split_repos::<DB, i64>(),
+    };
     let migration = config
         .migration(MIGRATION)
         .ok_or("examples/quickstart.toml defines no user_settings migration")?;
     let definition = migration.definition(db.backend())?;
-    // The repair worker re-syncs keys with the same SQL as `twintrack verify --repair`.
-    let settings = DualStore::builder(
+    // The repair worker re-syncs keys with the same SQL as `twintrack verify --repair` (one
+    // database), or through `SettingsResync` across two.
+    let mut settings = DualStore::builder(
         MIGRATION,
         legacy,
         new,
         pool,
         flags.clone(),
         SettingsResync::default(),
-    )
-    .router(router.clone())
-    .primary_reads(migration.primary_reads)
-    .definition(definition)
-    .build()?;
+    );
+    if let Some(new_db) = &new_db {
+        settings = settings.new_database(
+            DB::typed(new_db)
+                .ok_or("a database of another backend")?
+                .clone(),
+        );
+    }
+    let settings = settings
+        .router(router.clone())
+        .primary_reads(migration.primary_reads)
+        .definition(definition)
+        .build()?;
+    if new_db.is_some() {
+        // Two databases: a write whose second side failed (or whose process died before it)
+        // left a repair intent; replay those older than a few seconds, every few seconds.
+        let store = settings.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                if let Err(err) = store.repair(std::time::Duration::from_secs(2)).await {
+                    tracing::warn!(error = %err, "repair pass failed; trying again");
+                }
+            }
+        });
+    }
     let app = app::app(
         Users { settings },
         flags,

@@ -350,9 +350,27 @@ pub fn split_repos<DB: Native, K: UserId>() -> (Repo<DB, K>, Repo<DB, K>) {
 
 /// Both shapes, created idempotently, with user ids of type `K`. The new table starts empty.
 pub async fn create_shapes<K: UserId>(db: &Database) -> twintrack::Result<()> {
+    create_shapes_apart::<K>(db, db).await
+}
+
+/// Creates `users` in `legacy` and `user_settings` in `new` (idempotent): the new shape in a
+/// database of its own when they differ.
+pub async fn create_shapes_apart<K: UserId>(
+    legacy: &Database,
+    new: &Database,
+) -> twintrack::Result<()> {
+    let [users, _] = shape_ddl::<K>(legacy);
+    Query::assert_safe(users).execute(legacy).await?;
+    let [_, settings] = shape_ddl::<K>(new);
+    Query::assert_safe(settings).execute(new).await?;
+    Ok(())
+}
+
+/// `CREATE TABLE IF NOT EXISTS` of `users` and of `user_settings`, for `db`'s backend.
+fn shape_ddl<K: UserId>(db: &Database) -> [String; 2] {
     let id = K::id_column(db.backend());
     let key = K::key_type(db.backend());
-    let statements = match db.backend() {
+    match db.backend() {
         Backend::Postgres => [
             format!(
                 "CREATE TABLE IF NOT EXISTS users (id {id}, email TEXT NOT NULL UNIQUE, profile JSONB NOT NULL DEFAULT '{{}}')"
@@ -369,11 +387,7 @@ pub async fn create_shapes<K: UserId>(db: &Database) -> twintrack::Result<()> {
                 "CREATE TABLE IF NOT EXISTS user_settings (user_id {key} PRIMARY KEY, theme TEXT NOT NULL, notifications_enabled INTEGER NOT NULL)"
             ),
         ],
-    };
-    for sql in statements {
-        Query::assert_safe(sql).execute(db).await?;
     }
-    Ok(())
 }
 
 /// Why a user operation did not happen.

@@ -5,26 +5,52 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{Env, Output};
-use crate::Error;
+use crate::across::CrossCopier;
 use crate::backfill::{self, BackfillOptions, Progress};
-use crate::definition::{Direction, MigrationDef};
+use crate::config::MigrationConfig;
+use crate::definition::Direction;
 use crate::flags::SqlFlagStore;
 use crate::metrics::Metrics;
 use crate::verify::{self, VerifyOptions};
+use crate::{Database, Error};
 
-/// The migration's definition from the config file, for the database's backend.
-fn definition(env: &Env, migration: &str, db: &crate::Database) -> Result<MigrationDef, Error> {
+/// The migration's entry in the config file.
+fn migration_config(env: &Env, migration: &str) -> Result<MigrationConfig, Error> {
     let config = env.config()?.ok_or_else(|| {
         Error::Config(
             "backfill and verify need the migration's definition: pass --config or create twintrack.toml".into(),
         )
     })?;
-    let m = config.migration(migration).ok_or_else(|| {
+    config.migration(migration).cloned().ok_or_else(|| {
         Error::Config(format!(
             "migration {migration:?} is not defined in the config file"
         ))
-    })?;
-    m.definition(db.backend())
+    })
+}
+
+/// The new shape's database when it lives apart from `db` (the same database given twice
+/// counts as one), checked to be of the same backend.
+async fn apart(
+    env: &Env,
+    m: &MigrationConfig,
+    db: &Database,
+    max_connections: u32,
+) -> Result<Option<Database>, Error> {
+    let Some(new_db) = env.new_database(Some(m), max_connections).await? else {
+        return Ok(None);
+    };
+    if new_db.same_database(db) {
+        return Ok(None);
+    }
+    if new_db.backend() != db.backend() {
+        return Err(Error::Config(format!(
+            "migration {:?}: the legacy database is {} and the new one {}: both shapes' databases must be of one backend",
+            m.name,
+            db.backend().as_str(),
+            new_db.backend().as_str()
+        )));
+    }
+    Ok(Some(new_db))
 }
 
 /// The options of `twintrack backfill`.
@@ -45,8 +71,10 @@ pub(crate) async fn backfill(
     migration: &str,
     args: BackfillArgs,
 ) -> Result<ExitCode, Error> {
+    let m = migration_config(env, migration)?;
     let db = env.database_with(args.workers as u32 + 2).await?;
-    let def = definition(env, migration, &db)?;
+    let def = m.definition(db.backend())?;
+    let new_db = apart(env, &m, &db, args.workers as u32 + 2).await?;
     let flags = SqlFlagStore::new(db.clone());
     let replicas = match args.max_lag_ms {
         Some(_) if !args.replicas.is_empty() && db.backend() == crate::Backend::Postgres => Some(
@@ -75,7 +103,7 @@ pub(crate) async fn backfill(
         ..BackfillOptions::default()
     };
     let bar = std::io::stderr().is_terminal() && !out.is_json();
-    let report = backfill::run(&db, &flags, &def, options, Metrics::global(), move |p| {
+    let progress = move |p: &Progress| {
         if bar {
             draw(p);
         } else if p.paused {
@@ -87,8 +115,30 @@ pub(crate) async fn backfill(
                     .unwrap_or("replica lag over --max-lag-ms")
             );
         }
-    })
-    .await;
+    };
+    let report = match &new_db {
+        None => backfill::run(&db, &flags, &def, options, Metrics::global(), progress).await,
+        Some(new_db) => {
+            // Two databases: each batch read on the source, written to the other database by
+            // the definition's `copy_select`; proved before anything is written.
+            let kinds = def.key_kinds_across(&db, new_db).await?;
+            let (source, target) = match options.direction {
+                Direction::Forward => (&db, new_db),
+                Direction::Reverse => (new_db, &db),
+            };
+            let copier = CrossCopier::new(&def, &kinds, options.direction, source, target).await?;
+            backfill::run_with(
+                source,
+                &flags,
+                &def,
+                options,
+                Metrics::global(),
+                progress,
+                backfill::Copier::Keys(std::sync::Arc::new(copier)),
+            )
+            .await
+        }
+    };
     if bar {
         eprintln!();
     }
@@ -158,8 +208,10 @@ pub(crate) async fn verify(
     keys: Vec<String>,
 ) -> Result<ExitCode, Error> {
     let parallel = 4;
+    let m = migration_config(env, migration)?;
     let db = env.database_with(parallel as u32 * 2 + 2).await?;
-    let def = definition(env, migration, &db)?;
+    let def = m.definition(db.backend())?;
+    let new_db = apart(env, &m, &db, parallel as u32 * 2 + 2).await?;
     let flags = SqlFlagStore::new(db.clone());
     let options = VerifyOptions {
         segments,
@@ -169,7 +221,16 @@ pub(crate) async fn verify(
         ..VerifyOptions::default()
     };
     let chosen = (!keys.is_empty()).then_some(keys.as_slice());
-    let report = verify::run_keys(&db, &flags, &def, options, Metrics::global(), chosen).await?;
+    let report = verify::run_across(
+        &db,
+        new_db.as_ref().unwrap_or(&db),
+        &flags,
+        &def,
+        options,
+        Metrics::global(),
+        chosen,
+    )
+    .await?;
     out.print(&report, || {
         let mut text = format!(
             "{migration}: {} ({} legacy rows, {} new rows, {} segments, {} differing) in {:.1} s",

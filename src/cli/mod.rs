@@ -1,7 +1,9 @@
 //! The `twintrack` command line: flag flips with guard rails, from a terminal or a script.
 //!
-//! Global options: `--database-url` (env `DATABASE_URL`), `--config` (env `TWINTRACK_CONFIG`,
-//! default `twintrack.toml`), `--json` (machine-readable output on stdout).
+//! Global options: `--database-url` (env `DATABASE_URL`), `--new-database-url` (env
+//! `TWINTRACK_NEW_DATABASE_URL`: the new shape's database when it lives apart; else a
+//! migration's `new_database_url_env`), `--config` (env `TWINTRACK_CONFIG`, default
+//! `twintrack.toml`), `--json` (machine-readable output on stdout).
 //!
 //! Exit codes (stable): 0 ok; 1 verify found divergence; 2 bad usage or bad input; 3 transition
 //! refused (including a lost compare-and-set); 4 cannot reach the database; 5 any other failure.
@@ -32,6 +34,16 @@ pub struct Cli {
     /// Database holding the flag table (postgres://… or sqlite:…).
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+    /// The new shape's database, when it lives apart from the legacy one (backfill, verify and
+    /// init use it; flags, audit and evidence stay in --database-url). Overrides a
+    /// migration's `new_database_url_env`.
+    #[arg(
+        long,
+        env = "TWINTRACK_NEW_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub new_database_url: Option<String>,
     /// Configuration file listing the migrations [default: twintrack.toml].
     #[arg(long, env = "TWINTRACK_CONFIG", global = true)]
     pub config: Option<PathBuf>,
@@ -336,6 +348,7 @@ pub fn exit_code(err: &Error) -> u8 {
 /// What every command needs: where the database is, the config, who is acting.
 pub(crate) struct Env {
     database_url: Option<String>,
+    new_database_url: Option<String>,
     config_path: PathBuf,
     config_explicit: bool,
     pub(crate) actor: String,
@@ -354,6 +367,7 @@ impl Env {
         };
         Ok(Env {
             database_url: cli.database_url.clone().filter(|u| !u.is_empty()),
+            new_database_url: cli.new_database_url.clone().filter(|u| !u.is_empty()),
             config_explicit: cli.config.is_some(),
             config_path: cli
                 .config
@@ -374,6 +388,56 @@ impl Env {
 
     pub(crate) async fn database(&self) -> Result<Database, Error> {
         self.database_with(2).await
+    }
+
+    /// Where `migration`'s new shape lives, if apart from the legacy database: the URL from
+    /// `--new-database-url` (env `TWINTRACK_NEW_DATABASE_URL`), else from the environment
+    /// variable the migration's `new_database_url_env` names, and where that came from.
+    /// `None`: in the legacy database.
+    pub(crate) fn new_database_url(
+        &self,
+        migration: Option<&crate::config::MigrationConfig>,
+    ) -> Option<(String, String)> {
+        if let Some(url) = &self.new_database_url {
+            return Some((
+                url.clone(),
+                "--new-database-url / TWINTRACK_NEW_DATABASE_URL".into(),
+            ));
+        }
+        let name = migration?.new_database_url_env.as_ref()?;
+        let url = std::env::var(name).ok().filter(|u| !u.trim().is_empty())?;
+        Some((url, format!("${name}")))
+    }
+
+    /// Connects to `migration`'s new database when it lives apart ([`Env::new_database_url`]);
+    /// `None` when it is the legacy one. Unreachable: exit 4, naming the new database.
+    pub(crate) async fn new_database(
+        &self,
+        migration: Option<&crate::config::MigrationConfig>,
+        max_connections: u32,
+    ) -> Result<Option<Database>, Error> {
+        let Some((url, from)) = self.new_database_url(migration) else {
+            return Ok(None);
+        };
+        let db = Database::connect_with(
+            &url,
+            ConnectOptions {
+                max_connections,
+                ..ConnectOptions::default()
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            Error::Unreachable(source) => Error::Unreachable(sqlx::Error::Io(
+                std::io::Error::other(format!("the new database (from {from}): {source}")),
+            )),
+            Error::InvalidInput(msg) => {
+                Error::InvalidInput(format!("the new database (from {from}): {msg}"))
+            }
+            Error::Config(msg) => Error::Config(format!("the new database (from {from}): {msg}")),
+            other => other,
+        })?;
+        Ok(Some(db))
     }
 
     pub(crate) async fn database_with(&self, max_connections: u32) -> Result<Database, Error> {

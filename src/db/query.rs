@@ -156,6 +156,22 @@ impl Query {
             .ok_or_else(|| Error::from_sqlx(sqlx::Error::RowNotFound))
     }
 
+    /// Runs the statement on `db`'s pool and hands each row to `f` as the driver receives it,
+    /// so a result of any size is read in bounded memory. Returns how many rows there were; an
+    /// error from `f` stops the statement.
+    pub(crate) async fn for_each(
+        self,
+        db: &Database,
+        mut f: impl FnMut(Row) -> Result<()> + Send,
+    ) -> Result<u64> {
+        match db.pool() {
+            #[cfg(feature = "postgres")]
+            Pool::Postgres(pool) => super::postgres::each(pool, self, &mut f).await,
+            #[cfg(feature = "sqlite")]
+            Pool::Sqlite(pool) => super::sqlite::each(pool, self, &mut f).await,
+        }
+    }
+
     /// The first column of the first row, read as `T`.
     pub async fn scalar<'e, T: FromValue>(self, on: impl Into<On<'e>>) -> Result<T> {
         self.fetch_one(on).await?.get_at(0)

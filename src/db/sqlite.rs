@@ -7,10 +7,8 @@ use sqlx::{AssertSqlSafe, Row as _, Sqlite, TypeInfo, ValueRef};
 use super::query::{Output, Query, Want, names};
 use super::value::{Row, Value};
 
-pub(super) async fn run<'c, E>(executor: E, q: Query, want: Want) -> sqlx::Result<Output>
-where
-    E: sqlx::Executor<'c, Database = Sqlite>,
-{
+/// `q`'s text with its values bound natively.
+fn bound(q: Query) -> sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments> {
     let mut query = sqlx::query(AssertSqlSafe(q.sql));
     for value in q.args {
         query = match value {
@@ -25,6 +23,38 @@ where
             Value::Uuid(v) => query.bind(v),
         };
     }
+    query
+}
+
+/// Runs `q` on `pool` and hands each row to `f` as it arrives: the rows are never all held at
+/// once. Returns how many rows there were.
+pub(super) async fn each(
+    pool: &sqlx::SqlitePool,
+    q: Query,
+    f: &mut (dyn FnMut(Row) -> crate::Result<()> + Send),
+) -> crate::Result<u64> {
+    let mut stream = bound(q).fetch(pool);
+    let mut shared_names = None;
+    let mut seen = 0u64;
+    while let Some(row) = stream.try_next().await.map_err(crate::Error::from_sqlx)? {
+        let names = shared_names
+            .get_or_insert_with(|| names(row.columns()))
+            .clone();
+        let values = (0..row.len())
+            .map(|i| decode(&row, i))
+            .collect::<sqlx::Result<_>>()
+            .map_err(crate::Error::from_sqlx)?;
+        f(Row { names, values })?;
+        seen += 1;
+    }
+    Ok(seen)
+}
+
+pub(super) async fn run<'c, E>(executor: E, q: Query, want: Want) -> sqlx::Result<Output>
+where
+    E: sqlx::Executor<'c, Database = Sqlite>,
+{
+    let query = bound(q);
     match want {
         Want::Affected => Ok(Output::Affected(
             query.execute(executor).await?.rows_affected(),

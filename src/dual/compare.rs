@@ -160,15 +160,21 @@ where
         let Ok(permit) = self.inner.bookkeeping.acquire().await else {
             return;
         };
-        let legacy = self
-            .read_side(&*op, Side::Legacy, stage, Reading::Primary)
-            .await;
-        let new = self
-            .read_side(&*op, Side::New, stage, Reading::Primary)
-            .await;
+        // Bounded like a background shadow read, so hung reads cannot hold the permits the
+        // recorder needs.
+        let reread = tokio::time::timeout(self.inner.shadow.background_timeout, async {
+            let legacy = self
+                .read_side(&*op, Side::Legacy, stage, Reading::Primary)
+                .await;
+            let new = self
+                .read_side(&*op, Side::New, stage, Reading::Primary)
+                .await;
+            (legacy, new)
+        })
+        .await;
         drop(permit);
-        let (Ok((legacy, _)), Ok((new, _))) = (legacy, new) else {
-            tracing::warn!(migration = %self.inner.migration, key, "re-read of a mismatch failed; not classified");
+        let Ok((Ok((legacy, _)), Ok((new, _)))) = reread else {
+            tracing::warn!(migration = %self.inner.migration, key, "re-read of a mismatch failed or timed out; not classified");
             return;
         };
         let (class, diff) = match self

@@ -51,6 +51,9 @@ async fn subscribe(own: &PgPool) -> Result<PgListener> {
 /// would be answered by a failed read, and the flip made in the gap never seen).
 async fn run(own: PgPool, listener: PgListener, changes: broadcast::Sender<FlagChange>) {
     let mut listener = Some(listener);
+    // Drops of the connection seen close together, for the backoff below.
+    let mut last_drop: Option<tokio::time::Instant> = None;
+    let mut drops = 0u32;
     loop {
         let Some(live) = listener.as_mut() else {
             // The failed listener is gone first: it held the pool's one connection.
@@ -65,7 +68,20 @@ async fn run(own: PgPool, listener: PgListener, changes: broadcast::Sender<FlagC
             }
             Ok(None) => {
                 // The connection dropped and sqlx has already reconnected and re-listened
-                // (eager reconnect): re-read now.
+                // (eager reconnect): re-read now. A connection that keeps dropping right
+                // after it listens (a proxy, a server-side session timeout) is waited on with
+                // backoff, so consumers are not told to reload everything in a tight loop.
+                let now = tokio::time::Instant::now();
+                drops = match last_drop {
+                    Some(at) if now - at < Duration::from_secs(5) => drops + 1,
+                    _ => 0,
+                };
+                last_drop = Some(now);
+                if drops > 0 {
+                    let wait =
+                        Duration::from_millis(100u64 << drops.min(5)).min(Duration::from_secs(2));
+                    tokio::time::sleep(wait).await;
+                }
                 tracing::warn!("flag change listener lost its connection and reconnected");
                 let _ = changes.send(FlagChange::All);
             }

@@ -90,10 +90,28 @@ pub fn cap_diff(diff: &[FieldDiff], max_bytes: usize) -> Vec<FieldDiff> {
     out
 }
 
+/// Whether `value` is exactly a marker [`cap_diff`] wrote (`bytes` a number, `sha256` 64 hex
+/// digits, `head` at most 64 characters), so capping twice changes nothing. A value of the
+/// data's own that merely has the marker's field name is capped like any other.
 fn is_truncated(value: &Value) -> bool {
-    value
+    let Some(marker) = value
         .as_object()
-        .is_some_and(|o| o.len() == 1 && o.contains_key("twintrack_truncated"))
+        .filter(|o| o.len() == 1)
+        .and_then(|o| o.get("twintrack_truncated"))
+        .and_then(Value::as_object)
+    else {
+        return false;
+    };
+    marker.len() == 3
+        && marker.get("bytes").is_some_and(Value::is_u64)
+        && marker
+            .get("sha256")
+            .and_then(Value::as_str)
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        && marker
+            .get("head")
+            .and_then(Value::as_str)
+            .is_some_and(|h| h.chars().count() <= 64)
 }
 
 /// A mismatch to store, its diff already capped ([`cap_diff`]).
@@ -199,11 +217,15 @@ async fn write_batch(
                  ORDER BY id DESC LIMIT -1 OFFSET $2)"
         }
     };
-    query(trim)
+    // The batch is stored: a failed trim loses nothing (the next batch trims again).
+    if let Err(err) = query(trim)
         .bind(migration)
         .bind(i64::from(keep))
         .execute(db)
-        .await?;
+        .await
+    {
+        tracing::warn!(migration, error = %err, "could not trim the mismatch table; the next batch tries again");
+    }
     Ok(())
 }
 
@@ -321,6 +343,20 @@ mod tests {
         let other = format!("{}y", "x".repeat(9_999));
         let again = cap_diff(&[field("v", json!(other), json!(1))], 2048);
         assert_ne!(again[0].legacy, capped[0].legacy);
+    }
+
+    #[test]
+    fn data_shaped_like_the_marker_is_capped_like_any_value() {
+        // A stored JSON value of the data's own that uses the marker's field name.
+        let forged = json!({"twintrack_truncated": "z".repeat(400_000)});
+        let capped = cap_diff(&[field("v", forged, json!(1))], 2048);
+        assert!(serde_json::to_string(&capped).unwrap().len() < 2048);
+        let t = &capped[0].legacy.as_ref().unwrap()["twintrack_truncated"];
+        assert_eq!(t["sha256"].as_str().unwrap().len(), 64);
+        let forged_marker = json!({"twintrack_truncated": {
+            "bytes": 1, "sha256": "0".repeat(64), "head": "h".repeat(400_000)}});
+        let capped = cap_diff(&[field("v", forged_marker, json!(1))], 2048);
+        assert!(serde_json::to_string(&capped).unwrap().len() < 2048);
     }
 
     #[test]

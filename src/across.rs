@@ -1,0 +1,687 @@
+//! The new shape in a database of its own: copying rows across two databases.
+//!
+//! One SQL statement cannot span two databases, so a copy across is two steps. The
+//! definition's `copy_select` (or `reverse_copy_select`, for a reverse copy) runs on the
+//! source database, inside the transaction whose key `SELECT` locked the batch's rows
+//! (`FOR SHARE` on PostgreSQL, the write lock on SQLite), and returns the batch's rows in the
+//! target table's columns, named as there; `{batch}` stands for the batch's key predicate as
+//! in `copy` (see [`crate::definition`]). twintrack then writes those rows to the target
+//! database in one transaction that commits *before* the source transaction releases its
+//! locks, so a dual write of a locked key waits for the batch and lands after it.
+//!
+//! How the target is written depends on its key:
+//!
+//! - **a unique target key** (a primary key or unique index on exactly the key's columns):
+//!   each row is upserted by the key (`INSERT … ON CONFLICT (key) DO UPDATE` of the selected
+//!   columns; other columns keep their values), and, copying forward, the target rows of keys
+//!   the source yields no row for are deleted;
+//! - **otherwise** (one-to-many, e.g. `article_tag(article_id, tag)` keyed by `article_id`):
+//!   the keys' target rows are replaced: deleted, then the selected rows inserted. A reverse
+//!   copy needs a unique legacy key.
+//!
+//! A reverse copy never deletes legacy rows (a legacy row usually holds more than the
+//! migrated columns), as in one database ([`crate::definition::resync_key`]).
+//!
+//! Keys the target holds in the batch's range that the batch did not list (the source lost
+//! them, or gained them after the batch's `SELECT`) are each locked and read again on the
+//! source: copied if the source has them now, removed if not. Rows the source's `SELECT` returns
+//! for keys the batch did not lock are never written: a concurrent dual write owns them.
+//!
+//! Rows travel as the database's own text forms: on PostgreSQL as JSON (`json_agg` on the
+//! source, `json_populate_recordset` on the target, so every type converts by its own input
+//! function), on SQLite as values. Both databases must be of one backend.
+
+use std::collections::HashSet;
+
+use serde_json::{Map, Value as Json};
+
+use crate::backfill::KeyCopier;
+use crate::db::{Backend, Conn, Database, Query, Tx, Value, query, quote_ident};
+use crate::definition::{Direction, MigrationDef, Resynced, bound, error_message, expand};
+use crate::flags::BoxFuture;
+use crate::key::{DynKey, KeyKind};
+use crate::keyset::{self, KeyRange};
+use crate::{Error, Result};
+
+/// Keys per `DELETE … IN (VALUES …)` statement.
+const DELETE_CHUNK: usize = 500;
+/// Bound parameters per SQLite `INSERT` (SQLite allows 32,766).
+const SQLITE_PARAMS: usize = 30_000;
+
+/// How the target table is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Write {
+    /// Upsert by the target key (it is unique there).
+    Upsert,
+    /// Delete the keys' rows, insert the selected ones (one-to-many).
+    Replace,
+}
+
+/// One row the source's select returned, with its key.
+struct Fetched {
+    key: DynKey,
+    data: RowData,
+}
+
+enum RowData {
+    /// PostgreSQL: the row as a JSON object, by column name.
+    Json(Map<String, Json>),
+    /// SQLite: the values, in the order of [`Batch::columns`].
+    Values(Vec<Value>),
+}
+
+/// What one sync did on the target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Synced {
+    /// Rows inserted or updated.
+    pub(crate) written: u64,
+    /// Rows deleted.
+    pub(crate) deleted: u64,
+}
+
+/// Copies keys from one database to the other with the definition's `copy_select` (see the
+/// [module docs](self)).
+pub(crate) struct CrossCopier {
+    def: MigrationDef,
+    kinds: Vec<KeyKind>,
+    direction: Direction,
+    backend: Backend,
+    target: Database,
+    select: String,
+    write: Write,
+    /// The target key's column names as rows carry them (unquoted).
+    target_key_names: Vec<String>,
+}
+
+/// The error for a definition whose shapes are in two databases and which has no select for
+/// `direction`.
+pub(crate) fn missing_select(def: &MigrationDef, direction: Direction) -> Error {
+    let (field, from, to) = match direction {
+        Direction::Forward => ("copy_select", "legacy", "new"),
+        Direction::Reverse => ("reverse_copy_select", "new", "legacy"),
+    };
+    Error::Config(format!(
+        "migration {:?} has its shapes in two databases, so one SQL statement cannot copy between them: add `{field}` to its definition, a SELECT run on the {from} database of the batch's rows ({{batch}} included) in the {to} table's columns, which twintrack writes to the {to} database",
+        def.name
+    ))
+}
+
+impl CrossCopier {
+    /// A copier in `direction` from `source` to `target`, its definition proved first: both
+    /// databases of one backend, a select with `{batch}` whose columns (run on an empty batch)
+    /// include the target key's and all exist in the target table. [`Error::Config`] names
+    /// what to add or fix.
+    pub(crate) async fn new(
+        def: &MigrationDef,
+        kinds: &[KeyKind],
+        direction: Direction,
+        source: &Database,
+        target: &Database,
+    ) -> Result<CrossCopier> {
+        if source.backend() != target.backend() {
+            return Err(Error::Config(format!(
+                "migration {:?}: the two databases must be of one backend ({} and {} here)",
+                def.name,
+                source.backend().as_str(),
+                target.backend().as_str()
+            )));
+        }
+        let field = match direction {
+            Direction::Forward => "copy_select",
+            Direction::Reverse => "reverse_copy_select",
+        };
+        let select = match direction {
+            Direction::Forward => def.copy_select.clone(),
+            Direction::Reverse => def.reverse_copy_select.clone(),
+        }
+        .ok_or_else(|| missing_select(def, direction))?;
+        if !MigrationDef::uses_batch_token(&select) {
+            return Err(Error::Config(format!(
+                "migration {:?}: `{field}` must select its batch with {{batch}}",
+                def.name
+            )));
+        }
+        let (table, key) = def.shape(direction.source().other());
+        let target_key_names: Vec<String> = key.iter().map(|c| c.replace('"', "")).collect();
+        let columns = select_columns(source, def, direction, &select)
+            .await
+            .map_err(|e| {
+                Error::Config(format!(
+                    "migration {:?}: `{field}` fails on the {} database: {}",
+                    def.name,
+                    side_name(direction.source()),
+                    error_message(&e)
+                ))
+            })?;
+        let table_columns = table_columns(target, table).await?;
+        for name in &target_key_names {
+            if !columns.contains(name) {
+                return Err(Error::Config(format!(
+                    "migration {:?}: `{field}` must select the target key column {name} (it selects {})",
+                    def.name,
+                    columns.join(", ")
+                )));
+            }
+        }
+        for name in &columns {
+            quote_ident(name)
+                .map_err(|e| Error::Config(format!("migration {:?}: `{field}`: {e}", def.name)))?;
+            if !table_columns.contains(name) {
+                return Err(Error::Config(format!(
+                    "migration {:?}: `{field}` selects {name}, which {} has no column of",
+                    def.name,
+                    table.replace('"', "")
+                )));
+            }
+        }
+        let write = if unique_key(target, table, &target_key_names).await? {
+            Write::Upsert
+        } else if direction == Direction::Forward {
+            Write::Replace
+        } else {
+            return Err(Error::Config(format!(
+                "migration {:?}: `reverse_copy_select` writes {} by its key, which needs a primary key or unique index on exactly ({})",
+                def.name,
+                table.replace('"', ""),
+                target_key_names.join(", ")
+            )));
+        };
+        Ok(CrossCopier {
+            def: def.clone(),
+            kinds: kinds.to_vec(),
+            direction,
+            backend: source.backend(),
+            target: target.clone(),
+            select,
+            write,
+            target_key_names,
+        })
+    }
+
+    /// Makes the target match the source for `keys` (the source keys in `range`, locked by
+    /// the caller's transaction on `source`) and for every key the target holds in `range`;
+    /// commits on the target before returning (see the [module docs](self)).
+    pub(crate) async fn sync(
+        &self,
+        mut source: Conn<'_>,
+        keys: &[DynKey],
+        range: &KeyRange,
+    ) -> Result<Synced> {
+        let listed: HashSet<&DynKey> = keys.iter().collect();
+        let mut rows: Vec<Fetched> = Vec::new();
+        let mut columns: Vec<String> = Vec::new();
+        if !keys.is_empty() {
+            let (names, fetched) = self.fetch(source.reborrow(), range).await?;
+            columns = names;
+            rows.extend(fetched.into_iter().filter(|r| listed.contains(&r.key)));
+        }
+        // Keys the target holds in the range that the batch did not list.
+        let (target_table, target_key) = self.def.shape(self.direction.source().other());
+        let p = keyset::predicate(target_key, range, 1);
+        let sql = format!(
+            "SELECT DISTINCT {} FROM {target_table} WHERE {}",
+            keyset::order_by(target_key),
+            p.sql
+        );
+        let held: Vec<DynKey> = bound(Query::assert_safe(sql), p.args)
+            .fetch_all(&self.target)
+            .await?
+            .into_iter()
+            .map(|row| DynKey::from_values(row.into_values(), &self.kinds))
+            .collect::<Result<_>>()?;
+        let (source_table, source_key) = self.def.source(self.direction);
+        let mut also: Vec<DynKey> = Vec::new();
+        for key in held.into_iter().filter(|k| !listed.contains(k)) {
+            let one = KeyRange::exactly(key.clone());
+            let p = keyset::predicate(source_key, &one, 1);
+            let lock = match self.backend {
+                Backend::Postgres => " FOR SHARE",
+                Backend::Sqlite => "",
+            };
+            let sql = format!("SELECT 1 FROM {source_table} WHERE {}{lock}", p.sql);
+            let present = !bound(Query::assert_safe(sql), p.args)
+                .fetch_all(source.reborrow())
+                .await?
+                .is_empty();
+            if present {
+                let (names, fetched) = self.fetch(source.reborrow(), &one).await?;
+                if columns.is_empty() {
+                    columns = names;
+                }
+                rows.extend(fetched.into_iter().filter(|r| r.key == key));
+            }
+            also.push(key);
+        }
+        let synced: Vec<&DynKey> = keys.iter().chain(&also).collect();
+        let mut tx = self.target.begin().await?;
+        let mut out = Synced::default();
+        match self.write {
+            Write::Upsert => {
+                out.written = self.insert(&mut tx, &columns, &rows).await?;
+                if self.direction == Direction::Forward {
+                    let with_rows: HashSet<&DynKey> = rows.iter().map(|r| &r.key).collect();
+                    let gone: Vec<&DynKey> = synced
+                        .iter()
+                        .copied()
+                        .filter(|k| !with_rows.contains(k))
+                        .collect();
+                    out.deleted = self.delete(&mut tx, &gone).await?;
+                }
+            }
+            Write::Replace => {
+                out.deleted = self.delete(&mut tx, &synced).await?;
+                out.written = self.insert(&mut tx, &columns, &rows).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Re-syncs one key from `source` (the database this copier reads) to the target, in a
+    /// transaction of its own that locks the source's row first: verify's `--repair` across
+    /// two databases.
+    pub(crate) async fn resync_key(&self, source: &Database, key: &DynKey) -> Result<Resynced> {
+        let (table, columns) = self.def.source(self.direction);
+        let one = KeyRange::exactly(key.clone());
+        let p = keyset::predicate(columns, &one, 1);
+        let lock = match self.backend {
+            Backend::Postgres => " FOR SHARE",
+            Backend::Sqlite => "",
+        };
+        let mut tx = source.begin().await?;
+        let sql = format!(
+            "SELECT {} FROM {table} WHERE {}{lock}",
+            keyset::order_by(columns),
+            p.sql
+        );
+        let keys: Vec<DynKey> = bound(Query::assert_safe(sql), p.args)
+            .fetch_all(&mut tx)
+            .await?
+            .into_iter()
+            .map(|row| DynKey::from_values(row.into_values(), &self.kinds))
+            .collect::<Result<_>>()?;
+        let done = self.sync(tx.conn(), &keys, &one).await?;
+        tx.commit().await?;
+        Ok(if done.written > 0 {
+            Resynced::Copied
+        } else if self.direction == Direction::Forward {
+            Resynced::Deleted
+        } else {
+            Resynced::LeftAlone
+        })
+    }
+
+    /// The select's rows for `range` on `source`: their column names and each row with its key.
+    async fn fetch(
+        &self,
+        source: Conn<'_>,
+        range: &KeyRange,
+    ) -> Result<(Vec<String>, Vec<Fetched>)> {
+        let (_, source_key) = self.def.source(self.direction);
+        let (_, target_key) = self.def.shape(self.direction.source().other());
+        let q = expand(&self.select, source_key, target_key, Some(range))?;
+        let failed = |e: Error| match e {
+            Error::Database(source) => Error::Statement {
+                what: format!(
+                    "migration {:?}: the {} SQL failed",
+                    self.def.name,
+                    match self.direction {
+                        Direction::Forward => "copy_select",
+                        Direction::Reverse => "reverse_copy_select",
+                    }
+                ),
+                source,
+            },
+            other => other,
+        };
+        match self.backend {
+            Backend::Postgres => {
+                let wrapped = Query {
+                    sql: format!(
+                        "SELECT CAST(json_agg(twintrack_s) AS TEXT) FROM ({}) twintrack_s",
+                        q.sql
+                    )
+                    .into(),
+                    args: q.args,
+                };
+                let text: Option<String> = wrapped.scalar(source).await.map_err(failed)?;
+                let Some(text) = text else {
+                    return Ok((Vec::new(), Vec::new()));
+                };
+                let docs: Vec<Json> = serde_json::from_str(&text)
+                    .map_err(|e| Error::Internal(format!("json_agg gave no JSON array: {e}")))?;
+                let mut names: Vec<String> = Vec::new();
+                let mut out = Vec::with_capacity(docs.len());
+                for doc in docs {
+                    let Json::Object(map) = doc else {
+                        return Err(Error::Internal(
+                            "json_agg gave a row that is no object".into(),
+                        ));
+                    };
+                    if names.is_empty() {
+                        names = map.keys().cloned().collect();
+                    }
+                    let parts: Vec<Json> = self
+                        .target_key_names
+                        .iter()
+                        .map(|n| map.get(n).cloned().unwrap_or(Json::Null))
+                        .collect();
+                    let key = match parts.as_slice() {
+                        [one] => DynKey::from_json(one, &self.kinds),
+                        _ => DynKey::from_json(&Json::Array(parts.clone()), &self.kinds),
+                    }
+                    .map_err(|e| self.bad_key(&e))?;
+                    out.push(Fetched {
+                        key,
+                        data: RowData::Json(map),
+                    });
+                }
+                Ok((names, out))
+            }
+            Backend::Sqlite => {
+                let rows = q.fetch_all(source).await.map_err(failed)?;
+                let names: Vec<String> = rows
+                    .first()
+                    .map(|r| r.names().map(str::to_owned).collect())
+                    .unwrap_or_default();
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let parts = self
+                        .target_key_names
+                        .iter()
+                        .map(|n| row.get::<Value>(n))
+                        .collect::<Result<Vec<_>>>()?;
+                    let key =
+                        DynKey::from_values(parts, &self.kinds).map_err(|e| self.bad_key(&e))?;
+                    out.push(Fetched {
+                        key,
+                        data: RowData::Values(row.into_values()),
+                    });
+                }
+                Ok((names, out))
+            }
+        }
+    }
+
+    fn bad_key(&self, e: &Error) -> Error {
+        Error::Internal(format!(
+            "migration {:?}: a row of its {} has no usable key in ({}): {e}",
+            self.def.name,
+            match self.direction {
+                Direction::Forward => "copy_select",
+                Direction::Reverse => "reverse_copy_select",
+            },
+            self.target_key_names.join(", ")
+        ))
+    }
+
+    /// Inserts (or upserts) `rows`, whose columns are `columns`, into the target table.
+    async fn insert(&self, tx: &mut Tx, columns: &[String], rows: &[Fetched]) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let (table, key) = self.def.shape(self.direction.source().other());
+        let quoted = columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Result<Vec<_>>>()?;
+        let list = quoted.join(", ");
+        let conflict = match self.write {
+            Write::Replace => String::new(),
+            Write::Upsert => {
+                let set: Vec<String> = quoted
+                    .iter()
+                    .filter(|c| !key.contains(c))
+                    .map(|c| format!("{c} = excluded.{c}"))
+                    .collect();
+                if set.is_empty() {
+                    format!(" ON CONFLICT ({}) DO NOTHING", key.join(", "))
+                } else {
+                    format!(
+                        " ON CONFLICT ({}) DO UPDATE SET {}",
+                        key.join(", "),
+                        set.join(", ")
+                    )
+                }
+            }
+        };
+        match self.backend {
+            Backend::Postgres => {
+                let docs: Vec<&Map<String, Json>> = rows
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RowData::Json(map) => Some(map),
+                        RowData::Values(_) => None,
+                    })
+                    .collect();
+                let text = serde_json::to_string(&docs)
+                    .map_err(|e| Error::Internal(format!("rows to JSON: {e}")))?;
+                let sql = format!(
+                    "INSERT INTO {table} ({list}) SELECT {list} FROM json_populate_recordset(CAST(NULL AS {table}), CAST($1 AS json)){conflict}"
+                );
+                Query::assert_safe(sql)
+                    .bind(text)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.write_failed(e))
+            }
+            Backend::Sqlite => {
+                let per = (SQLITE_PARAMS / columns.len().max(1)).max(1);
+                let mut written = 0;
+                for chunk in rows.chunks(per) {
+                    let mut q = Query::assert_safe(String::new());
+                    let mut tuples = Vec::with_capacity(chunk.len());
+                    let mut n = 0;
+                    for row in chunk {
+                        let RowData::Values(values) = &row.data else {
+                            continue;
+                        };
+                        let params: Vec<String> = values
+                            .iter()
+                            .map(|v| {
+                                n += 1;
+                                q.args.push(v.clone());
+                                format!("${n}")
+                            })
+                            .collect();
+                        tuples.push(format!("({})", params.join(", ")));
+                    }
+                    q.sql = format!(
+                        "INSERT INTO {table} ({list}) VALUES {}{conflict}",
+                        tuples.join(", ")
+                    )
+                    .into();
+                    written += q
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.write_failed(e))?;
+                }
+                Ok(written)
+            }
+        }
+    }
+
+    /// Deletes the target rows of `keys`.
+    async fn delete(&self, tx: &mut Tx, keys: &[&DynKey]) -> Result<u64> {
+        let (table, key) = self.def.shape(self.direction.source().other());
+        let mut deleted = 0;
+        for chunk in keys.chunks(DELETE_CHUNK) {
+            let mut q = Query::assert_safe(String::new());
+            let mut items = Vec::with_capacity(chunk.len());
+            for k in chunk {
+                let params: Vec<String> = k
+                    .parts()
+                    .iter()
+                    .map(|part| {
+                        q.args.push(part.to_value());
+                        format!("${}", q.args.len())
+                    })
+                    .collect();
+                items.push(format!("({})", params.join(", ")));
+            }
+            q.sql = format!(
+                "DELETE FROM {table} WHERE {} IN (VALUES {})",
+                keyset::row(key),
+                items.join(", ")
+            )
+            .into();
+            deleted += q
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.write_failed(e))?;
+        }
+        Ok(deleted)
+    }
+
+    fn write_failed(&self, e: Error) -> Error {
+        match e {
+            e if crate::retry::transient(&e).is_some() => e,
+            Error::Database(source) => Error::Statement {
+                what: format!(
+                    "migration {:?}: writing the {} database's {} failed",
+                    self.def.name,
+                    side_name(self.direction.source().other()),
+                    self.def.shape(self.direction.source().other()).0
+                ),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+impl KeyCopier for CrossCopier {
+    fn copy<'a>(
+        &'a self,
+        source: Conn<'a>,
+        keys: &'a [DynKey],
+        range: &'a KeyRange,
+    ) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move { Ok(self.sync(source, keys, range).await?.written) })
+    }
+}
+
+fn side_name(side: crate::Side) -> &'static str {
+    match side {
+        crate::Side::Legacy => "legacy",
+        crate::Side::New => "new",
+    }
+}
+
+/// The output columns of `select` (run on an empty batch), read through a temporary view in a
+/// transaction that is rolled back.
+async fn select_columns(
+    db: &Database,
+    def: &MigrationDef,
+    direction: Direction,
+    select: &str,
+) -> Result<Vec<String>> {
+    let (_, source_key) = def.source(direction);
+    let (_, target_key) = def.shape(direction.source().other());
+    let empty = expand(select, source_key, target_key, None)?;
+    let mut tx = db.begin().await?;
+    Query::assert_safe(format!(
+        "CREATE TEMP VIEW twintrack_probe_select AS SELECT * FROM ({}) s",
+        empty.sql
+    ))
+    .execute(&mut tx)
+    .await?;
+    let names = match db.backend() {
+        Backend::Postgres => query(
+            "SELECT CAST(attname AS TEXT) FROM pg_attribute
+             WHERE attrelid = to_regclass('pg_temp.twintrack_probe_select') AND attnum > 0
+             ORDER BY attnum",
+        ),
+        Backend::Sqlite => query(
+            "SELECT name FROM pragma_table_info('twintrack_probe_select', 'temp') ORDER BY cid",
+        ),
+    }
+    .fetch_all(&mut tx)
+    .await?
+    .into_iter()
+    .map(|row| row.get_at::<String>(0))
+    .collect::<Result<Vec<_>>>()?;
+    let _ = tx.rollback().await;
+    Ok(names)
+}
+
+/// The column names of `table` (quoted) in `db`.
+async fn table_columns(db: &Database, table: &str) -> Result<Vec<String>> {
+    let bare = table.replace('"', "");
+    let rows = match db.backend() {
+        Backend::Postgres => {
+            query(
+                "SELECT CAST(attname AS TEXT) FROM pg_attribute
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+            )
+            .bind(table)
+            .fetch_all(db)
+            .await?
+        }
+        Backend::Sqlite => {
+            let (schema, name) = bare.split_once('.').unwrap_or(("main", &bare));
+            query("SELECT name FROM pragma_table_info($1, $2)")
+                .bind(name)
+                .bind(schema)
+                .fetch_all(db)
+                .await?
+        }
+    };
+    rows.into_iter().map(|row| row.get_at(0)).collect()
+}
+
+/// Whether `table` has a primary key or a unique index (not partial, not on expressions) on
+/// exactly the columns `key`.
+async fn unique_key(db: &Database, table: &str, key: &[String]) -> Result<bool> {
+    let mut wanted: Vec<String> = key.to_vec();
+    wanted.sort();
+    let bare = table.replace('"', "");
+    let mut sets: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    match db.backend() {
+        Backend::Postgres => {
+            let rows = query(
+                "SELECT CAST(i.indexrelid AS BIGINT), CAST(a.attname AS TEXT)
+                 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                 WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL",
+            )
+            .bind(table)
+            .fetch_all(db)
+            .await?;
+            for row in rows {
+                let index: i64 = row.get_at(0)?;
+                sets.entry(index.to_string())
+                    .or_default()
+                    .push(row.get_at(1)?);
+            }
+        }
+        Backend::Sqlite => {
+            let (schema, name) = bare.split_once('.').unwrap_or(("main", &bare));
+            let rows = query(
+                "SELECT il.name, ii.name FROM pragma_index_list($1, $2) il, pragma_index_info(il.name, $2) ii
+                 WHERE il.\"unique\" = 1 AND il.partial = 0",
+            )
+            .bind(name)
+            .bind(schema)
+            .fetch_all(db)
+            .await?;
+            for row in rows {
+                let index: String = row.get_at(0)?;
+                sets.entry(index).or_default().push(row.get_at(1)?);
+            }
+            let pk = query("SELECT name FROM pragma_table_info($1, $2) WHERE pk > 0")
+                .bind(name)
+                .bind(schema)
+                .fetch_all(db)
+                .await?;
+            for row in pk {
+                sets.entry("(primary key)".into())
+                    .or_default()
+                    .push(row.get_at(0)?);
+            }
+        }
+    }
+    Ok(sets.into_values().any(|mut columns| {
+        columns.sort();
+        columns == wanted
+    }))
+}
