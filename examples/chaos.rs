@@ -8,20 +8,29 @@
 //! users each client owns, reading with the read-your-writes token of its last write. At the
 //! same time it:
 //!
-//! - flips the stage every 100 ms among the moves the rules allow (`dual_write` ⇄
-//!   `legacy_only`);
+//! - flips the stage every 100 ms between `legacy_only` and `dual_write`; or, with
+//!   `--walk-stages`, walks every stage the way an operator would, gates included:
+//!   `legacy_only` → `dual_write` → a backfill to the end and a cross-database `verify
+//!   --repair` (again until clean) → `shadow` → `live` → `ramp_down`, every other cycle on to
+//!   `new_only` and back to `ramp_down` with a reverse backfill, then rollbacks down to
+//!   `legacy_only` (each move checked by the transition rules). **Known failure**: with the
+//!   authoritative side moving between the two databases under outages, this mode loses
+//!   writes today (a repair intent of one side applied after the other side took writes);
+//!   CI runs the default mode. See the README's "Two databases".
 //! - stops and restarts the new-shape server, and the replica;
 //! - starts a backfill and kills it, over and over.
 //!
-//! Then it stops the faults, moves to `dual_write`, backfills to the end, lets the repair worker
+//! Then it stops the faults, moves to `dual_write` (through `ramp_down` and a reverse backfill
+//! if it stopped in `new_only`), backfills to the end, lets the repair worker
 //! drain every intent, compares both shapes for every user, and prints one line:
 //!
-//! `divergent_rows=N stale_reads=N lost_writes=N requests=N errors=N`
+//! `divergent_rows=N stale_reads=N lost_writes=N stages_visited=N requests=N errors=N`
 //!
 //! - divergent_rows: users whose settings differ between the shapes;
 //! - stale_reads: reads made with the client's token that did not see its own last write;
 //! - lost_writes: users whose acknowledged settings are not what the authoritative (legacy)
 //!   side holds;
+//! - stages_visited: distinct stages the migration was in during the run (6 at most);
 //! - errors: requests answered 5xx (a write that failed this way leaves both outcomes possible).
 //!
 //! Exit 0 only when the first three are all 0.
@@ -47,9 +56,11 @@ use twintrack::backfill::BackfillOptions;
 use twintrack::config::Config;
 use twintrack::db::ConnectOptions;
 use twintrack::db::query;
+use twintrack::definition::Direction;
 use twintrack::dual::{DualStore, pending_intents};
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
 use twintrack::ryw::{ReplicaOptions, ReplicaSet, Router};
+use twintrack::verify::VerifyOptions;
 use twintrack::{Database, Stage, TwinTrack};
 
 const M: &str = "user_settings";
@@ -77,6 +88,8 @@ struct Counts {
     flips: AtomicU64,
     backfill_kills: AtomicU64,
     outages: AtomicU64,
+    verifies: AtomicU64,
+    clean_verifies: AtomicU64,
 }
 
 /// What a user's settings may be after the client's acknowledged (and failed) writes: one
@@ -233,6 +246,23 @@ fn repair_once(
     Box::pin(dual.repair(min_age))
 }
 
+/// A backfill of the store in `direction`, to the end, as a boxed `Send` future.
+fn backfill_once(
+    dual: &repos::SettingsStore<sqlx::Postgres, i64>,
+    direction: Direction,
+) -> twintrack::flags::BoxFuture<'_, twintrack::Result<twintrack::backfill::BackfillReport>> {
+    Box::pin(dual.backfill(
+        BackfillOptions {
+            direction,
+            batch_size: 500,
+            workers: 2,
+            lease: Duration::from_secs(2),
+            ..BackfillOptions::default()
+        },
+        |_| {},
+    ))
+}
+
 async fn blocking(f: impl FnOnce() + Send + 'static) {
     tokio::task::spawn_blocking(f).await.unwrap();
 }
@@ -248,6 +278,7 @@ async fn main() -> std::process::ExitCode {
         )
         .init();
     let seconds = arg("--seconds", 60);
+    let walk = std::env::args().any(|a| a == "--walk-stages");
     let clients = arg("--clients", 200);
     let started = Instant::now();
 
@@ -338,7 +369,7 @@ async fn main() -> std::process::ExitCode {
     )
     .new_database(new_db.as_postgres().unwrap().clone())
     .router(router.clone())
-    .definition(definition)
+    .definition(definition.clone())
     .build()
     .unwrap();
     let app = app::app(
@@ -355,9 +386,14 @@ async fn main() -> std::process::ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     let mut background = Vec::new();
 
-    // Stage flips every 100 ms.
-    {
-        let (store, stop, counts) = (store.clone(), stop.clone(), counts.clone());
+    let visited = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::from([
+        Stage::DualWrite,
+    ])));
+    // Without --walk-stages: stage flips every 100 ms between legacy_only and dual_write (the
+    // moves that keep legacy authoritative).
+    if !walk {
+        let (store, stop, counts, visited) =
+            (store.clone(), stop.clone(), counts.clone(), visited.clone());
         background.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -375,6 +411,139 @@ async fn main() -> std::process::ExitCode {
                     .is_ok()
                 {
                     counts.flips.fetch_add(1, Ordering::Relaxed);
+                    visited.lock().unwrap().insert(to);
+                }
+            }
+        }));
+    }
+    // With --walk-stages: the stage walker.
+    if walk {
+        let (store, stop, counts, dual, visited) = (
+            store.clone(),
+            stop.clone(),
+            counts.clone(),
+            dual.clone(),
+            visited.clone(),
+        );
+        let (legacy_db, new_db, definition) =
+            (legacy_db.clone(), new_db.clone(), definition.clone());
+        background.push(tokio::spawn(async move {
+            use Stage::*;
+            // Every other cycle goes on to new_only and comes back with a reverse backfill.
+            let plans: [&[Stage]; 2] = [
+                &[
+                    Shadow, Live, RampDown, NewOnly, RampDown, Live, Shadow, DualWrite, LegacyOnly,
+                    DualWrite,
+                ],
+                &[
+                    Shadow, Live, RampDown, Shadow, DualWrite, LegacyOnly, DualWrite,
+                ],
+            ];
+            let plans: [&[Stage]; 2] = if std::env::var_os("CHAOS_NO_LO").is_some() {
+                [
+                    &[Shadow, Live, RampDown, Shadow],
+                    &[Live, RampDown, Live, Shadow],
+                ]
+            } else {
+                plans
+            };
+            let mut cycle = std::env::var("CHAOS_FIRST_PLAN")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0usize);
+            let mut step = 0usize;
+            let mut came_from_new_only = false;
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let plan = plans[cycle % 2];
+                let to = plan[step];
+                let Ok(record) = store.get(M).await else {
+                    continue;
+                };
+                let from = record.state.stage;
+                // Back in ramp_down from new_only: legacy missed writes; a reverse backfill
+                // first (the rules refuse reading legacy again without one).
+                if from == RampDown && came_from_new_only {
+                    let done = backfill_once(&dual, Direction::Reverse).await;
+                    if std::env::var_os("CHAOS_VERBOSE").is_some() {
+                        eprintln!(
+                            "chaos: reverse backfill: {:?}",
+                            done.as_ref().map(|r| (r.rows_copied, r.finished))
+                        );
+                    }
+                    if done.is_err() {
+                        continue;
+                    }
+                    came_from_new_only = false;
+                }
+                match store
+                    .set_stage(StageChange::new(M, to, "chaos", "walk"))
+                    .await
+                {
+                    Ok(_) => {
+                        if std::env::var_os("CHAOS_VERBOSE").is_some() {
+                            eprintln!("chaos: {from} -> {to} at {:?}", started.elapsed());
+                        }
+                        counts.flips.fetch_add(1, Ordering::Relaxed);
+                        visited.lock().unwrap().insert(to);
+                        came_from_new_only = from == NewOnly;
+                        step += 1;
+                        if step == plan.len() {
+                            step = 0;
+                            cycle += 1;
+                        }
+                    }
+                    // The gate into shadow: a finished backfill and a clean verify, then again.
+                    Err(twintrack::Error::Refused(why)) if to == Shadow && from == DualWrite => {
+                        if std::env::var_os("CHAOS_VERBOSE").is_some() {
+                            eprintln!("chaos: shadow refused: {why}");
+                        }
+                        let t = Instant::now();
+                        let done = backfill_once(&dual, Direction::Forward).await;
+                        if std::env::var_os("CHAOS_VERBOSE").is_some() {
+                            eprintln!(
+                                "chaos: backfill took {:?}: {:?}",
+                                t.elapsed(),
+                                done.as_ref().map(|r| (r.rows_copied, r.finished))
+                            );
+                        }
+                        if let Err(err) = done {
+                            if std::env::var_os("CHAOS_VERBOSE").is_some() {
+                                eprintln!("chaos: backfill: {err}");
+                            }
+                            continue;
+                        }
+                        let _ = dual.repair(Duration::ZERO).await;
+                        let verified = twintrack::verify::run_across(
+                            &legacy_db,
+                            &new_db,
+                            &*store,
+                            &definition,
+                            // As an operator would under load: what differs (second sides
+                            // still waiting for the new server) is re-synced from legacy.
+                            VerifyOptions {
+                                segments: 8,
+                                parallel: 2,
+                                repair: true,
+                                // Longer than an outage of the new server: second sides held
+                                // up by one land before the second look.
+                                recheck_delay: Duration::from_secs(2),
+                                ..VerifyOptions::default()
+                            },
+                            twintrack::metrics::Metrics::global(),
+                            None,
+                        )
+                        .await;
+                        counts.verifies.fetch_add(1, Ordering::Relaxed);
+                        if std::env::var_os("CHAOS_VERBOSE").is_some() {
+                            eprintln!("chaos: verify took {:?}", t.elapsed());
+                            eprintln!("chaos: verify: {:?}", verified.as_ref().map(|r| r.lines()));
+                        }
+                        if verified.is_ok_and(|r| r.clean) {
+                            counts.clean_verifies.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(err) => eprintln!("chaos: {from} -> {to} refused: {err}"),
                 }
             }
         }));
@@ -489,11 +658,33 @@ async fn main() -> std::process::ExitCode {
     let c = main_cluster.clone();
     blocking(move || c.start_replica_if_stopped(0)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    if store.get(M).await.unwrap().state.stage != Stage::DualWrite {
-        store
+    // Back to dual_write the way an operator would: out of new_only through ramp_down, with a
+    // reverse backfill before legacy is authoritative again.
+    loop {
+        let stage = store.get(M).await.unwrap().state.stage;
+        if stage == Stage::DualWrite {
+            break;
+        }
+        if stage == Stage::NewOnly {
+            store
+                .set_stage(StageChange::new(M, Stage::RampDown, "chaos", "settle"))
+                .await
+                .unwrap();
+            continue;
+        }
+        match store
             .set_stage(StageChange::new(M, Stage::DualWrite, "chaos", "settle"))
             .await
-            .unwrap();
+        {
+            Ok(_) => {}
+            Err(twintrack::Error::Refused(_)) => {
+                flags.refresh().await.unwrap();
+                backfill_once(&dual, Direction::Reverse)
+                    .await
+                    .expect("the settling reverse backfill");
+            }
+            Err(err) => panic!("settling to dual_write: {err}"),
+        }
     }
     flags.refresh().await.unwrap();
     let report = dual
@@ -565,11 +756,13 @@ async fn main() -> std::process::ExitCode {
     }
     let c = &counts;
     eprintln!(
-        "chaos: {seconds} s of load ({:.1} s), {} clients, {} users checked; {} stage flips, {} outages, {} backfill kills; {} reads checked with the token; final backfill copied {} rows; settled in {:.1} s",
+        "chaos: {seconds} s of load ({:.1} s), {} clients, {} users checked; {} stage moves ({} verifies across, {} clean), {} outages, {} backfill kills; {} reads checked with the token; final backfill copied {} rows; settled in {:.1} s",
         load_ended.as_secs_f64(),
         clients,
         ids.len(),
         c.flips.load(Ordering::Relaxed),
+        c.verifies.load(Ordering::Relaxed),
+        c.clean_verifies.load(Ordering::Relaxed),
         c.outages.load(Ordering::Relaxed),
         c.backfill_kills.load(Ordering::Relaxed),
         c.checked_reads.load(Ordering::Relaxed),
@@ -578,7 +771,8 @@ async fn main() -> std::process::ExitCode {
     );
     let stale = c.stale.load(Ordering::Relaxed);
     println!(
-        "divergent_rows={divergent} stale_reads={stale} lost_writes={lost} requests={} errors={}",
+        "divergent_rows={divergent} stale_reads={stale} lost_writes={lost} stages_visited={} requests={} errors={}",
+        visited.lock().unwrap().len(),
         c.requests.load(Ordering::Relaxed),
         c.errors.load(Ordering::Relaxed)
     );

@@ -16,11 +16,12 @@
 //!   columns; other columns keep their values), and, copying forward, the target rows of keys
 //!   the source yields no row for are deleted;
 //! - **otherwise** (one-to-many, e.g. `article_tag(article_id, tag)` keyed by `article_id`):
-//!   the keys' target rows are replaced: deleted, then the selected rows inserted. A reverse
-//!   copy needs a unique legacy key.
+//!   the keys' target rows are replaced: deleted, then the selected rows inserted.
 //!
-//! A reverse copy never deletes legacy rows (a legacy row usually holds more than the
-//! migrated columns), as in one database ([`crate::definition::resync_key`]).
+//! A reverse copy updates the legacy rows that exist by their key and never inserts or
+//! deletes one (a legacy row usually holds more than the migrated columns, which the new shape
+//! cannot supply), as in one database ([`crate::definition::resync_key`]); it needs a unique
+//! legacy key.
 //!
 //! Keys the target holds in the batch's range that the batch did not list (the source lost
 //! them, or gained them after the batch's `SELECT`) are each locked and read again on the
@@ -55,6 +56,9 @@ enum Write {
     Upsert,
     /// Delete the keys' rows, insert the selected ones (one-to-many).
     Replace,
+    /// Update the rows that exist by the target key, never insert (a reverse copy: a legacy
+    /// row holds more than the migrated columns, which the new shape cannot supply).
+    Update,
 }
 
 /// One row the source's select returned, with its key.
@@ -174,7 +178,10 @@ impl CrossCopier {
                 )));
             }
         }
-        let write = if unique_key(target, table, &target_key_names).await? {
+        let unique = unique_key(target, table, &target_key_names).await?;
+        let write = if unique && direction == Direction::Reverse {
+            Write::Update
+        } else if unique {
             Write::Upsert
         } else if direction == Direction::Forward {
             Write::Replace
@@ -256,6 +263,9 @@ impl CrossCopier {
         let mut tx = self.target.begin().await?;
         let mut out = Synced::default();
         match self.write {
+            Write::Update => {
+                out.written = self.insert(&mut tx, &columns, &rows).await?;
+            }
             Write::Upsert => {
                 out.written = self.insert(&mut tx, &columns, &rows).await?;
                 if self.direction == Direction::Forward {
@@ -427,7 +437,7 @@ impl CrossCopier {
             .collect::<Result<Vec<_>>>()?;
         let list = quoted.join(", ");
         let conflict = match self.write {
-            Write::Replace => String::new(),
+            Write::Replace | Write::Update => String::new(),
             Write::Upsert => {
                 let set: Vec<String> = quoted
                     .iter()
@@ -456,9 +466,29 @@ impl CrossCopier {
                     .collect();
                 let text = serde_json::to_string(&docs)
                     .map_err(|e| Error::Internal(format!("rows to JSON: {e}")))?;
-                let sql = format!(
-                    "INSERT INTO {table} ({list}) SELECT {list} FROM json_populate_recordset(CAST(NULL AS {table}), CAST($1 AS json)){conflict}"
-                );
+                let sql = if self.write == Write::Update {
+                    let set: Vec<String> = quoted
+                        .iter()
+                        .filter(|c| !key.contains(c))
+                        .map(|c| format!("{c} = twintrack_s.{c}"))
+                        .collect();
+                    if set.is_empty() {
+                        return Ok(0);
+                    }
+                    let on: Vec<String> = key
+                        .iter()
+                        .map(|c| format!("{table}.{c} = twintrack_s.{c}"))
+                        .collect();
+                    format!(
+                        "UPDATE {table} SET {} FROM json_populate_recordset(CAST(NULL AS {table}), CAST($1 AS json)) twintrack_s WHERE {}",
+                        set.join(", "),
+                        on.join(" AND ")
+                    )
+                } else {
+                    format!(
+                        "INSERT INTO {table} ({list}) SELECT {list} FROM json_populate_recordset(CAST(NULL AS {table}), CAST($1 AS json)){conflict}"
+                    )
+                };
                 Query::assert_safe(sql)
                     .bind(text)
                     .execute(&mut *tx)
@@ -486,10 +516,31 @@ impl CrossCopier {
                             .collect();
                         tuples.push(format!("({})", params.join(", ")));
                     }
-                    q.sql = format!(
-                        "INSERT INTO {table} ({list}) VALUES {}{conflict}",
-                        tuples.join(", ")
-                    )
+                    q.sql = if self.write == Write::Update {
+                        let set: Vec<String> = quoted
+                            .iter()
+                            .filter(|c| !key.contains(c))
+                            .map(|c| format!("{c} = twintrack_s.{c}"))
+                            .collect();
+                        if set.is_empty() {
+                            return Ok(0);
+                        }
+                        let on: Vec<String> = key
+                            .iter()
+                            .map(|c| format!("{table}.{c} = twintrack_s.{c}"))
+                            .collect();
+                        format!(
+                            "WITH twintrack_s ({list}) AS (VALUES {}) UPDATE {table} SET {} FROM twintrack_s WHERE {}",
+                            tuples.join(", "),
+                            set.join(", "),
+                            on.join(" AND ")
+                        )
+                    } else {
+                        format!(
+                            "INSERT INTO {table} ({list}) VALUES {}{conflict}",
+                            tuples.join(", ")
+                        )
+                    }
                     .into();
                     written += q
                         .execute(&mut *tx)

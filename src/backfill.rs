@@ -218,6 +218,8 @@ struct Shared {
     nothing_to_watch: AtomicBool,
     /// The most standbys seen streaming at once during this run.
     standbys_seen: std::sync::atomic::AtomicI64,
+    /// The database of the flag rows (two databases: each batch holds its flag row).
+    flags_db: Option<Database>,
     started: Instant,
     progress: Box<dyn Fn(&Progress) + Send + Sync>,
 }
@@ -344,6 +346,7 @@ pub(crate) async fn run_with(
         pause_reason: std::sync::Mutex::new(None),
         nothing_to_watch: AtomicBool::new(false),
         standbys_seen: std::sync::atomic::AtomicI64::new(0),
+        flags_db: flags.flag_database().cloned(),
         started: Instant::now(),
         progress: Box::new(progress),
     });
@@ -800,6 +803,8 @@ async fn copy_batch(
     let range = KeyRange::after_upto(lease.next_key.clone(), upto.clone());
     let rows = match copier {
         Copier::Keys(copier) => {
+            // The stage must not move authority to the target while the batch runs: held.
+            let _stage_held = hold_stage(shared, &mut tx).await?;
             // The last batch of the run also walks the target's keys above the source's
             // largest at start, to remove those the source lost.
             let range = if shared.open_ended && chunk_done && lease.hi == shared.run.upper {
@@ -869,6 +874,43 @@ async fn copy_batch(
     } else {
         Ok(None)
     }
+}
+
+/// Two databases: reads the migration's stage for a batch and holds it there until the batch
+/// commits (PostgreSQL: the flag row `FOR SHARE`, in the batch's own transaction when the flag
+/// rows live in the source database, else in a transaction returned to be dropped after the
+/// batch; SQLite: in the batch's transaction, whose write lock holds the file, or read as it
+/// is). A stage change waits for the batch. [`Error::Precondition`] when the target side is
+/// now the one written first: the batch could remove rows it holds that the source has not
+/// received yet.
+async fn hold_stage(shared: &Shared, tx: &mut Tx) -> Result<Option<Tx>> {
+    let Some(flags_db) = &shared.flags_db else {
+        return Ok(None);
+    };
+    let sql = match flags_db.backend() {
+        Backend::Postgres => "SELECT stage FROM twintrack_flags WHERE migration = $1 FOR SHARE",
+        Backend::Sqlite => "SELECT stage FROM twintrack_flags WHERE migration = $1",
+    };
+    let (stage, guard): (String, Option<Tx>) = if flags_db.same_database(&shared.db) {
+        (
+            query(sql).bind(&shared.def.name).scalar(&mut *tx).await?,
+            None,
+        )
+    } else {
+        let mut guard = flags_db.begin_with("BEGIN").await?;
+        let stage = query(sql).bind(&shared.def.name).scalar(&mut guard).await?;
+        (stage, Some(guard))
+    };
+    let stage: Stage = stage.parse()?;
+    let direction = shared.options.direction;
+    if stage.plan().writes[0] == direction.source().other() {
+        return Err(Error::Precondition(format!(
+            "the stage of {:?} moved to {stage} during the {} backfill: the target shape is written first now, so a batch across two databases could remove rows it holds that the source has not received yet; run it again in a stage where the source is written first",
+            shared.def.name,
+            direction.as_str()
+        )));
+    }
+    Ok(guard)
 }
 
 /// Moves the chunk's checkpoint in the batch's transaction and commits it, if the lease is

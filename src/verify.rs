@@ -354,7 +354,7 @@ pub async fn run_across(
         let before = std::mem::take(&mut found.rows);
         let unexplained = std::mem::take(&mut found.unexplained);
         let leaves = std::mem::take(&mut found.leaves);
-        let again = look_again(&ctx, &leaves, &unexplained).await?;
+        let again = look_again(&ctx, &leaves, &unexplained, &before).await?;
         in_flight = before
             .keys()
             .filter(|k| !again.found.rows.contains_key(*k))
@@ -386,11 +386,21 @@ pub async fn run_across(
             }
         }
         // After the repairs, every piece that differed is compared again as a whole.
-        found.rows.clear();
+        let before = std::mem::take(&mut found.rows);
         let leaves = std::mem::take(&mut found.leaves);
         let unexplained = std::mem::take(&mut found.unexplained);
-        let again = look_again(&ctx, &leaves, &unexplained).await?;
-        found.merge(again.found);
+        let mut again = look_again(&ctx, &leaves, &unexplained, &before)
+            .await?
+            .found;
+        // What still differs right after the repairs may be a write made since: one more look
+        // after the delay, and only what differs both times stays.
+        if !again.rows.is_empty() || !again.unexplained.is_empty() {
+            tokio::time::sleep(options.recheck_delay).await;
+            again = look_again(&ctx, &again.leaves, &again.unexplained, &again.rows)
+                .await?
+                .found;
+        }
+        found.merge(again);
     }
     let clean = found.rows.is_empty()
         && found.unexplained.is_empty()
@@ -449,17 +459,26 @@ struct Again {
     settled_unexplained: usize,
 }
 
-/// Compares `leaves` (pieces where keys differed) and `unexplained` pieces again from their
-/// summaries down.
+/// Compares `leaves` (pieces where the keys of `known` differed) and `unexplained` pieces
+/// again from their summaries down. Of the keys that differ now, only those of `known` are
+/// kept: a key that differs now and did not at the first look arrived in between (a write in
+/// flight), for a later verify to see. A piece that differs with no key to show for it stays
+/// unexplained.
 async fn look_again(
     ctx: &Arc<Ctx>,
     leaves: &[KeyRange],
     unexplained: &[KeyRange],
+    known: &BTreeMap<DynKey, Kind>,
 ) -> Result<Again> {
     let mut found = Found::default();
     let mut settled_unexplained = 0;
     for range in leaves {
-        found.merge(compare_range(ctx.clone(), range.clone(), None).await?);
+        let mut again = compare_range(ctx.clone(), range.clone(), None).await?;
+        again.rows.retain(|key, _| known.contains_key(key));
+        if again.rows.is_empty() {
+            again.leaves.clear();
+        }
+        found.merge(again);
     }
     for range in unexplained {
         let again = compare_range(ctx.clone(), range.clone(), None).await?;
@@ -659,9 +678,58 @@ async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
             .await?
         }
     };
-    let mut found = compare_pieces(ctx.clone(), KeyRange::all(), cuts, true).await?;
+    let top = top_range(ctx).await?;
+    let cuts = match &top.upper {
+        // Rust orders integer and UUID keys as the databases do.
+        Upper::UpTo(max) => cuts.into_iter().filter(|c| c <= max).collect(),
+        _ => cuts,
+    };
+    let mut found = compare_pieces(ctx.clone(), top, cuts, true).await?;
     found.segments = found.segments.max(1);
     Ok(found)
+}
+
+/// The keys a whole verify covers: up to the largest key either table holds when it starts
+/// (rows inserted after that are dual-written, as in a backfill), so a stream of inserts with
+/// ever larger keys (a sequence) cannot keep the top segment differing for as long as the
+/// verify runs. Every key when a key column is text (whose collation Rust cannot order by) or
+/// both tables are empty.
+async fn top_range(ctx: &Ctx) -> Result<KeyRange> {
+    if ctx.kinds.contains(&KeyKind::Text) {
+        return Ok(KeyRange::all());
+    }
+    let mut max: Option<DynKey> = None;
+    for side in [Side::Legacy, Side::New] {
+        let (table, key) = ctx.def.shape(side);
+        let descending: Vec<String> = key.iter().map(|c| format!("{c} DESC")).collect();
+        let sql = format!(
+            "SELECT {} FROM {table} WHERE {} ORDER BY {} LIMIT 1",
+            keyset::order_by(key),
+            key.iter()
+                .map(|c| format!("{c} IS NOT NULL"))
+                .collect::<Vec<_>>()
+                .join(" AND "),
+            descending.join(", ")
+        );
+        if let Some(row) = Query::assert_safe(sql)
+            .run_on(ctx, side)
+            .await?
+            .into_iter()
+            .next()
+        {
+            let key = crate::backfill::row_key(row, &ctx.kinds)?;
+            if max.as_ref().is_none_or(|m| key > *m) {
+                max = Some(key);
+            }
+        }
+    }
+    Ok(match max {
+        Some(max) => KeyRange {
+            lower: Lower::Unbounded,
+            upper: Upper::UpTo(max),
+        },
+        None => KeyRange::all(),
+    })
 }
 
 /// PostgreSQL: segment cuts from a sample of the legacy table's keys (`TABLESAMPLE SYSTEM`,
@@ -715,8 +783,8 @@ fn compare_range(
             Some(sizes) => sizes,
             None => {
                 let ((l, _), (n, _)) = tokio::try_join!(
-                    summarize(&ctx, Side::Legacy, &range, &[]),
-                    summarize(&ctx, Side::New, &range, &[])
+                    summarize(&ctx, Side::Legacy, &range, &[], false),
+                    summarize(&ctx, Side::New, &range, &[], false)
                 )?;
                 if l == n {
                     return Ok(Found::default());
@@ -777,8 +845,8 @@ async fn compare_pieces(
     top: bool,
 ) -> Result<Found> {
     let ((l, legacy_null_keys), (n, new_null_keys)) = tokio::try_join!(
-        summarize(&ctx, Side::Legacy, &range, &cuts),
-        summarize(&ctx, Side::New, &range, &cuts)
+        summarize(&ctx, Side::Legacy, &range, &cuts, top),
+        summarize(&ctx, Side::New, &range, &cuts, top)
     )?;
     let pieces = pieces(&range, &cuts);
     let mut found = Found::default();
@@ -923,13 +991,14 @@ fn counted(ctx: &Ctx) -> impl Fn(&'static str) + '_ {
 }
 
 /// Count and order-independent hash of `side`'s rows in each piece of `range` between `cuts`,
-/// and how many rows the range's predicate let through with a `NULL` in their key (held by no
-/// piece; counted for the whole key space, where the predicate lets every row through).
+/// and, `with_null_keys` (the whole verify's range), how many rows have a `NULL` in their key
+/// (held by no piece).
 async fn summarize(
     ctx: &Ctx,
     side: Side,
     range: &KeyRange,
     cuts: &[DynKey],
+    with_null_keys: bool,
 ) -> Result<(Vec<Summary>, u64)> {
     let _permit = ctx
         .limit
@@ -957,7 +1026,7 @@ async fn summarize(
                 hash: hash.to_string(),
             });
         }
-        if *range != KeyRange::all() {
+        if !with_null_keys {
             return Ok((out, 0));
         }
         let null_keys: i64 = Query::assert_safe(format!(
@@ -1010,13 +1079,18 @@ async fn summarize(
             items.join(", ")
         )
     };
+    // The whole verify's top range also lets NULL keys through, to count them (bucket -1).
+    let filter = if with_null_keys {
+        format!("({}) OR ({})", p.sql, ctx.null_key)
+    } else {
+        p.sql
+    };
     let sql = format!(
         "SELECT CASE WHEN {} THEN -1 ELSE {bucket} END AS seg, COUNT(*) AS n,
                 CAST(COALESCE(SUM({}), 0) AS TEXT) AS h
-         FROM ({proj}) p WHERE {} GROUP BY 1",
+         FROM ({proj}) p WHERE {filter} GROUP BY 1",
         ctx.null_key,
         ctx.hash.sql(),
-        p.sql
     );
     let rows = bound(Query::assert_safe(sql), args)
         .run_on(ctx, side)

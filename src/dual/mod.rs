@@ -291,8 +291,11 @@ where
         Ok(())
     }
 
-    /// Replays repair intents older than `min_age`: re-syncs each key from the side that is
-    /// authoritative now (copy, or delete when the key is gone there), then drops the intent.
+    /// Replays repair intents older than `min_age`: re-syncs each key (copy, or delete when
+    /// the key is gone there), then drops the intent. One database: from the side that is
+    /// authoritative now. Two databases: from the side whose database holds the intent (the
+    /// side its write committed on, authoritative then), even if the stage has moved authority
+    /// since; an intent superseded by a newer one for the key in the other database is dropped.
     pub async fn repair(&self, min_age: Duration) -> Result<RepairReport> {
         repair::run(self, min_age).await
     }
@@ -300,8 +303,9 @@ where
     /// Backfills this store's migration (see [`crate::backfill`]); needs the definition
     /// ([`DualStoreBuilder::definition`]) for the source table and key. One database: the
     /// definition's SQL copies. Two databases: each batch's keys are read under the batch's
-    /// row locks and written to the other database through [`Resync`], which commits before
-    /// the batch does.
+    /// row locks and written to the other database, which commits before the batch does: by
+    /// the definition's `copy_select` (or `reverse_copy_select`) when it has one (see
+    /// [`crate::across`]), else key by key through [`Resync`].
     pub async fn backfill(
         &self,
         options: crate::backfill::BackfillOptions,
@@ -321,8 +325,20 @@ where
                 .await;
         }
         let source = options.direction.source();
-        let copier =
-            crate::backfill::Copier::Keys(Arc::new(resync::BatchCopier::new(self.clone(), source)));
+        let has_select = match options.direction {
+            crate::definition::Direction::Forward => def.copy_select.is_some(),
+            crate::definition::Direction::Reverse => def.reverse_copy_select.is_some(),
+        };
+        let copier = if has_select {
+            // The definition's select: one statement a batch on each side.
+            let (from, to) = (self.database_of(source), self.database_of(source.other()));
+            let kinds = <KeyOf<R, X> as Key>::KINDS;
+            crate::backfill::Copier::Keys(Arc::new(
+                crate::across::CrossCopier::new(def, kinds, options.direction, from, to).await?,
+            ))
+        } else {
+            crate::backfill::Copier::Keys(Arc::new(resync::BatchCopier::new(self.clone(), source)))
+        };
         crate::backfill::run_with(
             self.database_of(source),
             &*flags,

@@ -138,7 +138,7 @@ where
     let mut after = 0i64;
     loop {
         let batch = query(
-            "SELECT id, COALESCE(key_text, CAST(key AS TEXT)) AS key_text FROM twintrack_repair_intents
+            "SELECT id, COALESCE(key_text, CAST(key AS TEXT)) AS key_text, created_at FROM twintrack_repair_intents
              WHERE migration = $1 AND created_at <= $2 AND id > $3 ORDER BY id LIMIT 100",
         )
         .bind(&*inner.migration)
@@ -161,9 +161,25 @@ where
                     continue;
                 }
             };
-            // The side that holds the truth now (the stage may have moved since the intent).
-            let (flag, _) = store.flag()?;
-            let source = flag.stage().plan().authoritative;
+            let source = if store.is_split() && std::env::var_os("TT_OLD_REPAIR").is_none() {
+                // Two databases: an intent lives in the database of the side that was
+                // authoritative when its write committed, which holds that write; it is the
+                // source even if the stage has moved authority since (the other side may
+                // never have received the write). A newer intent for the key in the other
+                // database supersedes it: that side holds the later write.
+                let created_at: i64 = row.get("created_at")?;
+                if newer_intent(store, side.other(), &text, created_at).await? {
+                    clear_intent(db, id).await?;
+                    report.skipped += 1;
+                    continue;
+                }
+                side
+            } else {
+                // One database: the side that holds the truth now (the stage may have moved
+                // since the intent; both sides were written in one transaction).
+                let (flag, _) = store.flag()?;
+                flag.stage().plan().authoritative
+            };
             match resync_one(store, side, id, &key, source).await {
                 Ok(Some(Resynced::Copied)) => report.copied += 1,
                 Ok(Some(_)) => report.deleted += 1,
@@ -233,6 +249,29 @@ where
         .await?;
     tx.commit().await?;
     Ok(Some(done))
+}
+
+/// Whether `side`'s database holds an intent for the key `key_text` newer than `than` (µs).
+async fn newer_intent<R, X>(
+    store: &DualStore<R, X>,
+    side: Side,
+    key_text: &str,
+    than: i64,
+) -> Result<bool>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    let found = query(
+        "SELECT id FROM twintrack_repair_intents
+         WHERE migration = $1 AND COALESCE(key_text, CAST(key AS TEXT)) = $2 AND created_at > $3 LIMIT 1",
+    )
+    .bind(&*store.inner.migration)
+    .bind(key_text)
+    .bind(than)
+    .fetch_optional(store.database_of(side))
+    .await?;
+    Ok(found.is_some())
 }
 
 /// The number of repair intents waiting for `migration`.

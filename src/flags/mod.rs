@@ -231,6 +231,13 @@ pub enum FlagChange {
 /// SQLite; the cache only needs this trait, so another store (an HTTP flag service, say) can be
 /// plugged in.
 pub trait FlagStore: Send + Sync + 'static {
+    /// The database holding the flag rows, for a store that keeps them in one
+    /// ([`SqlFlagStore`]): a two-database backfill batch holds its migration's flag row there
+    /// (`FOR SHARE`) so the stage cannot move under the batch. `None` by default.
+    fn flag_database(&self) -> Option<&crate::Database> {
+        None
+    }
+
     /// Loads every flag row. An unparsable row is returned as such, not as an error.
     fn load_all(&self) -> BoxFuture<'_, Result<Vec<LoadedFlag>>>;
 

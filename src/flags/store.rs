@@ -227,6 +227,10 @@ fn check_version(migration: &str, expected: Option<i64>, actual: i64) -> Result<
 }
 
 impl FlagStore for SqlFlagStore {
+    fn flag_database(&self) -> Option<&Database> {
+        Some(&self.db)
+    }
+
     fn load_all(&self) -> BoxFuture<'_, Result<Vec<LoadedFlag>>> {
         Box::pin(async move {
             let sql = format!("SELECT {STATE_COLUMNS} FROM twintrack_flags ORDER BY migration");
