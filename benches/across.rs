@@ -237,11 +237,13 @@ async fn main() {
         for which in order {
             if which == 0 {
                 round_result.0 = run_twintrack().await;
+                eprintln!("  twintrack: {:.3} s", round_result.0);
             } else {
                 let t = Instant::now();
                 let (lrows, nrows, diffs) = naive(&legacy_url, &new_url, &legacy, &new).await;
                 assert_eq!((lrows, nrows, diffs), (rows as u64, rows as u64, 0));
                 round_result.1 = t.elapsed().as_secs_f64();
+                eprintln!("  naive: {:.3} s", round_result.1);
             }
         }
         eprintln!(
