@@ -34,7 +34,10 @@
 
 use std::collections::HashSet;
 
-use serde_json::{Map, Value as Json};
+use std::collections::BTreeMap;
+
+use serde_json::Value as Json;
+use serde_json::value::RawValue;
 
 use crate::backfill::KeyCopier;
 use crate::db::{Backend, Conn, Database, Query, Tx, Value, query, quote_ident};
@@ -68,8 +71,9 @@ struct Fetched {
 }
 
 enum RowData {
-    /// PostgreSQL: the row as a JSON object, by column name.
-    Json(Map<String, Json>),
+    /// PostgreSQL: the row as a JSON object, by column name, each value's JSON text exactly as
+    /// PostgreSQL wrote it (no number passes through a double, no `json` value is reordered).
+    Json(BTreeMap<String, Box<RawValue>>),
     /// SQLite: the values, in the order of [`Batch::columns`].
     Values(Vec<Value>),
 }
@@ -149,13 +153,15 @@ impl CrossCopier {
         let target_key_names: Vec<String> = key.iter().map(|c| c.replace('"', "")).collect();
         let columns = select_columns(source, def, direction, &select)
             .await
-            .map_err(|e| {
-                Error::Config(format!(
+            .map_err(|e| match e {
+                // Unreachable, or the database's own trouble: not the definition's fault.
+                e if e.is_unreachable() || crate::retry::transient(&e).is_some() => e,
+                e => Error::Config(format!(
                     "migration {:?}: `{field}` fails on the {} database: {}",
                     def.name,
                     side_name(direction.source()),
                     error_message(&e)
-                ))
+                )),
             })?;
         let table_columns = table_columns(target, table).await?;
         for name in &target_key_names {
@@ -217,8 +223,14 @@ impl CrossCopier {
         let listed: HashSet<&DynKey> = keys.iter().collect();
         let mut rows: Vec<Fetched> = Vec::new();
         let mut columns: Vec<String> = Vec::new();
-        if !keys.is_empty() {
-            let (names, fetched) = self.fetch(source.reborrow(), range).await?;
+        if let Some(last) = keys.last() {
+            // Only up to the batch's last listed key (keys come in key order): the open-ended
+            // last batch of a run must not read every row inserted since the run began.
+            let listed_range = KeyRange {
+                lower: range.lower.clone(),
+                upper: crate::keyset::Upper::UpTo(last.clone()),
+            };
+            let (names, fetched) = self.fetch(source.reborrow(), &listed_range).await?;
             columns = names;
             rows.extend(fetched.into_iter().filter(|r| listed.contains(&r.key)));
         }
@@ -238,6 +250,8 @@ impl CrossCopier {
             .collect::<Result<_>>()?;
         let (source_table, source_key) = self.def.source(self.direction);
         let mut also: Vec<DynKey> = Vec::new();
+        // Of `also`, the keys the source did not have.
+        let mut absent: Vec<DynKey> = Vec::new();
         for key in held.into_iter().filter(|k| !listed.contains(k)) {
             let one = KeyRange::exactly(key.clone());
             let p = keyset::predicate(source_key, &one, 1);
@@ -256,11 +270,50 @@ impl CrossCopier {
                     columns = names;
                 }
                 rows.extend(fetched.into_iter().filter(|r| r.key == key));
+            } else {
+                absent.push(key.clone());
             }
             also.push(key);
         }
-        let synced: Vec<&DynKey> = keys.iter().chain(&also).collect();
         let mut tx = self.target.begin().await?;
+        if self.backend == Backend::Postgres {
+            // Two databases never see a lock cycle between them: a wait across them ends here
+            // (and the step is retried) rather than never.
+            query("SET LOCAL lock_timeout = '2s'")
+                .execute(&mut tx)
+                .await?;
+        }
+        // A key the source did not have may have come back since (a dual write re-inserting
+        // it, whose copy may have reached the target): with the target's rows of those keys
+        // locked, each is looked up on the source again, and left alone if it is back.
+        let mut back: HashSet<DynKey> = HashSet::new();
+        if !absent.is_empty() {
+            if self.backend == Backend::Postgres {
+                for chunk in absent.chunks(DELETE_CHUNK) {
+                    let (sql, args) = self.target_keys_sql(chunk, "SELECT 1 FROM", " FOR UPDATE");
+                    bound(Query::assert_safe(sql), args)
+                        .fetch_all(&mut tx)
+                        .await?;
+                }
+            }
+            for key in &absent {
+                let one = KeyRange::exactly(key.clone());
+                let p = keyset::predicate(source_key, &one, 1);
+                let sql = format!("SELECT 1 FROM {source_table} WHERE {}", p.sql);
+                if !bound(Query::assert_safe(sql), p.args)
+                    .fetch_all(source.reborrow())
+                    .await?
+                    .is_empty()
+                {
+                    back.insert(key.clone());
+                }
+            }
+        }
+        let synced: Vec<&DynKey> = keys
+            .iter()
+            .chain(&also)
+            .filter(|k| !back.contains(*k))
+            .collect();
         let mut out = Synced::default();
         match self.write {
             Write::Update => {
@@ -358,23 +411,22 @@ impl CrossCopier {
                 let Some(text) = text else {
                     return Ok((Vec::new(), Vec::new()));
                 };
-                let docs: Vec<Json> = serde_json::from_str(&text)
-                    .map_err(|e| Error::Internal(format!("json_agg gave no JSON array: {e}")))?;
+                let docs: Vec<BTreeMap<String, Box<RawValue>>> = serde_json::from_str(&text)
+                    .map_err(|e| Error::Internal(format!("json_agg gave no array of rows: {e}")))?;
                 let mut names: Vec<String> = Vec::new();
                 let mut out = Vec::with_capacity(docs.len());
-                for doc in docs {
-                    let Json::Object(map) = doc else {
-                        return Err(Error::Internal(
-                            "json_agg gave a row that is no object".into(),
-                        ));
-                    };
+                for map in docs {
                     if names.is_empty() {
                         names = map.keys().cloned().collect();
                     }
                     let parts: Vec<Json> = self
                         .target_key_names
                         .iter()
-                        .map(|n| map.get(n).cloned().unwrap_or(Json::Null))
+                        .map(|n| {
+                            map.get(n)
+                                .and_then(|raw| serde_json::from_str(raw.get()).ok())
+                                .unwrap_or(Json::Null)
+                        })
                         .collect();
                     let key = match parts.as_slice() {
                         [one] => DynKey::from_json(one, &self.kinds),
@@ -457,7 +509,7 @@ impl CrossCopier {
         };
         match self.backend {
             Backend::Postgres => {
-                let docs: Vec<&Map<String, Json>> = rows
+                let docs: Vec<&BTreeMap<String, Box<RawValue>>> = rows
                     .iter()
                     .filter_map(|r| match &r.data {
                         RowData::Json(map) => Some(map),
@@ -552,31 +604,45 @@ impl CrossCopier {
         }
     }
 
-    /// Deletes the target rows of `keys`.
-    async fn delete(&self, tx: &mut Tx, keys: &[&DynKey]) -> Result<u64> {
+    /// `{verb} {target table} WHERE (key…) IN (VALUES …){tail}` for `keys`, and its
+    /// parameters.
+    fn target_keys_sql<K: std::borrow::Borrow<DynKey>>(
+        &self,
+        keys: &[K],
+        verb: &str,
+        tail: &str,
+    ) -> (String, Vec<Value>) {
         let (table, key) = self.def.shape(self.direction.source().other());
-        let mut deleted = 0;
-        for chunk in keys.chunks(DELETE_CHUNK) {
-            let mut q = Query::assert_safe(String::new());
-            let mut items = Vec::with_capacity(chunk.len());
-            for k in chunk {
-                let params: Vec<String> = k
-                    .parts()
-                    .iter()
-                    .map(|part| {
-                        q.args.push(part.to_value());
-                        format!("${}", q.args.len())
-                    })
-                    .collect();
-                items.push(format!("({})", params.join(", ")));
-            }
-            q.sql = format!(
-                "DELETE FROM {table} WHERE {} IN (VALUES {})",
+        let mut args: Vec<Value> = Vec::new();
+        let mut items = Vec::with_capacity(keys.len());
+        for k in keys {
+            let params: Vec<String> = k
+                .borrow()
+                .parts()
+                .iter()
+                .map(|part| {
+                    args.push(part.to_value());
+                    format!("${}", args.len())
+                })
+                .collect();
+            items.push(format!("({})", params.join(", ")));
+        }
+        (
+            format!(
+                "{verb} {table} WHERE {} IN (VALUES {}){tail}",
                 keyset::row(key),
                 items.join(", ")
-            )
-            .into();
-            deleted += q
+            ),
+            args,
+        )
+    }
+
+    /// Deletes the target rows of `keys`.
+    async fn delete(&self, tx: &mut Tx, keys: &[&DynKey]) -> Result<u64> {
+        let mut deleted = 0;
+        for chunk in keys.chunks(DELETE_CHUNK) {
+            let (sql, args) = self.target_keys_sql(chunk, "DELETE FROM", "");
+            deleted += bound(Query::assert_safe(sql), args)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| self.write_failed(e))?;
@@ -692,7 +758,8 @@ async fn unique_key(db: &Database, table: &str, key: &[String]) -> Result<bool> 
         Backend::Postgres => {
             let rows = query(
                 "SELECT CAST(i.indexrelid AS BIGINT), CAST(a.attname AS TEXT)
-                 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid
+                   AND a.attnum = ANY((CAST(i.indkey AS int2[]))[0:i.indnkeyatts - 1])
                  WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL",
             )
             .bind(table)
@@ -717,7 +784,11 @@ async fn unique_key(db: &Database, table: &str, key: &[String]) -> Result<bool> 
             .await?;
             for row in rows {
                 let index: String = row.get_at(0)?;
-                sets.entry(index).or_default().push(row.get_at(1)?);
+                // An index on an expression has a column with no name: it cannot be the key's.
+                let column = row
+                    .get_at::<Option<String>>(1)?
+                    .unwrap_or_else(|| "(expression)".into());
+                sets.entry(index).or_default().push(column);
             }
             let pk = query("SELECT name FROM pragma_table_info($1, $2) WHERE pk > 0")
                 .bind(name)

@@ -753,11 +753,15 @@ async fn copy_batch(
     let db = &shared.db;
     let direction = shared.options.direction;
     let (table, key) = shared.def.source(direction);
-    let lock = match db.backend() {
-        Backend::Postgres if shared.options.unsafe_no_row_locks => "",
-        Backend::Postgres => " FOR SHARE",
+    let lock = match (db.backend(), copier) {
+        (Backend::Postgres, _) if shared.options.unsafe_no_row_locks => "",
+        // Two databases: the batch's copy and a dual write's copy of one key must not run at
+        // once (two replacements of a one-to-many key would both insert); FOR NO KEY UPDATE
+        // conflicts with the share lock each copy takes, FOR SHARE does not.
+        (Backend::Postgres, Copier::Keys(_)) => " FOR NO KEY UPDATE",
+        (Backend::Postgres, Copier::Sql) => " FOR SHARE",
         // SQLite: BEGIN IMMEDIATE holds the database's write lock for the whole batch.
-        Backend::Sqlite => "",
+        (Backend::Sqlite, _) => "",
     };
     let remaining = KeyRange::after_upto(lease.next_key.clone(), lease.hi.clone());
     let p = keyset::predicate(key, &remaining, 1);

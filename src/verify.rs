@@ -365,6 +365,15 @@ pub async fn run_across(
     let mut repaired = Vec::new();
     if options.repair && !found.rows.is_empty() {
         for key in found.rows.keys() {
+            // The side to copy from is the one written first now: if the stage moved since
+            // the verify began, its findings no longer say which way to copy.
+            let now = flags.get(&def.name).await?.state.stage.plan().writes[0];
+            if now != authoritative {
+                return Err(Error::Precondition(format!(
+                    "the stage of {:?} moved while verifying; run `twintrack verify {} --repair` again",
+                    def.name, def.name
+                )));
+            }
             let outcome = match &copier {
                 Some(copier) => {
                     let source = match authoritative {

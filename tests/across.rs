@@ -565,3 +565,90 @@ new_projection = "SELECT id AS key, v FROM ext_new"
         assert_eq!(count(&legacy, "twintrack_backfill_runs").await, 0);
     }
 }
+
+/// PostgreSQL rows cross as the text PostgreSQL wrote: `numeric` past a double's precision,
+/// `json` with duplicate and unsorted keys, arrays, `bytea` and non-finite floats arrive
+/// exactly. A target keyed by a covering unique index (`INCLUDE`) is upserted, so a column the
+/// select does not write keeps its value.
+#[tokio::test(flavor = "multi_thread")]
+async fn exact_values_cross_the_databases_and_unselected_columns_keep_theirs() {
+    let (Some(a), Some(b)) = (common::pg::fresh_db().await, common::pg::fresh_db().await) else {
+        return;
+    };
+    let legacy = Database::connect(&a.url).await.unwrap();
+    let new = Database::connect(&b.url).await.unwrap();
+    let cols = "n NUMERIC, j JSON, arr INT[], b BYTEA, f DOUBLE PRECISION";
+    exec(
+        &legacy,
+        &format!("CREATE TABLE src (id BIGINT PRIMARY KEY, {cols})"),
+    )
+    .await;
+    exec(
+        &new,
+        &format!("CREATE TABLE dst (id BIGINT NOT NULL, {cols}, note TEXT NOT NULL DEFAULT 'default', UNIQUE (id) INCLUDE (note))"),
+    )
+    .await;
+    exec(
+        &legacy,
+        r#"INSERT INTO src VALUES
+           (1, 12345678901234567890123.000000000000000001, '{"z": 1, "a": 2, "z": 3}', '{1,2,3}', '\x00ff', 'NaN'),
+           (2, 0.1234567890123456789, '[1.00, 2e400]', '{}', '\x', '-Infinity'),
+           (3, NULL, NULL, NULL, NULL, NULL)"#,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("twintrack.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[migration]]
+name = "exact"
+legacy_table = "src"
+legacy_key = "id"
+new_table = "dst"
+new_key = "id"
+new_database_url_env = "NEW_DATABASE_URL"
+copy_select = "SELECT id, n, j, arr, b, f FROM src WHERE {batch}"
+legacy_projection = "SELECT id AS key, CAST(n AS TEXT) AS n, CAST(j AS TEXT) AS j, arr, b, CAST(f AS TEXT) AS f FROM src"
+new_projection = "SELECT id AS key, CAST(n AS TEXT) AS n, CAST(j AS TEXT) AS j, arr, b, CAST(f AS TEXT) AS f FROM dst"
+"#,
+    )
+    .unwrap();
+    let cli = |args: &[&str]| tt(&a.url, Some(&b.url), &config, args);
+    assert_eq!(cli(&["init"]).0, 0);
+    assert_eq!(
+        cli(&["stage", "set", "exact", "dual_write", "--reason", "t"]).0,
+        0
+    );
+    let (code, _, err) = cli(&["backfill", "exact"]);
+    assert_eq!(code, 0, "{err}");
+    let text = |db: Database, table: &'static str| async move {
+        Query::assert_safe(format!(
+            "SELECT string_agg(CAST(n AS TEXT) || '|' || CAST(j AS TEXT) || '|' || CAST(arr AS TEXT) || '|' || CAST(b AS TEXT) || '|' || CAST(f AS TEXT), ';' ORDER BY id) FROM {table}"
+        ))
+        .scalar::<String>(&db)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        text(legacy.clone(), "src").await,
+        text(new.clone(), "dst").await
+    );
+    let (code, out, _) = cli(&["--json", "verify", "exact"]);
+    assert_eq!(code, 0, "{out}");
+    // Upserted, not replaced: a column the select does not write keeps its value.
+    exec(&new, "UPDATE dst SET note = 'kept'").await;
+    exec(&legacy, "UPDATE src SET n = 7 WHERE id = 1").await;
+    assert_eq!(
+        cli(&["stage", "set", "exact", "legacy_only", "--reason", "t"]).0,
+        0
+    );
+    assert_eq!(
+        cli(&["stage", "set", "exact", "dual_write", "--reason", "t"]).0,
+        0
+    );
+    let (code, _, err) = cli(&["backfill", "exact"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&new, "dst WHERE note = 'kept'").await, 3);
+    assert_eq!(count(&new, "dst WHERE n = 7").await, 1);
+}

@@ -161,7 +161,7 @@ where
                     continue;
                 }
             };
-            let source = if store.is_split() && std::env::var_os("TT_OLD_REPAIR").is_none() {
+            let source = if store.is_split() {
                 // Two databases: an intent lives in the database of the side that was
                 // authoritative when its write committed, which holds that write; it is the
                 // source even if the stage has moved authority since (the other side may

@@ -127,6 +127,16 @@ where
         let mut source_conn = self.pool_of(source).acquire().await?;
         let mut source_tx = source_conn.begin_with(AssertSqlSafe(begin)).await?;
         let mut target_tx = self.pool_of(target).begin().await?;
+        if <Db<R, X> as Native>::BACKEND == crate::Backend::Postgres {
+            // A copy one way and a copy the other way of one key lock in opposite orders, and
+            // neither database sees a cycle spanning both: a bounded wait ends it (the intent
+            // stays and is replayed).
+            for tx in [&mut source_tx, &mut target_tx] {
+                crate::db::query("SET LOCAL lock_timeout = '2s'")
+                    .execute(Db::<R, X>::conn(tx))
+                    .await?;
+            }
+        }
         let done = self
             .copy_with_resync(&mut source_tx, Some(&mut target_tx), key, source)
             .await?;
