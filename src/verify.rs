@@ -115,6 +115,9 @@ pub struct VerifyReport {
     pub new_null_keys: u64,
     /// Differences that were gone when looked at again (writes in flight).
     pub in_flight: usize,
+    /// Differing keys found past the first [`MAX_LISTED`], counted but not listed (nor looked
+    /// at again, nor repaired); any keeps the verify from being clean.
+    pub not_listed: u64,
     /// Keys re-synced by `repair`.
     pub repaired: Vec<DynKey>,
     /// Wall time, in seconds.
@@ -150,6 +153,12 @@ impl VerifyReport {
                 ));
             }
         }
+        if self.not_listed > 0 {
+            out.push(format!(
+                "{} more differing keys not listed (the first {MAX_LISTED} are; not clean)",
+                self.not_listed
+            ));
+        }
         if self.unexplained_segments > 0 {
             out.push(format!(
                 "{} segments differ in count or hash with no differing key found (not clean)",
@@ -168,6 +177,11 @@ struct Summary {
     /// sum modulo 2^64).
     hash: String,
 }
+
+/// At most this many differing keys are kept and listed (the largest ones are dropped first);
+/// the rest are counted in [`VerifyReport::not_listed`], so a verify's memory does not grow
+/// with the number of differences (a verify before any backfill, say).
+pub const MAX_LISTED: usize = 100_000;
 
 /// At most this many rows in a differing range are compared row by row.
 pub const ROW_COMPARE: u64 = 512;
@@ -412,6 +426,7 @@ pub async fn run_across(
         found.merge(again);
     }
     let clean = found.rows.is_empty()
+        && found.not_listed == 0
         && found.unexplained.is_empty()
         && found.legacy_null_keys == 0
         && found.new_null_keys == 0;
@@ -429,6 +444,7 @@ pub async fn run_across(
         legacy_null_keys: found.legacy_null_keys,
         new_null_keys: found.new_null_keys,
         in_flight,
+        not_listed: found.not_listed,
         repaired,
         elapsed_seconds: 0.0,
     };
@@ -654,6 +670,8 @@ struct Found {
     leaves: Vec<KeyRange>,
     /// Ranges whose summaries differed with no differing key found in them.
     unexplained: Vec<KeyRange>,
+    /// Differing keys past [`MAX_LISTED`], counted and not kept.
+    not_listed: u64,
 }
 
 impl Found {
@@ -661,6 +679,12 @@ impl Found {
         self.rows.extend(other.rows);
         self.leaves.extend(other.leaves);
         self.unexplained.extend(other.unexplained);
+        self.not_listed += other.not_listed;
+        // Memory stays bounded however much differs: past the cap, keys are counted only.
+        while self.rows.len() > MAX_LISTED {
+            self.rows.pop_last();
+            self.not_listed += 1;
+        }
     }
 }
 
@@ -1395,6 +1419,30 @@ mod tests {
         let b = doc_of_json(r#"{"a":"x","key":1,"b":2}"#).unwrap();
         assert_eq!(canonical(&a), canonical(&b));
         assert_eq!(canonical(&a), r#"{"a":"x","b":2,"key":1}"#);
+    }
+
+    #[test]
+    fn differing_keys_past_the_cap_are_counted_not_kept() {
+        use crate::key::KeyPart;
+        let mut found = Found::default();
+        for chunk in 0..3 {
+            let mut part = Found::default();
+            for i in 0..(MAX_LISTED as i64 / 2 + 10) {
+                let k = DynKey::single(KeyPart::BigInt(chunk * 1_000_000 + i));
+                part.rows.insert(k, Kind::MissingInNew);
+            }
+            found.merge(part);
+        }
+        assert_eq!(found.rows.len(), MAX_LISTED);
+        assert_eq!(
+            found.not_listed,
+            3 * (MAX_LISTED as u64 / 2 + 10) - MAX_LISTED as u64
+        );
+        // The smallest keys are the ones kept.
+        assert_eq!(
+            found.rows.keys().next(),
+            Some(&DynKey::single(KeyPart::BigInt(0)))
+        );
     }
 
     #[test]
