@@ -491,6 +491,17 @@ impl<DB: Native, K: UserId> Users<DB, K> {
 
     /// Replaces the user's settings.
     pub async fn update(&self, id: &K, settings: Settings) -> Result<(), UserError> {
+        // Two databases: `users` lives only in the legacy one, so in the stages that write the
+        // new shape first (which cannot tell a deleted user) the user is looked up there first.
+        if self.settings.is_split()
+            && query("SELECT 1 FROM users WHERE id = $1")
+                .bind_key(&id.to_dyn())
+                .fetch_optional(self.db())
+                .await?
+                .is_none()
+        {
+            return Err(UserError::NotFound);
+        }
         let key = id.clone();
         let found = self
             .settings
