@@ -507,6 +507,26 @@ impl CrossCopier {
                 }
             }
         };
+        // Update mode: the SET list (the selected columns other than the key's) and the join on
+        // the key with the rows, named `twintrack_s` in both backends' statements.
+        let update = match self.write {
+            Write::Update => {
+                let set: Vec<String> = quoted
+                    .iter()
+                    .filter(|c| !key.contains(c))
+                    .map(|c| format!("{c} = twintrack_s.{c}"))
+                    .collect();
+                if set.is_empty() {
+                    return Ok(0);
+                }
+                let on: Vec<String> = key
+                    .iter()
+                    .map(|c| format!("{table}.{c} = twintrack_s.{c}"))
+                    .collect();
+                Some((set.join(", "), on.join(" AND ")))
+            }
+            _ => None,
+        };
         match self.backend {
             Backend::Postgres => {
                 let docs: Vec<&BTreeMap<String, Box<RawValue>>> = rows
@@ -518,23 +538,9 @@ impl CrossCopier {
                     .collect();
                 let text = serde_json::to_string(&docs)
                     .map_err(|e| Error::Internal(format!("rows to JSON: {e}")))?;
-                let sql = if self.write == Write::Update {
-                    let set: Vec<String> = quoted
-                        .iter()
-                        .filter(|c| !key.contains(c))
-                        .map(|c| format!("{c} = twintrack_s.{c}"))
-                        .collect();
-                    if set.is_empty() {
-                        return Ok(0);
-                    }
-                    let on: Vec<String> = key
-                        .iter()
-                        .map(|c| format!("{table}.{c} = twintrack_s.{c}"))
-                        .collect();
+                let sql = if let Some((set, on)) = &update {
                     format!(
-                        "UPDATE {table} SET {} FROM json_populate_recordset(CAST(NULL AS {table}), CAST($1 AS json)) twintrack_s WHERE {}",
-                        set.join(", "),
-                        on.join(" AND ")
+                        "UPDATE {table} SET {set} FROM json_populate_recordset(CAST(NULL AS {table}), CAST($1 AS json)) twintrack_s WHERE {on}"
                     )
                 } else {
                     format!(
@@ -568,24 +574,10 @@ impl CrossCopier {
                             .collect();
                         tuples.push(format!("({})", params.join(", ")));
                     }
-                    q.sql = if self.write == Write::Update {
-                        let set: Vec<String> = quoted
-                            .iter()
-                            .filter(|c| !key.contains(c))
-                            .map(|c| format!("{c} = twintrack_s.{c}"))
-                            .collect();
-                        if set.is_empty() {
-                            return Ok(0);
-                        }
-                        let on: Vec<String> = key
-                            .iter()
-                            .map(|c| format!("{table}.{c} = twintrack_s.{c}"))
-                            .collect();
+                    q.sql = if let Some((set, on)) = &update {
                         format!(
-                            "WITH twintrack_s ({list}) AS (VALUES {}) UPDATE {table} SET {} FROM twintrack_s WHERE {}",
-                            tuples.join(", "),
-                            set.join(", "),
-                            on.join(" AND ")
+                            "WITH twintrack_s ({list}) AS (VALUES {}) UPDATE {table} SET {set} FROM twintrack_s WHERE {on}",
+                            tuples.join(", ")
                         )
                     } else {
                         format!(

@@ -49,6 +49,13 @@ fn transient_sqlx(err: &sqlx::Error) -> Option<&'static str> {
     }
 }
 
+/// The wait before retry number `attempt` (from 1): 100 ms doubling to at most 5 s, plus up
+/// to 50 ms of jitter.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(50u64 << attempt.min(7)).min(Duration::from_secs(5))
+        + Duration::from_millis(crate::context::random_key() % 50)
+}
+
 /// Runs `op` until it succeeds, fails in a way [`transient`] does not know, or has been retried
 /// [`MAX_RETRIES`] times; between tries waits 100 ms doubling to at most 5 s, with up to 50 ms
 /// of jitter. Each retry is logged (naming `what`) and passed to `counted` with its reason.
@@ -72,11 +79,10 @@ where
         };
         attempt += 1;
         counted(reason);
-        let backoff = Duration::from_millis(50u64 << attempt.min(7)).min(Duration::from_secs(5));
-        let jitter = Duration::from_millis(crate::context::random_key() % 50);
+        let backoff = backoff(attempt);
         tracing::warn!(what, attempt, reason, error = %err, retry_in = ?backoff,
             "failed transiently; retrying");
-        tokio::time::sleep(backoff + jitter).await;
+        tokio::time::sleep(backoff).await;
     }
 }
 

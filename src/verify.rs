@@ -1230,7 +1230,7 @@ where
         };
         attempt += 1;
         counted(ctx)(reason);
-        let backoff = Duration::from_millis(50u64 << attempt.min(7)).min(Duration::from_secs(5));
+        let backoff = retry::backoff(attempt);
         tracing::warn!(migration = %ctx.def.name, attempt, reason, error = %err, retry_in = ?backoff,
             "verify: reading a projection failed transiently; starting it over");
         tokio::time::sleep(backoff).await;
