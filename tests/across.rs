@@ -609,6 +609,7 @@ new_table = "dst"
 new_key = "id"
 new_database_url_env = "NEW_DATABASE_URL"
 copy_select = "SELECT id, n, j, arr, b, f FROM src WHERE {batch}"
+reverse_copy_select = "SELECT id, n FROM dst WHERE {batch}"
 legacy_projection = "SELECT id AS key, CAST(n AS TEXT) AS n, CAST(j AS TEXT) AS j, arr, b, CAST(f AS TEXT) AS f FROM src"
 new_projection = "SELECT id AS key, CAST(n AS TEXT) AS n, CAST(j AS TEXT) AS j, arr, b, CAST(f AS TEXT) AS f FROM dst"
 "#,
@@ -651,4 +652,15 @@ new_projection = "SELECT id AS key, CAST(n AS TEXT) AS n, CAST(j AS TEXT) AS j, 
     assert_eq!(code, 0, "{err}");
     assert_eq!(count(&new, "dst WHERE note = 'kept'").await, 3);
     assert_eq!(count(&new, "dst WHERE n = 7").await, 1);
+    // A reverse copy (new written first) updates the legacy rows that exist, never inserts.
+    assert_eq!(cli(&["verify", "exact"]).0, 0);
+    for stage in ["shadow", "live"] {
+        assert_eq!(cli(&["stage", "set", "exact", stage, "--reason", "t"]).0, 0);
+    }
+    exec(&new, "UPDATE dst SET n = 8 WHERE id = 1").await;
+    exec(&new, "INSERT INTO dst (id, n) VALUES (99, 1)").await;
+    let (code, _, err) = cli(&["backfill", "exact", "--reverse"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&legacy, "src WHERE id = 1 AND n = 8").await, 1);
+    assert_eq!(count(&legacy, "src").await, 3, "no legacy row is created");
 }
