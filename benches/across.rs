@@ -3,8 +3,9 @@
 //! `user_settings` (new shape) in the other, `--rows` rows per side (default 10,000,000),
 //! `bigint` keys, both shapes equal.
 //!
-//! - twintrack: `verify::run_across` (64 segments, 4 at a time: each database counts and hashes
-//!   its own segments, `hash_record_extended`, and only summaries cross).
+//! - twintrack: `verify::run_across` (each database counts and hashes its own rows,
+//!   `hash_record_extended`, the whole range first; only summaries cross; 64 segments, 4 at a
+//!   time, only where the whole range differs).
 //! - naive: both projections streamed sorted by key (`COPY (… ORDER BY key) TO STDOUT`, both at
 //!   once) and merge-compared here line by line.
 //!

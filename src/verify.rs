@@ -9,6 +9,9 @@
 //! `hash_record_extended(row, 0)` (PostgreSQL 14 and later, when every column's type has an
 //! extended hash function; otherwise `hashtextextended(row::text, 0)`, about twice the cost);
 //! SQLite's rows are hashed here (FNV-1a of the row as JSON).
+//! On PostgreSQL the whole range is summarised first, as one plain aggregate per side (which
+//! the server runs as a parallel scan, where the grouped one runs serially): when both
+//! summaries agree there is nothing to cut, and a clean table costs one scan per side.
 //! Equal summaries mean equal segments. A differing segment is cut again at keys taken from
 //! its own rows and its pieces compared the same way, until a piece holds at most
 //! [`ROW_COMPARE`] rows (or a single key); then rows are compared key by key, each key's rows
@@ -691,6 +694,24 @@ impl Found {
 /// The whole key space: segments cut at the legacy table's keys, summarised on both sides,
 /// differing ones looked into.
 async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
+    let top = top_range(ctx).await?;
+    if ctx.hash != RowHash::Client {
+        // The whole range first: one aggregate without grouping, which PostgreSQL runs as a
+        // parallel scan (a grouped one it plans as one group per row, serially). When it
+        // agrees on both sides, there is nothing to cut.
+        let (l, n) = tokio::try_join!(
+            summarize_whole(ctx, Side::Legacy, &top),
+            summarize_whole(ctx, Side::New, &top)
+        )?;
+        if l == n && l.null_keys == 0 {
+            return Ok(Found {
+                segments: 1,
+                legacy_rows: l.summary.rows,
+                new_rows: n.summary.rows,
+                ..Found::default()
+            });
+        }
+    }
     let cuts = match sampled_cuts(ctx, segments).await {
         Some(cuts) => cuts,
         None => {
@@ -711,7 +732,6 @@ async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
             .await?
         }
     };
-    let top = top_range(ctx).await?;
     let cuts = match &top.upper {
         // Rust orders integer and UUID keys as the databases do.
         Upper::UpTo(max) => cuts.into_iter().filter(|c| c <= max).collect(),
@@ -1146,6 +1166,48 @@ async fn summarize(
         slot.hash = row.get("h")?;
     }
     Ok((out, null_keys))
+}
+
+/// A side's whole range in one summary, and its rows with a `NULL` in their key.
+#[derive(Debug, PartialEq, Eq)]
+struct Whole {
+    summary: Summary,
+    null_keys: u64,
+}
+
+/// [`summarize`] of `range` as one piece, in the database (not [`RowHash::Client`]), with no
+/// `GROUP BY`: `FILTER` clauses keep the `NULL`-key rows apart, so the plan stays a (parallel)
+/// plain aggregate.
+async fn summarize_whole(ctx: &Ctx, side: Side, range: &KeyRange) -> Result<Whole> {
+    let _permit = ctx
+        .limit
+        .acquire()
+        .await
+        .map_err(|_| Error::Internal("verify stopped".into()))?;
+    let (_, proj) = ctx.side(side);
+    let p = keyset::predicate(&ctx.key, range, 1);
+    let null_key = &ctx.null_key;
+    let sql = format!(
+        "SELECT COUNT(*) FILTER (WHERE NOT ({null_key})) AS n,
+                COUNT(*) FILTER (WHERE {null_key}) AS null_keys,
+                CAST(COALESCE(SUM({}) FILTER (WHERE NOT ({null_key})), 0) AS TEXT) AS h
+         FROM ({proj}) p WHERE ({}) OR ({null_key})",
+        ctx.hash.sql(),
+        p.sql,
+    );
+    let rows = bound(Query::assert_safe(sql), p.args)
+        .run_on(ctx, side)
+        .await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| Error::Internal("an aggregate returned no row".into()))?;
+    Ok(Whole {
+        summary: Summary {
+            rows: u64::try_from(row.get::<i64>("n")?).unwrap_or(0),
+            hash: row.get("h")?,
+        },
+        null_keys: u64::try_from(row.get::<i64>("null_keys")?).unwrap_or(0),
+    })
 }
 
 /// A projection's row: each column's value in its canonical text, by column name. On
