@@ -660,6 +660,10 @@ impl CrossCopier {
 }
 
 impl KeyCopier for CrossCopier {
+    fn target(&self) -> &Database {
+        &self.target
+    }
+
     fn copy<'a>(
         &'a self,
         source: Conn<'a>,

@@ -175,6 +175,9 @@ pub(crate) enum Copier {
 /// removes what the other side holds for keys the source no longer has; commits there before
 /// the batch commits. Returns the rows written.
 pub(crate) trait KeyCopier: Send + Sync + 'static {
+    /// The database the copies write to.
+    fn target(&self) -> &Database;
+
     fn copy<'a>(
         &'a self,
         source: Conn<'a>,
@@ -752,6 +755,9 @@ async fn copy_batch(
 ) -> Result<Option<Batch>> {
     let db = &shared.db;
     let direction = shared.options.direction;
+    if let Copier::Keys(copier) = copier {
+        source_has_every_write(shared, copier.target()).await?;
+    }
     let (table, key) = shared.def.source(direction);
     let lock = match (db.backend(), copier) {
         (Backend::Postgres, _) if shared.options.unsafe_no_row_locks => "",
@@ -877,6 +883,30 @@ async fn copy_batch(
         Ok(Some(done))
     } else {
         Ok(None)
+    }
+}
+
+/// How long a two-database batch waits for the repair intents that keep its source from
+/// holding every acknowledged write ([`source_has_every_write`]).
+const INTENTS_WAIT: Duration = Duration::from_secs(30);
+
+/// Two databases: before a batch reads its source, waits (up to [`INTENTS_WAIT`]) until no
+/// repair intent in the target's database targets the source: each stands for a write
+/// acknowledged while the target was written first that the source has not received yet,
+/// which the batch would overwrite with the source's older rows. The service's repair worker
+/// (or a read of the key) settles them. Checked before the batch locks its rows, which the
+/// settling copies need. [`Error::Precondition`] if they stay.
+async fn source_has_every_write(shared: &Shared, target: &Database) -> Result<()> {
+    let (name, source) = (&shared.def.name, shared.options.direction.source());
+    match crate::dual::await_intents_targeting(target, name, source, INTENTS_WAIT).await? {
+        0 => Ok(()),
+        pending => Err(crate::dual::intents_pending_error(
+            target,
+            name,
+            source,
+            pending,
+            &format!("the {} backfill", shared.options.direction.as_str()),
+        )),
     }
 }
 

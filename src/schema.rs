@@ -306,10 +306,20 @@ const STEPS: &[Step] = &[
             "ALTER TABLE twintrack_backfill_chunks_v4 RENAME TO twintrack_backfill_chunks",
         ],
     },
+    Step {
+        version: 5,
+        description: "repair intents by key (two databases: a read settles its key's intents)",
+        postgres: &[
+            "CREATE INDEX IF NOT EXISTS twintrack_repair_intents_by_key ON twintrack_repair_intents (migration, key_text)",
+        ],
+        sqlite: &[
+            "CREATE INDEX IF NOT EXISTS twintrack_repair_intents_by_key ON twintrack_repair_intents (migration, key_text)",
+        ],
+    },
 ];
 
 /// The schema version this build of twintrack installs.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Creates or upgrades twintrack's tables. Idempotent; concurrent callers are serialised.
 /// Upgrades keep every row (schema version 4 turns the integer key columns into canonical key

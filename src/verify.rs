@@ -380,6 +380,30 @@ pub async fn run_across(
         found.merge(again.found);
     }
     let mut repaired = Vec::new();
+    if options.repair && !found.rows.is_empty() && across {
+        // The authoritative side is the source of every repair: it must hold every
+        // acknowledged write (two databases: no intent waits to bring one to it).
+        let other = match authoritative {
+            Side::Legacy => new_db,
+            Side::New => legacy_db,
+        };
+        let pending = crate::dual::await_intents_targeting(
+            other,
+            &def.name,
+            authoritative,
+            Duration::from_secs(30),
+        )
+        .await?;
+        if pending > 0 {
+            return Err(crate::dual::intents_pending_error(
+                other,
+                &def.name,
+                authoritative,
+                pending,
+                "the repairs",
+            ));
+        }
+    }
     if options.repair && !found.rows.is_empty() {
         for key in found.rows.keys() {
             // The side to copy from is the one written first now: if the stage moved since

@@ -667,3 +667,90 @@ new_projection = "SELECT id AS key, CAST(n AS TEXT) AS n, CAST(j AS TEXT) AS j, 
     assert_eq!(count(&legacy, "src WHERE id = 1 AND n = 8").await, 1);
     assert_eq!(count(&legacy, "src").await, 3, "no legacy row is created");
 }
+
+/// A forward backfill across two databases waits while a repair intent in the new database
+/// still has to bring a write to legacy (acknowledged while new was written first): copying
+/// legacy's older row then would overwrite it. Once the intent is settled, it goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backfill_across_waits_for_intents_that_target_its_source() {
+    let Some(a) = common::pg::fresh_db().await else {
+        return;
+    };
+    let b = common::pg::fresh_db().await.unwrap();
+    let legacy = Database::connect(&a.url).await.unwrap();
+    let new = Database::connect(&b.url).await.unwrap();
+    exec(
+        &legacy,
+        "CREATE TABLE src (id BIGINT PRIMARY KEY, n INTEGER NOT NULL)",
+    )
+    .await;
+    exec(
+        &new,
+        "CREATE TABLE dst (id BIGINT PRIMARY KEY, n INTEGER NOT NULL)",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("twintrack.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[migration]]
+name = "pending"
+legacy_table = "src"
+legacy_key = "id"
+new_table = "dst"
+new_key = "id"
+new_database_url_env = "NEW_DATABASE_URL"
+copy_select = "SELECT id, n FROM src WHERE {batch}"
+"#,
+    )
+    .unwrap();
+    let cli = |args: &[&str]| tt(&a.url, Some(&b.url), &config, args);
+    assert_eq!(cli(&["init"]).0, 0);
+    assert_eq!(
+        cli(&["stage", "set", "pending", "dual_write", "--reason", "t"]).0,
+        0
+    );
+    // Key 1's write (n = 2) landed in the new database while it was written first; its copy to
+    // legacy (still n = 1) waits in an intent there.
+    exec(&legacy, "INSERT INTO src VALUES (1, 1), (2, 20)").await;
+    exec(&new, "INSERT INTO dst VALUES (1, 2)").await;
+    exec(
+        &new,
+        "INSERT INTO twintrack_repair_intents (migration, key_text, key, target_side, created_at, last_error)
+         VALUES ('pending', '1', 1, 'legacy', 1, 'pending')",
+    )
+    .await;
+    let mut backfill = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .arg("--database-url")
+        .arg(&a.url)
+        .arg("--config")
+        .arg(&config)
+        .args(["backfill", "pending"])
+        .env("NEW_DATABASE_URL", &b.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        backfill.try_wait().unwrap().is_none(),
+        "the backfill went on with an intent targeting its source"
+    );
+    let n = |db: Database, sql: &'static str| async move {
+        Query::assert_safe(sql).scalar::<i32>(&db).await.unwrap()
+    };
+    assert_eq!(n(new.clone(), "SELECT n FROM dst WHERE id = 1").await, 2);
+    // The repair worker's settling: the write reaches legacy, the intent goes.
+    exec(&legacy, "UPDATE src SET n = 2 WHERE id = 1").await;
+    exec(&new, "DELETE FROM twintrack_repair_intents").await;
+    let out = backfill.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(n(new.clone(), "SELECT n FROM dst WHERE id = 1").await, 2);
+    assert_eq!(n(new.clone(), "SELECT n FROM dst WHERE id = 2").await, 20);
+}

@@ -1621,3 +1621,116 @@ async fn a_mismatch_storm_over_a_locked_mismatch_table_keeps_to_the_bookkeeping_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Two databases: a write acknowledged while legacy was authoritative whose copy to the new
+/// database failed (its repair intent waits in the legacy database) is shown by a read of the
+/// new side right after the move to `live`, before any repair pass: the read settles the key's
+/// intent first. And with the other database unreachable, reads go on unsettled (counted).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_databases_a_read_settles_its_keys_intents_after_authority_moves() {
+    use sqlx::Connection;
+    let Some(legacy_t) = common::pg::fresh_db().await else {
+        return;
+    };
+    let new_t = common::pg::fresh_db().await.unwrap();
+    let metrics = TestMetrics::new();
+    let legacy_db = Database::connect(&legacy_t.url).await.unwrap();
+    let new_db = Database::connect(&new_t.url).await.unwrap();
+    for (db, table) in [(&legacy_db, "kv_legacy"), (&new_db, "kv_new")] {
+        twintrack::schema::install(db).await.unwrap();
+        let sql = format!("CREATE TABLE {table} (k BIGINT PRIMARY KEY, v TEXT NOT NULL)");
+        Query::assert_safe(sql).execute(db).await.unwrap();
+    }
+    let flags_store = Arc::new(SqlFlagStore::open(legacy_db.clone()).await.unwrap());
+    flags_store.register(M, "t").await.unwrap();
+    let flags = FlagCache::builder(flags_store.clone())
+        .migration(M, Stage::LegacyOnly)
+        .soft_ttl(Duration::from_secs(3600))
+        .build()
+        .await;
+    let kv = |table| -> Arc<dyn Kv<sqlx::Postgres, i64>> {
+        Arc::new(KvTable {
+            table,
+            fail_one_in: 0,
+            puts: AtomicUsize::new(0),
+        })
+    };
+    let store = DualStore::builder(
+        M,
+        kv("kv_legacy"),
+        kv("kv_new"),
+        legacy_db.typed::<sqlx::Postgres>().unwrap().clone(),
+        flags.clone(),
+        KvResync(std::marker::PhantomData),
+    )
+    .new_database(new_db.typed::<sqlx::Postgres>().unwrap().clone())
+    .metrics(metrics.metrics())
+    .build()
+    .unwrap();
+    let stage = |to: Stage| {
+        let (flags_store, flags) = (flags_store.clone(), flags.clone());
+        async move {
+            flags_store
+                .set_stage(StageChange::new(M, to, "t", "t").force(true))
+                .await
+                .unwrap();
+            flags.refresh().await.unwrap();
+        }
+    };
+    let put =
+        |v: &'static str| store.write(&7i64, move |repo, conn| repo.put(conn, 7, v.to_owned()));
+    let get = || store.read(&7i64, |repo, conn| repo.get(conn, 7, false));
+
+    stage(Stage::Shadow).await;
+    put("v1").await.unwrap();
+    // The copy of the next write to the new database cannot get the row (held here past the
+    // copy's lock timeout): the write is acknowledged, its intent stays in the legacy database.
+    let mut holder = sqlx::PgConnection::connect(&new_t.url).await.unwrap();
+    let mut held = holder.begin().await.unwrap();
+    sqlx::query("SELECT v FROM kv_new WHERE k = 7 FOR UPDATE")
+        .fetch_one(&mut *held)
+        .await
+        .unwrap();
+    put("v2").await.unwrap();
+    held.rollback().await.unwrap();
+    assert_eq!(pending_intents(&legacy_db, M).await.unwrap(), 1);
+    assert_eq!(kv_rows::<i64>(&new_db, "kv_new").await["7"], "v1");
+
+    // New is authoritative and served now; no repair pass has run.
+    stage(Stage::Live).await;
+    assert_eq!(get().await.unwrap().as_deref(), Some("v2"));
+    assert_eq!(pending_intents(&legacy_db, M).await.unwrap(), 0);
+    assert_eq!(kv_rows::<i64>(&new_db, "kv_new").await["7"], "v2");
+    assert_eq!(
+        metrics.counter("twintrack.repair.intents", ("event", "settled_inline")),
+        1
+    );
+
+    // In `shadow` a read of legacy looks for intents in the new database, which now refuses
+    // connections: the reads go on, unsettled.
+    stage(Stage::Shadow).await;
+    query("SELECT 1").execute(&new_db).await.unwrap();
+    let admin = Database::connect(&legacy_t.url).await.unwrap();
+    let refuse = |allow: bool| {
+        Query::assert_safe(format!(
+            "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS {allow}",
+            new_t.name
+        ))
+    };
+    refuse(false).execute(&admin).await.unwrap();
+    Query::assert_safe(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+        new_t.name
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(get().await.unwrap().as_deref(), Some("v2"));
+    }
+    refuse(true).execute(&admin).await.unwrap();
+    assert!(
+        metrics.counter("twintrack.repair.intents", ("event", "unsettled")) >= 3,
+        "reads while the other database was down count as unsettled"
+    );
+}

@@ -69,6 +69,7 @@ where
                 router: None,
                 primary_reads: false,
                 definition: None,
+                settle_paused_until: std::sync::atomic::AtomicI64::new(0),
             },
         }
     }

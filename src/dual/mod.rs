@@ -74,8 +74,8 @@ use std::time::Duration;
 use opentelemetry::KeyValue;
 
 pub use builder::{CommitHook, CommittedHook, DualStoreBuilder, FaultHooks};
-pub(crate) use repair::integer_key;
-pub use repair::{RepairReport, pending_intents};
+pub use repair::{RepairReport, intents_targeting, pending_intents};
+pub(crate) use repair::{await_intents_targeting, integer_key, intents_pending_error};
 pub use resync::Resync;
 
 use crate::db::{Database, Native};
@@ -155,6 +155,9 @@ struct Inner<R: ?Sized, X: Resync<R>> {
     primary_reads: bool,
     /// Re-sync keys with the definition's SQL (one database only).
     definition: Option<MigrationDef>,
+    /// Two databases: until when (µs since the epoch) reads skip settling their key's intents
+    /// because the intents' database did not answer (see `read.rs`).
+    settle_paused_until: std::sync::atomic::AtomicI64,
 }
 
 impl<R, X> DualStore<R, X>

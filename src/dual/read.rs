@@ -21,6 +21,12 @@ use crate::ryw::{ReadTarget, ReplicaFailure};
 use crate::shadow::ShadowMode;
 use crate::{RequestContext, Result, Side, Stage};
 
+/// How long a read waits for the other database to list (and settle) its key's repair intents
+/// (two databases) before reading without.
+const SETTLE_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long reads skip settling after the other database failed to answer.
+const SETTLE_PAUSE: Duration = Duration::from_secs(1);
+
 /// Where a read may go.
 #[derive(Clone, Copy)]
 pub(super) enum Reading<'a> {
@@ -132,6 +138,11 @@ where
         };
         let plan = stage.plan();
         let served = plan.served;
+        if self.is_split()
+            && let Subject::Key(key) = key
+        {
+            self.settle_pending(key, served, ctx.as_ref()).await;
+        }
         let shadow = plan
             .shadow
             .filter(|_| sampled(flag.state.shadow_sample_rate));
@@ -179,6 +190,58 @@ where
                 self.serve_and_compare(key, stage, pair, Arc::new(op))
             }
         }
+    }
+
+    /// Two databases: before `side` is read (the served side) or written first (the
+    /// authoritative side) for `key`, settles the key's repair intents that target `side`:
+    /// writes acknowledged while the other side was authoritative whose copy to `side` has not
+    /// landed yet (e.g. across a move from `shadow` to `live` during an outage). So a read
+    /// shows them, and a write is not overwritten later by their older value. One indexed
+    /// lookup in the other database. Never fails the call: when the other database does not
+    /// answer within [`SETTLE_TIMEOUT`], it goes ahead unsettled and settling pauses for
+    /// [`SETTLE_PAUSE`] (so an outage of the other database costs nothing more), counted in
+    /// `twintrack.repair.intents` (`event` = `unsettled`; settled ones: `settled_inline`).
+    pub(super) async fn settle_pending(
+        &self,
+        key: &KeyOf<R, X>,
+        served: Side,
+        ctx: Option<&RequestContext>,
+    ) {
+        use std::sync::atomic::Ordering;
+        let inner = &self.inner;
+        let now = crate::db::now_micros();
+        let event = if inner.settle_paused_until.load(Ordering::Relaxed) > now {
+            "unsettled"
+        } else {
+            match super::repair::settle_key(self, served, key, SETTLE_TIMEOUT).await {
+                Ok(Some(0)) => return,
+                Ok(Some(_)) => {
+                    // The copy went to `served`'s primary: the rest of the request reads there.
+                    if let Some(ctx) = ctx {
+                        ctx.note_write();
+                    }
+                    "settled_inline"
+                }
+                Err(err) => {
+                    tracing::warn!(migration = %inner.migration, key = %key.to_text(), error = %err,
+                        "could not settle the key's repair intents; going ahead");
+                    self.pause_settling(now);
+                    "unsettled"
+                }
+                Ok(None) => {
+                    self.pause_settling(now);
+                    "unsettled"
+                }
+            }
+        };
+        self.count_intent(event);
+    }
+
+    fn pause_settling(&self, now: i64) {
+        let until = now + i64::try_from(SETTLE_PAUSE.as_micros()).unwrap_or(i64::MAX);
+        self.inner
+            .settle_paused_until
+            .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A shadow side's read, its panic caught.

@@ -180,7 +180,7 @@ where
                 let (flag, _) = store.flag()?;
                 flag.stage().plan().authoritative
             };
-            match resync_one(store, side, id, &key, source).await {
+            match resync_one(store, side, id, &key, source, false).await {
                 Ok(Some(Resynced::Copied)) => report.copied += 1,
                 Ok(Some(_)) => report.deleted += 1,
                 Ok(None) => report.skipped += 1,
@@ -195,28 +195,81 @@ where
     Ok(())
 }
 
+/// Two databases: settles the pending intents of the key `key` that target `target` (they
+/// live in the other side's database, written while that side was authoritative), so that a
+/// read of `target` shows the write they stand for. Each is handled as the repair worker
+/// would (dropped if the target's database holds a newer intent for the key, else the key
+/// copied from the intent's side). Returns how many intents it settled.
+///
+/// The lookup gives up after `lookup_timeout` (`Ok(None)`); the settling itself is bounded by
+/// the copy's lock timeout, and is not cut short (a copy abandoned half-way would leave the
+/// read as stale as before).
+pub(super) async fn settle_key<R, X>(
+    store: &DualStore<R, X>,
+    target: Side,
+    key: &KeyOf<R, X>,
+    lookup_timeout: Duration,
+) -> Result<Option<u64>>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    let source = target.other();
+    let key_text = key.to_text();
+    let lookup = query(
+        "SELECT id, created_at FROM twintrack_repair_intents
+         WHERE migration = $1 AND key_text = $2 AND target_side = $3 ORDER BY id",
+    )
+    .bind(&*store.inner.migration)
+    .bind(&key_text)
+    .bind(target.as_str())
+    .fetch_all(store.database_of(source));
+    let Ok(pending) = tokio::time::timeout(lookup_timeout, lookup).await else {
+        return Ok(None);
+    };
+    let pending = pending?;
+    let mut settled = 0;
+    for row in &pending {
+        let id: i64 = row.get("id")?;
+        let created_at: i64 = row.get("created_at")?;
+        if newer_intent(store, target, &key_text, created_at).await? {
+            clear_intent(store.database_of(source), id).await?;
+        } else if resync_one(store, source, id, key, source, true)
+            .await?
+            .is_none()
+        {
+            // Gone meanwhile: settled by the repair worker (waited for) or the write's task.
+            continue;
+        }
+        settled += 1;
+    }
+    Ok(Some(settled))
+}
+
 /// Re-syncs one key and drops its intent (stored in `intents_side`'s database), in one
 /// transaction where both shapes share a database. `None` when another worker holds the intent
-/// or it is gone.
+/// (unless `wait`: then its transaction is waited for) or it is gone.
 async fn resync_one<R, X>(
     store: &DualStore<R, X>,
     intents_side: Side,
     id: i64,
     key: &KeyOf<R, X>,
     source: Side,
+    wait: bool,
 ) -> Result<Option<Resynced>>
 where
     R: ?Sized + Send + Sync + 'static,
     X: Resync<R>,
 {
     let backend = <Db<R, X> as Native>::BACKEND;
-    let lock = match backend {
-        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-        _ => "",
-    };
-    let sql = match lock {
-        "" => "SELECT id FROM twintrack_repair_intents WHERE id = $1",
-        _ => "SELECT id FROM twintrack_repair_intents WHERE id = $1 FOR UPDATE SKIP LOCKED",
+    let sql = match (backend, wait) {
+        (Backend::Postgres, false) => {
+            "SELECT id FROM twintrack_repair_intents WHERE id = $1 FOR UPDATE SKIP LOCKED"
+        }
+        (Backend::Postgres, true) => {
+            "SELECT id FROM twintrack_repair_intents WHERE id = $1 FOR UPDATE"
+        }
+        _ => "SELECT id FROM twintrack_repair_intents WHERE id = $1",
     };
     let mut conn = store.pool_of(intents_side).acquire().await?;
     let mut tx = conn
@@ -272,6 +325,58 @@ where
     .fetch_optional(store.database_of(side))
     .await?;
     Ok(found.is_some())
+}
+
+/// Two databases: the repair intents in `db` (the database of the side that was written first
+/// when they were written) waiting to bring `migration`'s writes to `target`. While any wait,
+/// `target` misses acknowledged writes: it is no source of truth for a backfill or a repair.
+/// A database without twintrack's tables holds none.
+pub async fn intents_targeting(db: &Database, migration: &str, target: Side) -> Result<i64> {
+    let counted = query(
+        "SELECT COUNT(*) FROM twintrack_repair_intents WHERE migration = $1 AND target_side = $2",
+    )
+    .bind(migration)
+    .bind(target.as_str())
+    .scalar(db)
+    .await;
+    match counted {
+        Err(crate::Error::NotInitialized) => Ok(0),
+        other => other,
+    }
+}
+
+/// Two databases: waits up to `wait` for [`intents_targeting`] to reach 0 (the service's
+/// repair worker, or reads and writes of the keys, settle them). Returns how many are left.
+pub(crate) async fn await_intents_targeting(
+    db: &Database,
+    migration: &str,
+    target: Side,
+    wait: Duration,
+) -> Result<i64> {
+    let started = std::time::Instant::now();
+    loop {
+        let pending = intents_targeting(db, migration, target).await?;
+        if pending == 0 || started.elapsed() >= wait {
+            return Ok(pending);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The error for `pending` intents in `db` that keep `target` from being a source of truth
+/// for `what` (a backfill, a verify's repairs).
+pub(crate) fn intents_pending_error(
+    db: &Database,
+    migration: &str,
+    target: Side,
+    pending: i64,
+    what: &str,
+) -> crate::Error {
+    crate::Error::Precondition(format!(
+        "{pending} repair intents of {migration:?} in {} wait to bring writes to the {target} shape (acknowledged while the {} shape was written first); {what} would overwrite them with older rows. The service's repair worker settles them (DualStore::repair); run it again once they are gone",
+        db.describe(),
+        target.other(),
+    ))
 }
 
 /// The number of repair intents waiting for `migration`.

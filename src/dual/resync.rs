@@ -164,6 +164,10 @@ where
     R: ?Sized + Send + Sync + 'static,
     X: Resync<R>,
 {
+    fn target(&self) -> &crate::db::Database {
+        self.store.database_of(self.source.other())
+    }
+
     fn copy<'a>(
         &'a self,
         source: Conn<'a>,

@@ -113,7 +113,7 @@ where
         Ok(tx.commit().await?)
     }
 
-    fn count_intent(&self, event: &'static str) {
+    pub(super) fn count_intent(&self, event: &'static str) {
         self.inner.metrics.repair_intents.add(
             1,
             &[
@@ -143,6 +143,8 @@ where
         let plan = stage.plan();
         let authoritative = plan.writes[0];
         let other = plan.writes.get(1).copied();
+        // An older write still on its way to this side must land first, not after this one.
+        self.settle_pending(key, authoritative, ctx.as_ref()).await;
         let mut tx = self.pool_of(authoritative).begin().await?;
         let conn: &mut ConnOf<R, X> = &mut tx;
         let (out, _) = self
