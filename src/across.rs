@@ -126,6 +126,9 @@ impl CrossCopier {
         source: &Database,
         target: &Database,
     ) -> Result<CrossCopier> {
+        if source.backend() == Backend::MySql {
+            return Err(crate::error::not_on_mysql("copying across two databases"));
+        }
         if source.backend() != target.backend() {
             return Err(Error::Config(format!(
                 "migration {:?}: the two databases must be of one backend ({} and {} here)",
@@ -258,6 +261,7 @@ impl CrossCopier {
             let lock = match self.backend {
                 Backend::Postgres => " FOR SHARE",
                 Backend::Sqlite => "",
+                Backend::MySql => " LOCK IN SHARE MODE",
             };
             let sql = format!("SELECT 1 FROM {source_table} WHERE {}{lock}", p.sql);
             let present = !bound(Query::assert_safe(sql), p.args)
@@ -350,6 +354,7 @@ impl CrossCopier {
         let lock = match self.backend {
             Backend::Postgres => " FOR SHARE",
             Backend::Sqlite => "",
+            Backend::MySql => " LOCK IN SHARE MODE",
         };
         let mut tx = source.begin().await?;
         let sql = format!(
@@ -440,7 +445,8 @@ impl CrossCopier {
                 }
                 Ok((names, out))
             }
-            Backend::Sqlite => {
+            // MySQL never gets here (`CrossCopier::new` refuses it).
+            Backend::Sqlite | Backend::MySql => {
                 let rows = q.fetch_all(source).await.map_err(failed)?;
                 let names: Vec<String> = rows
                     .first()
@@ -553,7 +559,8 @@ impl CrossCopier {
                     .await
                     .map_err(|e| self.write_failed(e))
             }
-            Backend::Sqlite => {
+            // MySQL never gets here (`CrossCopier::new` refuses it).
+            Backend::Sqlite | Backend::MySql => {
                 let per = (SQLITE_PARAMS / columns.len().max(1)).max(1);
                 let mut written = 0;
                 for chunk in rows.chunks(per) {
@@ -708,6 +715,7 @@ async fn select_columns(
         Backend::Sqlite => query(
             "SELECT name FROM pragma_table_info('twintrack_probe_select', 'temp') ORDER BY cid",
         ),
+        Backend::MySql => return Err(crate::error::not_on_mysql("copying across two databases")),
     }
     .fetch_all(&mut tx)
     .await?
@@ -739,6 +747,7 @@ async fn table_columns(db: &Database, table: &str) -> Result<Vec<String>> {
                 .fetch_all(db)
                 .await?
         }
+        Backend::MySql => return Err(crate::error::not_on_mysql("copying across two databases")),
     };
     rows.into_iter().map(|row| row.get_at(0)).collect()
 }
@@ -768,6 +777,7 @@ async fn unique_key(db: &Database, table: &str, key: &[String]) -> Result<bool> 
                     .push(row.get_at(1)?);
             }
         }
+        Backend::MySql => return Err(crate::error::not_on_mysql("copying across two databases")),
         Backend::Sqlite => {
             let (schema, name) = bare.split_once('.').unwrap_or(("main", &bare));
             let rows = query(

@@ -251,6 +251,9 @@ pub(crate) async fn run_with(
     progress: impl Fn(&Progress) + Send + Sync + 'static,
     copier: Copier,
 ) -> Result<BackfillReport> {
+    if db.backend() == Backend::MySql {
+        return Err(crate::error::not_on_mysql("backfill"));
+    }
     if options.workers == 0 || options.workers > 64 {
         return Err(Error::InvalidInput(
             "workers must be between 1 and 64".into(),
@@ -699,6 +702,12 @@ async fn lease_chunk(shared: &Shared) -> Result<Option<Lease>> {
              WHERE run_id = $1 AND done_at IS NULL AND (owner IS NULL OR leased_until < $2)
              ORDER BY chunk LIMIT 1 FOR UPDATE SKIP LOCKED"
         }
+        // MariaDB 10.6 and MySQL 8 skip locked rows too.
+        Backend::MySql => {
+            "SELECT chunk, next_key, hi, batches FROM twintrack_backfill_chunks
+             WHERE run_id = $1 AND done_at IS NULL AND (owner IS NULL OR leased_until < $2)
+             ORDER BY chunk LIMIT 1 FOR UPDATE SKIP LOCKED"
+        }
         Backend::Sqlite => {
             "SELECT chunk, next_key, hi, batches FROM twintrack_backfill_chunks
              WHERE run_id = $1 AND done_at IS NULL AND (owner IS NULL OR leased_until < $2)
@@ -768,6 +777,7 @@ async fn copy_batch(
         (Backend::Postgres, Copier::Sql) => " FOR SHARE",
         // SQLite: BEGIN IMMEDIATE holds the database's write lock for the whole batch.
         (Backend::Sqlite, _) => "",
+        (Backend::MySql, _) => " LOCK IN SHARE MODE",
     };
     let remaining = KeyRange::after_upto(lease.next_key.clone(), lease.hi.clone());
     let p = keyset::predicate(key, &remaining, 1);
@@ -924,6 +934,9 @@ async fn hold_stage(shared: &Shared, tx: &mut Tx) -> Result<Option<Tx>> {
     let sql = match flags_db.backend() {
         Backend::Postgres => "SELECT stage FROM twintrack_flags WHERE migration = $1 FOR SHARE",
         Backend::Sqlite => "SELECT stage FROM twintrack_flags WHERE migration = $1",
+        Backend::MySql => {
+            "SELECT stage FROM twintrack_flags WHERE migration = $1 LOCK IN SHARE MODE"
+        }
     };
     let (stage, guard): (String, Option<Tx>) = if flags_db.same_database(&shared.db) {
         (

@@ -48,6 +48,9 @@ pub enum SqlText {
         /// For SQLite.
         #[serde(default)]
         sqlite: Option<String>,
+        /// For MySQL and MariaDB.
+        #[serde(default)]
+        mysql: Option<String>,
     },
 }
 
@@ -58,6 +61,7 @@ impl SqlText {
             (SqlText::Same(sql), _) => Some(sql),
             (SqlText::PerBackend { postgres, .. }, Backend::Postgres) => postgres.as_deref(),
             (SqlText::PerBackend { sqlite, .. }, Backend::Sqlite) => sqlite.as_deref(),
+            (SqlText::PerBackend { mysql, .. }, Backend::MySql) => mysql.as_deref(),
         }
     }
 }
@@ -755,6 +759,35 @@ async fn column_kinds(
                     .map(|row| row.get_at(0))
                     .transpose()?
             }
+            Backend::MySql => {
+                let (schema, bare) = match table_name.split_once('.') {
+                    Some((schema, bare)) => (Some(schema), bare),
+                    None => (None, table_name.as_str()),
+                };
+                let in_table = "table_schema = COALESCE($1, DATABASE()) AND table_name = $2";
+                let found: i64 = Query::assert_safe(format!(
+                    "SELECT COUNT(*) FROM information_schema.columns WHERE {in_table}"
+                ))
+                .bind(schema.map(str::to_owned))
+                .bind(bare)
+                .scalar(db)
+                .await?;
+                if found == 0 {
+                    return Err(Error::Config(format!(
+                        "migration {migration:?}: {what} does not exist"
+                    )));
+                }
+                Query::assert_safe(format!(
+                    "SELECT CAST(column_type AS CHAR) FROM information_schema.columns WHERE {in_table} AND column_name = $3"
+                ))
+                .bind(schema.map(str::to_owned))
+                .bind(bare)
+                .bind(&name)
+                .fetch_optional(db)
+                .await?
+                .map(|row| row.get_at(0))
+                .transpose()?
+            }
         };
         let Some(declared) = declared else {
             return Err(Error::Config(format!(
@@ -764,6 +797,7 @@ async fn column_kinds(
         let kind = match db.backend() {
             Backend::Postgres => KeyKind::from_postgres(&declared),
             Backend::Sqlite => KeyKind::from_sqlite(&declared),
+            Backend::MySql => KeyKind::from_mysql(&declared),
         }
         .ok_or_else(|| {
             Error::Config(format!(

@@ -88,6 +88,14 @@ pub enum Error {
     Internal(String),
 }
 
+/// A part of twintrack that does not run on MySQL/MariaDB yet (the flag store, the flag cache
+/// and twintrack's tables do): refused before anything is written, naming the part.
+pub(crate) fn not_on_mysql(what: &str) -> Error {
+    Error::Config(format!(
+        "{what} is not available on MySQL/MariaDB in this version of twintrack (its flag store, flag cache and tables are); use PostgreSQL or SQLite for it"
+    ))
+}
+
 impl Error {
     /// Sorts an sqlx error into "could not reach the database" or "the statement failed".
     pub(crate) fn from_sqlx(err: sqlx::Error) -> Error {
@@ -122,6 +130,12 @@ fn is_unreachable(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => {
+            #[cfg(feature = "mysql")]
+            if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                // ER_BAD_DB_ERROR, ER_DBACCESS_DENIED_ERROR, ER_ACCESS_DENIED_ERROR,
+                // ER_CON_COUNT_ERROR, ER_SERVER_SHUTDOWN, ER_CONNECTION_KILLED
+                return matches!(my.number(), 1049 | 1044 | 1045 | 1040 | 1053 | 1927);
+            }
             matches!(
                 db.code().as_deref(),
                 // invalid_catalog_name, too_many_connections, admin_shutdown, crash_shutdown,

@@ -94,6 +94,23 @@ impl KeyKind {
         }
     }
 
+    /// The kind of a MySQL/MariaDB column by its `information_schema.columns.COLUMN_TYPE`, if
+    /// it can be a key: signed integers and MariaDB's `uuid`. Not text yet: MySQL's default
+    /// collations compare case- and accent-insensitively and pad, so a text key's equality and
+    /// order there are not Rust's.
+    pub(crate) fn from_mysql(column_type: &str) -> Option<KeyKind> {
+        let t = column_type.to_ascii_lowercase();
+        if t.contains("unsigned") {
+            return None;
+        }
+        match t.split('(').next().unwrap_or_default().trim() {
+            "bigint" => Some(KeyKind::BigInt),
+            "int" | "mediumint" | "smallint" | "tinyint" => Some(KeyKind::Int),
+            "uuid" => Some(KeyKind::Uuid),
+            _ => None,
+        }
+    }
+
     /// What a value of this kind looks like, for error messages.
     fn expected(self) -> &'static str {
         match self {

@@ -16,6 +16,10 @@ struct Step {
     description: &'static str,
     postgres: &'static [&'static str],
     sqlite: &'static [&'static str],
+    /// MySQL/MariaDB (InnoDB, `utf8mb4`). Each step creates what it does on the other
+    /// backends, in its latest shape: the MySQL schema starts at version 4's columns (canonical
+    /// key text, nullable integer `key`). `key` is a reserved word there: backticks.
+    mysql: &'static [&'static str],
 }
 
 const STEPS: &[Step] = &[
@@ -99,6 +103,39 @@ const STEPS: &[Step] = &[
         )"#,
             "CREATE INDEX IF NOT EXISTS twintrack_audit_by_migration ON twintrack_audit (migration, id)",
         ],
+        mysql: &[
+            r#"CREATE TABLE IF NOT EXISTS twintrack_flags (
+            migration VARCHAR(255) PRIMARY KEY,
+            stage VARCHAR(32) NOT NULL,
+            version BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            updated_by TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            shadow_sample_rate DOUBLE NOT NULL DEFAULT 1.0,
+            read_rollout_percent BIGINT,
+            backfill_finished_at BIGINT,
+            verify_clean_at BIGINT,
+            reverse_synced_at BIGINT,
+            left_legacy_only_at BIGINT,
+            entered_new_only_at BIGINT,
+            left_new_only_at BIGINT
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"#,
+            r#"CREATE TABLE IF NOT EXISTS twintrack_audit (
+            id BIGINT AUTO_INCREMENT PRIMARY KEY,
+            migration VARCHAR(255) NOT NULL,
+            at BIGINT NOT NULL,
+            actor TEXT NOT NULL,
+            action VARCHAR(64) NOT NULL,
+            from_stage VARCHAR(32),
+            to_stage VARCHAR(32),
+            from_version BIGINT,
+            to_version BIGINT,
+            forced BOOLEAN NOT NULL DEFAULT FALSE,
+            reason TEXT NOT NULL,
+            overridden TEXT,
+            INDEX twintrack_audit_by_migration (migration, id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"#,
+        ],
     },
     Step {
         version: 2,
@@ -150,6 +187,32 @@ const STEPS: &[Step] = &[
             at INTEGER NOT NULL
         )"#,
             "CREATE INDEX IF NOT EXISTS twintrack_mismatches_by_migration ON twintrack_mismatches (migration, id)",
+        ],
+        mysql: &[
+            r#"CREATE TABLE IF NOT EXISTS twintrack_repair_intents (
+            id BIGINT AUTO_INCREMENT PRIMARY KEY,
+            migration VARCHAR(255) NOT NULL,
+            `key` BIGINT,
+            key_text VARCHAR(512),
+            target_side VARCHAR(16) NOT NULL,
+            created_at BIGINT NOT NULL,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            last_error TEXT,
+            INDEX twintrack_repair_intents_by_age (migration, created_at)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"#,
+            r#"CREATE TABLE IF NOT EXISTS twintrack_mismatches (
+            id BIGINT AUTO_INCREMENT PRIMARY KEY,
+            migration VARCHAR(255) NOT NULL,
+            `key` BIGINT,
+            key_text TEXT,
+            class VARCHAR(32) NOT NULL,
+            stage VARCHAR(32) NOT NULL,
+            diff MEDIUMTEXT NOT NULL,
+            legacy_micros BIGINT NOT NULL,
+            new_micros BIGINT NOT NULL,
+            at BIGINT NOT NULL,
+            INDEX twintrack_mismatches_by_migration (migration, id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"#,
         ],
     },
     Step {
@@ -204,6 +267,37 @@ const STEPS: &[Step] = &[
             done_at INTEGER,
             PRIMARY KEY (run_id, chunk)
         )"#,
+        ],
+        mysql: &[
+            // One open run per migration and direction: a generated column that is NULL once
+            // the run finishes (MySQL has no partial unique index).
+            r#"CREATE TABLE IF NOT EXISTS twintrack_backfill_runs (
+            id BIGINT AUTO_INCREMENT PRIMARY KEY,
+            migration VARCHAR(255) NOT NULL,
+            direction VARCHAR(16) NOT NULL,
+            lower_bound TEXT,
+            upper_bound TEXT,
+            started_at BIGINT NOT NULL,
+            finished_at BIGINT,
+            rows_total BIGINT NOT NULL DEFAULT 0,
+            open_run VARCHAR(300) AS (IF(finished_at IS NULL, CONCAT(migration, '/', direction), NULL)) STORED,
+            UNIQUE KEY twintrack_backfill_one_open_run (open_run)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"#,
+            r#"CREATE TABLE IF NOT EXISTS twintrack_backfill_chunks (
+            run_id BIGINT NOT NULL,
+            chunk BIGINT NOT NULL,
+            lo TEXT,
+            hi TEXT,
+            next_key TEXT,
+            rows_copied BIGINT NOT NULL DEFAULT 0,
+            batches BIGINT NOT NULL DEFAULT 0,
+            owner VARCHAR(255),
+            leased_until BIGINT,
+            done_at BIGINT,
+            rows_expected BIGINT NOT NULL DEFAULT 0,
+            keys_done BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (run_id, chunk)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"#,
         ],
     },
     Step {
@@ -305,6 +399,8 @@ const STEPS: &[Step] = &[
             "DROP TABLE twintrack_backfill_chunks",
             "ALTER TABLE twintrack_backfill_chunks_v4 RENAME TO twintrack_backfill_chunks",
         ],
+        // Steps 2 and 3 create these tables in this shape already.
+        mysql: &[],
     },
     Step {
         version: 5,
@@ -313,6 +409,9 @@ const STEPS: &[Step] = &[
             "CREATE INDEX IF NOT EXISTS twintrack_repair_intents_by_key ON twintrack_repair_intents (migration, key_text)",
         ],
         sqlite: &[
+            "CREATE INDEX IF NOT EXISTS twintrack_repair_intents_by_key ON twintrack_repair_intents (migration, key_text)",
+        ],
+        mysql: &[
             "CREATE INDEX IF NOT EXISTS twintrack_repair_intents_by_key ON twintrack_repair_intents (migration, key_text)",
         ],
     },
@@ -337,19 +436,49 @@ pub async fn install_to(db: &Database, version: i64) -> Result<()> {
         query("PRAGMA journal_mode = WAL").execute(db).await?;
     }
     let mut tx = db.begin().await?;
-    if db.backend() == Backend::Postgres {
+    match db.backend() {
         // 0x7477696e = "twin": one lock id for every twintrack schema change.
-        query("SELECT pg_advisory_xact_lock(1953986926)")
-            .execute(&mut tx)
-            .await?;
+        Backend::Postgres => {
+            query("SELECT pg_advisory_xact_lock(1953986926)")
+                .execute(&mut tx)
+                .await?;
+        }
+        // DDL commits implicitly there: a named lock, held by this connection until released,
+        // serialises installers instead (released whatever happens).
+        Backend::MySql => {
+            let got: Option<i64> = query("SELECT GET_LOCK('twintrack_schema', 60)")
+                .scalar(&mut tx)
+                .await?;
+            if got != Some(1) {
+                return Err(Error::Precondition(
+                    "another process held twintrack's schema lock (GET_LOCK('twintrack_schema')) for 60 s".into(),
+                ));
+            }
+            let applied = apply(&mut tx, db.backend(), version).await;
+            let released = query("SELECT RELEASE_LOCK('twintrack_schema')")
+                .execute(&mut tx)
+                .await;
+            applied?;
+            released?;
+            tx.commit().await?;
+            return Ok(());
+        }
+        Backend::Sqlite => {}
     }
+    apply(&mut tx, db.backend(), version).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Applies the steps past the recorded version, up to `version`, on `tx`.
+async fn apply(tx: &mut crate::db::Tx, backend: Backend, version: i64) -> Result<()> {
     query(
         "CREATE TABLE IF NOT EXISTS twintrack_schema (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)",
     )
-    .execute(&mut tx)
+    .execute(&mut *tx)
     .await?;
     let current: i64 = query("SELECT COALESCE(MAX(version), 0) FROM twintrack_schema")
-        .scalar(&mut tx)
+        .scalar(&mut *tx)
         .await?;
     if current > SCHEMA_VERSION {
         return Err(Error::Config(format!(
@@ -360,9 +489,10 @@ pub async fn install_to(db: &Database, version: i64) -> Result<()> {
         .iter()
         .filter(|s| s.version > current && s.version <= version)
     {
-        let statements = match db.backend() {
+        let statements = match backend {
             Backend::Postgres => step.postgres,
             Backend::Sqlite => step.sqlite,
+            Backend::MySql => step.mysql,
         };
         for statement in statements {
             raw(statement, tx.conn()).await?;
@@ -373,9 +503,8 @@ pub async fn install_to(db: &Database, version: i64) -> Result<()> {
         .bind(step.version)
         .bind(step.description)
         .bind(crate::db::now_micros())
-        .execute(&mut tx)
+        .execute(&mut *tx)
         .await?;
     }
-    tx.commit().await?;
     Ok(())
 }

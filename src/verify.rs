@@ -286,6 +286,9 @@ pub async fn run_across(
     metrics: Metrics,
     keys: Option<&[String]>,
 ) -> Result<VerifyReport> {
+    if legacy_db.backend() == Backend::MySql || new_db.backend() == Backend::MySql {
+        return Err(crate::error::not_on_mysql("verify"));
+    }
     if options.segments == 0 || options.segments > MAX_SEGMENTS {
         return Err(Error::InvalidInput(format!(
             "segments must be between 1 and {MAX_SEGMENTS}"
@@ -1282,6 +1285,7 @@ where
             "SELECT * FROM ({proj}) p WHERE ({}) AND NOT ({})",
             p.sql, ctx.null_key
         ),
+        Backend::MySql => return Err(crate::error::not_on_mysql("verify")),
     };
     let query = bound(Query::assert_safe(sql), p.args);
     let names = projection_key_columns(n);
@@ -1302,7 +1306,10 @@ where
                         };
                         (key, doc_of_json(&text)?)
                     }
-                    Backend::Sqlite => (key_of(&row, &names, &ctx.kinds)?, doc_of_row(&row)),
+                    // Refused at the start of `run_across`.
+                    Backend::Sqlite | Backend::MySql => {
+                        (key_of(&row, &names, &ctx.kinds)?, doc_of_row(&row))
+                    }
                 };
                 f(&mut state, key, doc)
             })

@@ -388,7 +388,7 @@ fn bad_setup_is_exit_2_and_writes_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--database-url"));
 
     // A bad URL scheme.
-    let run = twintrack("mysql://localhost/x", &["status"]);
+    let run = twintrack("oracle://localhost/x", &["status"]);
     assert_eq!(run.code, 2, "{}", run.stderr);
     assert!(run.stderr.contains("unsupported database URL scheme"));
 

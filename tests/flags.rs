@@ -1,11 +1,12 @@
-//! The flag store and the flag cache, on real PostgreSQL (self-provisioned) and SQLite.
+//! The flag store and the flag cache, on real PostgreSQL and MariaDB (self-provisioned) and
+//! SQLite.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Proxy, TestMetrics, backends, pg};
+use common::{Proxy, TestMetrics, backends_with_mariadb as backends, mariadb, pg};
 use twintrack::flags::{
     EvidenceKind, FlagCache, FlagSource, FlagStore, SqlFlagStore, StageChange, TuningChange,
 };
@@ -290,8 +291,22 @@ async fn a_flip_reaches_another_instance_through_notify() {
     let Some(db) = pg::fresh_db().await else {
         return;
     };
-    let a = store(&db.url).await;
-    let b = store(&db.url).await;
+    flip_reaches_another_instance(&db.url, "NOTIFY").await;
+}
+
+/// The same on MariaDB, which has no NOTIFY: the stores' pollers (one single-row statement
+/// every 100 ms) explain it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flip_reaches_another_instance_through_polling_on_mariadb() {
+    let Some(db) = mariadb::fresh_db().await else {
+        return;
+    };
+    flip_reaches_another_instance(&db.url, "polling").await;
+}
+
+async fn flip_reaches_another_instance(url: &str, how: &str) {
+    let a = store(url).await;
+    let b = store(url).await;
     a.register("m", "t").await.unwrap();
     let ttl = Duration::from_secs(60);
     let cache_a = FlagCache::builder(a.clone())
@@ -319,14 +334,14 @@ async fn a_flip_reaches_another_instance_through_notify() {
         })
         .await;
         worst = worst.max(start.elapsed());
-        // The writer's own cache hears the same NOTIFY, not necessarily first.
+        // The writer's own cache hears the same notice, not necessarily first.
         pg::eventually(Duration::from_secs(2), "the flip to reach cache A", || {
             let seen = cache_a.snapshot().stage("m") == Some(stage);
             async move { seen }
         })
         .await;
     }
-    eprintln!("NOTIFY propagation, worst of 3 flips: {worst:?} (soft TTL {ttl:?})");
+    eprintln!("{how} propagation, worst of 3 flips: {worst:?} (soft TTL {ttl:?})");
 }
 
 /// The store becomes unreachable after a successful load: the last known stage is served and

@@ -1,7 +1,7 @@
 //! Databases: twintrack's handle on a pool, the native-driver seam, and identifier quoting.
 //!
 //! twintrack runs on sqlx's native drivers. A [`Database`] is a cheap handle on a native pool
-//! (`PgPool` or `SqlitePool`), made from the pool a service already has
+//! (`PgPool`, `SqlitePool` or `MySqlPool`), made from the pool a service already has
 //! (`Database::from(pool)`) or from a URL ([`Database::connect`], which picks the driver by
 //! its scheme, as the CLI does). twintrack's own statements are written once as [`Query`]s and
 //! run on whichever driver the handle holds; the few statements that differ per backend (DDL,
@@ -20,6 +20,8 @@
 mod query;
 mod value;
 
+#[cfg(feature = "mysql")]
+pub(crate) mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]
@@ -37,6 +39,8 @@ pub use value::{FromValue, Row, Value};
 
 use crate::{Error, Result};
 
+#[cfg(feature = "mysql")]
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions};
 #[cfg(feature = "postgres")]
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 #[cfg(feature = "sqlite")]
@@ -50,6 +54,8 @@ pub enum Backend {
     Postgres,
     /// SQLite (the embedded default).
     Sqlite,
+    /// MySQL or MariaDB (InnoDB).
+    MySql,
 }
 
 impl Backend {
@@ -58,16 +64,17 @@ impl Backend {
     /// if another writer committed in between); on PostgreSQL plain `BEGIN`.
     pub(crate) fn begin_write(self) -> &'static str {
         match self {
-            Backend::Postgres => "BEGIN",
+            Backend::Postgres | Backend::MySql => "BEGIN",
             Backend::Sqlite => "BEGIN IMMEDIATE",
         }
     }
 
-    /// `postgres` or `sqlite`.
+    /// `postgres`, `sqlite` or `mysql` (the key of a definition's per-backend SQL).
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::Postgres => "postgres",
             Backend::Sqlite => "sqlite",
+            Backend::MySql => "mysql",
         }
     }
 
@@ -77,8 +84,9 @@ impl Backend {
         match scheme {
             "postgres" | "postgresql" if cfg!(feature = "postgres") => Ok(Backend::Postgres),
             "sqlite" if cfg!(feature = "sqlite") => Ok(Backend::Sqlite),
+            "mysql" | "mariadb" if cfg!(feature = "mysql") => Ok(Backend::MySql),
             _ => Err(Error::InvalidInput(format!(
-                "unsupported database URL scheme {scheme:?}: expected postgres://… or sqlite:… (with the matching cargo feature)"
+                "unsupported database URL scheme {scheme:?}: expected postgres://…, sqlite:… or mysql://… (with the matching cargo feature)"
             ))),
         }
     }
@@ -112,6 +120,9 @@ pub enum Pool {
     /// An SQLite pool.
     #[cfg(feature = "sqlite")]
     Sqlite(SqlitePool),
+    /// A MySQL or MariaDB pool.
+    #[cfg(feature = "mysql")]
+    MySql(MySqlPool),
 }
 
 /// A native pool and the backend behind it: what twintrack's own tables, the router and the
@@ -139,12 +150,23 @@ impl From<SqlitePool> for Database {
     }
 }
 
+#[cfg(feature = "mysql")]
+impl From<MySqlPool> for Database {
+    fn from(pool: MySqlPool) -> Database {
+        Database {
+            pool: Pool::MySql(pool),
+        }
+    }
+}
+
 /// Parsed connection options, by backend.
 enum Options {
     #[cfg(feature = "postgres")]
     Postgres(PgConnectOptions),
     #[cfg(feature = "sqlite")]
     Sqlite(SqliteConnectOptions),
+    #[cfg(feature = "mysql")]
+    MySql(MySqlConnectOptions),
 }
 
 fn parse_url(url: &str) -> Result<Options> {
@@ -157,6 +179,12 @@ fn parse_url(url: &str) -> Result<Options> {
         #[cfg(feature = "sqlite")]
         Backend::Sqlite => Ok(Options::Sqlite(
             SqliteConnectOptions::from_str(url).map_err(bad)?,
+        )),
+        // sqlx parses `mysql://`; `mariadb://` names the same protocol.
+        #[cfg(feature = "mysql")]
+        Backend::MySql => Ok(Options::MySql(
+            MySqlConnectOptions::from_str(&url.replacen("mariadb://", "mysql://", 1))
+                .map_err(bad)?,
         )),
         #[allow(unreachable_patterns)]
         other => Err(Error::InvalidInput(format!(
@@ -217,6 +245,24 @@ impl Database {
                     .map_err(Error::from_sqlx)?;
                 Ok(pool.into())
             }
+            #[cfg(feature = "mysql")]
+            Options::MySql(opts) => {
+                let probe = tokio::time::timeout(
+                    options.acquire_timeout,
+                    MySqlConnection::connect_with(&opts),
+                )
+                .await
+                .map_err(|_| timeout(sqlx::Error::PoolTimedOut))?
+                .map_err(Error::from_sqlx)?;
+                let _ = probe.close().await;
+                let pool = MySqlPoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(opts)
+                    .await
+                    .map_err(Error::from_sqlx)?;
+                Ok(pool.into())
+            }
         }
     }
 
@@ -237,6 +283,12 @@ impl Database {
                 .into()),
             #[cfg(feature = "sqlite")]
             Options::Sqlite(opts) => Ok(SqlitePoolOptions::new()
+                .max_connections(options.max_connections)
+                .acquire_timeout(options.acquire_timeout)
+                .connect_lazy_with(opts)
+                .into()),
+            #[cfg(feature = "mysql")]
+            Options::MySql(opts) => Ok(MySqlPoolOptions::new()
                 .max_connections(options.max_connections)
                 .acquire_timeout(options.acquire_timeout)
                 .connect_lazy_with(opts)
@@ -269,6 +321,16 @@ impl Database {
         }
     }
 
+    /// The MySQL/MariaDB pool, if this is MySQL or MariaDB.
+    #[cfg(feature = "mysql")]
+    pub fn as_mysql(&self) -> Option<&MySqlPool> {
+        match &self.pool {
+            Pool::MySql(pool) => Some(pool),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
     /// The native pool of type `DB`, if this handle holds one.
     pub fn typed<DB: Native>(&self) -> Option<&sqlx::Pool<DB>> {
         DB::typed(self)
@@ -281,6 +343,8 @@ impl Database {
             Pool::Postgres(_) => Backend::Postgres,
             #[cfg(feature = "sqlite")]
             Pool::Sqlite(_) => Backend::Sqlite,
+            #[cfg(feature = "mysql")]
+            Pool::MySql(_) => Backend::MySql,
         }
     }
 
@@ -302,6 +366,17 @@ impl Database {
             #[cfg(feature = "sqlite")]
             Pool::Sqlite(pool) => {
                 format!("sqlite:{}", pool.connect_options().get_filename().display())
+            }
+            #[cfg(feature = "mysql")]
+            Pool::MySql(pool) => {
+                let o = pool.connect_options();
+                format!(
+                    "mysql://{}@{}:{}/{}",
+                    o.get_username(),
+                    o.get_host(),
+                    o.get_port(),
+                    o.get_database().unwrap_or_default()
+                )
             }
         }
     }
@@ -326,6 +401,8 @@ impl Database {
             }
             #[cfg(feature = "sqlite")]
             Pool::Sqlite(pool) => TxInner::Sqlite(pool.begin_with(AssertSqlSafe(statement)).await?),
+            #[cfg(feature = "mysql")]
+            Pool::MySql(pool) => TxInner::MySql(pool.begin_with(AssertSqlSafe(statement)).await?),
         };
         Ok(Tx { inner })
     }
@@ -337,6 +414,8 @@ impl Database {
             Pool::Postgres(pool) => pool.close().await,
             #[cfg(feature = "sqlite")]
             Pool::Sqlite(pool) => pool.close().await,
+            #[cfg(feature = "mysql")]
+            Pool::MySql(pool) => pool.close().await,
         }
     }
 }
@@ -352,6 +431,9 @@ pub enum Conn<'c> {
     /// An SQLite connection.
     #[cfg(feature = "sqlite")]
     Sqlite(&'c mut SqliteConnection),
+    /// A MySQL or MariaDB connection.
+    #[cfg(feature = "mysql")]
+    MySql(&'c mut MySqlConnection),
 }
 
 impl Conn<'_> {
@@ -362,6 +444,8 @@ impl Conn<'_> {
             Conn::Postgres(c) => Conn::Postgres(c),
             #[cfg(feature = "sqlite")]
             Conn::Sqlite(c) => Conn::Sqlite(c),
+            #[cfg(feature = "mysql")]
+            Conn::MySql(c) => Conn::MySql(c),
         }
     }
 
@@ -372,6 +456,8 @@ impl Conn<'_> {
             Conn::Postgres(_) => Backend::Postgres,
             #[cfg(feature = "sqlite")]
             Conn::Sqlite(_) => Backend::Sqlite,
+            #[cfg(feature = "mysql")]
+            Conn::MySql(_) => Backend::MySql,
         }
     }
 }
@@ -388,6 +474,8 @@ enum TxInner {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
     #[cfg(feature = "sqlite")]
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    #[cfg(feature = "mysql")]
+    MySql(sqlx::Transaction<'static, sqlx::MySql>),
 }
 
 impl Tx {
@@ -398,6 +486,8 @@ impl Tx {
             TxInner::Postgres(tx) => Conn::Postgres(tx),
             #[cfg(feature = "sqlite")]
             TxInner::Sqlite(tx) => Conn::Sqlite(tx),
+            #[cfg(feature = "mysql")]
+            TxInner::MySql(tx) => Conn::MySql(tx),
         }
     }
 
@@ -408,6 +498,8 @@ impl Tx {
             TxInner::Postgres(_) => Backend::Postgres,
             #[cfg(feature = "sqlite")]
             TxInner::Sqlite(_) => Backend::Sqlite,
+            #[cfg(feature = "mysql")]
+            TxInner::MySql(_) => Backend::MySql,
         }
     }
 
@@ -418,6 +510,8 @@ impl Tx {
             TxInner::Postgres(tx) => tx.commit().await?,
             #[cfg(feature = "sqlite")]
             TxInner::Sqlite(tx) => tx.commit().await?,
+            #[cfg(feature = "mysql")]
+            TxInner::MySql(tx) => tx.commit().await?,
         }
         Ok(())
     }
@@ -429,6 +523,8 @@ impl Tx {
             TxInner::Postgres(tx) => tx.rollback().await?,
             #[cfg(feature = "sqlite")]
             TxInner::Sqlite(tx) => tx.rollback().await?,
+            #[cfg(feature = "mysql")]
+            TxInner::MySql(tx) => tx.rollback().await?,
         }
         Ok(())
     }
@@ -440,6 +536,8 @@ mod sealed {
     impl Sealed for sqlx::Postgres {}
     #[cfg(feature = "sqlite")]
     impl Sealed for sqlx::Sqlite {}
+    #[cfg(feature = "mysql")]
+    impl Sealed for sqlx::MySql {}
 }
 
 /// An sqlx database twintrack runs on natively: `sqlx::Postgres` or `sqlx::Sqlite`.
@@ -508,6 +606,31 @@ impl Native for sqlx::Sqlite {
     fn native(conn: Conn<'_>) -> Option<&mut SqliteConnection> {
         match conn {
             Conn::Sqlite(conn) => Some(conn),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl Native for sqlx::MySql {
+    const BACKEND: Backend = Backend::MySql;
+
+    fn database(pool: sqlx::Pool<Self>) -> Database {
+        pool.into()
+    }
+
+    fn typed(db: &Database) -> Option<&sqlx::Pool<Self>> {
+        db.as_mysql()
+    }
+
+    fn conn(conn: &mut MySqlConnection) -> Conn<'_> {
+        Conn::MySql(conn)
+    }
+
+    fn native(conn: Conn<'_>) -> Option<&mut MySqlConnection> {
+        match conn {
+            Conn::MySql(conn) => Some(conn),
             #[allow(unreachable_patterns)]
             _ => None,
         }
@@ -606,7 +729,9 @@ mod tests {
             Backend::from_url("sqlite::memory:").unwrap(),
             Backend::Sqlite
         );
-        assert!(Backend::from_url("mysql://h/db").is_err());
+        assert_eq!(Backend::from_url("mysql://h/db").unwrap(), Backend::MySql);
+        assert_eq!(Backend::from_url("mariadb://h/db").unwrap(), Backend::MySql);
+        assert!(Backend::from_url("mysqlx://h/db").is_err());
         assert!(Backend::from_url("nonsense").is_err());
     }
 }

@@ -3,8 +3,8 @@
 //! A [`Query`] holds SQL text and its parameters as [`Value`]s. Running it on a [`Database`]
 //! (its pool), a [`Tx`] or a borrowed native connection ([`Conn`]) binds each value with the
 //! backend's native type and decodes the rows into [`Row`]s. Parameters are written `$1`,
-//! `$2`, … on every backend (PostgreSQL's syntax, which SQLite accepts too); a backend with
-//! another syntax translates them here, in one place.
+//! `$2`, … on every backend (PostgreSQL's syntax, which SQLite accepts too); MySQL's `?` comes
+//! from `mysql.rs`, in one place.
 //!
 //! SQL is either a `&'static str` ([`query`]) or text assembled from identifiers that were
 //! validated and quoted by [`quote_ident`](super::quote_ident) first ([`Query::assert_safe`]):
@@ -114,12 +114,16 @@ impl Query {
                 Pool::Postgres(pool) => super::postgres::run(pool, self, want).await,
                 #[cfg(feature = "sqlite")]
                 Pool::Sqlite(pool) => super::sqlite::run(pool, self, want).await,
+                #[cfg(feature = "mysql")]
+                Pool::MySql(pool) => super::mysql::run(pool, self, want).await,
             },
             On::Conn(conn) => match conn {
                 #[cfg(feature = "postgres")]
                 Conn::Postgres(conn) => super::postgres::run(conn, self, want).await,
                 #[cfg(feature = "sqlite")]
                 Conn::Sqlite(conn) => super::sqlite::run(conn, self, want).await,
+                #[cfg(feature = "mysql")]
+                Conn::MySql(conn) => super::mysql::run(conn, self, want).await,
             },
         };
         result.map_err(Error::from_sqlx)
@@ -169,6 +173,8 @@ impl Query {
             Pool::Postgres(pool) => super::postgres::each(pool, self, &mut f).await,
             #[cfg(feature = "sqlite")]
             Pool::Sqlite(pool) => super::sqlite::each(pool, self, &mut f).await,
+            #[cfg(feature = "mysql")]
+            Pool::MySql(pool) => super::mysql::each(pool, self, &mut f).await,
         }
     }
 
@@ -188,6 +194,11 @@ pub(crate) async fn raw(sql: &'static str, conn: Conn<'_>) -> Result<()> {
             .map(drop),
         #[cfg(feature = "sqlite")]
         Conn::Sqlite(conn) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(conn)
+            .await
+            .map(drop),
+        #[cfg(feature = "mysql")]
+        Conn::MySql(conn) => sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(conn)
             .await
             .map(drop),

@@ -5,21 +5,12 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::broadcast;
-use tokio::task::JoinHandle;
 
 use super::FlagChange;
+use super::listen_handle::ListenerHandle;
 use crate::{Error, Result};
 
 const CHANNEL: &str = "twintrack_flags";
-
-/// Stops the listener task when dropped.
-pub(crate) struct ListenerHandle(JoinHandle<()>);
-
-impl Drop for ListenerHandle {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Connects and subscribes before returning, so no change made after `open` is missed. The
 /// listener gets a one-connection pool of its own, with the service pool's connect options
@@ -33,7 +24,9 @@ pub(crate) async fn spawn(
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(PgConnectOptions::clone(&pool.connect_options()));
     let listener = subscribe(&own).await?;
-    Ok(ListenerHandle(tokio::spawn(run(own, listener, changes))))
+    Ok(ListenerHandle::new(tokio::spawn(run(
+        own, listener, changes,
+    ))))
 }
 
 /// A listener connected and subscribed to the flag channel.

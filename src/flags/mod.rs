@@ -32,6 +32,10 @@
 mod cache;
 #[cfg(feature = "postgres")]
 mod listen;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod listen_handle;
+#[cfg(feature = "mysql")]
+mod poll;
 mod store;
 
 use std::future::Future;

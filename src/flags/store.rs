@@ -1,5 +1,5 @@
 //! [`SqlFlagStore`]: the flag table, the evidence columns and the audit log, in the
-//! application's own database (PostgreSQL or SQLite).
+//! application's own database (PostgreSQL, SQLite, MySQL or MariaDB).
 
 use tokio::sync::broadcast;
 
@@ -19,16 +19,16 @@ const EVIDENCE_COLUMNS: &str = "backfill_finished_at, verify_clean_at, reverse_s
 const MAX_REASON: usize = 1000;
 const MAX_ACTOR: usize = 200;
 
-/// The SQL flag store for PostgreSQL and SQLite.
+/// The SQL flag store for PostgreSQL, SQLite, MySQL and MariaDB.
 ///
 /// On PostgreSQL a background listener turns the flag table's `NOTIFY`s into [`FlagChange`]s for
 /// every [`FlagCache`](super::FlagCache) in the process; it stops when the store is dropped.
 pub struct SqlFlagStore {
     db: Database,
-    #[cfg(feature = "postgres")]
+    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     changes: broadcast::Sender<FlagChange>,
-    #[cfg(feature = "postgres")]
-    listener: Option<super::listen::ListenerHandle>,
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    listener: Option<super::listen_handle::ListenerHandle>,
 }
 
 impl std::fmt::Debug for SqlFlagStore {
@@ -52,21 +52,33 @@ impl SqlFlagStore {
     pub fn new(db: Database) -> SqlFlagStore {
         SqlFlagStore {
             db,
-            #[cfg(feature = "postgres")]
             changes: broadcast::channel(256).0,
-            #[cfg(feature = "postgres")]
+            #[cfg(any(feature = "postgres", feature = "mysql"))]
             listener: None,
         }
     }
 
-    /// Starts pushing [`FlagChange`]s to [`FlagStore::subscribe`]rs (PostgreSQL `LISTEN`; a
-    /// no-op on SQLite, where caches rely on their soft TTL). The listener reconnects by itself
-    /// and stops when the store is dropped.
+    /// Starts pushing [`FlagChange`]s to [`FlagStore::subscribe`]rs: PostgreSQL `LISTEN`;
+    /// on MySQL/MariaDB a poll of the flag table every 100 ms (see `poll.rs`: one single-row
+    /// statement per interval); a no-op on SQLite, where caches rely on their soft TTL. It
+    /// reconnects by itself and stops when the store is dropped.
     pub async fn listen(self) -> Result<SqlFlagStore> {
         #[cfg(feature = "postgres")]
-        if self.db.backend() == Backend::Postgres && self.listener.is_none() {
-            let pool = self.db.as_postgres().expect("a PostgreSQL database");
+        if let Some(pool) = self.db.as_postgres()
+            && self.listener.is_none()
+        {
             let listener = super::listen::spawn(pool, self.changes.clone()).await?;
+            return Ok(SqlFlagStore {
+                listener: Some(listener),
+                ..self
+            });
+        }
+        #[cfg(feature = "mysql")]
+        if let Some(pool) = self.db.as_mysql()
+            && self.listener.is_none()
+        {
+            let listener =
+                super::poll::spawn(pool, super::poll::POLL_INTERVAL, self.changes.clone()).await;
             return Ok(SqlFlagStore {
                 listener: Some(listener),
                 ..self
@@ -86,7 +98,7 @@ impl SqlFlagStore {
         migration: &str,
     ) -> Result<(std::result::Result<FlagState, String>, Evidence)> {
         let lock = match self.db.backend() {
-            Backend::Postgres => " FOR UPDATE",
+            Backend::Postgres | Backend::MySql => " FOR UPDATE",
             Backend::Sqlite => "",
         };
         let sql = format!(
@@ -273,17 +285,34 @@ impl FlagStore for SqlFlagStore {
             check_text("actor", actor, MAX_ACTOR)?;
             let now = now_micros();
             let mut tx = self.db.begin().await?;
-            let inserted = query(
-                "INSERT INTO twintrack_flags (migration, stage, version, updated_at, updated_by, reason)
-                 VALUES ($1, 'legacy_only', 1, $2, $3, 'registered')
-                 ON CONFLICT (migration) DO NOTHING",
-            )
-            .bind(migration)
-            .bind(now)
-            .bind(actor)
-            .execute(&mut tx)
-            .await?
-                == 1;
+            // MySQL has no `ON CONFLICT`; a duplicate key there fails the statement only (not
+            // the transaction) and means the migration is registered already.
+            let sql = match self.db.backend() {
+                Backend::MySql => {
+                    "INSERT INTO twintrack_flags (migration, stage, version, updated_at, updated_by, reason)
+                     VALUES ($1, 'legacy_only', 1, $2, $3, 'registered')"
+                }
+                _ => {
+                    "INSERT INTO twintrack_flags (migration, stage, version, updated_at, updated_by, reason)
+                     VALUES ($1, 'legacy_only', 1, $2, $3, 'registered')
+                     ON CONFLICT (migration) DO NOTHING"
+                }
+            };
+            let inserted = match query(sql)
+                .bind(migration)
+                .bind(now)
+                .bind(actor)
+                .execute(&mut tx)
+                .await
+            {
+                Ok(n) => n == 1,
+                Err(Error::Database(sqlx::Error::Database(e)))
+                    if e.kind() == sqlx::error::ErrorKind::UniqueViolation =>
+                {
+                    false
+                }
+                Err(e) => return Err(e),
+            };
             if inserted {
                 append_audit(
                     &mut tx,
@@ -545,15 +574,23 @@ impl FlagStore for SqlFlagStore {
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<AuditEntry>>> {
         Box::pin(async move {
-            let rows = query(
-                "SELECT id, migration, at, actor, action, from_stage, to_stage, from_version, to_version,
-                        CAST(forced AS INTEGER) AS forced, reason, overridden
-                 FROM twintrack_audit WHERE migration = $1 ORDER BY id DESC LIMIT $2",
-            )
-            .bind(migration)
-            .bind(i64::from(limit))
-            .fetch_all(&self.db)
-            .await?;
+            let sql = match self.db.backend() {
+                Backend::MySql => {
+                    "SELECT id, migration, at, actor, action, from_stage, to_stage, from_version, to_version,
+                            CAST(forced AS SIGNED) AS forced, reason, overridden
+                     FROM twintrack_audit WHERE migration = $1 ORDER BY id DESC LIMIT $2"
+                }
+                _ => {
+                    "SELECT id, migration, at, actor, action, from_stage, to_stage, from_version, to_version,
+                            CAST(forced AS INTEGER) AS forced, reason, overridden
+                     FROM twintrack_audit WHERE migration = $1 ORDER BY id DESC LIMIT $2"
+                }
+            };
+            let rows = query(sql)
+                .bind(migration)
+                .bind(i64::from(limit))
+                .fetch_all(&self.db)
+                .await?;
             rows.iter()
                 .map(|row| {
                     Ok(AuditEntry {
@@ -576,7 +613,7 @@ impl FlagStore for SqlFlagStore {
     }
 
     fn subscribe(&self) -> Option<broadcast::Receiver<FlagChange>> {
-        #[cfg(feature = "postgres")]
+        #[cfg(any(feature = "postgres", feature = "mysql"))]
         if self.listener.is_some() {
             return Some(self.changes.subscribe());
         }

@@ -289,6 +289,9 @@ impl RouterBuilder {
                 primary
             }
             (None, Backend::Postgres) => super::cluster_id(&self.primary).await?,
+            (None, Backend::MySql) => {
+                return Err(crate::error::not_on_mysql("read-your-writes routing"));
+            }
             // No WAL positions: tokens carry none and only need to be this application's.
             (None, Backend::Sqlite) => ClusterId {
                 system_identifier: 0,
@@ -706,7 +709,8 @@ impl Router {
                     }
                 }
             }
-            Backend::Sqlite => None,
+            // MySQL: refused when the router is built.
+            Backend::Sqlite | Backend::MySql => None,
         };
         self.count_token("issued");
         self.inner.signer.sign(&Token {

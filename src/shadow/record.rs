@@ -171,7 +171,7 @@ async fn write_batch(
     keep: u32,
 ) -> Result<()> {
     let mut sql = String::from(
-        "INSERT INTO twintrack_mismatches (migration, key_text, key, class, stage, diff, legacy_micros, new_micros, at) VALUES ",
+        r#"INSERT INTO twintrack_mismatches (migration, key_text, "key", class, stage, diff, legacy_micros, new_micros, at) VALUES "#,
     );
     for i in 0..batch.len() {
         let n = i * 9;
@@ -216,6 +216,13 @@ async fn write_batch(
                  SELECT id FROM twintrack_mismatches WHERE migration = $1
                  ORDER BY id DESC LIMIT -1 OFFSET $2)"
         }
+        // No LIMIT in an IN subquery there: every id up to the first one past the cap (the
+        // derived table is materialised before the delete reads the table again).
+        Backend::MySql => {
+            "DELETE FROM twintrack_mismatches WHERE migration = $1 AND id <= (
+                 SELECT id FROM (SELECT id FROM twintrack_mismatches WHERE migration = $1
+                                 ORDER BY id DESC LIMIT 1 OFFSET $2) twintrack_past)"
+        }
     };
     // The batch is stored: a failed trim loses nothing (the next batch trims again).
     if let Err(err) = query(trim)
@@ -234,14 +241,22 @@ async fn write_batch(
 /// more; past [`LIST_DIFF_BUDGET`] of diff text in all, a diff is replaced by one entry,
 /// `(diff left out: the listing reached 2 MiB; list fewer)`.
 pub async fn list_mismatches(db: &Database, migration: &str, limit: u32) -> Result<Vec<Mismatch>> {
-    let rows = query(
-        "SELECT id, migration, COALESCE(key_text, CAST(key AS TEXT)) AS key_text, class, stage, diff, legacy_micros, new_micros, at
-         FROM twintrack_mismatches WHERE migration = $1 ORDER BY id DESC LIMIT $2",
-    )
-    .bind(migration)
-    .bind(i64::from(limit))
-    .fetch_all(db)
-    .await?;
+    // Mismatches of twintrack before key text have only the integer key (none on MySQL).
+    let sql = match db.backend() {
+        Backend::MySql => {
+            "SELECT id, migration, key_text, class, stage, diff, legacy_micros, new_micros, at
+             FROM twintrack_mismatches WHERE migration = $1 ORDER BY id DESC LIMIT $2"
+        }
+        _ => {
+            r#"SELECT id, migration, COALESCE(key_text, CAST("key" AS TEXT)) AS key_text, class, stage, diff, legacy_micros, new_micros, at
+             FROM twintrack_mismatches WHERE migration = $1 ORDER BY id DESC LIMIT $2"#
+        }
+    };
+    let rows = query(sql)
+        .bind(migration)
+        .bind(i64::from(limit))
+        .fetch_all(db)
+        .await?;
     let mut budget = LIST_DIFF_BUDGET;
     rows.iter()
         .map(|row| {

@@ -1,7 +1,9 @@
-//! Shared test helpers: real databases (PostgreSQL pair in [`pg`], SQLite files) and a TCP proxy
-//! that can cut a connection the way a network failure would.
+//! Shared test helpers: real databases (PostgreSQL pair in [`pg`], MariaDB pair in
+//! [`mariadb`], SQLite files) and a TCP proxy that can cut a connection the way a network
+//! failure would.
 #![allow(dead_code)]
 
+pub mod mariadb;
 pub mod pg;
 
 use std::net::SocketAddr;
@@ -29,10 +31,20 @@ pub async fn backends() -> Vec<(&'static str, String, Option<tempfile::TempDir>)
     all
 }
 
+/// [`backends`], and MariaDB when available: for the parts of twintrack that run on it so far
+/// (twintrack's tables, the flag store and the flag cache).
+pub async fn backends_with_mariadb() -> Vec<(&'static str, String, Option<tempfile::TempDir>)> {
+    let mut all = backends().await;
+    if let Some(db) = mariadb::fresh_db().await {
+        all.push(("mariadb", db.url, None));
+    }
+    all
+}
+
 /// One database and key type a guarantee runs on: SQLite with `bigint` and text keys,
 /// PostgreSQL (when available) with `bigint` and UUID keys. Each gets a database of its own.
 pub struct Shape {
-    /// `sqlite` or `postgres`.
+    /// `sqlite`, `postgres` or `mariadb`.
     pub backend: &'static str,
     /// `i64`, `text` or `uuid`.
     pub key: &'static str,
@@ -76,6 +88,39 @@ pub async fn shapes() -> Vec<Shape> {
     all
 }
 
+/// [`shapes`], and MariaDB with `bigint` keys when available: for the guarantees that run
+/// there so far (the dual store in one database).
+pub async fn shapes_with_mariadb() -> Vec<Shape> {
+    let mut all = shapes().await;
+    if let Some(db) = mariadb::fresh_db().await {
+        all.push(Shape {
+            backend: "mariadb",
+            key: "i64",
+            url: db.url,
+            replica_urls: db.replica_urls,
+            guard: None,
+        });
+    }
+    all
+}
+
+/// [`each_shape!`] over [`shapes_with_mariadb`].
+#[macro_export]
+macro_rules! each_shape_with_mariadb {
+    ($test:ident $(, $arg:expr)* $(,)?) => {{
+        for shape in common::shapes_with_mariadb().await {
+            match (shape.backend, shape.key) {
+                ("sqlite", "i64") => $test::<sqlx::Sqlite, i64>(shape $(, $arg)*).await,
+                ("sqlite", "text") => $test::<sqlx::Sqlite, String>(shape $(, $arg)*).await,
+                ("postgres", "i64") => $test::<sqlx::Postgres, i64>(shape $(, $arg)*).await,
+                ("postgres", "uuid") => $test::<sqlx::Postgres, uuid::Uuid>(shape $(, $arg)*).await,
+                ("mariadb", "i64") => $test::<sqlx::MySql, i64>(shape $(, $arg)*).await,
+                other => panic!("no test shape {other:?}"),
+            }
+        }
+    }};
+}
+
 /// Runs the generic async fn `$test::<DB, K>(shape, args…)` once per [`Shape`], with the
 /// database type and key type it names.
 #[macro_export]
@@ -110,7 +155,7 @@ impl TestKey for i64 {
     }
     fn column(backend: twintrack::Backend) -> &'static str {
         match backend {
-            twintrack::Backend::Postgres => "BIGINT",
+            twintrack::Backend::Postgres | twintrack::Backend::MySql => "BIGINT",
             _ => "INTEGER",
         }
     }

@@ -1,0 +1,321 @@
+//! MariaDB as a backend, on a real primary and a real GTID replica one second behind, started
+//! by the harness (`tests/common/mariadb.rs`): the harness itself, the driver seam (parameters,
+//! identifiers, values), twintrack's tables, and clear refusals for the parts that do not run
+//! there yet. The flag store and cache run the shared suite in `tests/flags.rs`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mariadb;
+use twintrack::db::{Query, Value, query};
+use twintrack::{Backend, Database, Error};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_replica_replays_the_primary_through_gtid_one_second_behind() {
+    let Some(db) = mariadb::fresh_db().await else {
+        return;
+    };
+    let primary = Database::connect(&db.url).await.unwrap();
+    assert_eq!(primary.backend(), Backend::MySql);
+    let replica = Database::connect(&db.replica_urls[0]).await.unwrap();
+    query("CREATE TABLE t (id BIGINT PRIMARY KEY, v VARCHAR(20) NOT NULL)")
+        .execute(&primary)
+        .await
+        .unwrap();
+    query("INSERT INTO t VALUES (1, 'one')")
+        .execute(&primary)
+        .await
+        .unwrap();
+    let position: String = query("SELECT CAST(@@gtid_binlog_pos AS CHAR)")
+        .scalar(&primary)
+        .await
+        .unwrap();
+    assert!(!position.is_empty(), "the primary logs GTIDs");
+    // Applied no sooner than a second after the primary committed it.
+    let seen_at_once: i64 = query("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 't'")
+        .scalar(&replica)
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let replayed: Option<i64> =
+            Query::assert_safe(format!("SELECT MASTER_GTID_WAIT('{position}', 0)"))
+                .scalar(&replica)
+                .await
+                .unwrap();
+        if replayed == Some(0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the replica never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v: String = query("SELECT v FROM t WHERE id = 1")
+        .scalar(&replica)
+        .await
+        .unwrap();
+    assert_eq!(v, "one");
+    eprintln!(
+        "replica: table visible at once: {}; caught up after {:?}",
+        seen_at_once == 1,
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parameters_identifiers_and_values_cross_the_driver_seam() {
+    let Some(db) = mariadb::fresh_db().await else {
+        return;
+    };
+    let db = Database::connect(&db.url).await.unwrap();
+    // `key` is reserved in MySQL: twintrack's double-quoted identifiers become backticks.
+    query(
+        r#"CREATE TABLE "vals" ("key" BIGINT PRIMARY KEY, i INT, f DOUBLE, d DECIMAL(30,10),
+           b BOOLEAN, t TEXT, bin VARBINARY(8), u BIGINT UNSIGNED)"#,
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    // `$2` twice, out of order; a `$1` inside a string stays text.
+    query(r#"INSERT INTO "vals" VALUES ($2, $1, 0.5, 12345678901234567890.0123456789, $3, '$1 literal', $4, 18446744073709551615)"#)
+        .bind(7i32)
+        .bind(9_000_000_000i64)
+        .bind(true)
+        .bind(vec![0u8, 255])
+        .execute(&db)
+        .await
+        .unwrap();
+    let row =
+        query(r#"SELECT "key", i, f, d, b, t, bin, u FROM "vals" WHERE "key" = $1 AND i = $2"#)
+            .bind(9_000_000_000i64)
+            .bind(7i32)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    let values = row.into_values();
+    assert_eq!(
+        values,
+        vec![
+            Value::I64(9_000_000_000),
+            Value::I64(7),
+            Value::F64(0.5),
+            Value::Text("12345678901234567890.0123456789".into()),
+            Value::Bool(true),
+            Value::Text("$1 literal".into()),
+            Value::Bytes(vec![0, 255]),
+            Value::Text("18446744073709551615".into()),
+        ]
+    );
+    // A date is refused with the remedy, not misread.
+    let err = query("SELECT CURRENT_DATE()")
+        .fetch_one(&db)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("CAST"), "{err}");
+    // A parameter without a value is an error, not a panic.
+    let err = query("SELECT $2")
+        .bind(1i64)
+        .fetch_one(&db)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("$2"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schema_installs_idempotently_even_from_many_processes_at_once() {
+    let Some(db) = mariadb::fresh_db().await else {
+        return;
+    };
+    let db = Database::connect(&db.url).await.unwrap();
+    let installs: Vec<_> = (0..4)
+        .map(|_| {
+            let db = db.clone();
+            tokio::spawn(async move { twintrack::schema::install(&db).await })
+        })
+        .collect();
+    for install in installs {
+        install.await.unwrap().unwrap();
+    }
+    twintrack::schema::install(&db).await.unwrap();
+    let versions: Vec<i64> = query("SELECT version FROM twintrack_schema ORDER BY version")
+        .fetch_all(&db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.get_at(0).unwrap())
+        .collect();
+    assert_eq!(
+        versions,
+        (1..=twintrack::schema::SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+    for table in [
+        "twintrack_flags",
+        "twintrack_audit",
+        "twintrack_repair_intents",
+        "twintrack_mismatches",
+        "twintrack_backfill_runs",
+        "twintrack_backfill_chunks",
+    ] {
+        let n: i64 = query("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = $1")
+            .bind(table)
+            .scalar(&db)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "{table}");
+    }
+    // The schema lock was released: another install on any connection goes straight through.
+    let free: i64 = query("SELECT IS_FREE_LOCK('twintrack_schema')")
+        .scalar(&db)
+        .await
+        .unwrap();
+    assert_eq!(free, 1);
+}
+
+/// What does not run on MariaDB yet says so, before anything is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_parts_not_on_mariadb_yet_are_refused_clearly() {
+    let Some(db) = mariadb::fresh_db().await else {
+        return;
+    };
+    let db = Database::connect(&db.url).await.unwrap();
+    let store = twintrack::flags::SqlFlagStore::open(db.clone())
+        .await
+        .unwrap();
+    use twintrack::flags::FlagStore;
+    store.register("m", "t").await.unwrap();
+    let config = twintrack::config::Config::parse(
+        "[[migration]]\nname = \"m\"\nlegacy_table = \"a\"\nlegacy_key = \"id\"\nnew_table = \"b\"\nnew_key = \"id\"\ncopy = \"INSERT INTO b SELECT id FROM a WHERE {batch}\"\n",
+    )
+    .unwrap();
+    let def = config
+        .migration("m")
+        .unwrap()
+        .definition(Backend::MySql)
+        .unwrap();
+    store
+        .set_stage(twintrack::flags::StageChange::new(
+            "m",
+            twintrack::Stage::DualWrite,
+            "t",
+            "t",
+        ))
+        .await
+        .unwrap();
+    let err = twintrack::backfill::run(
+        &db,
+        &store,
+        &def,
+        Default::default(),
+        twintrack::metrics::Metrics::global(),
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("backfill is not available on MySQL/MariaDB"),
+        "{err}"
+    );
+    let err = twintrack::verify::run(
+        &db,
+        &store,
+        &def,
+        Default::default(),
+        twintrack::metrics::Metrics::global(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("verify is not available on MySQL/MariaDB"),
+        "{err}"
+    );
+    let err = twintrack::ryw::Router::builder(db.clone(), [7u8; 32].to_vec())
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("read-your-writes routing is not available"),
+        "{err}"
+    );
+    let runs: i64 = query("SELECT COUNT(*) FROM twintrack_backfill_runs")
+        .scalar(&db)
+        .await
+        .unwrap();
+    assert_eq!(runs, 0, "nothing written");
+}
+
+/// The CLI on MariaDB: `init`, stage moves (the rules and their refusals), `status`; a
+/// backfill is refused with exit 2 naming the reason, and an unreachable server is exit 4.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_manages_stages_on_mariadb() {
+    let Some(db) = mariadb::fresh_db().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("twintrack.toml");
+    std::fs::write(
+        &config,
+        "[[migration]]\nname = \"m\"\nlegacy_table = \"a\"\nlegacy_key = \"id\"\nnew_table = \"b\"\nnew_key = \"id\"\n",
+    )
+    .unwrap();
+    let cli = |url: &str, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_twintrack"))
+            .arg("--database-url")
+            .arg(url)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&db.url, &["init"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("registered m at legacy_only"), "{out}");
+    assert_eq!(
+        cli(
+            &db.url,
+            &["stage", "set", "m", "dual_write", "--reason", "go"]
+        )
+        .0,
+        0
+    );
+    let (code, _, err) = cli(
+        &db.url,
+        &["stage", "set", "m", "shadow", "--reason", "too soon"],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no backfill has finished"), "{err}");
+    let (code, out, _) = cli(&db.url, &["--json", "status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"dual_write\""), "{out}");
+    let (code, _, err) = cli(&db.url, &["backfill", "m"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("backfill is not available on MySQL/MariaDB"),
+        "{err}"
+    );
+    let (code, _, err) = cli("mysql://tt:tt@127.0.0.1:1/nowhere", &["status"]);
+    assert_eq!(code, 4, "{err}");
+    // A database that does not exist on a running server is unreachable too (exit 4).
+    let missing = format!("{}_missing", db.url);
+    let (code, _, err) = cli(&missing, &["status"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("Unknown database"), "{err}");
+    let db = Database::connect(&db.url).await.unwrap();
+    let stage: String = query("SELECT stage FROM twintrack_flags WHERE migration = 'm'")
+        .scalar(&db)
+        .await
+        .unwrap();
+    assert_eq!(stage, "dual_write", "the refusals changed nothing");
+}
