@@ -291,7 +291,7 @@ macro_rules! each_fixture {
         async fn with_fixture<DB: Native, I: K>(shape: Shape, shadow: ShadowOptions) {
             $test(Fixture::<DB, I>::new(shape, shadow).await).await
         }
-        each_shape!(with_fixture, $shadow.clone());
+        each_shape_with_mariadb!(with_fixture, $shadow.clone());
     }};
 }
 
@@ -468,6 +468,10 @@ async fn failing_other_side<DB: Native, I: K>(f: Fixture<DB, I>) {
     let (add, drop) = match f.db.backend() {
         Backend::Postgres => (
             "ALTER TABLE user_settings ADD CONSTRAINT short_theme CHECK (length(theme) <= 10)",
+            "ALTER TABLE user_settings DROP CONSTRAINT short_theme",
+        ),
+        Backend::MySql => (
+            "ALTER TABLE user_settings ADD CONSTRAINT short_theme CHECK (CHAR_LENGTH(theme) <= 10)",
             "ALTER TABLE user_settings DROP CONSTRAINT short_theme",
         ),
         _ => (

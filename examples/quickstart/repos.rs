@@ -52,12 +52,13 @@ impl UserId for i64 {
     fn id_column(backend: Backend) -> &'static str {
         match backend {
             Backend::Postgres => "BIGSERIAL PRIMARY KEY",
+            Backend::MySql => "BIGINT AUTO_INCREMENT PRIMARY KEY",
             _ => "INTEGER PRIMARY KEY AUTOINCREMENT",
         }
     }
     fn key_type(backend: Backend) -> &'static str {
         match backend {
-            Backend::Postgres => "BIGINT",
+            Backend::Postgres | Backend::MySql => "BIGINT",
             _ => "INTEGER",
         }
     }
@@ -142,6 +143,7 @@ pub struct NewSettings {
 fn for_share<DB: Native>(lock: bool) -> &'static str {
     match (DB::BACKEND, lock) {
         (Backend::Postgres, true) => " FOR SHARE",
+        (Backend::MySql, true) => " LOCK IN SHARE MODE",
         _ => "",
     }
 }
@@ -245,16 +247,31 @@ impl<DB: Native, K: UserId> SettingsRepo<DB, K> for NewSettings {
     ) -> BoxFuture<'c, sqlx::Result<bool>> {
         Box::pin(async move {
             // Only for users that exist: settings never outlive their user.
-            let sql = if self.standalone {
-                "INSERT INTO user_settings (user_id, theme, notifications_enabled)
-                 SELECT $1, $2, $3 WHERE true
-                 ON CONFLICT (user_id) DO UPDATE
-                 SET theme = excluded.theme, notifications_enabled = excluded.notifications_enabled"
-            } else {
-                "INSERT INTO user_settings (user_id, theme, notifications_enabled)
-                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM users WHERE id = $1)
-                 ON CONFLICT (user_id) DO UPDATE
-                 SET theme = excluded.theme, notifications_enabled = excluded.notifications_enabled"
+            let sql = match (DB::BACKEND, self.standalone) {
+                (Backend::MySql, true) => {
+                    "INSERT INTO user_settings (user_id, theme, notifications_enabled)
+                     VALUES ($1, $2, $3)
+                     ON DUPLICATE KEY UPDATE
+                     theme = VALUES(theme), notifications_enabled = VALUES(notifications_enabled)"
+                }
+                (Backend::MySql, false) => {
+                    "INSERT INTO user_settings (user_id, theme, notifications_enabled)
+                     SELECT $1, $2, $3 FROM DUAL WHERE EXISTS (SELECT 1 FROM users WHERE id = $1)
+                     ON DUPLICATE KEY UPDATE
+                     theme = VALUES(theme), notifications_enabled = VALUES(notifications_enabled)"
+                }
+                (_, true) => {
+                    "INSERT INTO user_settings (user_id, theme, notifications_enabled)
+                     SELECT $1, $2, $3 WHERE true
+                     ON CONFLICT (user_id) DO UPDATE
+                     SET theme = excluded.theme, notifications_enabled = excluded.notifications_enabled"
+                }
+                (_, false) => {
+                    "INSERT INTO user_settings (user_id, theme, notifications_enabled)
+                     SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM users WHERE id = $1)
+                     ON CONFLICT (user_id) DO UPDATE
+                     SET theme = excluded.theme, notifications_enabled = excluded.notifications_enabled"
+                }
             };
             let changed = query(sql)
                 .bind_key(&id.to_dyn())
@@ -262,7 +279,8 @@ impl<DB: Native, K: UserId> SettingsRepo<DB, K> for NewSettings {
                 .bind(s.notifications_enabled)
                 .execute(DB::conn(conn))
                 .await?;
-            Ok(changed == 1)
+            // MySQL counts an upsert that updated as 2 rows.
+            Ok(changed >= 1)
         })
     }
 
@@ -377,6 +395,14 @@ fn shape_ddl<K: UserId>(db: &Database) -> [String; 2] {
             ),
             format!(
                 "CREATE TABLE IF NOT EXISTS user_settings (user_id {key} PRIMARY KEY, theme TEXT NOT NULL, notifications_enabled BOOLEAN NOT NULL)"
+            ),
+        ],
+        Backend::MySql => [
+            format!(
+                "CREATE TABLE IF NOT EXISTS users (id {id}, email VARCHAR(255) NOT NULL UNIQUE, profile TEXT NOT NULL DEFAULT '{{}}')"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS user_settings (user_id {key} PRIMARY KEY, theme VARCHAR(255) NOT NULL, notifications_enabled BOOLEAN NOT NULL)"
             ),
         ],
         _ => [

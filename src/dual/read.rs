@@ -399,6 +399,8 @@ where
     {
         let begin = match <Db<R, X> as Native>::BACKEND {
             Backend::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            // InnoDB's consistent snapshot (REPEATABLE READ, the server default), taken now.
+            Backend::MySql => "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
             // A deferred SQLite transaction reads one snapshot from its first read on (WAL).
             _ => "BEGIN",
         };

@@ -42,8 +42,8 @@ pub(super) async fn record_intent(
 ) -> Result<i64> {
     let error: String = error.chars().take(1000).collect();
     query(
-        "INSERT INTO twintrack_repair_intents (migration, key_text, key, target_side, created_at, last_error)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        r#"INSERT INTO twintrack_repair_intents (migration, key_text, "key", target_side, created_at, last_error)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id"#,
     )
     .bind(migration)
     .bind(key_text)
@@ -137,15 +137,23 @@ where
     let db = store.database_of(side);
     let mut after = 0i64;
     loop {
-        let batch = query(
-            "SELECT id, COALESCE(key_text, CAST(key AS TEXT)) AS key_text, created_at FROM twintrack_repair_intents
-             WHERE migration = $1 AND created_at <= $2 AND id > $3 ORDER BY id LIMIT 100",
-        )
-        .bind(&*inner.migration)
-        .bind(cutoff)
-        .bind(after)
-        .fetch_all(db)
-        .await?;
+        // Intents of twintrack before key text have only the integer key (none on MySQL).
+        let sql = match db.backend() {
+            Backend::MySql => {
+                "SELECT id, key_text, created_at FROM twintrack_repair_intents
+                 WHERE migration = $1 AND created_at <= $2 AND id > $3 ORDER BY id LIMIT 100"
+            }
+            _ => {
+                r#"SELECT id, COALESCE(key_text, CAST("key" AS TEXT)) AS key_text, created_at FROM twintrack_repair_intents
+                 WHERE migration = $1 AND created_at <= $2 AND id > $3 ORDER BY id LIMIT 100"#
+            }
+        };
+        let batch = query(sql)
+            .bind(&*inner.migration)
+            .bind(cutoff)
+            .bind(after)
+            .fetch_all(db)
+            .await?;
         let Some(last) = batch.last() else { break };
         after = last.get("id")?;
         for row in &batch {
@@ -263,10 +271,10 @@ where
 {
     let backend = <Db<R, X> as Native>::BACKEND;
     let sql = match (backend, wait) {
-        (Backend::Postgres, false) => {
+        (Backend::Postgres | Backend::MySql, false) => {
             "SELECT id FROM twintrack_repair_intents WHERE id = $1 FOR UPDATE SKIP LOCKED"
         }
-        (Backend::Postgres, true) => {
+        (Backend::Postgres | Backend::MySql, true) => {
             "SELECT id FROM twintrack_repair_intents WHERE id = $1 FOR UPDATE"
         }
         _ => "SELECT id FROM twintrack_repair_intents WHERE id = $1",
@@ -315,15 +323,22 @@ where
     R: ?Sized + Send + Sync + 'static,
     X: Resync<R>,
 {
-    let found = query(
-        "SELECT id FROM twintrack_repair_intents
-         WHERE migration = $1 AND COALESCE(key_text, CAST(key AS TEXT)) = $2 AND created_at > $3 LIMIT 1",
-    )
-    .bind(&*store.inner.migration)
-    .bind(key_text)
-    .bind(than)
-    .fetch_optional(store.database_of(side))
-    .await?;
+    let sql = match store.database_of(side).backend() {
+        Backend::MySql => {
+            "SELECT id FROM twintrack_repair_intents
+             WHERE migration = $1 AND key_text = $2 AND created_at > $3 LIMIT 1"
+        }
+        _ => {
+            r#"SELECT id FROM twintrack_repair_intents
+             WHERE migration = $1 AND COALESCE(key_text, CAST("key" AS TEXT)) = $2 AND created_at > $3 LIMIT 1"#
+        }
+    };
+    let found = query(sql)
+        .bind(&*store.inner.migration)
+        .bind(key_text)
+        .bind(than)
+        .fetch_optional(store.database_of(side))
+        .await?;
     Ok(found.is_some())
 }
 
