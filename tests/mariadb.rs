@@ -234,15 +234,6 @@ async fn the_parts_not_on_mariadb_yet_are_refused_clearly() {
             .contains("verify is not available on MySQL/MariaDB"),
         "{err}"
     );
-    let err = twintrack::ryw::Router::builder(db.clone(), [7u8; 32].to_vec())
-        .build()
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("read-your-writes routing is not available"),
-        "{err}"
-    );
     let runs: i64 = query("SELECT COUNT(*) FROM twintrack_backfill_runs")
         .scalar(&db)
         .await

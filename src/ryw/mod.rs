@@ -11,6 +11,7 @@
 //! - [`ReplicaSet`] polls each replica's replayed position and lag and takes out the ones
 //!   that lag or fail.
 
+mod position;
 mod replicas;
 mod router;
 mod token;

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use opentelemetry::KeyValue;
 
 use super::token::{ClusterId, Lsn};
-use crate::db::{ConnectOptions, Database, query};
+use crate::db::{ConnectOptions, Database};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
@@ -188,13 +188,19 @@ impl ReplicaSet {
                 replica_pools.len()
             )));
         }
-        if let Some(other) = std::iter::once(&primary)
-            .chain(&replica_pools)
-            .find(|db| db.backend() != crate::Backend::Postgres)
+        if primary.backend() == crate::Backend::Sqlite {
+            return Err(Error::Config(
+                "SQLite has no replicas: replicas are PostgreSQL streaming replicas or MariaDB GTID replicas".into(),
+            ));
+        }
+        if let Some(other) = replica_pools
+            .iter()
+            .find(|db| db.backend() != primary.backend())
         {
             return Err(Error::Config(format!(
-                "replicas are PostgreSQL streaming replicas; {} is not PostgreSQL",
-                other.describe()
+                "the replica {} is not of the primary's backend ({})",
+                other.describe(),
+                primary.backend().as_str()
             )));
         }
         let cluster = cluster_id(&primary).await?;
@@ -379,66 +385,47 @@ impl ReplicaSet {
     pub async fn poll_all(&self) {
         let primary = self.primary_lsn().await.ok();
         for replica in &self.inner.replicas {
-            let health = poll(replica, primary, &self.inner.options).await;
+            let health = poll(replica, self.inner.cluster, primary, &self.inner.options).await;
             replica.set_health(health, &self.inner.options.metrics);
         }
     }
 
-    /// The primary's current WAL position: after a commit, the position a reader must see.
+    /// The primary's current position (PostgreSQL: WAL written; MariaDB: its domain's GTID
+    /// sequence number): after a commit, the position a reader must see.
     pub async fn primary_lsn(&self) -> Result<Lsn> {
-        let text: String = query("SELECT CAST(pg_current_wal_lsn() AS TEXT)")
-            .scalar(&self.inner.primary)
-            .await?;
-        text.parse()
+        super::position::primary(
+            &self.inner.primary,
+            self.inner.cluster,
+            super::position::Mark::Lag,
+        )
+        .await
     }
 }
 
-/// The cluster's identity: system identifier and the primary's timeline.
+/// The cluster's identity: PostgreSQL's system identifier and the primary's timeline;
+/// MariaDB's primary `@@server_id` and `@@gtid_domain_id`.
 pub async fn cluster_id(primary: &Database) -> Result<ClusterId> {
-    let row = query(
-        "SELECT CAST(s.system_identifier AS TEXT) AS sysid, CAST(c.timeline_id AS TEXT) AS timeline
-         FROM pg_control_system() s, pg_control_checkpoint() c",
-    )
-    .fetch_one(primary)
-    .await?;
-    let field = |name: &str| -> Result<String> { row.get(name) };
-    let bad = |what: &str| Error::Internal(format!("the primary's {what} is unreadable"));
-    Ok(ClusterId {
-        system_identifier: field("sysid")?
-            .parse()
-            .map_err(|_| bad("system identifier"))?,
-        timeline: field("timeline")?.parse().map_err(|_| bad("timeline"))?,
-    })
+    super::position::cluster(primary).await
 }
 
-async fn poll(replica: &Replica, primary: Option<Lsn>, options: &ReplicaOptions) -> ReplicaHealth {
-    let poll = query(
-        "SELECT CAST(pg_is_in_recovery() AS INTEGER) AS recovering,
-                CAST(pg_last_wal_replay_lsn() AS TEXT) AS replayed,
-                CAST(COALESCE(EXTRACT(EPOCH FROM (now() - pg_last_xact_replay_timestamp())) * 1000, 0) AS BIGINT) AS lag_ms",
-    )
-    .fetch_one(&replica.db);
-    let row = match tokio::time::timeout(options.poll_timeout, poll).await {
-        Ok(Ok(row)) => row,
+async fn poll(
+    replica: &Replica,
+    cluster: ClusterId,
+    primary: Option<Lsn>,
+    options: &ReplicaOptions,
+) -> ReplicaHealth {
+    let poll = super::position::poll(&replica.db, cluster);
+    let polled = match tokio::time::timeout(options.poll_timeout, poll).await {
+        Ok(Ok(polled)) => polled,
         Ok(Err(err)) => return out_of_service(format!("poll failed: {err}")),
         Err(_) => return out_of_service(format!("no answer within {:?}", options.poll_timeout)),
     };
-    let read = || -> Result<(i64, Option<String>, i64)> {
-        Ok((
-            row.get("recovering")?,
-            row.get("replayed")?,
-            row.get("lag_ms")?,
-        ))
-    };
-    let (recovering, replayed, lag_ms) = match read() {
-        Ok(v) => v,
-        Err(err) => return out_of_service(format!("unreadable poll: {err}")),
-    };
-    if recovering == 0 {
-        return out_of_service("not in recovery (promoted, or not a replica)".into());
+    let lag_ms = polled.lag_ms;
+    if !polled.replicating {
+        return out_of_service("not replicating (promoted, stopped, or not a replica)".into());
     }
-    let Some(replay_lsn) = replayed.and_then(|t| t.parse::<Lsn>().ok()) else {
-        return out_of_service("no replayed WAL position yet".into());
+    let Some(replay_lsn) = polled.replayed else {
+        return out_of_service("no replayed position yet".into());
     };
     let lag_bytes = primary.map(|p| p.0.saturating_sub(replay_lsn.0));
     // The replay timestamp is that of the last replayed transaction: a caught-up replica on an
@@ -489,13 +476,13 @@ async fn poller(set: Weak<Inner>, index: usize) {
         let Some(inner) = set.upgrade() else { return };
         let started = Instant::now();
         let primary =
-            query("SELECT CAST(pg_current_wal_lsn() AS TEXT)").scalar::<String>(&inner.primary);
+            super::position::primary(&inner.primary, inner.cluster, super::position::Mark::Lag);
         let primary = match tokio::time::timeout(inner.options.poll_timeout, primary).await {
-            Ok(Ok(text)) => text.parse().ok(),
+            Ok(Ok(lsn)) => Some(lsn),
             _ => None,
         };
         let replica = &inner.replicas[index];
-        let health = poll(replica, primary, &inner.options).await;
+        let health = poll(replica, inner.cluster, primary, &inner.options).await;
         if health.healthy != replica.health.load().healthy {
             tracing::info!(replica = index, healthy = health.healthy, problem = ?health.problem,
                 took = ?started.elapsed(), "replica health changed");

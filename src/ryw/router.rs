@@ -30,7 +30,7 @@ use sqlx::pool::PoolConnection;
 use super::replicas::{NoReplica, ReplicaSet};
 use super::token::{ClusterId, HEADER, Lsn, Rejection, Token, TokenSigner};
 use crate::RequestContext;
-use crate::db::{Backend, Database, Native, query};
+use crate::db::{Backend, Database, Native};
 use crate::flags::BoxFuture;
 use crate::metrics::Metrics;
 use crate::{Error, Result};
@@ -288,10 +288,7 @@ impl RouterBuilder {
                 }
                 primary
             }
-            (None, Backend::Postgres) => super::cluster_id(&self.primary).await?,
-            (None, Backend::MySql) => {
-                return Err(crate::error::not_on_mysql("read-your-writes routing"));
-            }
+            (None, Backend::Postgres | Backend::MySql) => super::cluster_id(&self.primary).await?,
             // No WAL positions: tokens carry none and only need to be this application's.
             (None, Backend::Sqlite) => ClusterId {
                 system_identifier: 0,
@@ -523,16 +520,14 @@ impl Router {
         let check = async {
             let pool = DB::typed(set.replica(index)).ok_or_else(wrong_backend::<DB>)?;
             let mut conn = pool.acquire().await?;
-            let replayed: Option<String> = query("SELECT CAST(pg_last_wal_replay_lsn() AS TEXT)")
-                .scalar(DB::conn(&mut conn))
-                .await?;
+            let replayed = super::position::replayed(DB::conn(&mut conn), set.cluster()).await?;
             Ok::<_, Error>((conn, replayed))
         };
         let (conn, replayed) = tokio::time::timeout(set.poll_timeout(), check)
             .await
             .ok()?
             .ok()?;
-        let replayed: Lsn = replayed?.parse().ok()?;
+        let replayed: Lsn = replayed?;
         set.observe_replay(index, replayed);
         if replayed < min {
             return None;
@@ -690,13 +685,14 @@ impl Router {
     /// in time) the token pins for the fallback window instead.
     pub async fn issue(&self) -> String {
         let lsn = match self.inner.primary.backend() {
-            Backend::Postgres => {
-                // The insert position: past every record already inserted, so past our commits
-                // even with synchronous_commit off.
-                let lsn = query("SELECT CAST(pg_current_wal_insert_lsn() AS TEXT)")
-                    .scalar::<String>(&self.inner.primary);
+            Backend::Postgres | Backend::MySql => {
+                let lsn = super::position::primary(
+                    &self.inner.primary,
+                    self.inner.cluster,
+                    super::position::Mark::Token,
+                );
                 match tokio::time::timeout(self.inner.options.lsn_timeout, lsn).await {
-                    Ok(Ok(text)) => text.parse().ok(),
+                    Ok(Ok(lsn)) => Some(lsn),
                     Ok(Err(err)) => {
                         tracing::warn!(error = %err, "could not read the WAL position; token falls back to the time window");
                         None
@@ -709,8 +705,7 @@ impl Router {
                     }
                 }
             }
-            // MySQL: refused when the router is built.
-            Backend::Sqlite | Backend::MySql => None,
+            Backend::Sqlite => None,
         };
         self.count_token("issued");
         self.inner.signer.sign(&Token {

@@ -116,6 +116,21 @@ impl Cluster {
         }
     }
 
+    /// Stops the replica the hard way (`SIGKILL`), as a crash or a cut network would: for a
+    /// test binary of its own, as every later test of the binary finds it gone.
+    /// Self-provisioned pairs only.
+    pub fn kill_replica(&self) {
+        let Some((_, replica)) = &self.sockets else {
+            panic!("MARIADB_URL servers are not stopped by tests");
+        };
+        let pid = std::fs::read_to_string(replica.with_file_name("pid")).expect("replica pid");
+        let status = Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -9 {pid}");
+    }
+
     fn provision() -> Result<Cluster, String> {
         let daemon = find("mariadbd", &["/usr/sbin/mariadbd", "/usr/bin/mariadbd"])?;
         let install = find(
