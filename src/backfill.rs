@@ -251,9 +251,6 @@ pub(crate) async fn run_with(
     progress: impl Fn(&Progress) + Send + Sync + 'static,
     copier: Copier,
 ) -> Result<BackfillReport> {
-    if db.backend() == Backend::MySql {
-        return Err(crate::error::not_on_mysql("backfill"));
-    }
     if options.workers == 0 || options.workers > 64 {
         return Err(Error::InvalidInput(
             "workers must be between 1 and 64".into(),
@@ -269,7 +266,7 @@ pub(crate) async fn run_with(
     }
     if options.max_lag.is_some() && db.backend() != Backend::Postgres {
         return Err(Error::InvalidInput(format!(
-            "a replica lag limit reads PostgreSQL replication; {} has no replicas to watch",
+            "a replica lag limit reads PostgreSQL replication ({} has none twintrack watches yet)",
             db.describe()
         )));
     }
@@ -430,7 +427,7 @@ async fn open_run(
     stale_before: Option<i64>,
     open_ended: bool,
 ) -> Result<Run> {
-    let mut tx = lock_runs(db).await?;
+    let mut tx = lock_runs(db, &def.name).await?;
     if let Some(run) = find_open(&mut tx, def, kinds, direction, stale_before).await? {
         tx.commit().await?;
         return Ok(run);
@@ -453,7 +450,7 @@ async fn open_run(
     .transpose()?;
     let boundaries = chunk_boundaries(db, table, key, kinds, total).await?;
 
-    let mut tx = lock_runs(db).await?;
+    let mut tx = lock_runs(db, &def.name).await?;
     if let Some(run) = find_open(&mut tx, def, kinds, direction, stale_before).await? {
         tx.commit().await?;
         return Ok(run);
@@ -513,13 +510,22 @@ async fn open_run(
 }
 
 /// A transaction holding the right to create a run: PostgreSQL's advisory lock (one creator
-/// at a time), SQLite's write lock.
-async fn lock_runs(db: &Database) -> Result<Tx> {
+/// at a time), SQLite's write lock, MySQL's lock on the migration's flag row.
+async fn lock_runs(db: &Database, migration: &str) -> Result<Tx> {
     let mut tx = db.begin().await?;
-    if db.backend() == Backend::Postgres {
-        query("SELECT pg_advisory_xact_lock(1953986927)")
-            .execute(&mut tx)
-            .await?;
+    match db.backend() {
+        Backend::Postgres => {
+            query("SELECT pg_advisory_xact_lock(1953986927)")
+                .execute(&mut tx)
+                .await?;
+        }
+        Backend::MySql => {
+            query("SELECT migration FROM twintrack_flags WHERE migration = $1 FOR UPDATE")
+                .bind(migration)
+                .fetch_optional(&mut tx)
+                .await?;
+        }
+        Backend::Sqlite => {}
     }
     Ok(tx)
 }
@@ -1224,13 +1230,22 @@ struct ChunkTotals {
     chunks_done: u64,
 }
 
+/// The 64-bit integer type a `CAST` names (`SUM` of integers is `numeric`/`DECIMAL`).
+fn integer_type(db: &Database) -> &'static str {
+    match db.backend() {
+        Backend::MySql => "SIGNED",
+        _ => "BIGINT",
+    }
+}
+
 async fn chunk_totals(db: &Database, run: i64) -> Result<ChunkTotals> {
-    let row = query(
-        "SELECT CAST(COALESCE(SUM(keys_done), 0) AS BIGINT) AS keys_done,
-                CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) AS copied, COUNT(*) AS chunks,
-                CAST(COALESCE(SUM(CASE WHEN done_at IS NULL THEN 0 ELSE 1 END), 0) AS BIGINT) AS done
-         FROM twintrack_backfill_chunks WHERE run_id = $1",
-    )
+    let int = integer_type(db);
+    let row = Query::assert_safe(format!(
+        "SELECT CAST(COALESCE(SUM(keys_done), 0) AS {int}) AS keys_done,
+                CAST(COALESCE(SUM(rows_copied), 0) AS {int}) AS copied, COUNT(*) AS chunks,
+                CAST(COALESCE(SUM(CASE WHEN done_at IS NULL THEN 0 ELSE 1 END), 0) AS {int}) AS done
+         FROM twintrack_backfill_chunks WHERE run_id = $1"
+    ))
     .bind(run)
     .fetch_one(db)
     .await?;
@@ -1306,16 +1321,17 @@ pub struct RunStatus {
 
 /// The newest run of `migration` in each direction.
 pub async fn latest_runs(db: &Database, migration: &str) -> Result<Vec<RunStatus>> {
-    let rows = query(
+    let int = integer_type(db);
+    let rows = Query::assert_safe(format!(
         "SELECT r.id, r.direction, r.lower_bound, r.upper_bound, r.started_at, r.finished_at, r.rows_total,
-                CAST(COALESCE(SUM(c.keys_done), 0) AS BIGINT) AS done,
-                CAST(COALESCE(SUM(c.rows_copied), 0) AS BIGINT) AS copied
+                CAST(COALESCE(SUM(c.keys_done), 0) AS {int}) AS done,
+                CAST(COALESCE(SUM(c.rows_copied), 0) AS {int}) AS copied
          FROM twintrack_backfill_runs r LEFT JOIN twintrack_backfill_chunks c ON c.run_id = r.id
          WHERE r.migration = $1 AND r.id IN (
              SELECT MAX(id) FROM twintrack_backfill_runs WHERE migration = $1 GROUP BY direction)
          GROUP BY r.id, r.direction, r.lower_bound, r.upper_bound, r.started_at, r.finished_at, r.rows_total
-         ORDER BY r.direction",
-    )
+         ORDER BY r.direction"
+    ))
     .bind(migration)
     .fetch_all(db)
     .await?;

@@ -4,12 +4,14 @@
 //! there yet. The flag store and cache run the shared suite in `tests/flags.rs`.
 
 mod common;
+#[path = "../examples/quickstart/repos.rs"]
+mod repos;
 
 use std::time::Duration;
 
 use common::mariadb;
 use twintrack::db::{Query, Value, query};
-use twintrack::{Backend, Database, Error};
+use twintrack::{Backend, Database};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_replica_replays_the_primary_through_gtid_one_second_behind() {
@@ -174,7 +176,7 @@ async fn the_schema_installs_idempotently_even_from_many_processes_at_once() {
     assert_eq!(free, 1);
 }
 
-/// What does not run on MariaDB yet says so, before anything is written.
+/// What does not run on MariaDB yet (verify) says so, before anything is written.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_parts_not_on_mariadb_yet_are_refused_clearly() {
     let Some(db) = mariadb::fresh_db().await else {
@@ -204,22 +206,6 @@ async fn the_parts_not_on_mariadb_yet_are_refused_clearly() {
         ))
         .await
         .unwrap();
-    let err = twintrack::backfill::run(
-        &db,
-        &store,
-        &def,
-        Default::default(),
-        twintrack::metrics::Metrics::global(),
-        |_| {},
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(err, Error::Config(_)), "{err}");
-    assert!(
-        err.to_string()
-            .contains("backfill is not available on MySQL/MariaDB"),
-        "{err}"
-    );
     let err = twintrack::verify::run(
         &db,
         &store,
@@ -239,10 +225,12 @@ async fn the_parts_not_on_mariadb_yet_are_refused_clearly() {
         .await
         .unwrap();
     assert_eq!(runs, 0, "nothing written");
+    let _ = store;
 }
 
 /// The CLI on MariaDB: `init`, stage moves (the rules and their refusals), `status`; a
-/// backfill is refused with exit 2 naming the reason, and an unreachable server is exit 4.
+/// backfill without `copy` SQL is refused with exit 2 naming it, and an unreachable server is
+/// exit 4.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cli_manages_stages_on_mariadb() {
     let Some(db) = mariadb::fresh_db().await else {
@@ -290,12 +278,10 @@ async fn the_cli_manages_stages_on_mariadb() {
     let (code, out, _) = cli(&db.url, &["--json", "status"]);
     assert_eq!(code, 0);
     assert!(out.contains("\"dual_write\""), "{out}");
+    // A definition without SQL for MySQL is refused, naming what is missing.
     let (code, _, err) = cli(&db.url, &["backfill", "m"]);
     assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("backfill is not available on MySQL/MariaDB"),
-        "{err}"
-    );
+    assert!(err.contains("defines no `copy` SQL"), "{err}");
     let (code, _, err) = cli("mysql://tt:tt@127.0.0.1:1/nowhere", &["status"]);
     assert_eq!(code, 4, "{err}");
     // A database that does not exist on a running server is unreachable too (exit 4).
@@ -309,4 +295,143 @@ async fn the_cli_manages_stages_on_mariadb() {
         .await
         .unwrap();
     assert_eq!(stage, "dual_write", "the refusals changed nothing");
+}
+
+/// `twintrack` with `args` against `url` and the quickstart's definition.
+fn quickstart_cli(url: &str, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_twintrack"));
+    cmd.arg("--database-url")
+        .arg(url)
+        .arg("--config")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/quickstart.toml"
+        ))
+        .args(args)
+        .env_remove("NEW_DATABASE_URL")
+        .env_remove("TWINTRACK_NEW_DATABASE_URL");
+    cmd
+}
+
+/// Rows of the new shape that are missing or differ from what the legacy profile says.
+async fn differing(db: &Database) -> i64 {
+    query(
+        "SELECT COUNT(*) FROM users u LEFT JOIN user_settings s ON s.user_id = u.id
+         WHERE JSON_VALUE(u.profile, '$.theme') IS NOT NULL AND (s.user_id IS NULL
+            OR s.theme <> JSON_VALUE(u.profile, '$.theme')
+            OR s.notifications_enabled <> (JSON_VALUE(u.profile, '$.notifications_enabled') = 'true'))",
+    )
+    .scalar(db)
+    .await
+    .unwrap()
+}
+
+async fn seeded(rows: i64) -> Option<(String, Database)> {
+    let test = mariadb::fresh_db().await?;
+    let db = Database::connect(&test.url).await.unwrap();
+    repos::create_shapes::<i64>(&db).await.unwrap();
+    Query::assert_safe(format!(
+        r#"INSERT INTO users (id, email, profile)
+           SELECT seq, CONCAT('u', seq, '@example.com'),
+                  CONCAT('{{"theme": "theme-', seq % 7, '", "notifications_enabled": ', IF(seq % 2 = 0, 'true', 'false'), '}}')
+           FROM seq_1_to_{rows}"#
+    ))
+    .execute(&db)
+    .await
+    .unwrap();
+    let out = quickstart_cli(&test.url, &["init"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = quickstart_cli(
+        &test.url,
+        &[
+            "stage",
+            "set",
+            "user_settings",
+            "dual_write",
+            "--reason",
+            "t",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((test.url, db))
+}
+
+/// The CLI backfills 100,000 quickstart users on MariaDB with the definition's `mysql` copy:
+/// every row copied exactly; a backfill killed half-way resumes without gap or duplicate.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_backfills_100_000_rows_and_a_killed_backfill_resumes() {
+    let Some((url, db)) = seeded(100_000).await else {
+        return;
+    };
+    let out = quickstart_cli(&url, &["--json", "backfill", "user_settings"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = |db: Database| async move {
+        query("SELECT COUNT(*) FROM user_settings")
+            .scalar::<i64>(&db)
+            .await
+            .unwrap()
+    };
+    assert_eq!(count(db.clone()).await, 100_000);
+    assert_eq!(differing(&db).await, 0);
+
+    // Killed once it has copied part of the table (throttled so there is a middle), resumed.
+    let Some((url, db)) = seeded(100_000).await else {
+        return;
+    };
+    let mut child = quickstart_cli(
+        &url,
+        &[
+            "backfill",
+            "user_settings",
+            "--rate",
+            "20000",
+            "--batch-size",
+            "500",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let start = std::time::Instant::now();
+    while count(db.clone()).await < 10_000 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the backfill never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = count(db.clone()).await;
+    assert!(partial < 100_000, "killed after it finished: {partial}");
+    let out = quickstart_cli(&url, &["--json", "backfill", "user_settings"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["resumed"], true, "{report}");
+    assert_eq!(count(db.clone()).await, 100_000);
+    assert_eq!(differing(&db).await, 0);
+    eprintln!("killed at {partial} rows; resumed: {report}");
 }
