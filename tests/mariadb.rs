@@ -10,6 +10,7 @@ mod repos;
 use std::time::Duration;
 
 use common::mariadb;
+use serde_json::json;
 use twintrack::db::{Query, Value, query};
 use twintrack::{Backend, Database};
 
@@ -176,56 +177,40 @@ async fn the_schema_installs_idempotently_even_from_many_processes_at_once() {
     assert_eq!(free, 1);
 }
 
-/// What does not run on MariaDB yet (verify) says so, before anything is written.
+/// What does not run on MariaDB yet (two databases) says so, before anything is written.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_parts_not_on_mariadb_yet_are_refused_clearly() {
-    let Some(db) = mariadb::fresh_db().await else {
+    let Some((url, db)) = seeded(100).await else {
         return;
     };
-    let db = Database::connect(&db.url).await.unwrap();
-    let store = twintrack::flags::SqlFlagStore::open(db.clone())
-        .await
-        .unwrap();
-    use twintrack::flags::FlagStore;
-    store.register("m", "t").await.unwrap();
-    let config = twintrack::config::Config::parse(
-        "[[migration]]\nname = \"m\"\nlegacy_table = \"a\"\nlegacy_key = \"id\"\nnew_table = \"b\"\nnew_key = \"id\"\ncopy = \"INSERT INTO b SELECT id FROM a WHERE {batch}\"\n",
-    )
-    .unwrap();
-    let def = config
-        .migration("m")
-        .unwrap()
-        .definition(Backend::MySql)
-        .unwrap();
-    store
-        .set_stage(twintrack::flags::StageChange::new(
-            "m",
-            twintrack::Stage::DualWrite,
-            "t",
-            "t",
-        ))
-        .await
-        .unwrap();
-    let err = twintrack::verify::run(
-        &db,
-        &store,
-        &def,
-        Default::default(),
-        twintrack::metrics::Metrics::global(),
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("verify is not available on MySQL/MariaDB"),
-        "{err}"
-    );
+    let new = mariadb::fresh_db().await.unwrap();
+    let new_db = Database::connect(&new.url).await.unwrap();
+    repos::create_shapes::<i64>(&new_db).await.unwrap();
+    for args in [
+        &["backfill", "user_settings"][..],
+        &["verify", "user_settings"],
+    ] {
+        let out = quickstart_cli(&url, args)
+            .env("NEW_DATABASE_URL", &new.url)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("across two databases is not available on MySQL/MariaDB"),
+            "{err}"
+        );
+    }
     let runs: i64 = query("SELECT COUNT(*) FROM twintrack_backfill_runs")
         .scalar(&db)
         .await
         .unwrap();
     assert_eq!(runs, 0, "nothing written");
-    let _ = store;
+    let copied: i64 = query("SELECT COUNT(*) FROM user_settings")
+        .scalar(&new_db)
+        .await
+        .unwrap();
+    assert_eq!(copied, 0, "nothing written");
 }
 
 /// The CLI on MariaDB: `init`, stage moves (the rules and their refusals), `status`; a
@@ -367,9 +352,11 @@ async fn seeded(rows: i64) -> Option<(String, Database)> {
 }
 
 /// The CLI backfills 100,000 quickstart users on MariaDB with the definition's `mysql` copy:
-/// every row copied exactly; a backfill killed half-way resumes without gap or duplicate.
+/// every row copied exactly; verify finds it clean (and `shadow` opens), reports planted
+/// divergences exactly, `--repair` makes it clean (and `live` opens); a backfill killed
+/// half-way resumes without gap or duplicate.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_cli_backfills_100_000_rows_and_a_killed_backfill_resumes() {
+async fn the_cli_backfills_verifies_and_repairs_100_000_rows_and_a_killed_backfill_resumes() {
     let Some((url, db)) = seeded(100_000).await else {
         return;
     };
@@ -389,6 +376,58 @@ async fn the_cli_backfills_100_000_rows_and_a_killed_backfill_resumes() {
     };
     assert_eq!(count(db.clone()).await, 100_000);
     assert_eq!(differing(&db).await, 0);
+
+    // Verify: clean, and its evidence opens the gate into `shadow`.
+    let run = |args: &[&str]| {
+        let out = quickstart_cli(&url, args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&["--json", "verify", "user_settings"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["clean"], true, "{report}");
+    assert_eq!(report["legacy_rows"], 100_000, "{report}");
+    assert_eq!(
+        run(&["stage", "set", "user_settings", "shadow", "--reason", "t"]).0,
+        0
+    );
+    // Planted in the new shape: 2 rows missing, 3 changed, 1 extra; reported exactly.
+    for sql in [
+        "DELETE FROM user_settings WHERE user_id IN (10, 20)",
+        "UPDATE user_settings SET theme = 'planted' WHERE user_id IN (30, 40, 50)",
+        "INSERT INTO user_settings VALUES (999999, 'extra', TRUE)",
+    ] {
+        query(sql).execute(&db).await.unwrap();
+    }
+    let (code, out, _) = run(&["--json", "verify", "user_settings", "--segments", "16"]);
+    assert_eq!(code, 1, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["missing_in_new"], json!([10, 20]), "{report}");
+    assert_eq!(report["missing_in_legacy"], json!([999999]), "{report}");
+    assert_eq!(
+        report["different"],
+        json!([
+            {"key": 30, "columns": ["theme"]},
+            {"key": 40, "columns": ["theme"]},
+            {"key": 50, "columns": ["theme"]}
+        ]),
+        "{report}"
+    );
+    let (code, out, err) = run(&["--json", "verify", "user_settings", "--repair"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["repaired"].as_array().unwrap().len(), 6, "{report}");
+    assert_eq!(run(&["verify", "user_settings"]).0, 0);
+    assert_eq!(differing(&db).await, 0);
+    assert_eq!(count(db.clone()).await, 100_000);
+    assert_eq!(
+        run(&["stage", "set", "user_settings", "live", "--reason", "t"]).0,
+        0
+    );
 
     // Killed once it has copied part of the table (throttled so there is a middle), resumed.
     let Some((url, db)) = seeded(100_000).await else {
