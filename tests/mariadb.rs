@@ -474,3 +474,101 @@ async fn the_cli_backfills_verifies_and_repairs_100_000_rows_and_a_killed_backfi
     assert_eq!(differing(&db).await, 0);
     eprintln!("killed at {partial} rows; resumed: {report}");
 }
+
+/// The quickstart service itself on `DATABASE_URL=mysql://…`, unchanged: it creates its
+/// tables, serves and dual-writes, and a flip made by the CLI reaches it through the flag
+/// poller (its cache's soft TTL alone would take up to a second; either way it is seen).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_quickstart_runs_on_mariadb_and_follows_cli_flips() {
+    use std::io::{BufRead, BufReader};
+    let Some(test) = mariadb::fresh_db().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(common::example_binary("quickstart"))
+        .current_dir(dir.path())
+        .env("TWINTRACK_LISTEN", "127.0.0.1:0")
+        .env("TWINTRACK_DEBUG_HEADERS", "1")
+        .env("RUST_LOG", "warn")
+        .env("DATABASE_URL", &test.url)
+        .env_remove("NEW_DATABASE_URL")
+        .env_remove("REPLICA_DATABASE_URLS")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("twintrack quickstart listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_owned();
+    let (status, _, body) = common::http(
+        &base,
+        "POST",
+        "/users",
+        r#"{"email": "a@example.com", "theme": "dark", "notifications_enabled": true}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let out = quickstart_cli(
+        &test.url,
+        &[
+            "stage",
+            "set",
+            "user_settings",
+            "dual_write",
+            "--reason",
+            "t",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, headers, _) = common::http(&base, "GET", "/users/1/settings", "", None).await;
+        if headers
+            .get("x-twintrack-stage")
+            .and_then(|v| v.to_str().ok())
+            == Some("dual_write")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flip never reached the service"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, body) = common::http(
+        &base,
+        "PUT",
+        "/users/1/settings",
+        r#"{"theme": "light", "notifications_enabled": false}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let db = Database::connect(&test.url).await.unwrap();
+    let row = query(
+        "SELECT theme, CAST(notifications_enabled AS SIGNED) FROM user_settings WHERE user_id = 1",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        row.into_values(),
+        vec![Value::Text("light".into()), Value::I64(0)]
+    );
+    assert_eq!(differing(&db).await, 0, "both shapes hold the write");
+    let _ = child.kill();
+    let _ = child.wait();
+}

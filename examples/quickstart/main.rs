@@ -106,6 +106,9 @@ async fn run() -> Result<(), BoxError> {
         Backend::Postgres => {
             serve::<sqlx::Postgres>(db, new_db, &listen, debug_headers, prometheus).await
         }
+        Backend::MySql => {
+            serve::<sqlx::MySql>(db, new_db, &listen, debug_headers, prometheus).await
+        }
         _ => serve::<sqlx::Sqlite>(db, new_db, &listen, debug_headers, prometheus).await,
     }
 }
@@ -227,8 +230,10 @@ async fn read_router(db: &Database) -> Result<Router, BoxError> {
     };
     let mut router = Router::builder(db.clone(), secret);
     if !urls.is_empty() {
-        if db.backend() != Backend::Postgres {
-            return Err("REPLICA_DATABASE_URLS needs a postgres:// DATABASE_URL".into());
+        if db.backend() == Backend::Sqlite {
+            return Err(
+                "REPLICA_DATABASE_URLS needs a postgres:// or mysql:// DATABASE_URL".into(),
+            );
         }
         let replicas = ReplicaSet::connect(db.clone(), &urls, ReplicaOptions::default()).await?;
         router = router.replicas(replicas);
