@@ -280,6 +280,28 @@ impl Client {
     }
 }
 
+/// Repair passes until no intent is left in either database (at most 60 s).
+async fn drain(
+    dual: &repos::SettingsStore<sqlx::Postgres, i64>,
+    legacy_db: &Database,
+    new_db: &Database,
+) {
+    let started = Instant::now();
+    loop {
+        let _ = dual.repair(Duration::ZERO).await;
+        let left = pending_intents(legacy_db, M).await.unwrap()
+            + pending_intents(new_db, M).await.unwrap();
+        if left == 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{left} repair intents never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The repair pass as a boxed `Send` future (spawning the generic one directly trips a rustc
 /// limitation with higher-ranked lifetimes and trait objects).
 fn repair_once(
@@ -739,6 +761,9 @@ async fn main() -> std::process::ExitCode {
         }
     }
     flags.refresh().await.unwrap();
+    // The service's repair worker stopped with the load: drained here, as it would have been,
+    // before the backfill (which waits for intents that would make legacy an unsafe source).
+    drain(&dual, &legacy_db, &new_db).await;
     let report = dual
         .backfill(
             BackfillOptions {
@@ -750,20 +775,7 @@ async fn main() -> std::process::ExitCode {
         )
         .await
         .expect("the final backfill");
-    let drain_started = Instant::now();
-    loop {
-        let _ = dual.repair(Duration::ZERO).await;
-        let left = pending_intents(&legacy_db, M).await.unwrap()
-            + pending_intents(&new_db, M).await.unwrap();
-        if left == 0 {
-            break;
-        }
-        assert!(
-            drain_started.elapsed() < Duration::from_secs(60),
-            "{left} repair intents never drained"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    drain(&dual, &legacy_db, &new_db).await;
 
     // Verify: every user, both shapes; and every acknowledged write on the authoritative side.
     let legacy_repo = LegacySettings;

@@ -100,8 +100,9 @@ impl Error {
     /// Sorts an sqlx error into "could not reach the database" or "the statement failed".
     pub(crate) fn from_sqlx(err: sqlx::Error) -> Error {
         if let sqlx::Error::Database(db) = &err {
-            let missing_table =
-                db.code().as_deref() == Some("42P01") || db.message().starts_with("no such table");
+            // PostgreSQL, MySQL/MariaDB, SQLite.
+            let missing_table = matches!(db.code().as_deref(), Some("42P01" | "42S02"))
+                || db.message().starts_with("no such table");
             if missing_table && db.message().contains("twintrack_") {
                 return Error::NotInitialized;
             }

@@ -446,6 +446,14 @@ pub async fn install_to(db: &Database, version: i64) -> Result<()> {
         // DDL commits implicitly there: a named lock, held by this connection until released,
         // serialises installers instead (released whatever happens).
         Backend::MySql => {
+            // Written for MariaDB 10.6+: MySQL 8 lacks `CREATE INDEX IF NOT EXISTS`,
+            // `INSERT … RETURNING`, `SHOW ALL SLAVES STATUS` and MariaDB's GTID variables.
+            let server: String = query("SELECT VERSION()").scalar(&mut tx).await?;
+            if !server.contains("MariaDB") {
+                return Err(Error::Config(format!(
+                    "twintrack's MySQL backend needs MariaDB 10.6 or later; this server is MySQL {server}"
+                )));
+            }
             let got: Option<i64> = query("SELECT GET_LOCK('twintrack_schema', 60)")
                 .scalar(&mut tx)
                 .await?;

@@ -547,7 +547,7 @@ async fn failing_other_side<DB: Native, I: K>(f: Fixture<DB, I>) {
 /// A failure injected after both statements ran and before the commit leaves neither written.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_before_commit_leaves_neither_side_written() {
-    each_shape!(failure_before_commit);
+    each_shape_with_mariadb!(failure_before_commit);
 }
 
 async fn failure_before_commit<DB: Native, I: K>(shape: Shape) {
@@ -1026,7 +1026,7 @@ async fn snapshot_under_writers<DB: Native, I: K>(f: Fixture<DB, I>) {
 /// transaction; none may be left idle in one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_read_hands_its_connection_back_clean() {
-    each_shape!(snapshot_connection_clean);
+    each_shape_with_mariadb!(snapshot_connection_clean);
 }
 
 async fn snapshot_connection_clean<DB: Native, I: K>(shape: Shape) {

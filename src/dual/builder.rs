@@ -70,6 +70,7 @@ where
                 primary_reads: false,
                 definition: None,
                 settle_paused_until: std::sync::atomic::AtomicI64::new(0),
+                settling: tokio::sync::Semaphore::new(super::repair::SETTLING_AT_ONCE),
             },
         }
     }

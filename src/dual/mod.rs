@@ -158,6 +158,8 @@ struct Inner<R: ?Sized, X: Resync<R>> {
     /// Two databases: until when (µs since the epoch) reads skip settling their key's intents
     /// because the intents' database did not answer (see `read.rs`).
     settle_paused_until: std::sync::atomic::AtomicI64,
+    /// Turns to settle a key inline ([`repair::SETTLING_AT_ONCE`]).
+    settling: tokio::sync::Semaphore,
 }
 
 impl<R, X> DualStore<R, X>

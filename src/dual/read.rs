@@ -213,22 +213,29 @@ where
         let event = if inner.settle_paused_until.load(Ordering::Relaxed) > now {
             "unsettled"
         } else {
+            use super::repair::Settle;
             match super::repair::settle_key(self, served, key, SETTLE_TIMEOUT).await {
-                Ok(Some(0)) => return,
-                Ok(Some(_)) => {
+                Ok(Settle::Settled(0)) => return,
+                Ok(Settle::Settled(_)) => {
                     // The copy went to `served`'s primary: the rest of the request reads there.
                     if let Some(ctx) = ctx {
                         ctx.note_write();
                     }
                     "settled_inline"
                 }
+                Ok(Settle::Busy) => "unsettled",
+                // Only a database that does not answer pauses settling for every key: one
+                // key's copy failing (a lock timeout, a constraint) is that key's, and its
+                // intent stays for the repair worker.
                 Err(err) => {
                     tracing::warn!(migration = %inner.migration, key = %key.to_text(), error = %err,
                         "could not settle the key's repair intents; going ahead");
-                    self.pause_settling(now);
+                    if err.is_unreachable() {
+                        self.pause_settling(now);
+                    }
                     "unsettled"
                 }
-                Ok(None) => {
+                Ok(Settle::LookupTimedOut) => {
                     self.pause_settling(now);
                     "unsettled"
                 }

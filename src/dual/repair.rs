@@ -209,15 +209,17 @@ where
 /// would (dropped if the target's database holds a newer intent for the key, else the key
 /// copied from the intent's side). Returns how many intents it settled.
 ///
-/// The lookup gives up after `lookup_timeout` (`Ok(None)`); the settling itself is bounded by
-/// the copy's lock timeout, and is not cut short (a copy abandoned half-way would leave the
-/// read as stale as before).
+/// The lookup gives up after `lookup_timeout` ([`Settle::LookupTimedOut`]). Copies hold pool
+/// connections on both sides, so at most [`SETTLING_AT_ONCE`] keys per store are settled at
+/// once: a call that cannot get its turn within `lookup_timeout` goes ahead
+/// ([`Settle::Busy`]). The settling itself is bounded by the locks' timeouts, and is not cut
+/// short (a copy abandoned half-way would leave the read as stale as before).
 pub(super) async fn settle_key<R, X>(
     store: &DualStore<R, X>,
     target: Side,
     key: &KeyOf<R, X>,
     lookup_timeout: Duration,
-) -> Result<Option<u64>>
+) -> Result<Settle>
 where
     R: ?Sized + Send + Sync + 'static,
     X: Resync<R>,
@@ -233,9 +235,16 @@ where
     .bind(target.as_str())
     .fetch_all(store.database_of(source));
     let Ok(pending) = tokio::time::timeout(lookup_timeout, lookup).await else {
-        return Ok(None);
+        return Ok(Settle::LookupTimedOut);
     };
     let pending = pending?;
+    if pending.is_empty() {
+        return Ok(Settle::Settled(0));
+    }
+    let Ok(Ok(_turn)) = tokio::time::timeout(lookup_timeout, store.inner.settling.acquire()).await
+    else {
+        return Ok(Settle::Busy);
+    };
     let mut settled = 0;
     for row in &pending {
         let id: i64 = row.get("id")?;
@@ -251,7 +260,20 @@ where
         }
         settled += 1;
     }
-    Ok(Some(settled))
+    Ok(Settle::Settled(settled))
+}
+
+/// At most this many keys of one store are settled inline at once (see [`settle_key`]).
+pub(super) const SETTLING_AT_ONCE: usize = 2;
+
+/// What [`settle_key`] did.
+pub(super) enum Settle {
+    /// Settled this many intents (0: there were none).
+    Settled(u64),
+    /// The other database did not list the key's intents in time.
+    LookupTimedOut,
+    /// Other keys were being settled: this one was left to the repair worker.
+    Busy,
 }
 
 /// Re-syncs one key and drops its intent (stored in `intents_side`'s database), in one
@@ -283,6 +305,12 @@ where
     let mut tx = conn
         .begin_with(AssertSqlSafe(backend.begin_write()))
         .await?;
+    if wait && backend == Backend::Postgres {
+        // The repair worker holds the row while its copy runs: waited for, not forever.
+        query("SET LOCAL lock_timeout = '2s'")
+            .execute(Db::<R, X>::conn(&mut tx))
+            .await?;
+    }
     let held = query(sql)
         .bind(id)
         .fetch_optional(Db::<R, X>::conn(&mut tx))

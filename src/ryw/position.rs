@@ -123,11 +123,14 @@ pub(crate) async fn poll(db: &Database, cluster: ClusterId) -> Result<ReplicaPol
                     lag_ms: 0,
                 });
             };
-            let running: String = row.get("Slave_SQL_Running")?;
+            let sql: String = row.get("Slave_SQL_Running")?;
+            let io: String = row.get("Slave_IO_Running")?;
             let behind: Option<i64> = row.get("Seconds_Behind_Master")?;
             let pos: String = row.get("Gtid_Slave_Pos")?;
+            // Both threads running, and a lag the server can tell (NULL: it cannot, e.g. the
+            // connection to the primary is down): else out of service, never "0 s behind".
             Ok(ReplicaPoll {
-                replicating: running == "Yes",
+                replicating: sql == "Yes" && io == "Yes" && behind.is_some(),
                 replayed: Some(gtid_seq(&pos, cluster.timeline)?),
                 lag_ms: behind.unwrap_or(0).saturating_mul(1000),
             })
