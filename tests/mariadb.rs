@@ -298,6 +298,16 @@ fn quickstart_cli(url: &str, args: &[&str]) -> std::process::Command {
     cmd
 }
 
+/// [`quickstart_cli`], run; it must succeed.
+fn quickstart_cli_ok(url: &str, args: &[&str]) {
+    let out = quickstart_cli(url, args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Rows of the new shape that are missing or differ from what the legacy profile says.
 async fn differing(db: &Database) -> i64 {
     query(
@@ -324,13 +334,8 @@ async fn seeded(rows: i64) -> Option<(String, Database)> {
     .execute(&db)
     .await
     .unwrap();
-    let out = quickstart_cli(&test.url, &["init"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = quickstart_cli(
+    quickstart_cli_ok(&test.url, &["init"]);
+    quickstart_cli_ok(
         &test.url,
         &[
             "stage",
@@ -340,13 +345,6 @@ async fn seeded(rows: i64) -> Option<(String, Database)> {
             "--reason",
             "t",
         ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     Some((test.url, db))
 }
@@ -514,7 +512,7 @@ async fn the_quickstart_runs_on_mariadb_and_follows_cli_flips() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    let out = quickstart_cli(
+    quickstart_cli_ok(
         &test.url,
         &[
             "stage",
@@ -524,13 +522,6 @@ async fn the_quickstart_runs_on_mariadb_and_follows_cli_flips() {
             "--reason",
             "t",
         ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -40,11 +40,11 @@ pub use value::{FromValue, Row, Value};
 use crate::{Error, Result};
 
 #[cfg(feature = "mysql")]
-use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool};
 #[cfg(feature = "postgres")]
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
 #[cfg(feature = "sqlite")]
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
 
 /// Which database a [`Database`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -159,6 +159,38 @@ impl From<MySqlPool> for Database {
     }
 }
 
+/// The connect options of backend `DB`'s connections.
+type ConnectOptionsOf<DB> = <<DB as sqlx::Database>::Connection as sqlx::Connection>::Options;
+
+/// Pool settings from `options`.
+fn pool_options<DB: sqlx::Database>(options: &ConnectOptions) -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::new()
+        .max_connections(options.max_connections)
+        .acquire_timeout(options.acquire_timeout)
+}
+
+/// One connection opened first, so a wrong URL or a database that is down fails at once with
+/// the real cause (the pool alone would retry until its acquire timeout and only report
+/// "timed out"); then the pool.
+async fn open<DB: Native>(
+    opts: ConnectOptionsOf<DB>,
+    options: &ConnectOptions,
+) -> Result<Database> {
+    let probe = tokio::time::timeout(
+        options.acquire_timeout,
+        <DB::Connection as sqlx::Connection>::connect_with(&opts),
+    )
+    .await
+    .map_err(|_| Error::Unreachable(sqlx::Error::PoolTimedOut))?
+    .map_err(Error::from_sqlx)?;
+    let _ = probe.close().await;
+    let pool = pool_options::<DB>(options)
+        .connect_with(opts)
+        .await
+        .map_err(Error::from_sqlx)?;
+    Ok(DB::database(pool))
+}
+
 /// Parsed connection options, by backend.
 enum Options {
     #[cfg(feature = "postgres")]
@@ -207,62 +239,13 @@ impl Database {
     /// database that is down fails at once with the real cause (the pool alone would retry
     /// until its acquire timeout and only report "timed out").
     pub async fn connect_with(url: &str, options: ConnectOptions) -> Result<Database> {
-        let timeout = |e| Error::Unreachable(e);
         match parse_url(url)? {
             #[cfg(feature = "postgres")]
-            Options::Postgres(opts) => {
-                let probe = tokio::time::timeout(
-                    options.acquire_timeout,
-                    PgConnection::connect_with(&opts),
-                )
-                .await
-                .map_err(|_| timeout(sqlx::Error::PoolTimedOut))?
-                .map_err(Error::from_sqlx)?;
-                let _ = probe.close().await;
-                let pool = PgPoolOptions::new()
-                    .max_connections(options.max_connections)
-                    .acquire_timeout(options.acquire_timeout)
-                    .connect_with(opts)
-                    .await
-                    .map_err(Error::from_sqlx)?;
-                Ok(pool.into())
-            }
+            Options::Postgres(opts) => open::<sqlx::Postgres>(opts, &options).await,
             #[cfg(feature = "sqlite")]
-            Options::Sqlite(opts) => {
-                let probe = tokio::time::timeout(
-                    options.acquire_timeout,
-                    SqliteConnection::connect_with(&opts),
-                )
-                .await
-                .map_err(|_| timeout(sqlx::Error::PoolTimedOut))?
-                .map_err(Error::from_sqlx)?;
-                let _ = probe.close().await;
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(options.max_connections)
-                    .acquire_timeout(options.acquire_timeout)
-                    .connect_with(opts)
-                    .await
-                    .map_err(Error::from_sqlx)?;
-                Ok(pool.into())
-            }
+            Options::Sqlite(opts) => open::<sqlx::Sqlite>(opts, &options).await,
             #[cfg(feature = "mysql")]
-            Options::MySql(opts) => {
-                let probe = tokio::time::timeout(
-                    options.acquire_timeout,
-                    MySqlConnection::connect_with(&opts),
-                )
-                .await
-                .map_err(|_| timeout(sqlx::Error::PoolTimedOut))?
-                .map_err(Error::from_sqlx)?;
-                let _ = probe.close().await;
-                let pool = MySqlPoolOptions::new()
-                    .max_connections(options.max_connections)
-                    .acquire_timeout(options.acquire_timeout)
-                    .connect_with(opts)
-                    .await
-                    .map_err(Error::from_sqlx)?;
-                Ok(pool.into())
-            }
+            Options::MySql(opts) => open::<sqlx::MySql>(opts, &options).await,
         }
     }
 
@@ -274,26 +257,20 @@ impl Database {
 
     /// [`Database::connect_lazy`] with options.
     pub fn connect_lazy_with(url: &str, options: ConnectOptions) -> Result<Database> {
-        match parse_url(url)? {
+        Ok(match parse_url(url)? {
             #[cfg(feature = "postgres")]
-            Options::Postgres(opts) => Ok(PgPoolOptions::new()
-                .max_connections(options.max_connections)
-                .acquire_timeout(options.acquire_timeout)
-                .connect_lazy_with(opts)
-                .into()),
+            Options::Postgres(opts) => sqlx::Postgres::database(
+                pool_options::<sqlx::Postgres>(&options).connect_lazy_with(opts),
+            ),
             #[cfg(feature = "sqlite")]
-            Options::Sqlite(opts) => Ok(SqlitePoolOptions::new()
-                .max_connections(options.max_connections)
-                .acquire_timeout(options.acquire_timeout)
-                .connect_lazy_with(opts)
-                .into()),
+            Options::Sqlite(opts) => sqlx::Sqlite::database(
+                pool_options::<sqlx::Sqlite>(&options).connect_lazy_with(opts),
+            ),
             #[cfg(feature = "mysql")]
-            Options::MySql(opts) => Ok(MySqlPoolOptions::new()
-                .max_connections(options.max_connections)
-                .acquire_timeout(options.acquire_timeout)
-                .connect_lazy_with(opts)
-                .into()),
-        }
+            Options::MySql(opts) => {
+                sqlx::MySql::database(pool_options::<sqlx::MySql>(&options).connect_lazy_with(opts))
+            }
+        })
     }
 
     /// The native pool.

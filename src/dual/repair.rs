@@ -176,8 +176,7 @@ where
                 // never have received the write). A newer intent for the key in the other
                 // database supersedes it: that side holds the later write.
                 let created_at: i64 = row.get("created_at")?;
-                if newer_intent(store, side.other(), &text, created_at).await? {
-                    clear_intent(db, id).await?;
+                if superseded(store, side, id, &text, created_at).await? {
                     report.skipped += 1;
                     continue;
                 }
@@ -249,16 +248,13 @@ where
     for row in &pending {
         let id: i64 = row.get("id")?;
         let created_at: i64 = row.get("created_at")?;
-        if newer_intent(store, target, &key_text, created_at).await? {
-            clear_intent(store.database_of(source), id).await?;
-        } else if resync_one(store, source, id, key, source, true)
-            .await?
-            .is_none()
-        {
-            // Gone meanwhile: settled by the repair worker (waited for) or the write's task.
-            continue;
+        let done = superseded(store, source, id, &key_text, created_at).await?
+            // `None`: gone meanwhile, settled by the repair worker (waited for) or the write's
+            // task.
+            || resync_one(store, source, id, key, source, true).await?.is_some();
+        if done {
+            settled += 1;
         }
-        settled += 1;
     }
     Ok(Settle::Settled(settled))
 }
@@ -338,6 +334,27 @@ where
         .await?;
     tx.commit().await?;
     Ok(Some(done))
+}
+
+/// Two databases: drops the intent `id` (in `side`'s database, created at `created_at`) when
+/// the other database holds a newer intent for the key: that side has the later write, and
+/// replaying this one would overwrite it. Whether it was dropped.
+async fn superseded<R, X>(
+    store: &DualStore<R, X>,
+    side: Side,
+    id: i64,
+    key_text: &str,
+    created_at: i64,
+) -> Result<bool>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    if newer_intent(store, side.other(), key_text, created_at).await? {
+        clear_intent(store.database_of(side), id).await?;
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// Whether `side`'s database holds an intent for the key `key_text` newer than `than` (µs).
