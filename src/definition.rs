@@ -800,8 +800,15 @@ async fn column_kinds(
             Backend::MySql => KeyKind::from_mysql(&declared),
         }
         .ok_or_else(|| {
+            let allowed = match db.backend() {
+                // See `KeyKind::from_mysql` for why not text.
+                Backend::MySql => {
+                    "a signed bigint, int, mediumint, smallint or tinyint, or MariaDB's uuid (text keys are not supported on MySQL and MariaDB yet: their default collations compare case- and accent-insensitively)"
+                }
+                _ => "bigint, integer, smallint, uuid, text or varchar",
+            };
             Error::Config(format!(
-                "migration {migration:?}: {which}_key column {name} of {table_name} is of type {declared:?}; a key column must be bigint, integer, smallint, uuid, text or varchar"
+                "migration {migration:?}: {which}_key column {name} of {table_name} is of type {declared:?}; a key column must be {allowed}"
             ))
         })?;
         out.push((name, kind));

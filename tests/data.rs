@@ -183,6 +183,13 @@ async fn seed<I: K>(db: &Database, n: i64) {
                     jsonb_build_object('theme', 'theme-' || (g % 7), 'notifications_enabled', g % 2 = 0)
              FROM generate_series(1, $1) AS g"
         ),
+        // MariaDB's sequence engine numbers the rows (`seq_1_to_N`).
+        Backend::MySql => format!(
+            r#"INSERT INTO users ({columns})
+               SELECT {value}CONCAT('u', seq, '@example.com'),
+                      CONCAT('{{"theme": "theme-', seq % 7, '", "notifications_enabled": ', IF(seq % 2 = 0, 'true', 'false'), '}}')
+               FROM seq_1_to_{n}"#
+        ),
         _ => format!(
             "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < $1)
              INSERT INTO users ({columns})
@@ -202,7 +209,7 @@ macro_rules! each_fixture {
         async fn with_fixture<DB: Native, I: K>(shape: Shape) {
             $test(Fixture::<DB, I>::new(shape).await).await
         }
-        each_shape!(with_fixture);
+        each_shape_with_mariadb!(with_fixture);
     }};
 }
 
@@ -235,12 +242,21 @@ async fn backfill_and_verify<DB: Native, I: K>(f: Fixture<DB, I>) {
     assert_eq!(report.run_rows_copied, 5_000);
     assert_eq!(report.keys_done, 5_000);
     assert_eq!(f.count("user_settings").await, 5_000);
+    // The flag copied as it is: every even user has notifications on (`seed`).
+    let on: i64 = query("SELECT COUNT(*) FROM user_settings WHERE notifications_enabled")
+        .scalar(&f.db)
+        .await
+        .unwrap();
+    assert_eq!(on, 2_500, "{b}");
     let record = f.store.get(M).await.unwrap();
     assert!(record.evidence.backfill_finished_at.is_some());
 
     let v = f.verify(false).await;
     assert!(v.clean, "{b}: {:?}", v.lines());
     assert_eq!((v.legacy_rows, v.new_rows), (5_000, 5_000));
+    if f.db.backend() == Backend::MySql {
+        assert_eq!(v.row_hash, "checksum");
+    }
     assert!(
         f.store
             .get(M)
@@ -392,6 +408,9 @@ async fn bad_definitions<DB: Native, I: K>(f: Fixture<DB, I>) {
     f.stage(Stage::DualWrite).await;
     let other = if I::KINDS == [twintrack::KeyKind::Text] {
         "BIGINT"
+    } else if f.db.backend() == Backend::MySql {
+        // Text keys are refused there (`tests/mariadb.rs`): another integer type.
+        "INT"
     } else {
         "TEXT"
     };
@@ -438,7 +457,11 @@ async fn bad_definitions<DB: Native, I: K>(f: Fixture<DB, I>) {
             "invalid SQL identifier",
         ),
         (
-            good.replace("ON CONFLICT (user_id)", "ON CONFLICT (no_such)"),
+            good.replace("ON CONFLICT (user_id)", "ON CONFLICT (no_such)")
+                .replace(
+                    "UPDATE theme = VALUES(theme)",
+                    "UPDATE theme = VALUES(no_such)",
+                ),
             "copy SQL fails",
         ),
         (
@@ -446,7 +469,8 @@ async fn bad_definitions<DB: Native, I: K>(f: Fixture<DB, I>) {
             "the alias must be a plain identifier",
         ),
         (
-            good.replace("SELECT user_id AS key,", "SELECT user_id AS k,"),
+            good.replace("SELECT user_id AS key,", "SELECT user_id AS k,")
+                .replace("SELECT user_id AS \"key\",", "SELECT user_id AS k,"),
             "new_projection",
         ),
     ];
@@ -1008,6 +1032,10 @@ async fn a_two_database_store_backfills_through_resync_under_racing_writes() {
 
 async fn two_database_backfill<DB: Native, I: K>(f: Fixture<DB, I>) {
     let b = &f.name;
+    if f.db.backend() == Backend::MySql {
+        // Two databases on MySQL are refused (`tests/mariadb.rs`); not built yet.
+        return;
+    }
     let (_second_guard, new_url) = match f.db.backend() {
         Backend::Postgres => (None, common::pg::fresh_db().await.unwrap().url),
         _ => {

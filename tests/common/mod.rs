@@ -85,14 +85,26 @@ pub async fn shapes() -> Vec<Shape> {
             });
         }
     }
+    if let Some(only) = only_backends() {
+        all.retain(|shape| only.iter().any(|b| b == shape.backend));
+    }
     all
+}
+
+/// `TWINTRACK_TEST_BACKENDS=mariadb,postgres`: run the per-shape suites on those backends
+/// only (for working on one backend; CI runs every one).
+fn only_backends() -> Option<Vec<String>> {
+    let only = std::env::var("TWINTRACK_TEST_BACKENDS").ok()?;
+    Some(only.split(',').map(|b| b.trim().to_owned()).collect())
 }
 
 /// [`shapes`], and MariaDB with `bigint` keys when available: for the guarantees that run
 /// there so far (the dual store in one database).
 pub async fn shapes_with_mariadb() -> Vec<Shape> {
     let mut all = shapes().await;
-    if let Some(db) = mariadb::fresh_db().await {
+    if only_backends().is_none_or(|only| only.contains(&"mariadb".to_owned()))
+        && let Some(db) = mariadb::fresh_db().await
+    {
         all.push(Shape {
             backend: "mariadb",
             key: "i64",
