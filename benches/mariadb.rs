@@ -7,9 +7,13 @@
 //! - backfill rows/s (`twintrack::backfill`, 2 workers) vs one `INSERT … SELECT` of the same
 //!   copy statement over every key, alternated rounds;
 //! - flip propagation: a stage flip through one store until another store's cache (soft TTL
-//!   60 s) serves it, through the 100 ms poller: p50, p99, max.
+//!   60 s) serves it, through the 100 ms poller: p50, p99, max;
+//! - verify of two equal tables (`--verify-rows N` rows per side, default 1,000,000; seeded
+//!   outside the binary log, so the replica stays idle) vs one `LEFT JOIN … UNION ALL … RIGHT
+//!   JOIN` of the same two projections, alternated, then once more with 3 planted differences.
 //!
-//! Run: `cargo bench --bench mariadb` (`-- --rows N` for the backfill, default 200,000).
+//! Run: `cargo bench --bench mariadb` (`-- --rows N` for the backfill, default 200,000;
+//! `TWINTRACK_MARIADB_BUFFER_POOL=2G` for a 10M-row verify that fits in memory).
 
 #[path = "../tests/common/mariadb.rs"]
 mod mariadb;
@@ -235,4 +239,125 @@ async fn main() {
             rate(ours) / rate(set)
         );
     }
+
+    verify_vs_join(&db, &pool, arg("--verify-rows", 1_000_000)).await;
+}
+
+/// Verify of `rows` equal rows per side vs a `LEFT JOIN … UNION ALL … RIGHT JOIN`.
+async fn verify_vs_join(db: &Database, pool: &sqlx::MySqlPool, rows: i64) {
+    use twintrack::verify::{self, VerifyOptions};
+    {
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("SET SESSION sql_log_bin = 0")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        for table in ["legacy_v", "new_v"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE TABLE {table} (id BIGINT PRIMARY KEY, name VARCHAR(40) NOT NULL,
+                                       qty INT NOT NULL, note VARCHAR(40) NULL)"
+            )))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+        let step = 1_000_000;
+        for from in (0..rows).step_by(step as usize) {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO legacy_v SELECT seq, CONCAT('name-', seq), seq % 1000,
+                        IF(seq % 3 = 0, NULL, 'note') FROM seq_{}_to_{}",
+                from + 1,
+                (from + step).min(rows)
+            )))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO new_v SELECT * FROM legacy_v WHERE id > {from} AND id <= {}",
+                from + step
+            )))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+    }
+    let legacy = "SELECT id AS \"key\", name, qty, note FROM legacy_v";
+    let new = "SELECT id AS \"key\", name, qty, note FROM new_v";
+    let config = Config::parse(&format!(
+        r#"
+[[migration]]
+name = "bench_verify"
+legacy_table = "legacy_v"
+legacy_key = ["id"]
+new_table = "new_v"
+new_key = ["id"]
+copy = "INSERT INTO new_v SELECT * FROM legacy_v WHERE {{batch}} ON DUPLICATE KEY UPDATE name = VALUES(name)"
+legacy_projection = "{}"
+new_projection = "{}"
+"#,
+        legacy.replace('"', "\\\""),
+        new.replace('"', "\\\"")
+    ))
+    .unwrap();
+    let def = config
+        .migration("bench_verify")
+        .unwrap()
+        .definition(Backend::MySql)
+        .unwrap();
+    let store = SqlFlagStore::open(db.clone()).await.unwrap();
+    store.register("bench_verify", "bench").await.unwrap();
+    store
+        .set_stage(StageChange::new(
+            "bench_verify",
+            Stage::DualWrite,
+            "bench",
+            "bench",
+        ))
+        .await
+        .unwrap();
+    let join = format!(
+        "SELECT COUNT(*) FROM (
+           SELECT l.\"key\" FROM ({legacy}) l LEFT JOIN ({new}) n ON n.\"key\" = l.\"key\"
+            WHERE n.\"key\" IS NULL OR NOT (l.name <=> n.name AND l.qty <=> n.qty AND l.note <=> n.note)
+           UNION ALL
+           SELECT n.\"key\" FROM ({legacy}) l RIGHT JOIN ({new}) n ON n.\"key\" = l.\"key\"
+            WHERE l.\"key\" IS NULL) d"
+    );
+    let round = async |label: &str, differing: i64| {
+        let t = Instant::now();
+        let found: i64 = Query::assert_safe(join.clone()).scalar(db).await.unwrap();
+        let joined = t.elapsed();
+        assert_eq!(found, differing);
+        let t = Instant::now();
+        let report = verify::run(
+            db,
+            &store,
+            &def,
+            VerifyOptions::default(),
+            Metrics::global(),
+        )
+        .await
+        .unwrap();
+        let ours = t.elapsed();
+        assert_eq!(report.row_hash, "checksum");
+        assert_eq!(report.different.len() as i64, differing);
+        assert_eq!(report.legacy_rows as i64, rows);
+        println!(
+            "verify of {rows} rows per side, {label}: LEFT JOIN … UNION ALL … RIGHT JOIN {:.2} s | twintrack {:.2} s | {:.2}x",
+            joined.as_secs_f64(),
+            ours.as_secs_f64(),
+            joined.as_secs_f64() / ours.as_secs_f64()
+        );
+    };
+    round("clean, round 1", 0).await;
+    round("clean, round 2", 0).await;
+    Query::assert_safe(format!(
+        "UPDATE new_v SET name = 'planted' WHERE id IN (17, {}, {})",
+        rows / 2,
+        rows - 3
+    ))
+    .execute(db)
+    .await
+    .unwrap();
+    round("3 planted differences", 3).await;
 }

@@ -8,8 +8,11 @@
 //! pass per side, `width_bucket` placing each row in its segment, with
 //! `hash_record_extended(row, 0)` (PostgreSQL 14 and later, when every column's type has an
 //! extended hash function; otherwise `hashtextextended(row::text, 0)`, about twice the cost);
+//! MySQL and MariaDB (one database) hash in the database too, as pt-table-checksum does: the
+//! first 64 bits of the `MD5` of each row's canonical text ([`row_checksum`](crate::db::mysql::row_checksum)), summed; each
+//! segment is its own range scan on the key (one statement per side for all of them).
 //! SQLite's rows are hashed here (FNV-1a of the row as JSON).
-//! On PostgreSQL the whole range is summarised first, as one plain aggregate per side (which
+//! On PostgreSQL and MySQL the whole range is summarised first, as one plain aggregate per side (which
 //! the server runs as a parallel scan, where the grouped one runs serially): when both
 //! summaries agree there is nothing to cut, and a clean table costs one scan per side.
 //! Equal summaries mean equal segments. A differing segment is cut again at keys taken from
@@ -125,6 +128,9 @@ pub struct VerifyReport {
     pub repaired: Vec<DynKey>,
     /// Wall time, in seconds.
     pub elapsed_seconds: f64,
+    /// How rows were hashed: `record` or `text` (PostgreSQL, in the database), `checksum`
+    /// (MySQL, in the database) or `client` (streamed and hashed by twintrack).
+    pub row_hash: &'static str,
 }
 
 impl VerifyReport {
@@ -204,13 +210,18 @@ enum RowHash {
     /// Here: each row streamed in its canonical text ([`canonical`]) and hashed with FNV-1a
     /// (SQLite; two databases whose in-database hashes cannot be proved the same).
     Client,
+    /// MySQL, in the database: [`row_checksum`](crate::db::mysql::row_checksum) over each projection's own columns.
+    Checksum,
 }
 
 impl RowHash {
-    fn sql(self) -> &'static str {
+    /// Its name in a [`VerifyReport`].
+    fn name(self) -> &'static str {
         match self {
-            RowHash::Record => "hash_record_extended(p, 0)",
-            RowHash::Text | RowHash::Client => "hashtextextended(CAST(p AS TEXT), 0)",
+            RowHash::Record => "record",
+            RowHash::Text => "text",
+            RowHash::Client => "client",
+            RowHash::Checksum => "checksum",
         }
     }
 }
@@ -221,6 +232,8 @@ struct Ctx {
     /// The new shape's database: the same as `legacy_db`, or another one.
     new_db: Database,
     hash: RowHash,
+    /// Each side's row hash expression over `p` (legacy, new); unused for [`RowHash::Client`].
+    hash_sql: [String; 2],
     def: MigrationDef,
     kinds: Vec<KeyKind>,
     legacy: String,
@@ -241,6 +254,14 @@ impl Ctx {
         match side {
             Side::Legacy => (&self.legacy_db, &self.legacy),
             Side::New => (&self.new_db, &self.new),
+        }
+    }
+
+    /// `side`'s row hash expression over `p`.
+    fn hash_sql(&self, side: Side) -> &str {
+        match side {
+            Side::Legacy => &self.hash_sql[0],
+            Side::New => &self.hash_sql[1],
         }
     }
 }
@@ -332,12 +353,13 @@ pub async fn run_across(
     } else {
         None
     };
-    let hash = row_hash(legacy_db, new_db, legacy, new).await;
+    let (hash, hash_sql) = row_hash(legacy_db, new_db, legacy, new).await;
     let qualified = keyset::qualified(&projection_key_columns(kinds.len()), Some("p"));
     let ctx = Arc::new(Ctx {
         legacy_db: legacy_db.clone(),
         new_db: new_db.clone(),
         hash,
+        hash_sql,
         def: def.clone(),
         key_names: projection_key_columns(kinds.len())
             .iter()
@@ -479,6 +501,7 @@ pub async fn run_across(
         not_listed: found.not_listed,
         repaired,
         elapsed_seconds: 0.0,
+        row_hash: ctx.hash.name(),
     };
     for (key, kind) in found.rows {
         match kind {
@@ -583,13 +606,54 @@ async fn check_projection(
 /// bytes, dates and timestamps, and arrays of them), so that a type's hash cannot call two
 /// different stored values equal (`numeric` `1.0` and `1.00`, `citext`, a case-insensitive
 /// collation would); and the server has `hash_record_extended` (PostgreSQL 14). Else
-/// [`RowHash::Text`], which hashes the row's text. SQLite: [`RowHash::Client`].
+/// [`RowHash::Text`], which hashes the row's text. SQLite: [`RowHash::Client`]. MySQL:
+/// [`RowHash::Checksum`] in one database when both projections' columns can be read from
+/// their prepared statements, else [`RowHash::Client`].
 ///
 /// Two databases: [`RowHash::Record`] on the same conditions, checked in each database, and
 /// both servers of one major version and one server encoding (the same hash functions over
 /// the same bytes); otherwise [`RowHash::Client`] (the row's text depends on each session's
 /// settings, so `Text` is never used across).
-async fn row_hash(legacy_db: &Database, new_db: &Database, legacy: &str, new: &str) -> RowHash {
+///
+/// Returns the kind and each side's hash expression over `p` (legacy, new).
+async fn row_hash(
+    legacy_db: &Database,
+    new_db: &Database,
+    legacy: &str,
+    new: &str,
+) -> (RowHash, [String; 2]) {
+    let of = |hash: RowHash| {
+        let sql = match hash {
+            RowHash::Record => "hash_record_extended(p, 0)",
+            _ => "hashtextextended(CAST(p AS TEXT), 0)",
+        };
+        (hash, [sql.to_owned(), sql.to_owned()])
+    };
+    #[cfg(feature = "mysql")]
+    if let (Some(l), Some(n)) = (legacy_db.as_mysql(), new_db.as_mysql())
+        && legacy_db.same_database(new_db)
+    {
+        let checksum = |pool, proj: &str| {
+            let select = format!("SELECT * FROM ({proj}) p");
+            async move {
+                let columns = crate::db::mysql::columns(pool, &select).await.ok()?;
+                crate::db::mysql::row_checksum("p", &columns).ok()
+            }
+        };
+        return match (checksum(l, legacy).await, checksum(n, new).await) {
+            (Some(l), Some(n)) => (RowHash::Checksum, [l, n]),
+            _ => of(RowHash::Client),
+        };
+    }
+    of(row_hash_postgres(legacy_db, new_db, legacy, new).await)
+}
+
+async fn row_hash_postgres(
+    legacy_db: &Database,
+    new_db: &Database,
+    legacy: &str,
+    new: &str,
+) -> RowHash {
     if legacy_db.backend() != Backend::Postgres || new_db.backend() != Backend::Postgres {
         return RowHash::Client;
     }
@@ -1121,6 +1185,9 @@ async fn summarize(
         .map_or(Ok(0), |row| row.get_at(0))?;
         return Ok((out, u64::try_from(null_keys).unwrap_or(0)));
     }
+    if ctx.hash == RowHash::Checksum {
+        return summarize_pieces(ctx, side, range, cuts, with_null_keys).await;
+    }
     let p = keyset::predicate(&ctx.key, range, 1);
     let mut args = p.args;
     let bucket = if cuts.is_empty() {
@@ -1172,7 +1239,7 @@ async fn summarize(
                 CAST(COALESCE(SUM({}), 0) AS TEXT) AS h
          FROM ({proj}) p WHERE {filter} GROUP BY 1",
         ctx.null_key,
-        ctx.hash.sql(),
+        ctx.hash_sql(side),
     );
     let rows = bound(Query::assert_safe(sql), args)
         .run_on(ctx, side)
@@ -1197,6 +1264,70 @@ async fn summarize(
     Ok((out, null_keys))
 }
 
+/// At most this many pieces are summarised by one statement of [`summarize_pieces`] (its
+/// parameters stay far below MySQL's 65,535 for any key).
+const PIECES_PER_STATEMENT: usize = 256;
+
+/// [`summarize`] where the database has no `width_bucket` (MySQL): each piece its own
+/// `SELECT` with the piece's key range (a range scan on the key's index), joined by `UNION ALL`
+/// into one statement per [`PIECES_PER_STATEMENT`] pieces.
+async fn summarize_pieces(
+    ctx: &Ctx,
+    side: Side,
+    range: &KeyRange,
+    cuts: &[DynKey],
+    with_null_keys: bool,
+) -> Result<(Vec<Summary>, u64)> {
+    let (_, proj) = ctx.side(side);
+    let hash = ctx.hash_sql(side);
+    let null_key = &ctx.null_key;
+    let pieces = pieces(range, cuts);
+    let mut out = vec![
+        Summary {
+            rows: 0,
+            hash: "0".into()
+        };
+        pieces.len()
+    ];
+    let mut null_keys = 0;
+    for (chunk, group) in pieces.chunks(PIECES_PER_STATEMENT).enumerate() {
+        let mut args = Vec::new();
+        let mut parts = Vec::with_capacity(group.len() + 1);
+        if with_null_keys && chunk == 0 {
+            parts.push(format!(
+                "SELECT -1 AS seg, COUNT(*) AS n, '0' AS h FROM ({proj}) p WHERE {null_key}"
+            ));
+        }
+        for (i, piece) in group.iter().enumerate() {
+            let p = keyset::predicate(&ctx.key, piece, args.len() + 1);
+            args.extend(p.args);
+            parts.push(format!(
+                "SELECT {} AS seg, COUNT(*) AS n, CAST(COALESCE(SUM({hash}), 0) AS CHAR) AS h
+                 FROM ({proj}) p WHERE ({}) AND NOT ({null_key})",
+                chunk * PIECES_PER_STATEMENT + i,
+                p.sql
+            ));
+        }
+        let rows = bound(Query::assert_safe(parts.join(" UNION ALL ")), args)
+            .run_on(ctx, side)
+            .await?;
+        for row in rows {
+            let seg: i64 = row.get("seg")?;
+            let n = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
+            if seg == -1 {
+                null_keys = n;
+                continue;
+            }
+            let slot = out
+                .get_mut(usize::try_from(seg).unwrap_or(usize::MAX))
+                .ok_or_else(|| Error::Internal(format!("a summary named piece {seg}")))?;
+            slot.rows = n;
+            slot.hash = row.get("h")?;
+        }
+    }
+    Ok((out, null_keys))
+}
+
 /// A side's whole range in one summary, and its rows with a `NULL` in their key.
 #[derive(Debug, PartialEq, Eq)]
 struct Whole {
@@ -1216,14 +1347,25 @@ async fn summarize_whole(ctx: &Ctx, side: Side, range: &KeyRange) -> Result<Whol
     let (_, proj) = ctx.side(side);
     let p = keyset::predicate(&ctx.key, range, 1);
     let null_key = &ctx.null_key;
-    let sql = format!(
-        "SELECT COUNT(*) FILTER (WHERE NOT ({null_key})) AS n,
-                COUNT(*) FILTER (WHERE {null_key}) AS null_keys,
-                CAST(COALESCE(SUM({}) FILTER (WHERE NOT ({null_key})), 0) AS TEXT) AS h
-         FROM ({proj}) p WHERE ({}) OR ({null_key})",
-        ctx.hash.sql(),
-        p.sql,
-    );
+    let hash = ctx.hash_sql(side);
+    let sql = if ctx.hash == RowHash::Checksum {
+        // MySQL has no `FILTER`.
+        format!(
+            "SELECT COUNT(CASE WHEN NOT ({null_key}) THEN 1 END) AS n,
+                    COUNT(CASE WHEN {null_key} THEN 1 END) AS null_keys,
+                    CAST(COALESCE(SUM(CASE WHEN NOT ({null_key}) THEN {hash} END), 0) AS CHAR) AS h
+             FROM ({proj}) p WHERE ({}) OR ({null_key})",
+            p.sql,
+        )
+    } else {
+        format!(
+            "SELECT COUNT(*) FILTER (WHERE NOT ({null_key})) AS n,
+                    COUNT(*) FILTER (WHERE {null_key}) AS null_keys,
+                    CAST(COALESCE(SUM({hash}) FILTER (WHERE NOT ({null_key})), 0) AS TEXT) AS h
+             FROM ({proj}) p WHERE ({}) OR ({null_key})",
+            p.sql,
+        )
+    };
     let rows = bound(Query::assert_safe(sql), p.args)
         .run_on(ctx, side)
         .await?;

@@ -141,6 +141,57 @@ fn bound(
     Ok(query)
 }
 
+/// The output columns of `select` (no parameters), each as its name and the type name sqlx
+/// gives it (`BIGINT`, `VARCHAR`, `VARBINARY`, `DECIMAL`, …), read from the prepared
+/// statement: nothing runs.
+pub(crate) async fn columns(
+    pool: &sqlx::MySqlPool,
+    select: &str,
+) -> crate::Result<Vec<(String, String)>> {
+    use sqlx::{Executor as _, SqlSafeStr as _, Statement as _};
+    let (sql, _) = positional(select, &[]).map_err(crate::Error::Internal)?;
+    let statement = pool
+        .prepare(AssertSqlSafe(sql).into_sql_str())
+        .await
+        .map_err(crate::Error::from_sqlx)?;
+    Ok(statement
+        .columns()
+        .iter()
+        .map(|c| (c.name().to_owned(), c.type_info().name().to_owned()))
+        .collect())
+}
+
+/// A row's 64-bit checksum in MySQL's own functions, the way pt-table-checksum computes one:
+/// the first 16 hex digits of the `MD5` of the row's canonical text, as an unsigned integer
+/// (`CAST(CONV(LEFT(MD5(…), 16), 16, 10) AS UNSIGNED)`). The canonical text is every column
+/// of `columns` (as [`columns`] gives them, qualified by `alias`) in name order, each through
+/// `QUOTE` (a string quoted and escaped, `NULL` the bare word) so no two rows share a text:
+/// character strings converted to `utf8mb4` first (the same text in two character sets hashes
+/// the same), binary strings as `HEX`, every other type as its own text. Summed over a range
+/// (exact `DECIMAL`, no overflow) it is an order-independent hash of the rows' multiset.
+pub(crate) fn row_checksum(alias: &str, columns: &[(String, String)]) -> crate::Result<String> {
+    let mut sorted: Vec<&(String, String)> = columns.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let parts = sorted
+        .into_iter()
+        .map(|(name, typ)| {
+            let c = format!("{alias}.{}", super::quote_ident(name)?);
+            let text = match typ.as_str() {
+                "CHAR" | "VARCHAR" | "TINYTEXT" | "TEXT" | "MEDIUMTEXT" | "LONGTEXT" | "ENUM"
+                | "SET" | "JSON" => format!("CONVERT({c} USING utf8mb4)"),
+                "BINARY" | "VARBINARY" | "TINYBLOB" | "BLOB" | "MEDIUMBLOB" | "LONGBLOB"
+                | "BIT" | "GEOMETRY" => format!("HEX({c})"),
+                _ => c,
+            };
+            Ok(format!("QUOTE({text})"))
+        })
+        .collect::<crate::Result<Vec<_>>>()?;
+    Ok(format!(
+        "CAST(CONV(LEFT(MD5(CONCAT_WS(',', {})), 16), 16, 10) AS UNSIGNED)",
+        parts.join(", ")
+    ))
+}
+
 /// Runs `q` on `pool` and hands each row to `f` as it arrives. Returns how many rows there
 /// were.
 pub(super) async fn each(

@@ -185,7 +185,11 @@ impl Cluster {
                 .arg("--log-bin=mb")
                 .arg(format!("--server-id={server_id}"))
                 .arg("--binlog-format=ROW")
-                .arg("--innodb-buffer-pool-size=64M")
+                // `TWINTRACK_MARIADB_BUFFER_POOL` (e.g. `1G`) for benchmarks on big tables.
+                .arg(format!(
+                    "--innodb-buffer-pool-size={}",
+                    std::env::var("TWINTRACK_MARIADB_BUFFER_POOL").unwrap_or_else(|_| "64M".into())
+                ))
                 .arg("--innodb-flush-log-at-trx-commit=2")
                 .arg("--skip-name-resolve")
                 .stdin(Stdio::null())
