@@ -50,8 +50,8 @@ pub struct BackfillOptions {
     pub target_batch_time: Duration,
     /// Pause while a standby's replay lag is above this, or while a standby that should be
     /// watched shows no lag figure (an inactive replication slot, slots but no streaming
-    /// standby, a replica in `replicas` that cannot be polled). PostgreSQL only: refused on
-    /// SQLite ([`Error::InvalidInput`]).
+    /// standby, a replica in `replicas` that cannot be polled; MySQL: a replica connected to the
+    /// primary and not in `replicas`). Refused on SQLite ([`Error::InvalidInput`]).
     pub max_lag: Option<Duration>,
     /// Replicas whose replay lag `max_lag` also reads directly (their replayed position and
     /// last replayed transaction), beside the primary's `pg_stat_replication`: needed for
@@ -264,9 +264,9 @@ pub(crate) async fn run_with(
             "rate must be a positive number of rows per second".into(),
         ));
     }
-    if options.max_lag.is_some() && db.backend() != Backend::Postgres {
+    if options.max_lag.is_some() && db.backend() == Backend::Sqlite {
         return Err(Error::InvalidInput(format!(
-            "a replica lag limit reads PostgreSQL replication ({} has none twintrack watches yet)",
+            "a replica lag limit reads replication, which SQLite has none of ({})",
             db.describe()
         )));
     }
@@ -808,20 +808,51 @@ async fn copy_batch(
     if db.backend() == Backend::Postgres {
         query(LOCK_TIMEOUT).execute(&mut tx).await?;
     }
-    let keys: Vec<DynKey> = bound(Query::assert_safe(select), p.args)
-        .bind(i64::from(batch))
-        .fetch_all(&mut tx)
-        .await?
-        .into_iter()
-        .map(|row| row_key(row, &shared.kinds))
-        .collect::<Result<_>>()?;
+    // MySQL, one database: only the batch's last key is read (`LIMIT 1 OFFSET batch - 1`).
+    // The scan to it takes the same shared next-key locks on every row of the batch as reading
+    // them all would, and the copy reads the rows itself; the keys need not travel. Not for the
+    // first batch of a run (a definition's `$1` needs the first key) nor a short last batch
+    // (its keys are counted), which read every key.
+    let last_only = if db.backend() == Backend::MySql
+        && matches!(copier, Copier::Sql)
+        && lease.next_key.is_some()
+    {
+        let boundary = format!(
+            "SELECT {columns} FROM {table} WHERE {} ORDER BY {columns} LIMIT 1 OFFSET ${limit}{lock}",
+            p.sql
+        );
+        bound(Query::assert_safe(boundary), p.args.clone())
+            .bind(i64::from(batch) - 1)
+            .fetch_optional(&mut tx)
+            .await?
+            .map(|row| row_key(row, &shared.kinds))
+            .transpose()?
+    } else {
+        None
+    };
+    let keys: Vec<DynKey> = if last_only.is_some() {
+        Vec::new()
+    } else {
+        bound(Query::assert_safe(select), p.args)
+            .bind(i64::from(batch))
+            .fetch_all(&mut tx)
+            .await?
+            .into_iter()
+            .map(|row| row_key(row, &shared.kinds))
+            .collect::<Result<_>>()?
+    };
     if let Some(hook) = &shared.options.before_copy {
         (hook.0)().await;
     }
     // A full batch ends at its last key; a short one covers the rest of the chunk.
-    let full = keys.len() == batch as usize;
+    let walked = if last_only.is_some() {
+        batch as usize
+    } else {
+        keys.len()
+    };
+    let full = walked == batch as usize;
     let upto = if full {
-        keys.last().cloned()
+        last_only.or_else(|| keys.last().cloned())
     } else {
         lease.hi.clone()
     };
@@ -840,7 +871,7 @@ async fn copy_batch(
             };
             copier.copy(tx.conn(), &keys, &range).await?
         }
-        Copier::Sql if keys.is_empty() => 0,
+        Copier::Sql if walked == 0 => 0,
         Copier::Sql => {
             // `$1`/`$2` definitions need a lower integer bound: the batch starts at its first key.
             let range = match (&range.lower, keys.first()) {
@@ -891,7 +922,7 @@ async fn copy_batch(
     };
     let done = Batch {
         upto,
-        keys: keys.len() as u64,
+        keys: walked as u64,
         rows,
         chunk_done,
     };
@@ -1049,61 +1080,19 @@ enum LagView {
 /// slot (its standby is disconnected while the slot holds WAL for it), slots but no streaming
 /// standby (or a role that cannot see `pg_stat_replication`'s columns: it needs `pg_monitor`),
 /// or a replica given by URL that cannot be polled or is not replaying.
+///
+/// MySQL and MariaDB: the primary lists its connected replicas (`SHOW SLAVE HOSTS`) but not
+/// their lag, which only each replica reports (`SHOW ALL SLAVES STATUS`:
+/// `Seconds_Behind_Master` and the GTID gap); so every connected replica must be given in
+/// [`BackfillOptions::replicas`], else the view is blind.
 async fn lag_view(shared: &Shared) -> Result<LagView> {
-    let row = query(
-        "SELECT
-            (SELECT COUNT(*) FROM pg_stat_replication WHERE state = 'streaming') AS streaming,
-            (SELECT CAST(COALESCE(MAX(EXTRACT(EPOCH FROM replay_lag) * 1000), 0) AS BIGINT)
-               FROM pg_stat_replication) AS lag_ms,
-            (SELECT COALESCE(application_name, '') || '@' || COALESCE(CAST(client_addr AS TEXT), 'local')
-               FROM pg_stat_replication ORDER BY replay_lag DESC NULLS LAST LIMIT 1) AS laggard,
-                        (SELECT string_agg(COALESCE(application_name, '?') || ' (' || COALESCE(state, 'state unreadable: grant pg_monitor') || ')', ', ')
-               FROM pg_stat_replication WHERE state IS DISTINCT FROM 'streaming' AND state IS DISTINCT FROM 'backup') AS not_streaming,
-            (SELECT COUNT(*) FROM pg_replication_slots WHERE slot_type = 'physical') AS slots,
-            (SELECT string_agg(slot_name, ', ' ORDER BY slot_name)
-               FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT active) AS inactive",
-    )
-    .fetch_one(&shared.db)
-    .await?;
-    let streaming: i64 = row.get("streaming")?;
-    let slots: i64 = row.get("slots")?;
-    if let Some(inactive) = row.get::<Option<String>>("inactive")? {
-        return Ok(LagView::Blind(format!(
-            "physical replication slot {inactive} is inactive: its standby is not connected, so its lag cannot be read (drop the slot if that standby is gone for good)"
-        )));
-    }
-    // A standby connected but not streaming (catching up, or a role that cannot read its
-    // state) has no lag figure to trust.
-    if let Some(which) = row.get::<Option<String>>("not_streaming")? {
-        return Ok(LagView::Blind(format!(
-            "standby {which} is connected but not streaming"
-        )));
-    }
-    // A standby that streamed earlier in this run and is gone now is still expected (one
-    // without a slot leaves no other trace).
-    // (Named after the replicas given by URL, whose own reason is more telling.)
-    let seen = shared.standbys_seen.fetch_max(streaming, Ordering::Relaxed);
-    let gone = (streaming < seen).then(|| {
-        format!(
-            "{} of the {seen} standbys streaming earlier in this run are gone from pg_stat_replication (restart the backfill to stop expecting them)",
-            seen - streaming
-        )
-    });
-    let mut view = if streaming > 0 {
-        LagView::Seen {
-            lag_ms: row.get("lag_ms")?,
-            whose: format!(
-                "standby {}",
-                row.get::<Option<String>>("laggard")?.unwrap_or_default()
-            ),
-        }
-    } else if slots > 0 {
-        return Ok(LagView::Blind(format!(
-            "{slots} replication slot(s) but no standby streaming in pg_stat_replication (or this role cannot see it: grant pg_monitor)"
-        )));
-    } else {
-        LagView::NothingToWatch
+    let (mut view, gone) = match shared.db.backend() {
+        Backend::MySql => (replicas_connected(shared).await, None),
+        _ => standbys_streaming(shared).await?,
     };
+    if matches!(view, LagView::Blind(_)) {
+        return Ok(view);
+    }
     if let Some(replicas) = &shared.options.replicas {
         replicas.poll_all().await;
         for (index, health) in replicas.health().into_iter().enumerate() {
@@ -1118,8 +1107,12 @@ async fn lag_view(shared: &Shared) -> Result<LagView> {
             // a lag of 0 ms would be a guess.
             if lag.is_zero() && health.lag_bytes.is_some_and(|b| b > 0) {
                 return Ok(LagView::Blind(format!(
-                    "replica {name} is {} bytes behind and has no replayed transaction to measure its lag by",
-                    health.lag_bytes.unwrap_or(0)
+                    "replica {name} is {} {} behind and has no lag in time to measure it by",
+                    health.lag_bytes.unwrap_or(0),
+                    match shared.db.backend() {
+                        Backend::MySql => "transactions",
+                        _ => "bytes",
+                    }
                 )));
             }
             let lag_ms = i64::try_from(lag.as_millis()).unwrap_or(i64::MAX);
@@ -1138,9 +1131,89 @@ async fn lag_view(shared: &Shared) -> Result<LagView> {
     Ok(view)
 }
 
+/// MySQL: blind when the primary has more replicas connected than were given to read the lag
+/// on, or cannot list them; else nothing to watch beyond the replicas given.
+async fn replicas_connected(shared: &Shared) -> LagView {
+    let given = shared.options.replicas.as_ref().map_or(0, |r| r.len());
+    match query("SHOW SLAVE HOSTS").fetch_all(&shared.db).await {
+        Err(e) => LagView::Blind(format!(
+            "the primary's replicas cannot be listed (SHOW SLAVE HOSTS needs REPLICATION MASTER ADMIN): {e}"
+        )),
+        Ok(rows) if rows.len() > given => LagView::Blind(format!(
+            "{} replica(s) connected to the primary (SHOW SLAVE HOSTS) but {given} given to read the lag on: a MariaDB or MySQL replica reports its lag only itself, so give each one (--replica-url)",
+            rows.len()
+        )),
+        Ok(_) => LagView::NothingToWatch,
+    }
+}
+
+/// PostgreSQL: the primary's view of its streaming standbys (or blind), and a reason to be
+/// blind later if standbys seen streaming earlier in the run are gone.
+async fn standbys_streaming(shared: &Shared) -> Result<(LagView, Option<String>)> {
+    let row = query(
+        "SELECT
+            (SELECT COUNT(*) FROM pg_stat_replication WHERE state = 'streaming') AS streaming,
+            (SELECT CAST(COALESCE(MAX(EXTRACT(EPOCH FROM replay_lag) * 1000), 0) AS BIGINT)
+               FROM pg_stat_replication) AS lag_ms,
+            (SELECT COALESCE(application_name, '') || '@' || COALESCE(CAST(client_addr AS TEXT), 'local')
+               FROM pg_stat_replication ORDER BY replay_lag DESC NULLS LAST LIMIT 1) AS laggard,
+                        (SELECT string_agg(COALESCE(application_name, '?') || ' (' || COALESCE(state, 'state unreadable: grant pg_monitor') || ')', ', ')
+               FROM pg_stat_replication WHERE state IS DISTINCT FROM 'streaming' AND state IS DISTINCT FROM 'backup') AS not_streaming,
+            (SELECT COUNT(*) FROM pg_replication_slots WHERE slot_type = 'physical') AS slots,
+            (SELECT string_agg(slot_name, ', ' ORDER BY slot_name)
+               FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT active) AS inactive",
+    )
+    .fetch_one(&shared.db)
+    .await?;
+    let streaming: i64 = row.get("streaming")?;
+    let slots: i64 = row.get("slots")?;
+    if let Some(inactive) = row.get::<Option<String>>("inactive")? {
+        return Ok((
+            LagView::Blind(format!(
+                "physical replication slot {inactive} is inactive: its standby is not connected, so its lag cannot be read (drop the slot if that standby is gone for good)"
+            )),
+            None,
+        ));
+    }
+    // A standby connected but not streaming (catching up, or a role that cannot read its
+    // state) has no lag figure to trust.
+    if let Some(which) = row.get::<Option<String>>("not_streaming")? {
+        return Ok((
+            LagView::Blind(format!("standby {which} is connected but not streaming")),
+            None,
+        ));
+    }
+    // A standby that streamed earlier in this run and is gone now is still expected (one
+    // without a slot leaves no other trace).
+    // (Named after the replicas given by URL, whose own reason is more telling.)
+    let seen = shared.standbys_seen.fetch_max(streaming, Ordering::Relaxed);
+    let gone = (streaming < seen).then(|| {
+        format!(
+            "{} of the {seen} standbys streaming earlier in this run are gone from pg_stat_replication (restart the backfill to stop expecting them)",
+            seen - streaming
+        )
+    });
+    let view = if streaming > 0 {
+        LagView::Seen {
+            lag_ms: row.get("lag_ms")?,
+            whose: format!(
+                "standby {}",
+                row.get::<Option<String>>("laggard")?.unwrap_or_default()
+            ),
+        }
+    } else if slots > 0 {
+        LagView::Blind(format!(
+            "{slots} replication slot(s) but no standby streaming in pg_stat_replication (or this role cannot see it: grant pg_monitor)"
+        ))
+    } else {
+        LagView::NothingToWatch
+    };
+    Ok((view, gone))
+}
+
 /// Waits while a standby's replay lag is above the limit, or while a standby that should be
 /// watched shows no lag figure at all ([`lag_view`]): a throttle that cannot see pauses, and
-/// says why. PostgreSQL (the options were checked when the run started).
+/// says why. PostgreSQL, MySQL (the options were checked when the run started).
 async fn wait_for_replicas(shared: &Shared) -> Result<()> {
     let Some(max_lag) = shared.options.max_lag else {
         return Ok(());

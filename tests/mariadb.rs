@@ -211,6 +211,26 @@ async fn the_parts_not_on_mariadb_yet_are_refused_clearly() {
         .await
         .unwrap();
     assert_eq!(copied, 0, "nothing written");
+
+    // A text key: refused with the reason, on every command that reads the key.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("text_key.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(common::quickstart_config())
+            .unwrap()
+            .replace("legacy_key = \"id\"", "legacy_key = \"email\""),
+    )
+    .unwrap();
+    for line in ["backfill user_settings", "verify user_settings"] {
+        let (code, out) = common::twintrack_cli(None, &url, Some(&config), line);
+        assert_eq!(code, 2, "{line}: {out}");
+        assert!(
+            out.contains("of type \"varchar(255)\"")
+                && out.contains("text keys are not supported on MySQL and MariaDB yet"),
+            "{line}: {out}"
+        );
+    }
 }
 
 /// The CLI on MariaDB: `init`, stage moves (the rules and their refusals), `status`; a
@@ -314,7 +334,7 @@ async fn differing(db: &Database) -> i64 {
         "SELECT COUNT(*) FROM users u LEFT JOIN user_settings s ON s.user_id = u.id
          WHERE JSON_VALUE(u.profile, '$.theme') IS NOT NULL AND (s.user_id IS NULL
             OR s.theme <> JSON_VALUE(u.profile, '$.theme')
-            OR s.notifications_enabled <> (JSON_VALUE(u.profile, '$.notifications_enabled') = 'true'))",
+            OR s.notifications_enabled <> (JSON_UNQUOTE(JSON_EXTRACT(u.profile, '$.notifications_enabled')) = 'true'))",
     )
     .scalar(db)
     .await
@@ -322,7 +342,12 @@ async fn differing(db: &Database) -> i64 {
 }
 
 async fn seeded(rows: i64) -> Option<(String, Database)> {
-    let test = mariadb::fresh_db().await?;
+    Some(seeded_at(mariadb::fresh_db().await?, rows).await)
+}
+
+/// `rows` legacy users in `test`'s database, twintrack's tables made and the quickstart's
+/// migration in `dual_write`.
+async fn seeded_at(test: mariadb::TestDb, rows: i64) -> (String, Database) {
     let db = Database::connect(&test.url).await.unwrap();
     repos::create_shapes::<i64>(&db).await.unwrap();
     Query::assert_safe(format!(
@@ -346,7 +371,7 @@ async fn seeded(rows: i64) -> Option<(String, Database)> {
             "t",
         ],
     );
-    Some((test.url, db))
+    (test.url, db)
 }
 
 /// The CLI backfills 100,000 quickstart users on MariaDB with the definition's `mysql` copy:
@@ -562,4 +587,225 @@ async fn the_quickstart_runs_on_mariadb_and_follows_cli_flips() {
     assert_eq!(differing(&db).await, 0, "both shapes hold the write");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Verify on MariaDB summarises each side in the database with a pt-table-checksum style row
+/// checksum (`row_hash == "checksum"`). Rows that differ only where a `NULL` falls, where a
+/// separator or a quote sits inside a value, in one byte of a binary column or in letter case
+/// under a case-insensitive collation must make the whole range's checksums differ (a clean
+/// verify would mean a collision); the same text stored in two character sets must not (an
+/// unexplained difference would keep the verify from being clean).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_in_database_checksum_tells_apart_every_row_that_differs() {
+    use std::sync::Arc;
+    use twintrack::config::Config;
+    use twintrack::flags::{FlagStore, SqlFlagStore, StageChange};
+    use twintrack::verify::{self, VerifyOptions};
+
+    let Some(test) = mariadb::fresh_db().await else {
+        return;
+    };
+    let db = Database::connect(&test.url).await.unwrap();
+    for sql in [
+        "CREATE TABLE legacy_t (id BIGINT PRIMARY KEY, a VARCHAR(20) NULL, b VARCHAR(20) NULL,
+                                bin VARBINARY(8) NULL, n DECIMAL(10, 2) NULL)",
+        "CREATE TABLE new_t (id BIGINT PRIMARY KEY, a VARCHAR(20) NULL,
+                             b VARCHAR(20) CHARACTER SET latin1 NULL, bin VARBINARY(8) NULL,
+                             n DECIMAL(10, 2) NULL)",
+        "INSERT INTO legacy_t SELECT seq, CONCAT('a', seq), 'é', UNHEX('00ff'), seq / 4 FROM seq_1_to_2000",
+        "INSERT INTO new_t SELECT * FROM legacy_t",
+    ] {
+        Query::assert_safe(sql).execute(&db).await.unwrap();
+    }
+    let config = Config::parse(
+        r#"
+[[migration]]
+name = "t"
+legacy_table = "legacy_t"
+legacy_key = ["id"]
+new_table = "new_t"
+new_key = ["id"]
+copy = "INSERT INTO new_t SELECT * FROM legacy_t WHERE {batch} ON DUPLICATE KEY UPDATE a = VALUES(a)"
+legacy_projection = "SELECT id AS \"key\", a, b, bin, n FROM legacy_t"
+new_projection = "SELECT id AS \"key\", n, bin, b, a FROM new_t"
+"#,
+    )
+    .unwrap();
+    let def = config
+        .migration("t")
+        .unwrap()
+        .definition(Backend::MySql)
+        .unwrap();
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    store.register("t", "test").await.unwrap();
+    store
+        .set_stage(StageChange::new("t", twintrack::Stage::DualWrite, "test", "t").force(true))
+        .await
+        .unwrap();
+    let verify = async || {
+        let options = VerifyOptions {
+            recheck_delay: Duration::from_millis(10),
+            ..VerifyOptions::default()
+        };
+        verify::run(
+            &db,
+            &*store,
+            &def,
+            options,
+            twintrack::metrics::Metrics::global(),
+        )
+        .await
+        .unwrap()
+    };
+    // Columns in another order, one in latin1: still the same rows.
+    let v = verify().await;
+    assert_eq!(v.row_hash, "checksum");
+    assert!(v.clean, "{:?}", v.lines());
+    assert_eq!((v.legacy_rows, v.new_rows), (2000, 2000));
+
+    let cases: [(&str, [&str; 2], &str); 6] = [
+        (
+            "a NULL moved",
+            ["a = NULL, b = 'x'", "a = 'x', b = NULL"],
+            "a, b",
+        ),
+        (
+            "a separator moved",
+            ["a = 'p,q', b = 'r'", "a = 'p', b = 'q,r'"],
+            "a, b",
+        ),
+        (
+            "a quote moved",
+            ["a = 'p''', b = 'q'", "a = 'p', b = '''q'"],
+            "a, b",
+        ),
+        (
+            "one byte",
+            ["bin = UNHEX('0001')", "bin = UNHEX('0002')"],
+            "bin",
+        ),
+        ("letter case", ["a = 'Case'", "a = 'case'"], "a"),
+        ("a decimal digit", ["n = 1.5", "n = 1.25"], "n"),
+    ];
+    for (what, [legacy, new], columns) in cases {
+        for (table, set) in [("legacy_t", legacy), ("new_t", new)] {
+            Query::assert_safe(format!("UPDATE {table} SET {set} WHERE id = 1234"))
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+        let v = verify().await;
+        assert!(
+            !v.clean,
+            "{what}: a checksum collision called the sides equal"
+        );
+        assert_eq!(v.different.len(), 1, "{what}: {:?}", v.lines());
+        assert_eq!(v.different[0].columns.join(", "), columns, "{what}");
+        assert_eq!(v.unexplained_segments, 0, "{what}");
+        Query::assert_safe(
+            "UPDATE new_t n JOIN legacy_t l ON l.id = n.id SET n.a = l.a, n.b = l.b, n.bin = l.bin, n.n = l.n WHERE n.id = 1234",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let v = verify().await;
+        assert!(v.clean, "{what}, put back: {:?}", v.lines());
+    }
+}
+
+/// `max_lag` on MariaDB: the primary lists its replica (`SHOW SLAVE HOSTS`) but cannot tell its
+/// lag, so a backfill not given the replica pauses, blind, and says what to give; given it,
+/// the backfill pauses while the replica (applying one second behind) lags more than the
+/// limit, and finishes with every row copied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lagging_replica_pauses_the_backfill_until_it_catches_up() {
+    use std::sync::{Arc, Mutex};
+    use twintrack::backfill::{self, BackfillOptions};
+    use twintrack::config::Config;
+    use twintrack::flags::SqlFlagStore;
+    use twintrack::ryw::{ReplicaOptions, ReplicaSet};
+
+    let Some(test) = mariadb::fresh_db().await else {
+        return;
+    };
+    let Some(replica_url) = test.replica_urls.first().cloned() else {
+        eprintln!("skipped: MARIADB_URL has no replica");
+        return;
+    };
+    let (_, db) = seeded_at(test, 1_200).await;
+    let def = Config::load(&common::quickstart_config())
+        .unwrap()
+        .migration("user_settings")
+        .unwrap()
+        .definition(Backend::MySql)
+        .unwrap();
+    let store = SqlFlagStore::new(db.clone());
+    let options = |replicas: Option<ReplicaSet>| BackfillOptions {
+        // Three batches, each followed by a lag of a second or more.
+        batch_size: 400,
+        target_batch_time: Duration::from_secs(10),
+        max_lag: Some(Duration::from_millis(500)),
+        replicas,
+        // The blind run's lease on the chunk runs out soon after it is stopped.
+        lease: Duration::from_secs(1),
+        ..BackfillOptions::default()
+    };
+
+    // Not given the replica: blind, paused, with the reason.
+    let reason = Arc::new(Mutex::new(None::<String>));
+    let seen = reason.clone();
+    let blind = tokio::time::timeout(
+        Duration::from_secs(3),
+        backfill::run(
+            &db,
+            &store,
+            &def,
+            options(None),
+            twintrack::metrics::Metrics::global(),
+            move |p| {
+                if p.paused {
+                    *seen.lock().unwrap() = p.pause_reason.clone();
+                }
+            },
+        ),
+    )
+    .await;
+    assert!(blind.is_err(), "a blind backfill went on: {blind:?}");
+    let why = reason
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("progress showed no pause");
+    assert!(
+        why.contains("SHOW SLAVE HOSTS") && why.contains("--replica-url"),
+        "{why}"
+    );
+    assert_eq!(count(&db, "user_settings").await, 0);
+
+    // Given it: paused while it lags, then done.
+    let replicas = ReplicaSet::connect(db.clone(), &[replica_url], ReplicaOptions::default())
+        .await
+        .unwrap();
+    let metrics = common::TestMetrics::new();
+    let report = backfill::run(
+        &db,
+        &store,
+        &def,
+        options(Some(replicas)),
+        metrics.metrics(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(report.finished);
+    assert_eq!(count(&db, "user_settings").await, 1_200);
+    assert!(report.paused_seconds > 0.5, "{report:?}");
+    assert!(metrics.counter("twintrack.backfill.pauses", ("migration", "user_settings")) > 0);
+}
+
+async fn count(db: &Database, table: &str) -> i64 {
+    Query::assert_safe(format!("SELECT COUNT(*) FROM {table}"))
+        .scalar(db)
+        .await
+        .unwrap()
 }

@@ -77,7 +77,7 @@ pub(crate) async fn backfill(
     let new_db = apart(env, &m, &db, args.workers as u32 + 2).await?;
     let flags = SqlFlagStore::new(db.clone());
     let replicas = match args.max_lag_ms {
-        Some(_) if !args.replicas.is_empty() && db.backend() == crate::Backend::Postgres => Some(
+        Some(_) if !args.replicas.is_empty() && db.backend() != crate::Backend::Sqlite => Some(
             crate::ryw::ReplicaSet::connect(
                 db.clone(),
                 &args.replicas,
