@@ -126,9 +126,6 @@ impl CrossCopier {
         source: &Database,
         target: &Database,
     ) -> Result<CrossCopier> {
-        if source.backend() == Backend::MySql {
-            return Err(crate::error::not_on_mysql("copying across two databases"));
-        }
         if source.backend() != target.backend() {
             return Err(Error::Config(format!(
                 "migration {:?}: the two databases must be of one backend ({} and {} here)",
@@ -445,7 +442,6 @@ impl CrossCopier {
                 }
                 Ok((names, out))
             }
-            // MySQL never gets here (`CrossCopier::new` refuses it).
             Backend::Sqlite | Backend::MySql => {
                 let rows = q.fetch_all(source).await.map_err(failed)?;
                 let names: Vec<String> = rows
@@ -494,8 +490,21 @@ impl CrossCopier {
             .map(|c| quote_ident(c))
             .collect::<Result<Vec<_>>>()?;
         let list = quoted.join(", ");
+        let mysql = self.backend == Backend::MySql;
         let conflict = match self.write {
             Write::Replace | Write::Update => String::new(),
+            // MySQL: by whichever unique key the row collides on (the key's, proved unique).
+            Write::Upsert if mysql => {
+                let set: Vec<String> = quoted
+                    .iter()
+                    .filter(|c| !key.contains(c))
+                    .map(|c| format!("{c} = VALUES({c})"))
+                    .collect();
+                match set.is_empty() {
+                    true => format!(" ON DUPLICATE KEY UPDATE {0} = {0}", key[0]),
+                    false => format!(" ON DUPLICATE KEY UPDATE {}", set.join(", ")),
+                }
+            }
             Write::Upsert => {
                 let set: Vec<String> = quoted
                     .iter()
@@ -517,10 +526,16 @@ impl CrossCopier {
         // the key with the rows, named `twintrack_s` in both backends' statements.
         let update = match self.write {
             Write::Update => {
+                // MySQL's multi-table UPDATE names the table in its SET list.
+                let target = if mysql {
+                    format!("{table}.")
+                } else {
+                    String::new()
+                };
                 let set: Vec<String> = quoted
                     .iter()
                     .filter(|c| !key.contains(c))
-                    .map(|c| format!("{c} = twintrack_s.{c}"))
+                    .map(|c| format!("{target}{c} = twintrack_s.{c}"))
                     .collect();
                 if set.is_empty() {
                     return Ok(0);
@@ -559,13 +574,13 @@ impl CrossCopier {
                     .await
                     .map_err(|e| self.write_failed(e))
             }
-            // MySQL never gets here (`CrossCopier::new` refuses it).
             Backend::Sqlite | Backend::MySql => {
                 let per = (SQLITE_PARAMS / columns.len().max(1)).max(1);
                 let mut written = 0;
                 for chunk in rows.chunks(per) {
                     let mut q = Query::assert_safe(String::new());
-                    let mut tuples = Vec::with_capacity(chunk.len());
+                    // Each row's parameters (`$n`), in column order.
+                    let mut tuples: Vec<Vec<String>> = Vec::with_capacity(chunk.len());
                     let mut n = 0;
                     for row in chunk {
                         let RowData::Values(values) = &row.data else {
@@ -579,18 +594,45 @@ impl CrossCopier {
                                 format!("${n}")
                             })
                             .collect();
-                        tuples.push(format!("({})", params.join(", ")));
+                        tuples.push(params);
                     }
-                    q.sql = if let Some((set, on)) = &update {
+                    q.sql = if let (Some((set, on)), true) = (&update, mysql) {
+                        // No `WITH` before an `UPDATE` there: the rows as a derived table,
+                        // named by the first row's aliases.
+                        let rows: Vec<String> = tuples
+                            .iter()
+                            .enumerate()
+                            .map(|(i, params)| match i {
+                                0 => {
+                                    let named: Vec<String> = params
+                                        .iter()
+                                        .zip(&quoted)
+                                        .map(|(v, c)| format!("{v} AS {c}"))
+                                        .collect();
+                                    format!("SELECT {}", named.join(", "))
+                                }
+                                _ => format!("SELECT {}", params.join(", ")),
+                            })
+                            .collect();
                         format!(
-                            "WITH twintrack_s ({list}) AS (VALUES {}) UPDATE {table} SET {set} FROM twintrack_s WHERE {on}",
-                            tuples.join(", ")
+                            "UPDATE {table} JOIN ({}) twintrack_s ON {on} SET {set}",
+                            rows.join(" UNION ALL ")
                         )
                     } else {
-                        format!(
-                            "INSERT INTO {table} ({list}) VALUES {}{conflict}",
-                            tuples.join(", ")
-                        )
+                        let tuples: Vec<String> = tuples
+                            .iter()
+                            .map(|params| format!("({})", params.join(", ")))
+                            .collect();
+                        match &update {
+                            Some((set, on)) => format!(
+                                "WITH twintrack_s ({list}) AS (VALUES {}) UPDATE {table} SET {set} FROM twintrack_s WHERE {on}",
+                                tuples.join(", ")
+                            ),
+                            None => format!(
+                                "INSERT INTO {table} ({list}) VALUES {}{conflict}",
+                                tuples.join(", ")
+                            ),
+                        }
                     }
                     .into();
                     written += q
@@ -626,9 +668,14 @@ impl CrossCopier {
                 .collect();
             items.push(format!("({})", params.join(", ")));
         }
+        // MySQL: a list of row values (`VALUES` there makes a table only in a FROM).
+        let values = match self.backend {
+            Backend::MySql => "",
+            _ => "VALUES ",
+        };
         (
             format!(
-                "{verb} {table} WHERE {} IN (VALUES {}){tail}",
+                "{verb} {table} WHERE {} IN ({values}{}){tail}",
                 keyset::row(key),
                 items.join(", ")
             ),
@@ -699,6 +746,13 @@ async fn select_columns(
     let (_, source_key) = def.source(direction);
     let (_, target_key) = def.shape(direction.source().other());
     let empty = expand(select, source_key, target_key, None)?;
+    // MySQL has no temporary views: the prepared statement names its columns (and proves the
+    // select, without running it).
+    #[cfg(feature = "mysql")]
+    if let Some(pool) = db.as_mysql() {
+        let columns = crate::db::mysql::columns(pool, &empty.sql, &empty.args).await?;
+        return Ok(columns.into_iter().map(|(name, _)| name).collect());
+    }
     let mut tx = db.begin().await?;
     Query::assert_safe(format!(
         "CREATE TEMP VIEW twintrack_probe_select AS SELECT * FROM ({}) s",
@@ -715,7 +769,7 @@ async fn select_columns(
         Backend::Sqlite => query(
             "SELECT name FROM pragma_table_info('twintrack_probe_select', 'temp') ORDER BY cid",
         ),
-        Backend::MySql => return Err(crate::error::not_on_mysql("copying across two databases")),
+        Backend::MySql => unreachable!("MySQL reads the prepared statement's columns"),
     }
     .fetch_all(&mut tx)
     .await?
@@ -747,7 +801,16 @@ async fn table_columns(db: &Database, table: &str) -> Result<Vec<String>> {
                 .fetch_all(db)
                 .await?
         }
-        Backend::MySql => return Err(crate::error::not_on_mysql("copying across two databases")),
+        Backend::MySql => {
+            query(
+                "SELECT CAST(column_name AS CHAR) FROM information_schema.columns
+                 WHERE table_schema = COALESCE($1, DATABASE()) AND table_name = $2",
+            )
+            .bind(bare.split_once('.').map(|(schema, _)| schema.to_owned()))
+            .bind(bare.rsplit('.').next().unwrap_or(&bare).to_owned())
+            .fetch_all(db)
+            .await?
+        }
     };
     rows.into_iter().map(|row| row.get_at(0)).collect()
 }
@@ -777,7 +840,29 @@ async fn unique_key(db: &Database, table: &str, key: &[String]) -> Result<bool> 
                     .push(row.get_at(1)?);
             }
         }
-        Backend::MySql => return Err(crate::error::not_on_mysql("copying across two databases")),
+        Backend::MySql => {
+            // Not a prefix index (`sub_part`), nor (MySQL 8) one with an expression part
+            // (no column name): it would not make the key's columns unique.
+            let rows = query(
+                "SELECT CAST(index_name AS CHAR), CAST(COALESCE(column_name, '(expression)') AS CHAR), sub_part
+                 FROM information_schema.statistics
+                 WHERE table_schema = COALESCE($1, DATABASE()) AND table_name = $2 AND non_unique = 0",
+            )
+            .bind(bare.split_once('.').map(|(schema, _)| schema.to_owned()))
+            .bind(bare.rsplit('.').next().unwrap_or(&bare).to_owned())
+            .fetch_all(db)
+            .await?;
+            for row in rows {
+                let index: String = row.get_at(0)?;
+                let column: String = row.get_at(1)?;
+                let prefix: Option<i64> = row.get_at(2)?;
+                sets.entry(index).or_default().push(if prefix.is_some() {
+                    "(prefix)".into()
+                } else {
+                    column
+                });
+            }
+        }
         Backend::Sqlite => {
             let (schema, name) = bare.split_once('.').unwrap_or(("main", &bare));
             let rows = query(

@@ -88,14 +88,6 @@ pub enum Error {
     Internal(String),
 }
 
-/// A part of twintrack that does not run on MySQL/MariaDB yet (the flag store, the flag cache
-/// and twintrack's tables do): refused before anything is written, naming the part.
-pub(crate) fn not_on_mysql(what: &str) -> Error {
-    Error::Config(format!(
-        "{what} is not available on MySQL/MariaDB in this version of twintrack (its flag store, flag cache and tables are); use PostgreSQL or SQLite for it"
-    ))
-}
-
 impl Error {
     /// Sorts an sqlx error into "could not reach the database" or "the statement failed".
     pub(crate) fn from_sqlx(err: sqlx::Error) -> Error {

@@ -307,11 +307,6 @@ pub async fn run_across(
     metrics: Metrics,
     keys: Option<&[String]>,
 ) -> Result<VerifyReport> {
-    if (legacy_db.backend() == Backend::MySql || new_db.backend() == Backend::MySql)
-        && !legacy_db.same_database(new_db)
-    {
-        return Err(crate::error::not_on_mysql("verify across two databases"));
-    }
     if options.segments == 0 || options.segments > MAX_SEGMENTS {
         return Err(Error::InvalidInput(format!(
             "segments must be between 1 and {MAX_SEGMENTS}"
@@ -636,7 +631,7 @@ async fn row_hash(
         let checksum = |pool, proj: &str| {
             let select = format!("SELECT * FROM ({proj}) p");
             async move {
-                let columns = crate::db::mysql::columns(pool, &select).await.ok()?;
+                let columns = crate::db::mysql::columns(pool, &select, &[]).await.ok()?;
                 crate::db::mysql::row_checksum("p", &columns).ok()
             }
         };

@@ -2,7 +2,7 @@
 //! (`NEW_DATABASE_URL`) and the CLI (`new_database_url_env`, `--new-database-url`): dual writes
 //! land there, backfill copies across with `copy_select`, verify compares each side in its own
 //! database and its evidence opens the gates, planted divergences are reported exactly and
-//! repaired. On SQLite (two files) and PostgreSQL (two databases).
+//! repaired. On SQLite (two files), PostgreSQL and MariaDB (two databases on one server).
 
 mod common;
 
@@ -22,6 +22,7 @@ use twintrack::db::Query;
 async fn second(backend: &str, dir: &Path) -> String {
     match backend {
         "sqlite" => format!("sqlite://{}?mode=rwc", dir.join("new.db").display()),
+        "mariadb" => common::mariadb::fresh_db().await.unwrap().url,
         _ => common::pg::fresh_db().await.unwrap().url,
     }
 }
@@ -68,6 +69,9 @@ async fn has_table(db: &Database, table: &str) -> bool {
         twintrack::Backend::Postgres => {
             format!("SELECT CAST(to_regclass('{table}') IS NOT NULL AS INTEGER)")
         }
+        twintrack::Backend::MySql => format!(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = '{table}'"
+        ),
         _ => {
             format!("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'")
         }
@@ -141,7 +145,7 @@ async fn serves(base: &str, stage: &str) {
 /// reported exactly; `--repair` makes it clean; `live` is allowed.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_quickstart_and_the_cli_run_a_migration_across_two_databases() {
-    for (backend, url, _guard) in common::backends().await {
+    for (backend, url, _guard) in common::backends_with_mariadb().await {
         let dir = tempfile::tempdir().unwrap();
         let new_url = second(backend, dir.path()).await;
         let config = common::quickstart_config();
@@ -190,16 +194,21 @@ async fn the_quickstart_and_the_cli_run_a_migration_across_two_databases() {
         }
 
         // Rows from before dual writes, in the legacy database only.
-        let n: i64 = if backend == "postgres" {
-            200_000
-        } else {
-            20_000
+        let n: i64 = match backend {
+            "postgres" => 200_000,
+            "mariadb" => 50_000,
+            _ => 20_000,
         };
         let seed = match backend {
             "postgres" => format!(
                 "INSERT INTO users (id, email, profile) SELECT 100000 + g, 'u' || g || '@example.com',
                  jsonb_build_object('theme', 'theme' || (g % 7), 'notifications_enabled', g % 2 = 0)
                  FROM generate_series(1, {n}) g"
+            ),
+            "mariadb" => format!(
+                r#"INSERT INTO users (id, email, profile) SELECT 100000 + seq, CONCAT('u', seq, '@example.com'),
+                   CONCAT('{{"theme": "theme', seq % 7, '", "notifications_enabled": ', IF(seq % 2 = 0, 'true', 'false'), '}}')
+                   FROM seq_1_to_{n}"#
             ),
             _ => format!(
                 "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < {n})
@@ -363,7 +372,7 @@ async fn the_quickstart_and_the_cli_run_a_migration_across_two_databases() {
 /// and `--repair` copies exactly those keys.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_one_to_many_shape_in_a_second_database_is_copied_compared_and_repaired() {
-    for (backend, url, _guard) in common::backends().await {
+    for (backend, url, _guard) in common::backends_with_mariadb().await {
         let dir = tempfile::tempdir().unwrap();
         let new_url = second(backend, dir.path()).await;
         let legacy = Database::connect(&url).await.unwrap();
@@ -374,6 +383,12 @@ async fn a_one_to_many_shape_in_a_second_database_is_copied_compared_and_repaire
                 "INSERT INTO items SELECT g, jsonb_build_array('a' || (g % 3), 'b' || (g % 5), 'c') FROM generate_series(1, 3000) g",
                 "SELECT i.id AS item_id, t AS tag FROM items i, jsonb_array_elements_text(i.tags) t WHERE {batch:i}",
                 "SELECT id AS key, t AS tag FROM items, jsonb_array_elements_text(tags) t",
+            ),
+            "mariadb" => (
+                "TEXT",
+                "INSERT INTO items SELECT seq, JSON_ARRAY(CONCAT('a', seq % 3), CONCAT('b', seq % 5), 'c') FROM seq_1_to_3000",
+                "SELECT i.id AS item_id, t.tag FROM items i, JSON_TABLE(i.tags, '$[*]' COLUMNS (tag VARCHAR(40) PATH '$')) t WHERE {batch:i}",
+                "SELECT items.id AS \\\"key\\\", t.tag FROM items, JSON_TABLE(items.tags, '$[*]' COLUMNS (tag VARCHAR(40) PATH '$')) t",
             ),
             _ => (
                 "TEXT",
@@ -408,7 +423,7 @@ new_key = "item_id"
 new_database_url_env = "NEW_DATABASE_URL"
 copy_select = "{copy_select}"
 legacy_projection = "{legacy_projection}"
-new_projection = "SELECT item_id AS key, tag FROM item_tag"
+new_projection = "SELECT item_id AS \"key\", tag FROM item_tag"
 "#
             ),
         )
@@ -458,7 +473,7 @@ new_projection = "SELECT item_id AS key, tag FROM item_tag"
 /// naming what to add), a forward backfill while the new shape is written first (exit 3).
 #[tokio::test(flavor = "multi_thread")]
 async fn two_database_mistakes_are_refused_before_anything_is_written() {
-    for (backend, url, _guard) in common::backends().await {
+    for (backend, url, _guard) in common::backends_with_mariadb().await {
         let dir = tempfile::tempdir().unwrap();
         let new_url = second(backend, dir.path()).await;
         let legacy = Database::connect(&url).await.unwrap();
@@ -487,8 +502,8 @@ legacy_key = "id"
 new_table = "ext_new"
 new_key = "id"
 new_database_url_env = "NEW_DATABASE_URL"
-legacy_projection = "SELECT id AS key, v FROM ext_legacy"
-new_projection = "SELECT id AS key, v FROM ext_new"
+legacy_projection = "SELECT id AS \"key\", v FROM ext_legacy"
+new_projection = "SELECT id AS \"key\", v FROM ext_new"
 {extra}
 "#
                 ),

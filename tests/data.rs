@@ -1032,12 +1032,9 @@ async fn a_two_database_store_backfills_through_resync_under_racing_writes() {
 
 async fn two_database_backfill<DB: Native, I: K>(f: Fixture<DB, I>) {
     let b = &f.name;
-    if f.db.backend() == Backend::MySql {
-        // Two databases on MySQL are refused (`tests/mariadb.rs`); not built yet.
-        return;
-    }
     let (_second_guard, new_url) = match f.db.backend() {
         Backend::Postgres => (None, common::pg::fresh_db().await.unwrap().url),
+        Backend::MySql => (None, common::mariadb::fresh_db().await.unwrap().url),
         _ => {
             let (dir, url) = common::sqlite_db();
             (Some(dir), url)

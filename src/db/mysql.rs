@@ -141,15 +141,16 @@ fn bound(
     Ok(query)
 }
 
-/// The output columns of `select` (no parameters), each as its name and the type name sqlx
+/// The output columns of `select` (parameters `args`, not bound), each as its name and the type name sqlx
 /// gives it (`BIGINT`, `VARCHAR`, `VARBINARY`, `DECIMAL`, …), read from the prepared
 /// statement: nothing runs.
 pub(crate) async fn columns(
     pool: &sqlx::MySqlPool,
     select: &str,
+    args: &[Value],
 ) -> crate::Result<Vec<(String, String)>> {
     use sqlx::{Executor as _, SqlSafeStr as _, Statement as _};
-    let (sql, _) = positional(select, &[]).map_err(crate::Error::Internal)?;
+    let (sql, _) = positional(select, args).map_err(crate::Error::Internal)?;
     let statement = pool
         .prepare(AssertSqlSafe(sql).into_sql_str())
         .await

@@ -135,11 +135,6 @@ where
     /// reads need both shapes in one database; a router must route this store's database) or
     /// shadow options out of range.
     pub fn build(mut self) -> Result<DualStore<R, X>> {
-        if self.inner.new_pool.is_some() && self.inner.db.backend() == crate::Backend::MySql {
-            return Err(crate::error::not_on_mysql(
-                "a dual store across two databases",
-            ));
-        }
         if self.inner.new_pool.is_some() && self.inner.shadow.mode == ShadowMode::Snapshot {
             return Err(Error::Config(
                 "snapshot shadow reads need both shapes in one database; use concurrent or background".into(),

@@ -292,8 +292,13 @@ where
         (Backend::Postgres | Backend::MySql, false) => {
             "SELECT id FROM twintrack_repair_intents WHERE id = $1 FOR UPDATE SKIP LOCKED"
         }
-        (Backend::Postgres | Backend::MySql, true) => {
+        (Backend::Postgres, true) => {
             "SELECT id FROM twintrack_repair_intents WHERE id = $1 FOR UPDATE"
+        }
+        // MariaDB: the same bounded wait as PostgreSQL's `lock_timeout` below, for this
+        // statement only (seconds).
+        (Backend::MySql, true) => {
+            "SET STATEMENT innodb_lock_wait_timeout = 2 FOR SELECT id FROM twintrack_repair_intents WHERE id = $1 FOR UPDATE"
         }
         _ => "SELECT id FROM twintrack_repair_intents WHERE id = $1",
     };

@@ -182,6 +182,8 @@ impl Cluster {
                 .arg(format!("--socket={}", data.join("sock").display()))
                 .arg(format!("--pid-file={}", data.join("pid").display()))
                 .arg(format!("--log-error={}", log.display()))
+                // Its own temporary files beside its data: /tmp is shared with everything else.
+                .arg(format!("--tmpdir={}", data.display()))
                 .arg("--log-bin=mb")
                 .arg(format!("--server-id={server_id}"))
                 .arg("--binlog-format=ROW")

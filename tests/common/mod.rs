@@ -28,14 +28,18 @@ pub async fn backends() -> Vec<(&'static str, String, Option<tempfile::TempDir>)
     if let Some(db) = pg::fresh_db().await {
         all.push(("postgres", db.url, None));
     }
+    if let Some(only) = only_backends() {
+        all.retain(|(backend, _, _)| only.iter().any(|b| b == backend));
+    }
     all
 }
 
-/// [`backends`], and MariaDB when available: for the parts of twintrack that run on it so far
-/// (twintrack's tables, the flag store and the flag cache).
+/// [`backends`], and MariaDB when available.
 pub async fn backends_with_mariadb() -> Vec<(&'static str, String, Option<tempfile::TempDir>)> {
     let mut all = backends().await;
-    if let Some(db) = mariadb::fresh_db().await {
+    if only_backends().is_none_or(|only| only.contains(&"mariadb".to_owned()))
+        && let Some(db) = mariadb::fresh_db().await
+    {
         all.push(("mariadb", db.url, None));
     }
     all
