@@ -9,10 +9,13 @@
 //! `hash_record_extended(row, 0)` (PostgreSQL 14 and later, when every column's type has an
 //! extended hash function; otherwise `hashtextextended(row::text, 0)`, about twice the cost);
 //! MySQL and MariaDB (one database) hash in the database too, as pt-table-checksum does: the
-//! first 64 bits of the `MD5` of each row's canonical text ([`row_checksum`](crate::db::mysql::row_checksum)), summed; each
-//! segment is its own range scan on the key (one statement per side for all of them).
+//! first 64 bits of the `SHA1` of each row's canonical text
+//! ([`row_checksum`](crate::db::mysql::row_checksum)), summed; each segment is its own range
+//! scan on the key, all of a side's segments in one statement (so the segments cost one scan,
+//! as the whole range would: there is no whole-range pass first), cut arithmetically between
+//! the smallest and largest key when the key is one integer column.
 //! SQLite's rows are hashed here (FNV-1a of the row as JSON).
-//! On PostgreSQL and MySQL the whole range is summarised first, as one plain aggregate per side (which
+//! On PostgreSQL the whole range is summarised first, as one plain aggregate per side (which
 //! the server runs as a parallel scan, where the grouped one runs serially): when both
 //! summaries agree there is nothing to cut, and a clean table costs one scan per side.
 //! Equal summaries mean equal segments. A differing segment is cut again at keys taken from
@@ -47,7 +50,7 @@ use crate::definition::{
     Direction, MigrationDef, Resynced, bound, projection_key_columns, resync_key,
 };
 use crate::flags::{BoxFuture, EvidenceKind, FlagStore};
-use crate::key::{DynKey, KeyKind};
+use crate::key::{DynKey, KeyKind, KeyPart};
 use crate::keyset::{self, KeyRange, Lower, Upper};
 use crate::metrics::Metrics;
 use crate::retry;
@@ -783,7 +786,7 @@ impl Found {
 /// differing ones looked into.
 async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
     let top = top_range(ctx).await?;
-    if ctx.hash != RowHash::Client {
+    if matches!(ctx.hash, RowHash::Record | RowHash::Text) {
         // The whole range first: one aggregate without grouping, which PostgreSQL runs as a
         // parallel scan (a grouped one it plans as one group per row, serially). When it
         // agrees on both sides, there is nothing to cut.
@@ -876,9 +879,13 @@ async fn top_range(ctx: &Ctx) -> Result<KeyRange> {
 /// PostgreSQL: segment cuts from a sample of the legacy table's keys (`TABLESAMPLE SYSTEM`,
 /// about a hundred keys a segment), read in a few milliseconds where numbering every key would
 /// take a pass over the whole key index. The segments come out about even; even is all verify
-/// needs of them (its bisection cuts at exact row counts). `None` (then the exact way) on
-/// SQLite, for a table without statistics yet, or when sampling fails (a view, say).
+/// needs of them (its bisection cuts at exact row counts). MySQL: [`even_cuts`]. `None` (then
+/// the exact way) on SQLite, for a table without statistics yet, or when sampling fails (a
+/// view, say).
 async fn sampled_cuts(ctx: &Ctx, segments: usize) -> Option<Vec<DynKey>> {
+    if ctx.legacy_db.backend() == Backend::MySql {
+        return even_cuts(ctx, segments).await;
+    }
     if ctx.legacy_db.backend() != Backend::Postgres || segments < 2 {
         return None;
     }
@@ -908,6 +915,39 @@ async fn sampled_cuts(ctx: &Ctx, segments: usize) -> Option<Vec<DynKey>> {
     .ok()?;
     let step = sample.len().div_ceil(segments).max(1);
     let mut cuts: Vec<DynKey> = sample.into_iter().skip(step).step_by(step).collect();
+    cuts.dedup();
+    Some(cuts)
+}
+
+/// MySQL (no table sampling), a key of one integer column: cuts spaced evenly between the
+/// legacy table's smallest and largest key (two reads of the key index's ends). Segments
+/// come out even for dense keys and uneven for skewed ones, which costs nothing: a differing
+/// segment is cut again at exact row counts. `None` (then the exact way) for other keys.
+async fn even_cuts(ctx: &Ctx, segments: usize) -> Option<Vec<DynKey>> {
+    if ctx.kinds.len() != 1 || !matches!(ctx.kinds[0], KeyKind::BigInt | KeyKind::Int) {
+        return None;
+    }
+    let (table, key) = ctx.def.shape(crate::Side::Legacy);
+    let row = Query::assert_safe(format!(
+        "SELECT CAST(MIN({k}) AS SIGNED) AS lo, CAST(MAX({k}) AS SIGNED) AS hi FROM {table}",
+        k = key[0]
+    ))
+    .fetch_one(&ctx.legacy_db)
+    .await
+    .ok()?;
+    let (lo, hi): (Option<i64>, Option<i64>) = (row.get("lo").ok()?, row.get("hi").ok()?);
+    let (lo, hi) = (i128::from(lo?), i128::from(hi?));
+    let mut cuts: Vec<DynKey> = (1..segments as i128)
+        .map(|i| lo + (hi - lo) * i / segments as i128)
+        .filter(|&cut| cut > lo)
+        .map(|cut| {
+            let cut = i64::try_from(cut).unwrap_or(i64::MAX);
+            DynKey::single(match ctx.kinds[0] {
+                KeyKind::Int => KeyPart::Int(i32::try_from(cut).unwrap_or(i32::MAX)),
+                _ => KeyPart::BigInt(cut),
+            })
+        })
+        .collect();
     cuts.dedup();
     Some(cuts)
 }
