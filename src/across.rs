@@ -289,7 +289,8 @@ impl CrossCopier {
         // locked, each is looked up on the source again, and left alone if it is back.
         let mut back: HashSet<DynKey> = HashSet::new();
         if !absent.is_empty() {
-            if self.backend == Backend::Postgres {
+            // (SQLite: the target's write lock, held already.)
+            if self.backend != Backend::Sqlite {
                 for chunk in absent.chunks(DELETE_CHUNK) {
                     let (sql, args) = self.target_keys_sql(chunk, "SELECT 1 FROM", " FOR UPDATE");
                     bound(Query::assert_safe(sql), args)
@@ -353,7 +354,9 @@ impl CrossCopier {
             Backend::Sqlite => "",
             Backend::MySql => " LOCK IN SHARE MODE",
         };
-        let mut tx = source.begin().await?;
+        // Keys are looked up under lock and then read with plain selects: each must see the
+        // latest committed row (MySQL's default isolation would not).
+        let mut tx = source.begin_read_committed().await?;
         let sql = format!(
             "SELECT {} FROM {table} WHERE {}{lock}",
             keyset::order_by(columns),

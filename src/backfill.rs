@@ -803,6 +803,9 @@ async fn copy_batch(
             db.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
                 .await?
         }
+        // Two databases: the copy locks keys and then reads rows with plain selects, which
+        // must see the latest committed rows (`Database::begin_read_committed`).
+        (_, Copier::Keys(_)) => db.begin_read_committed().await?,
         _ => db.begin().await?,
     };
     if db.backend() == Backend::Postgres {

@@ -587,10 +587,13 @@ async fn row_lock<DB: Native, I: K>(f: Fixture<DB, I>) {
 /// Rows copied by every batch of every run so far: each row once means no range was copied
 /// twice.
 async fn rows_copied(db: &Database) -> i64 {
-    query("SELECT CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) FROM twintrack_backfill_chunks")
-        .scalar(db)
-        .await
-        .unwrap()
+    let sql = match db.backend() {
+        Backend::MySql => {
+            "SELECT CAST(COALESCE(SUM(rows_copied), 0) AS SIGNED) FROM twintrack_backfill_chunks"
+        }
+        _ => "SELECT CAST(COALESCE(SUM(rows_copied), 0) AS BIGINT) FROM twintrack_backfill_chunks",
+    };
+    query(sql).scalar(db).await.unwrap()
 }
 
 fn backfill_process(url: &str, extra: &[&str]) -> std::process::Child {
@@ -662,19 +665,17 @@ async fn killed_and_resumed<DB: Native, I: K>(f: Fixture<DB, I>) {
     assert_eq!(v.legacy_rows, 1_000_000);
 }
 
+/// Two CLI processes join one run and split its chunks (leases `FOR UPDATE SKIP LOCKED`):
+/// every row copied exactly once. (PostgreSQL and MariaDB, `bigint` keys.)
 #[tokio::test(flavor = "multi_thread")]
 async fn two_backfill_processes_share_the_range_without_overlap() {
-    let Some(pg) = common::pg::fresh_db().await else {
+    each_fixture!(two_processes);
+}
+
+async fn two_processes<DB: Native, I: K>(f: Fixture<DB, I>) {
+    if !matches!(f.name.as_str(), "postgres/i64" | "mariadb/i64") {
         return;
-    };
-    let f = Fixture::<sqlx::Postgres, i64>::new(Shape {
-        backend: "postgres",
-        key: "i64",
-        url: pg.url,
-        replica_urls: pg.replica_urls,
-        guard: None,
-    })
-    .await;
+    }
     f.seed(200_000).await;
     f.stage(Stage::DualWrite).await;
     let args = [

@@ -369,6 +369,28 @@ impl Database {
         self.begin_with(self.backend().begin_write()).await
     }
 
+    /// Begins a transaction in which each statement reads the rows committed when it starts
+    /// (READ COMMITTED), for work that locks rows and then reads them, or others, with plain
+    /// `SELECT`s. PostgreSQL's default already; MySQL's default, REPEATABLE READ, would serve
+    /// every plain read from a snapshot taken at the first one, older than rows committed
+    /// since (a row locked later is read as it was, or not at all). MySQL: `SET TRANSACTION
+    /// ISOLATION LEVEL READ COMMITTED` on the connection, which applies to its next transaction
+    /// only. SQLite: [`Database::begin`] (its write lock serialises everything).
+    pub async fn begin_read_committed(&self) -> Result<Tx> {
+        #[cfg(feature = "mysql")]
+        if let Pool::MySql(pool) = &self.pool {
+            use sqlx::Executor as _;
+            let mut conn = pool.acquire().await?;
+            conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .await?;
+            let tx = sqlx::Transaction::begin(conn, None).await?;
+            return Ok(Tx {
+                inner: TxInner::MySql(tx),
+            });
+        }
+        self.begin().await
+    }
+
     /// Begins a transaction with `statement` (`BEGIN …`).
     pub async fn begin_with(&self, statement: &'static str) -> Result<Tx> {
         let inner = match &self.pool {
