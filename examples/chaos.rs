@@ -324,7 +324,14 @@ fn backfill_once(
             lease: Duration::from_secs(2),
             ..BackfillOptions::default()
         },
-        |_| {},
+        |p| {
+            if verbose() {
+                eprintln!(
+                    "chaos: backfill progress: keys {}/{}, chunks {}/{}, batch {}",
+                    p.keys_done, p.keys_total, p.chunks_done, p.chunks, p.batch_size
+                );
+            }
+        },
     ))
 }
 
@@ -440,6 +447,27 @@ async fn main() -> std::process::ExitCode {
     .definition(definition.clone())
     .build()
     .unwrap();
+    // The walk's backfills and verifies run as an operator's `twintrack backfill` and
+    // `twintrack verify` would: a process of their own, with pools of their own beside the
+    // service's (sharing its 200 clients' pools, a batch waited seconds for a connection).
+    let operator_legacy_db = Database::connect_with(&legacy_t.url, options(6))
+        .await
+        .unwrap();
+    let operator_new_db = Database::connect_with(&new_t.url, options(6))
+        .await
+        .unwrap();
+    let operator = DualStore::builder(
+        M,
+        repos::split_repos::<sqlx::Postgres, i64>().0,
+        repos::split_repos::<sqlx::Postgres, i64>().1,
+        operator_legacy_db.as_postgres().unwrap().clone(),
+        flags.clone(),
+        SettingsResync::default(),
+    )
+    .new_database(operator_new_db.as_postgres().unwrap().clone())
+    .definition(definition.clone())
+    .build()
+    .unwrap();
     let app = app::app(
         Users {
             settings: dual.clone(),
@@ -484,17 +512,20 @@ async fn main() -> std::process::ExitCode {
             }
         }));
     }
-    // With --walk-stages: the stage walker.
+    // With --walk-stages: the stage walker (an operator: backfills in a process of its own).
     if walk {
         let (store, stop, counts, dual, visited) = (
             store.clone(),
             stop.clone(),
             counts.clone(),
-            dual.clone(),
+            operator.clone(),
             visited.clone(),
         );
-        let (legacy_db, new_db, definition) =
-            (legacy_db.clone(), new_db.clone(), definition.clone());
+        let (legacy_db, new_db, definition) = (
+            operator_legacy_db.clone(),
+            operator_new_db.clone(),
+            definition.clone(),
+        );
         background.push(tokio::spawn(async move {
             use Stage::*;
             // Every other cycle goes on to new_only and comes back with a reverse backfill.

@@ -185,9 +185,14 @@ impl CrossCopier {
             }
         }
         let unique = unique_key(target, table, &target_key_names).await?;
-        let write = if unique && direction == Direction::Reverse {
+        // MySQL's upsert (`ON DUPLICATE KEY UPDATE`) fires on whichever unique index a row
+        // collides with: with another one besides the key's, a row could update another key's
+        // row. There, rows are replaced (deleted by key and inserted), so such a collision is
+        // an error, as PostgreSQL's `ON CONFLICT (key)` makes it.
+        let upsert = unique.key && !(source.backend() == Backend::MySql && unique.others);
+        let write = if unique.key && direction == Direction::Reverse {
             Write::Update
-        } else if unique {
+        } else if upsert {
             Write::Upsert
         } else if direction == Direction::Forward {
             Write::Replace
@@ -255,11 +260,7 @@ impl CrossCopier {
         for key in held.into_iter().filter(|k| !listed.contains(k)) {
             let one = KeyRange::exactly(key.clone());
             let p = keyset::predicate(source_key, &one, 1);
-            let lock = match self.backend {
-                Backend::Postgres => " FOR SHARE",
-                Backend::Sqlite => "",
-                Backend::MySql => " LOCK IN SHARE MODE",
-            };
+            let lock = self.backend.share_lock();
             let sql = format!("SELECT 1 FROM {source_table} WHERE {}{lock}", p.sql);
             let present = !bound(Query::assert_safe(sql), p.args)
                 .fetch_all(source.reborrow())
@@ -349,11 +350,7 @@ impl CrossCopier {
         let (table, columns) = self.def.source(self.direction);
         let one = KeyRange::exactly(key.clone());
         let p = keyset::predicate(columns, &one, 1);
-        let lock = match self.backend {
-            Backend::Postgres => " FOR SHARE",
-            Backend::Sqlite => "",
-            Backend::MySql => " LOCK IN SHARE MODE",
-        };
+        let lock = self.backend.share_lock();
         // Keys are looked up under lock and then read with plain selects: each must see the
         // latest committed row (MySQL's default isolation would not).
         let mut tx = source.begin_read_committed().await?;
@@ -809,8 +806,8 @@ async fn table_columns(db: &Database, table: &str) -> Result<Vec<String>> {
                 "SELECT CAST(column_name AS CHAR) FROM information_schema.columns
                  WHERE table_schema = COALESCE($1, DATABASE()) AND table_name = $2",
             )
-            .bind(bare.split_once('.').map(|(schema, _)| schema.to_owned()))
-            .bind(bare.rsplit('.').next().unwrap_or(&bare).to_owned())
+            .bind(schema_of(&bare))
+            .bind(name_of(&bare))
             .fetch_all(db)
             .await?
         }
@@ -818,9 +815,26 @@ async fn table_columns(db: &Database, table: &str) -> Result<Vec<String>> {
     rows.into_iter().map(|row| row.get_at(0)).collect()
 }
 
-/// Whether `table` has a primary key or a unique index (not partial, not on expressions) on
-/// exactly the columns `key`.
-async fn unique_key(db: &Database, table: &str, key: &[String]) -> Result<bool> {
+/// MySQL: the schema of `schema.table` (`None`: the connection's database, `DATABASE()`).
+fn schema_of(bare: &str) -> Option<String> {
+    bare.split_once('.').map(|(schema, _)| schema.to_owned())
+}
+
+/// MySQL: the table name of `schema.table` or `table`.
+fn name_of(bare: &str) -> String {
+    bare.rsplit('.').next().unwrap_or(bare).to_owned()
+}
+
+/// How `table`'s unique indexes stand to `key`.
+struct UniqueKeys {
+    /// A primary key or unique index (not partial, not on expressions) on exactly `key`.
+    key: bool,
+    /// Another unique index besides.
+    others: bool,
+}
+
+/// Reads `table`'s unique indexes (see [`UniqueKeys`]).
+async fn unique_key(db: &Database, table: &str, key: &[String]) -> Result<UniqueKeys> {
     let mut wanted: Vec<String> = key.to_vec();
     wanted.sort();
     let bare = table.replace('"', "");
@@ -851,8 +865,8 @@ async fn unique_key(db: &Database, table: &str, key: &[String]) -> Result<bool> 
                  FROM information_schema.statistics
                  WHERE table_schema = COALESCE($1, DATABASE()) AND table_name = $2 AND non_unique = 0",
             )
-            .bind(bare.split_once('.').map(|(schema, _)| schema.to_owned()))
-            .bind(bare.rsplit('.').next().unwrap_or(&bare).to_owned())
+            .bind(schema_of(&bare))
+            .bind(name_of(&bare))
             .fetch_all(db)
             .await?;
             for row in rows {
@@ -896,8 +910,17 @@ async fn unique_key(db: &Database, table: &str, key: &[String]) -> Result<bool> 
             }
         }
     }
-    Ok(sets.into_values().any(|mut columns| {
+    let (mut on_key, mut others) = (false, false);
+    for mut columns in sets.into_values() {
         columns.sort();
-        columns == wanted
-    }))
+        if columns == wanted {
+            on_key = true;
+        } else {
+            others = true;
+        }
+    }
+    Ok(UniqueKeys {
+        key: on_key,
+        others,
+    })
 }

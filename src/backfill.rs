@@ -1134,19 +1134,45 @@ async fn lag_view(shared: &Shared) -> Result<LagView> {
     Ok(view)
 }
 
-/// MySQL: blind when the primary has more replicas connected than were given to read the lag
-/// on, or cannot list them; else nothing to watch beyond the replicas given.
+/// MySQL: blind when the primary has a replica connected (`SHOW SLAVE HOSTS`, by
+/// `Server_id`) that is not one of those given to read the lag on (each one's `@@server_id`),
+/// or cannot list them; else nothing to watch beyond the replicas given.
 async fn replicas_connected(shared: &Shared) -> LagView {
-    let given = shared.options.replicas.as_ref().map_or(0, |r| r.len());
-    match query("SHOW SLAVE HOSTS").fetch_all(&shared.db).await {
-        Err(e) => LagView::Blind(format!(
-            "the primary's replicas cannot be listed (SHOW SLAVE HOSTS needs REPLICATION MASTER ADMIN): {e}"
-        )),
-        Ok(rows) if rows.len() > given => LagView::Blind(format!(
-            "{} replica(s) connected to the primary (SHOW SLAVE HOSTS) but {given} given to read the lag on: a MariaDB or MySQL replica reports its lag only itself, so give each one (--replica-url)",
-            rows.len()
-        )),
-        Ok(_) => LagView::NothingToWatch,
+    let connected = match query("SHOW SLAVE HOSTS").fetch_all(&shared.db).await {
+        Ok(rows) => rows
+            .iter()
+            .filter_map(|row| row.get::<i64>("Server_id").ok())
+            .collect::<Vec<i64>>(),
+        Err(e) => {
+            return LagView::Blind(format!(
+                "the primary's replicas cannot be listed (SHOW SLAVE HOSTS needs REPLICATION MASTER ADMIN): {e}"
+            ));
+        }
+    };
+    let mut given = Vec::new();
+    if let Some(replicas) = &shared.options.replicas {
+        for index in 0..replicas.len() {
+            // One that cannot answer is reported by its own poll, below.
+            if let Ok(id) = query("SELECT CAST(@@server_id AS SIGNED)")
+                .scalar::<i64>(replicas.replica(index))
+                .await
+            {
+                given.push(id);
+            }
+        }
+    }
+    let unwatched: Vec<String> = connected
+        .iter()
+        .filter(|id| !given.contains(id))
+        .map(i64::to_string)
+        .collect();
+    if unwatched.is_empty() {
+        LagView::NothingToWatch
+    } else {
+        LagView::Blind(format!(
+            "replica(s) with server_id {} connected to the primary (SHOW SLAVE HOSTS) but not given to read the lag on: a MariaDB or MySQL replica reports its lag only itself, so give each one (--replica-url)",
+            unwatched.join(", ")
+        ))
     }
 }
 

@@ -34,6 +34,16 @@ fn transient_sqlx(err: &sqlx::Error) -> Option<&'static str> {
         // TLS refusals, bad configuration, a closed pool, protocol errors: retrying cannot help.
         _ => return None,
     };
+    // MySQL's lock wait timeout (1205) and the server ending the session (1053 shutting down,
+    // 1927 connection killed) carry the generic SQLSTATE HY000: told by their numbers.
+    #[cfg(feature = "mysql")]
+    if let Some(mysql) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        match mysql.number() {
+            1205 => return Some("lock_timeout"),
+            1053 | 1927 => return Some("connection"),
+            _ => {}
+        }
+    }
     match db.code().as_deref() {
         Some("40P01") => Some("deadlock"),
         Some("40001") => Some("serialization_failure"),

@@ -1279,24 +1279,40 @@ async fn summarize(
     let rows = bound(Query::assert_safe(sql), args)
         .run_on(ctx, side)
         .await?;
-    let mut out = vec![Summary::default(); cuts.len() + 1];
-    for s in out.iter_mut() {
-        s.hash = "0".into();
-    }
+    let mut out = empty_summaries(cuts.len() + 1);
+    let null_keys = read_summaries(rows, &mut out)?;
+    Ok((out, null_keys))
+}
+
+/// `n` summaries of nothing (no rows, hash 0).
+fn empty_summaries(n: usize) -> Vec<Summary> {
+    vec![
+        Summary {
+            rows: 0,
+            hash: "0".into()
+        };
+        n
+    ]
+}
+
+/// Reads summary rows (`seg`, `n`, `h`) into `out` by segment; returns the `NULL`-key count
+/// (segment -1).
+fn read_summaries(rows: Vec<Row>, out: &mut [Summary]) -> Result<u64> {
     let mut null_keys = 0;
     for row in rows {
         let seg: i64 = row.get("seg")?;
+        let n = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
         if seg == -1 {
-            null_keys = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
+            null_keys = n;
             continue;
         }
         let slot = out
             .get_mut(usize::try_from(seg).unwrap_or(usize::MAX))
-            .ok_or_else(|| Error::Internal(format!("width_bucket gave segment {seg}")))?;
-        slot.rows = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
+            .ok_or_else(|| Error::Internal(format!("a summary named segment {seg}")))?;
+        slot.rows = n;
         slot.hash = row.get("h")?;
     }
-    Ok((out, null_keys))
+    Ok(null_keys)
 }
 
 /// At most this many pieces are summarised by one statement of [`summarize_pieces`] (its
@@ -1317,13 +1333,7 @@ async fn summarize_pieces(
     let hash = ctx.hash_sql(side);
     let null_key = &ctx.null_key;
     let pieces = pieces(range, cuts);
-    let mut out = vec![
-        Summary {
-            rows: 0,
-            hash: "0".into()
-        };
-        pieces.len()
-    ];
+    let mut out = empty_summaries(pieces.len());
     let mut null_keys = 0;
     for (chunk, group) in pieces.chunks(PIECES_PER_STATEMENT).enumerate() {
         let mut args = Vec::new();
@@ -1346,19 +1356,7 @@ async fn summarize_pieces(
         let rows = bound(Query::assert_safe(parts.join(" UNION ALL ")), args)
             .run_on(ctx, side)
             .await?;
-        for row in rows {
-            let seg: i64 = row.get("seg")?;
-            let n = u64::try_from(row.get::<i64>("n")?).unwrap_or(0);
-            if seg == -1 {
-                null_keys = n;
-                continue;
-            }
-            let slot = out
-                .get_mut(usize::try_from(seg).unwrap_or(usize::MAX))
-                .ok_or_else(|| Error::Internal(format!("a summary named piece {seg}")))?;
-            slot.rows = n;
-            slot.hash = row.get("h")?;
-        }
+        null_keys += read_summaries(rows, &mut out)?;
     }
     Ok((out, null_keys))
 }
@@ -1370,7 +1368,7 @@ struct Whole {
     null_keys: u64,
 }
 
-/// [`summarize`] of `range` as one piece, in the database (not [`RowHash::Client`]), with no
+/// [`summarize`] of `range` as one piece, in PostgreSQL (`RowHash::Record` or `Text`), with no
 /// `GROUP BY`: `FILTER` clauses keep the `NULL`-key rows apart, so the plan stays a (parallel)
 /// plain aggregate.
 async fn summarize_whole(ctx: &Ctx, side: Side, range: &KeyRange) -> Result<Whole> {
@@ -1383,24 +1381,13 @@ async fn summarize_whole(ctx: &Ctx, side: Side, range: &KeyRange) -> Result<Whol
     let p = keyset::predicate(&ctx.key, range, 1);
     let null_key = &ctx.null_key;
     let hash = ctx.hash_sql(side);
-    let sql = if ctx.hash == RowHash::Checksum {
-        // MySQL has no `FILTER`.
-        format!(
-            "SELECT COUNT(CASE WHEN NOT ({null_key}) THEN 1 END) AS n,
-                    COUNT(CASE WHEN {null_key} THEN 1 END) AS null_keys,
-                    CAST(COALESCE(SUM(CASE WHEN NOT ({null_key}) THEN {hash} END), 0) AS CHAR) AS h
-             FROM ({proj}) p WHERE ({}) OR ({null_key})",
-            p.sql,
-        )
-    } else {
-        format!(
-            "SELECT COUNT(*) FILTER (WHERE NOT ({null_key})) AS n,
-                    COUNT(*) FILTER (WHERE {null_key}) AS null_keys,
-                    CAST(COALESCE(SUM({hash}) FILTER (WHERE NOT ({null_key})), 0) AS TEXT) AS h
-             FROM ({proj}) p WHERE ({}) OR ({null_key})",
-            p.sql,
-        )
-    };
+    let sql = format!(
+        "SELECT COUNT(*) FILTER (WHERE NOT ({null_key})) AS n,
+                COUNT(*) FILTER (WHERE {null_key}) AS null_keys,
+                CAST(COALESCE(SUM({hash}) FILTER (WHERE NOT ({null_key})), 0) AS TEXT) AS h
+         FROM ({proj}) p WHERE ({}) OR ({null_key})",
+        p.sql,
+    );
     let rows = bound(Query::assert_safe(sql), p.args)
         .run_on(ctx, side)
         .await?;

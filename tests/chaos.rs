@@ -1,5 +1,5 @@
 //! CI's chaos runs: `examples/chaos.rs` for 15 seconds flipping `legacy_only` ⇄ `dual_write`,
-//! then for 20 seconds walking every stage in two-database mode (`--walk-stages`; the README
+//! then for 30 seconds walking every stage in two-database mode (`--walk-stages`; the README
 //! quotes 60-second runs). It provisions its own PostgreSQL servers; the counts of divergent
 //! rows, stale reads and lost writes must all be 0, and the walk must visit at least 5 stages.
 
@@ -40,7 +40,7 @@ fn chaos_runs_lose_nothing_and_the_walk_visits_every_stage() {
     // One after the other: each loads both cores on its own.
     let flips = run(&binary, &["--seconds", "15"]);
     assert!(flips("requests") > 1000);
-    let walk = run(&binary, &["--seconds", "20", "--walk-stages"]);
+    let walk = run(&binary, &["--seconds", "30", "--walk-stages"]);
     assert!(
         walk("stages_visited") >= 5,
         "the walk visited too few stages"

@@ -69,6 +69,17 @@ impl Backend {
         }
     }
 
+    /// The clause that makes a `SELECT` lock the rows it reads against writes, appended to
+    /// it: ` FOR SHARE`, ` LOCK IN SHARE MODE` (MySQL), or nothing (SQLite's write
+    /// transaction holds the whole database).
+    pub(crate) fn share_lock(self) -> &'static str {
+        match self {
+            Backend::Postgres => " FOR SHARE",
+            Backend::MySql => " LOCK IN SHARE MODE",
+            Backend::Sqlite => "",
+        }
+    }
+
     /// `postgres`, `sqlite` or `mysql` (the key of a definition's per-backend SQL).
     pub fn as_str(self) -> &'static str {
         match self {
