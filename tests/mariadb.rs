@@ -295,6 +295,16 @@ fn quickstart_cli(url: &str, args: &[&str]) -> std::process::Command {
 }
 
 /// [`quickstart_cli`], run; it must succeed.
+/// `stage set user_settings dual_write`.
+const DUAL_WRITE: &[&str] = &[
+    "stage",
+    "set",
+    "user_settings",
+    "dual_write",
+    "--reason",
+    "t",
+];
+
 fn quickstart_cli_ok(url: &str, args: &[&str]) {
     let out = quickstart_cli(url, args).output().unwrap();
     assert!(
@@ -336,17 +346,7 @@ async fn seeded_at(test: mariadb::TestDb, rows: i64) -> (String, Database) {
     .await
     .unwrap();
     quickstart_cli_ok(&test.url, &["init"]);
-    quickstart_cli_ok(
-        &test.url,
-        &[
-            "stage",
-            "set",
-            "user_settings",
-            "dual_write",
-            "--reason",
-            "t",
-        ],
-    );
+    quickstart_cli_ok(&test.url, DUAL_WRITE);
     (test.url, db)
 }
 
@@ -479,7 +479,6 @@ async fn the_cli_backfills_verifies_and_repairs_100_000_rows_and_a_killed_backfi
 /// poller (its cache's soft TTL alone would take up to a second; either way it is seen).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_quickstart_runs_on_mariadb_and_follows_cli_flips() {
-    use std::io::{BufRead, BufReader};
     let Some(test) = mariadb::fresh_db().await else {
         return;
     };
@@ -495,15 +494,7 @@ async fn the_quickstart_runs_on_mariadb_and_follows_cli_flips() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("twintrack quickstart listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_owned();
+    let base = common::listening_base(&mut child, "quickstart");
     let (status, _, body) = common::http(
         &base,
         "POST",
@@ -513,17 +504,7 @@ async fn the_quickstart_runs_on_mariadb_and_follows_cli_flips() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    quickstart_cli_ok(
-        &test.url,
-        &[
-            "stage",
-            "set",
-            "user_settings",
-            "dual_write",
-            "--reason",
-            "t",
-        ],
-    );
+    quickstart_cli_ok(&test.url, DUAL_WRITE);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let (_, headers, _) = common::http(&base, "GET", "/users/1/settings", "", None).await;

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -48,15 +47,7 @@ impl Quickstart {
             cmd.env("DATABASE_URL", url);
         }
         let mut child = cmd.spawn().expect("start the quickstart");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("twintrack quickstart listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .to_owned();
+        let base = common::listening_base(&mut child, "quickstart");
         Quickstart { child, base }
     }
 

@@ -456,3 +456,17 @@ pub async fn http(
     };
     (status, headers, value)
 }
+
+/// The base URL a started example prints on its first stdout line
+/// (`twintrack {name} listening on {base}`); its stdout must be piped.
+pub fn listening_base(child: &mut std::process::Child, name: &str) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout piped"))
+        .read_line(&mut line)
+        .unwrap();
+    line.trim()
+        .strip_prefix(&format!("twintrack {name} listening on "))
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .to_owned()
+}
