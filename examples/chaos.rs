@@ -13,8 +13,9 @@
 //!   `legacy_only` → `dual_write` → a backfill to the end and a cross-database `verify
 //!   --repair` (again until clean) → `shadow` → `live` → `ramp_down`, every other cycle on to
 //!   `new_only` and back to `ramp_down` with a reverse backfill, then rollbacks down to
-//!   `legacy_only` (each move checked by the transition rules). CI runs both modes (15 s and
-//!   20 s).
+//!   `legacy_only` (each move checked by the transition rules). The load then goes on past
+//!   `--seconds` until the walk has visited all six stages, `--max-seconds` (default 240) in
+//!   all. CI runs both modes (15 s, and 30 s then on to every stage).
 //! - stops and restarts the new-shape server, and the replica;
 //! - starts a backfill and kills it, over and over.
 //!
@@ -352,6 +353,7 @@ async fn main() -> std::process::ExitCode {
     let seconds = arg("--seconds", 60);
     let walk = std::env::args().any(|a| a == "--walk-stages");
     let clients = arg("--clients", 200);
+    let max_seconds = arg("--max-seconds", 240);
     let started = Instant::now();
     if verbose() {
         *HISTORY.lock().unwrap() = Some((started, HashMap::new()));
@@ -747,6 +749,14 @@ async fn main() -> std::process::ExitCode {
         tasks.push(tokio::spawn(client.run()));
     }
     tokio::time::sleep(Duration::from_secs(seconds)).await;
+    // With --walk-stages, the load goes on until the walk has visited every stage (a slow or
+    // shared machine needs longer for the same walk), at most --max-seconds in all.
+    while walk
+        && visited.lock().unwrap().len() < Stage::ALL.len()
+        && started.elapsed() < Duration::from_secs(max_seconds.max(seconds))
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let mut model: HashMap<i64, Candidates> = HashMap::new();
     for task in tasks {
