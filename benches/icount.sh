@@ -12,9 +12,24 @@ count() {
   TWINTRACK_ICOUNT="$1:$2" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" 2>&1 \
     | sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
 }
+# The main thread only (the in-process variants run there): the count then leaves out
+# background threads (a file watcher, database workers) whose timing varies between runs.
+count_main() {
+  local dir
+  dir=$(mktemp -d)
+  TWINTRACK_ICOUNT="$1:$2" valgrind --tool=callgrind --separate-threads=yes \
+    --callgrind-out-file="$dir/out" "$bin" >/dev/null 2>&1
+  sed -n 's/^summary: \([0-9]*\).*/\1/p' "$dir/out-01"
+  rm -rf "$dir"
+}
 per_request() {
   local a b
   a=$(count "$1" "$N"); b=$(count "$1" "$((2 * N))")
+  echo $(( (b - a) / N ))
+}
+per_request_main() {
+  local a b
+  a=$(count_main "$1" "$N"); b=$(count_main "$1" "$((2 * N))")
   echo $(( (b - a) / N ))
 }
 row() {
@@ -22,7 +37,12 @@ row() {
     "$(awk -v a="$2" -v b="$3" 'BEGIN { printf "%.3f", b / a }')"
 }
 printf '%-28s %10s %10s %8s %7s\n' variant bare twintrack added ratio
-noop=$(per_request noop_bare); row "noop service_fn" "$noop" "$(per_request noop_twintrack)"
+noop=$(per_request noop_bare); layered=$(per_request noop_twintrack)
+row "noop service_fn" "$noop" "$layered"
+# The same layer with its stages from a flagd file (issue 16), main thread only: the first
+# column is the layer over twintrack's SQL store, not the bare service.
+row "noop, SQL store -> flagd" "$(per_request_main noop_twintrack)" \
+  "$(per_request_main noop_twintrack_flagd)"
 axum=$(per_request axum_bare); row "axum Router, in process" "$axum" "$(per_request axum_twintrack)"
 http=$(per_request http_bare)
 row "http, layer around router" "$http" "$(per_request http_twintrack)"

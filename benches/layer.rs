@@ -29,6 +29,12 @@ use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
 use twintrack::{Database, RequestContext, Stage, TwinTrackLayer};
 
 fn flags(rt: &tokio::runtime::Runtime, dir: &tempfile::TempDir) -> FlagCache {
+    flags_from(rt, dir, false)
+}
+
+/// The same cache with its stages from a flagd file (an external source, held to the rules)
+/// when `external`: the per-request path must not notice the difference.
+fn flags_from(rt: &tokio::runtime::Runtime, dir: &tempfile::TempDir, external: bool) -> FlagCache {
     rt.block_on(async {
         let url = format!(
             "sqlite://{}?mode=rwc",
@@ -43,6 +49,20 @@ fn flags(rt: &tokio::runtime::Runtime, dir: &tempfile::TempDir) -> FlagCache {
         for name in ["user_settings", "orders_split", "email_retype"] {
             store.register(name, "bench").await.unwrap();
             builder = builder.migration(name, Stage::LegacyOnly);
+        }
+        if external {
+            let file = dir.path().join("flags.json");
+            let flag = serde_json::json!({
+                "state": "ENABLED", "variants": {"on": "legacy_only"}, "defaultVariant": "on"
+            });
+            let doc = serde_json::json!({"flags": {
+                "user_settings": flag, "orders_split": flag, "email_retype": flag
+            }});
+            std::fs::write(&file, doc.to_string()).unwrap();
+            let source = twintrack::flags::OpenFeatureSource::flagd_file(&file)
+                .await
+                .unwrap();
+            builder = builder.source(Arc::new(source));
         }
         builder.build().await
     })
@@ -312,8 +332,9 @@ criterion_group! {
 
 /// `TWINTRACK_ICOUNT=<variant>:<n>`: run one variant n times and exit, for
 /// `benches/icount.sh`, which counts instructions under callgrind (deterministic on a noisy
-/// machine). Variants: `noop_bare`, `noop_twintrack`, `axum_bare`, `axum_twintrack`,
-/// `http_bare`, `http_twintrack`, `http_twintrack_router_layer`.
+/// machine). Variants: `noop_bare`, `noop_twintrack`, `noop_twintrack_flagd` (stages from a
+/// flagd file), `axum_bare`, `axum_twintrack`, `http_bare`, `http_twintrack`,
+/// `http_twintrack_router_layer`.
 fn icount(spec: &str) {
     let (variant, n) = spec.split_once(':').expect("variant:n");
     let n: u32 = n.parse().expect("n");
@@ -322,7 +343,7 @@ fn icount(spec: &str) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let flags = flags(&rt, &dir);
+    let flags = flags_from(&rt, &dir, variant.ends_with("_flagd"));
     let layer =
         TwinTrackLayer::new(flags).request_key_header(http::HeaderName::from_static("x-user-id"));
     let _guard = rt.enter();
@@ -340,7 +361,9 @@ fn icount(spec: &str) {
     });
     match variant {
         "noop_bare" => run(noop, n),
-        "noop_twintrack" => run(tower::ServiceBuilder::new().layer(layer).service(noop), n),
+        "noop_twintrack" | "noop_twintrack_flagd" => {
+            run(tower::ServiceBuilder::new().layer(layer).service(noop), n)
+        }
         "axum_bare" => run::<_, axum::body::Body>(router(), n),
         "axum_twintrack" => run::<_, axum::body::Body>(wrapped(&layer), n),
         "http_bare" | "http_twintrack" | "http_twintrack_router_layer" => {

@@ -79,6 +79,16 @@ pub struct MigrationConfig {
     /// shape is in the legacy database. The CLI's `--new-database-url` takes precedence.
     #[serde(default)]
     pub new_database_url_env: Option<String>,
+    /// With an external flag source (`TWINTRACK_FLAGS_FILE`, or
+    /// [`FlagCacheBuilder::source`](crate::flags::FlagCacheBuilder::source)): the key of this
+    /// migration's flag there (default: the migration's name).
+    #[serde(default)]
+    pub flag_key: Option<String>,
+    /// With an external flag source: hold a stage the transition rules refuse and keep serving
+    /// the last allowed one (`true`, the default), or follow it anyway as a forced move,
+    /// audited (`false`).
+    #[serde(default = "default_true")]
+    pub hold_unsafe: bool,
     /// `SELECT key, …` over the legacy shape, in canonical form.
     #[serde(default)]
     pub legacy_projection: Option<SqlText>,
@@ -87,7 +97,16 @@ pub struct MigrationConfig {
     pub new_projection: Option<SqlText>,
 }
 
+fn default_true() -> bool {
+    true
+}
+
 impl MigrationConfig {
+    /// The key of this migration's flag in an external flag source: `flag_key`, else the name.
+    pub fn external_flag_key(&self) -> &str {
+        self.flag_key.as_deref().unwrap_or(&self.name)
+    }
+
     /// The definition for `backend` (its SQL picked for that backend).
     pub fn definition(&self, backend: Backend) -> Result<MigrationDef> {
         fn pick(sql: &Option<SqlText>, backend: Backend) -> Option<&str> {
@@ -165,6 +184,17 @@ impl Config {
                 quote_ident(ident)
                     .map_err(|e| Error::Config(format!("migration {:?}, {field}: {e}", m.name)))?;
             }
+            if let Some(key) = &m.flag_key {
+                let ok = !key.trim().is_empty()
+                    && key.chars().count() <= 200
+                    && !key.chars().any(char::is_control);
+                if !ok {
+                    return Err(Error::Config(format!(
+                        "migration {:?}, flag_key: {key:?} is not a flag key (1 to 200 characters, no control characters)",
+                        m.name
+                    )));
+                }
+            }
             if let Some(name) = &m.new_database_url_env {
                 let ok = !name.is_empty()
                     && name.len() <= 128
@@ -217,6 +247,16 @@ mod tests {
         let primary = format!("{GOOD}primary_reads = true\n");
         assert!(Config::parse(&primary).unwrap().migrations[0].primary_reads);
         assert!(Config::parse("").unwrap().migrations.is_empty());
+        // An external flag source: the flag's key defaults to the name; unsafe stages held.
+        assert_eq!(m.external_flag_key(), "user_settings");
+        assert!(m.hold_unsafe);
+        let keyed = format!("{GOOD}flag_key = \"migrations.user-settings\"\nhold_unsafe = false\n");
+        let keyed = Config::parse(&keyed).unwrap();
+        assert_eq!(
+            keyed.migrations[0].external_flag_key(),
+            "migrations.user-settings"
+        );
+        assert!(!keyed.migrations[0].hold_unsafe);
     }
 
     #[test]
@@ -267,6 +307,18 @@ mod tests {
                 GOOD.replace("legacy_key = \"id\"", "legacy_key = [\"a\", \"b;c\"]"),
                 "invalid SQL identifier",
             ),
+            (format!("{GOOD}flag_key = \"\"\n"), "is not a flag key"),
+            (format!("{GOOD}flag_key = \"  \"\n"), "is not a flag key"),
+            (
+                format!("{GOOD}flag_key = \"a\\u0007b\"\n"),
+                "is not a flag key",
+            ),
+            (
+                format!("{GOOD}flag_key = \"{}\"\n", "k".repeat(201)),
+                "is not a flag key",
+            ),
+            (format!("{GOOD}flag_key = 3\n"), "invalid type"),
+            (format!("{GOOD}hold_unsafe = \"no\"\n"), "invalid type"),
         ];
         for (text, needle) in cases {
             let err = Config::parse(&text).unwrap_err().to_string();

@@ -79,6 +79,9 @@ pub enum Error {
     /// twintrack's own tables do not exist in this database yet.
     #[error("twintrack's tables are missing in this database: run `twintrack init` first")]
     NotInitialized,
+    /// An external flag source (an OpenFeature provider, say) could not answer.
+    #[error("flag source failed: {0}")]
+    FlagSource(String),
     /// An argument is invalid (a name, an identifier, a key, a value out of range).
     #[error("invalid input: {0}")]
     InvalidInput(String),

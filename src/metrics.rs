@@ -10,6 +10,7 @@
 //! | `twintrack.flags.stale` | counter | `migration` | a reload failed and the last known value stayed in force |
 //! | `twintrack.flags.fallback` | counter | `migration` | no value was ever loaded, the fallback stage is served |
 //! | `twintrack.flags.invalid` | counter | `migration` | the stored row did not parse; the last good value stays |
+//! | `twintrack.flags.held` | gauge | `migration`, `wanted`, `serving` | 1 while an external flag source wants a stage the transition rules refuse and `serving` is served instead; 0 once it is no longer held |
 //! | `twintrack.flags.age` | gauge (s) | `migration` | age of the value in force, after each reload |
 //! | `twintrack.dual.operations` | counter | `migration`, `op`, `side`, `outcome` | repository calls by the dual store |
 //! | `twintrack.dual.duration` | histogram (s) | `migration`, `op`, `side` | their latency |
@@ -35,6 +36,7 @@ pub struct Metrics {
     pub(crate) flag_fallback: Counter<u64>,
     pub(crate) flag_invalid: Counter<u64>,
     pub(crate) flag_age: Gauge<f64>,
+    pub(crate) flag_held: Gauge<u64>,
     pub(crate) dual_ops: Counter<u64>,
     pub(crate) dual_duration: Histogram<f64>,
     pub(crate) shadow_results: Counter<u64>,
@@ -76,6 +78,12 @@ impl Metrics {
             flag_invalid: meter
                 .u64_counter("twintrack.flags.invalid")
                 .with_description("Stored flag rows that did not parse; the last good value stays")
+                .build(),
+            flag_held: meter
+                .u64_gauge("twintrack.flags.held")
+                .with_description(
+                    "1 while an external flag source wants a stage the transition rules refuse (the last allowed one is served)",
+                )
                 .build(),
             flag_age: meter
                 .f64_gauge("twintrack.flags.age")

@@ -418,4 +418,24 @@ fn bad_setup_is_exit_2_and_writes_nothing() {
     let run = twintrack(&url, &["--config", "/no/such/twintrack.toml", "init"]);
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("cannot read /no/such/twintrack.toml"));
+
+    // A flags file that is missing, not JSON, or not a flagd document: exit 2, named.
+    assert_eq!(sh(&url, "init").code, 0);
+    let not_json = dir.path().join("not.json");
+    std::fs::write(&not_json, "{\"flags\": ").unwrap();
+    let not_flagd = dir.path().join("array.json");
+    std::fs::write(&not_flagd, "[1, 2]").unwrap();
+    for (file, says) in [
+        (PathBuf::from("/no/such/flags.json"), "No such file"),
+        (not_json, "not JSON"),
+        (not_flagd, "flagd file"),
+    ] {
+        let run = twintrack(&url, &["--flags-file", file.to_str().unwrap(), "status"]);
+        assert_eq!(run.code, 2, "{file:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(says) && run.stderr.contains(file.to_str().unwrap()),
+            "{file:?}: {}",
+            run.stderr
+        );
+    }
 }

@@ -843,3 +843,60 @@ async fn listings_of_mismatches_with_huge_values_stay_small() {
         page.len()
     );
 }
+
+/// With an external flag source (`twintrack serve --flags-file`): `GetMigration` and the admin
+/// page show a hold, a stage the source wants that the rules refuse, and no hold where the
+/// source agrees or asks for an allowed move.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_migration_and_the_admin_page_show_holds_of_a_flag_source() {
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let db = Database::connect(&pg.url).await.unwrap();
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    store.register(M, "test").await.unwrap();
+    store.register("other", "test").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("flags.json");
+    let flag = |stage: &str| serde_json::json!({"state": "ENABLED", "variants": {"v": stage}, "defaultVariant": "v"});
+    let doc = serde_json::json!({"flags": {M: flag("live"), "other": flag("dual_write")}});
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let source = twintrack::flags::OpenFeatureSource::flagd_file(&file)
+        .await
+        .unwrap();
+    let tokens = AdminTokens::parse(&format!("oncall={TOKEN}")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let control = ControlServer::new(store.clone(), db, tokens).stage_source(Arc::new(source));
+    let task = tokio::spawn(control.serve(listener, std::future::pending()));
+
+    let mut c = client(&base, Some(TOKEN)).await;
+    let got = c
+        .get_migration(GetMigrationRequest { name: M.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let hold = got.hold.expect("a hold");
+    assert_eq!(
+        (hold.wanted.as_str(), hold.serving.as_str()),
+        ("live", "legacy_only")
+    );
+    assert!(hold.remedy.contains("twintrack backfill"), "{hold:?}");
+    assert!(hold.source.contains("flags.json"), "{hold:?}");
+    let other = c
+        .get_migration(GetMigrationRequest {
+            name: "other".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(other.hold, None, "an allowed move is no hold");
+
+    let auth = format!("Bearer {TOKEN}");
+    let (status, _, page) = http(&base, "GET", "/admin", &[("authorization", &auth)], "").await;
+    assert_eq!(status, 200, "{page}");
+    let held = &page[page.find("id=\"held-user_settings\"").expect("held line")..];
+    assert!(held.contains("wants live"), "{held}");
+    assert!(!page.contains("id=\"held-other\""));
+    task.abort();
+}

@@ -32,6 +32,16 @@ impl Quickstart {
 
     /// [`Quickstart::start`] with more environment variables.
     fn start_with(cwd: &Path, database_url: Option<&str>, env: &[(&str, &str)]) -> Quickstart {
+        Quickstart::start_logged(cwd, database_url, env, Stdio::inherit())
+    }
+
+    /// [`Quickstart::start_with`], its log (stderr) going to `log`.
+    fn start_logged(
+        cwd: &Path,
+        database_url: Option<&str>,
+        env: &[(&str, &str)],
+        log: Stdio,
+    ) -> Quickstart {
         let mut cmd = Command::new(common::example_binary("quickstart"));
         cmd.current_dir(cwd)
             .env("TWINTRACK_LISTEN", "127.0.0.1:0")
@@ -42,7 +52,7 @@ impl Quickstart {
             .env_remove("TWINTRACK_RYW_SECRET")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(log);
         if let Some(url) = database_url {
             cmd.env("DATABASE_URL", url);
         }
@@ -230,6 +240,154 @@ async fn quickstart_on_the_default_sqlite_file_sees_cli_flips() {
         status, 409,
         "the user created before the restart is still there"
     );
+}
+
+/// `GET /metrics` as text.
+async fn metrics_text(qs: &Quickstart) -> String {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let res = client
+        .get(format!("{}/metrics", qs.base).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+/// A flagd flag-definition document setting `user_settings` to `stage`.
+fn flagd_file(stage: &str) -> String {
+    json!({
+        "$schema": "https://flagd.dev/schema/v0/flags.json",
+        "flags": {
+            "user_settings": {
+                "state": "ENABLED",
+                "variants": {"current": stage, "rollback": "legacy_only"},
+                "defaultVariant": "current"
+            }
+        }
+    })
+    .to_string()
+}
+
+/// `TWINTRACK_FLAGS_FILE`: the quickstart takes its stage from a flagd file, watched by the
+/// real flagd provider; an edit is followed; an edit to a stage the rules refuse is held (the
+/// last allowed stage served, `twintrack_flags_held` 1 on `/metrics`, the refusal and remedy
+/// in the log, `twintrack status --flags-file` saying HELD); a safe edit afterwards is
+/// followed; a file that is not JSON keeps the last known stage with every request served.
+#[tokio::test(flavor = "multi_thread")]
+async fn quickstart_takes_its_stages_from_a_flagd_file_held_to_the_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = dir.path().join("flags.json");
+    std::fs::write(&flags, flagd_file("dual_write")).unwrap();
+    let log_path = dir.path().join("quickstart.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let qs = Quickstart::start_logged(
+        dir.path(),
+        None,
+        &[
+            ("TWINTRACK_FLAGS_FILE", flags.to_str().unwrap()),
+            ("RUST_LOG", "info,sqlx=warn"),
+        ],
+        log.into(),
+    );
+    wait_for_stage(&qs, "dual_write", Duration::from_secs(10)).await;
+    let (status, _, created) = qs
+        .call(
+            "POST",
+            "/users",
+            r#"{"email":"ada@example.com","theme":"dark","notifications_enabled":true}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+
+    // An edit is followed (the figure is printed; the bound is generous for a shared machine).
+    std::fs::write(&flags, flagd_file("legacy_only")).unwrap();
+    let took = wait_for_stage(&qs, "legacy_only", Duration::from_secs(10)).await;
+    eprintln!("flagd file edit seen after {took:?}");
+    std::fs::write(&flags, flagd_file("dual_write")).unwrap();
+    wait_for_stage(&qs, "dual_write", Duration::from_secs(10)).await;
+
+    // live with no backfill and no clean verify: held at dual_write.
+    std::fs::write(&flags, flagd_file("live")).unwrap();
+    let url = "sqlite://twintrack-quickstart.db";
+    let held_line = "twintrack_flags_held{";
+    let start = std::time::Instant::now();
+    let text = loop {
+        let text = metrics_text(&qs).await;
+        if text
+            .lines()
+            .any(|l| l.starts_with(held_line) && l.ends_with(" 1"))
+        {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no hold:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let line = text.lines().find(|l| l.starts_with(held_line)).unwrap();
+    for part in [
+        "migration=\"user_settings\"",
+        "wanted=\"live\"",
+        "serving=\"dual_write\"",
+    ] {
+        assert!(line.contains(part), "{line}");
+    }
+    for _ in 0..5 {
+        let (status, stage, _) = qs.call("GET", "/users/999999/settings", "").await;
+        assert_eq!((status, stage.as_deref()), (404, Some("dual_write")));
+    }
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logged.contains("transition rules refuse") && logged.contains("twintrack backfill"),
+        "the refusal and its remedy in the log:\n{logged}"
+    );
+    let (code, out) = cli(
+        dir.path(),
+        url,
+        &format!("--flags-file {} status", flags.display()),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("HELD: held at dual_write") && out.contains("wants live"),
+        "{out}"
+    );
+    let (code, out) = cli(
+        dir.path(),
+        url,
+        &format!(
+            "--json --flags-file {} status user_settings",
+            flags.display()
+        ),
+    );
+    assert_eq!(code, 0, "{out}");
+    let detail: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(detail["held"]["wanted"], "live", "{detail}");
+    assert_eq!(detail["state"]["stage"], "dual_write", "{detail}");
+
+    // A safe edit afterwards is followed, and the hold ends.
+    std::fs::write(&flags, flagd_file("legacy_only")).unwrap();
+    wait_for_stage(&qs, "legacy_only", Duration::from_secs(10)).await;
+    let text = metrics_text(&qs).await;
+    let line = text.lines().find(|l| l.starts_with(held_line)).unwrap();
+    assert!(line.ends_with(" 0"), "{line}");
+
+    // Not JSON: the provider keeps the last valid flags, every request is served.
+    std::fs::write(&flags, "{\"flags\": {\"user_settings\": ").unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let (status, stage, _) = qs.call("GET", "/users/999999/settings", "").await;
+        assert_eq!((status, stage.as_deref()), (404, Some("legacy_only")));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, got) = qs
+        .call("GET", &format!("/users/{}/settings", created["id"]), "")
+        .await;
+    assert_eq!(status, 200, "{got}");
+    // And a valid file again is followed.
+    std::fs::write(&flags, flagd_file("dual_write")).unwrap();
+    wait_for_stage(&qs, "dual_write", Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

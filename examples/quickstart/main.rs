@@ -21,6 +21,11 @@
 //! - `TWINTRACK_RYW_SECRET`: the key (16 bytes or more) that signs read-your-writes tokens;
 //!   every instance must share it. Unset: a random one per process (tokens then only work
 //!   with this process, until it restarts).
+//! - `TWINTRACK_FLAGS_FILE`: optional; a flagd flag-definition JSON file to take the stages
+//!   from (`{"flags": {"user_settings": {"state": "ENABLED", "variants": {"on": "dual_write"},
+//!   "defaultVariant": "on"}}}`), re-read by the flagd provider whenever it changes. A stage
+//!   the transition rules refuse (no clean verify yet, say) is held: the last allowed stage is
+//!   served, the log says why and what to run, `twintrack_flags_held` is 1 on `/metrics`.
 //! - `TWINTRACK_DEBUG_HEADERS=1`: every response carries `x-twintrack-stage`, the stage pinned
 //!   for the request, and `x-twintrack-read-from`, `primary` or `replica`.
 //!
@@ -35,7 +40,7 @@ use axum::extract::Request;
 use twintrack::config::Config;
 use twintrack::db::Native;
 use twintrack::dual::DualStore;
-use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
+use twintrack::flags::{FlagCache, FlagStore, OpenFeatureSource, SqlFlagStore, StageSource};
 use twintrack::metrics::PrometheusExporter;
 use twintrack::ryw::{ReplicaOptions, ReplicaSet, Router};
 use twintrack::{Backend, Database};
@@ -137,7 +142,16 @@ async fn serve<DB: Native>(
     let mut flags = FlagCache::builder(store.clone());
     for m in &config.migrations {
         store.register(&m.name, "quickstart").await?;
-        flags = flags.migration(&m.name, m.fallback_stage);
+        flags = flags
+            .migration(&m.name, m.fallback_stage)
+            .hold_unsafe(&m.name, m.hold_unsafe);
+    }
+    if let Some(path) = std::env::var_os("TWINTRACK_FLAGS_FILE").filter(|p| !p.is_empty()) {
+        let source = OpenFeatureSource::flagd_file(&path)
+            .await?
+            .flag_keys_from(&config);
+        tracing::info!(source = %source.describe(), "stages from a flagd file, held to twintrack's rules");
+        flags = flags.source(Arc::new(source));
     }
     let flags = flags.build().await;
 

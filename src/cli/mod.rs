@@ -50,6 +50,11 @@ pub struct Cli {
     /// Print machine-readable JSON on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    /// A flagd flag-definition JSON file the services take their stages from (an external
+    /// flag source): `status` and `serve` show where it wants a stage the transition rules
+    /// refuse (a hold).
+    #[arg(long, env = "TWINTRACK_FLAGS_FILE", global = true, value_name = "PATH")]
+    pub flags_file: Option<PathBuf>,
     /// Who is acting, for the audit log [default: cli:$USER].
     #[arg(long, env = "TWINTRACK_ACTOR", global = true)]
     pub actor: Option<String>,
@@ -341,6 +346,7 @@ pub fn exit_code(err: &Error) -> u8 {
         Error::Database(_)
         | Error::Statement { .. }
         | Error::Repository { .. }
+        | Error::FlagSource(_)
         | Error::Internal(_) => 5,
     }
 }
@@ -351,6 +357,7 @@ pub(crate) struct Env {
     new_database_url: Option<String>,
     config_path: PathBuf,
     config_explicit: bool,
+    flags_file: Option<PathBuf>,
     pub(crate) actor: String,
 }
 
@@ -373,8 +380,32 @@ impl Env {
                 .config
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("twintrack.toml")),
+            flags_file: cli.flags_file.clone().filter(|p| !p.as_os_str().is_empty()),
             actor,
         })
+    }
+
+    /// The external flag source from `--flags-file` (its flag keys from the config file), if
+    /// one is given.
+    pub(crate) async fn stage_source(
+        &self,
+    ) -> Result<Option<std::sync::Arc<dyn crate::flags::StageSource>>, Error> {
+        let Some(path) = &self.flags_file else {
+            return Ok(None);
+        };
+        #[cfg(feature = "flagd")]
+        {
+            let mut source = crate::flags::OpenFeatureSource::flagd_file(path).await?;
+            if let Some(config) = self.config()? {
+                source = source.flag_keys_from(&config);
+            }
+            Ok(Some(std::sync::Arc::new(source)))
+        }
+        #[cfg(not(feature = "flagd"))]
+        Err(Error::InvalidInput(format!(
+            "--flags-file {}: this twintrack was built without the `flagd` feature",
+            path.display()
+        )))
     }
 
     /// The config file; `None` when the default file is absent (only an explicitly named file

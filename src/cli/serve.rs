@@ -54,8 +54,11 @@ pub(crate) async fn run(env: &Env, listen: &str) -> Result<ExitCode, Error> {
         .map_err(|e| Error::InvalidInput(format!("cannot listen on {addr}: {e}")))?;
     // Scripts and tests read this line to find the port (the address may say port 0).
     println!("twintrack control plane listening on http://{local}");
-    ControlServer::new(store, db, tokens)
-        .prometheus(prometheus)
+    let mut server = ControlServer::new(store, db, tokens).prometheus(prometheus);
+    if let Some(source) = env.stage_source().await? {
+        server = server.stage_source(source);
+    }
+    server
         .serve(listener, async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use super::output::format_micros;
 use super::{Env, Output};
-use crate::flags::{AuditEntry, FlagStore, MigrationRecord, SqlFlagStore};
+use crate::flags::source::current_hold;
+use crate::flags::{AuditEntry, FlagStore, Hold, MigrationRecord, SqlFlagStore, StageSource};
 use crate::transition::{self, Verdict};
 use crate::{Error, Stage};
 
@@ -22,6 +23,8 @@ struct Row {
     read_rollout_percent: Option<u8>,
     /// Set when the stored row does not parse.
     invalid: Option<String>,
+    /// With `--flags-file`: the stage the flag source wants that the rules refuse.
+    held: Option<Hold>,
 }
 
 #[derive(Serialize)]
@@ -36,6 +39,8 @@ struct Detail {
     #[serde(flatten)]
     record: MigrationRecord,
     moves: Vec<Move>,
+    /// With `--flags-file`: the stage the flag source wants that the rules refuse.
+    held: Option<Hold>,
     audit: Vec<AuditEntry>,
 }
 
@@ -45,14 +50,32 @@ pub(crate) async fn run(
     migration: Option<&str>,
 ) -> Result<ExitCode, Error> {
     let store = SqlFlagStore::new(env.database().await?);
+    let source = env.stage_source().await?;
+    let source = source.as_deref();
     match migration {
-        None => list(&store, out).await,
-        Some(name) => detail(&store, out, name).await,
+        None => list(&store, source, out).await,
+        Some(name) => detail(&store, source, out, name).await,
     }
 }
 
-async fn list(store: &SqlFlagStore, out: &Output) -> Result<ExitCode, Error> {
-    let rows: Vec<Row> = store
+/// The hold of `migration` under `source`, if any.
+async fn hold(
+    store: &SqlFlagStore,
+    source: Option<&dyn StageSource>,
+    migration: &str,
+) -> Result<Option<Hold>, Error> {
+    match source {
+        Some(source) => current_hold(source, store, migration).await,
+        None => Ok(None),
+    }
+}
+
+async fn list(
+    store: &SqlFlagStore,
+    source: Option<&dyn StageSource>,
+    out: &Output,
+) -> Result<ExitCode, Error> {
+    let mut rows: Vec<Row> = store
         .load_all()
         .await?
         .into_iter()
@@ -67,6 +90,7 @@ async fn list(store: &SqlFlagStore, out: &Output) -> Result<ExitCode, Error> {
                 shadow_sample_rate: Some(s.shadow_sample_rate),
                 read_rollout_percent: s.read_rollout_percent,
                 invalid: None,
+                held: None,
             },
             Err(problem) => Row {
                 migration: loaded.migration,
@@ -78,9 +102,13 @@ async fn list(store: &SqlFlagStore, out: &Output) -> Result<ExitCode, Error> {
                 shadow_sample_rate: None,
                 read_rollout_percent: None,
                 invalid: Some(problem),
+                held: None,
             },
         })
         .collect();
+    for row in rows.iter_mut().filter(|r| r.invalid.is_none()) {
+        row.held = hold(store, source, &row.migration).await?;
+    }
     out.print(&rows, || {
         if rows.is_empty() {
             return "no migrations registered (run `twintrack init`)".into();
@@ -104,14 +132,23 @@ async fn list(store: &SqlFlagStore, out: &Output) -> Result<ExitCode, Error> {
                     r.reason.as_deref().unwrap_or("-"),
                 )),
             }
+            if let Some(held) = &r.held {
+                text.push_str(&format!("\n{:<24} HELD: {held}", ""));
+            }
         }
         text
     });
     Ok(ExitCode::SUCCESS)
 }
 
-async fn detail(store: &SqlFlagStore, out: &Output, name: &str) -> Result<ExitCode, Error> {
+async fn detail(
+    store: &SqlFlagStore,
+    source: Option<&dyn StageSource>,
+    out: &Output,
+    name: &str,
+) -> Result<ExitCode, Error> {
     let record = store.get(name).await?;
+    let held = hold(store, source, name).await?;
     let audit = store.audit_log(name, 10).await?;
     let moves = Stage::ALL
         .into_iter()
@@ -134,6 +171,7 @@ async fn detail(store: &SqlFlagStore, out: &Output, name: &str) -> Result<ExitCo
     let detail = Detail {
         record,
         moves,
+        held,
         audit,
     };
     out.print(&detail, || {
@@ -141,7 +179,7 @@ async fn detail(store: &SqlFlagStore, out: &Output, name: &str) -> Result<ExitCo
         let e = &detail.record.evidence;
         let when = |t: Option<i64>| t.map(format_micros).unwrap_or_else(|| "never".into());
         let mut text = format!(
-            "{}: {} (version {})\n  last change: {} by {}: {}\n  shadow sample rate: {}, read rollout: {}\n  backfill finished: {}\n  verify clean: {}\n  reverse sync: {}\n  moves:",
+            "{}: {} (version {})\n  last change: {} by {}: {}\n  shadow sample rate: {}, read rollout: {}\n  backfill finished: {}\n  verify clean: {}\n  reverse sync: {}",
             s.migration,
             s.stage,
             s.version,
@@ -156,6 +194,10 @@ async fn detail(store: &SqlFlagStore, out: &Output, name: &str) -> Result<ExitCo
             when(e.verify_clean_at),
             when(e.reverse_synced_at),
         );
+        if let Some(held) = &detail.held {
+            text.push_str(&format!("\n  HELD: {held}"));
+        }
+        text.push_str("\n  moves:");
         for m in &detail.moves {
             match &m.refusal {
                 None => text.push_str(&format!("\n    -> {:<12} allowed", m.to.as_str())),

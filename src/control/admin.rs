@@ -215,9 +215,20 @@ async fn render(
                 .join(", ")
         };
         let s = &record.state;
+        let held = match plane.hold(&name).await {
+            Some(hold) => format!(
+                "<div class=\"refused\" id=\"held-{}\">held: {} wants {}, refused: {}; {}</div>",
+                esc(&name),
+                esc(&hold.source),
+                hold.wanted,
+                esc(&hold.refusal.reason),
+                esc(&hold.refusal.remedy)
+            ),
+            None => String::new(),
+        };
         let _ = write!(
             html,
-            "<tr id=\"m-{id}\"><td>{name}</td><td class=\"stage\" id=\"stage-{id}\">{stage}</td><td>{version}</td>\
+            "<tr id=\"m-{id}\"><td>{name}</td><td class=\"stage\" id=\"stage-{id}\">{stage}{held}</td><td>{version}</td>\
 <td>{when} by {by}<br><i>{why}</i></td><td>{backfill}</td><td>{verify}</td><td>{counts}</td><td>",
             id = esc(&name),
             name = esc(&name),

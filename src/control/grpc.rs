@@ -11,7 +11,10 @@ use super::auth::AdminIdentity;
 use super::proto;
 use super::proto::control_service_server::ControlService;
 use crate::db::Database;
-use crate::flags::{FlagChange, FlagState, FlagStore, MigrationRecord, SqlFlagStore, StageChange};
+use crate::flags::source::current_hold;
+use crate::flags::{
+    FlagChange, FlagState, FlagStore, Hold, MigrationRecord, SqlFlagStore, StageChange, StageSource,
+};
 use crate::transition::{self, Verdict};
 use crate::{Error, Stage};
 
@@ -23,6 +26,8 @@ pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
 pub struct ControlPlane {
     pub(crate) store: Arc<SqlFlagStore>,
     pub(crate) db: Database,
+    /// The external flag source the served stages follow, if any (holds are shown).
+    pub(crate) source: Option<Arc<dyn StageSource>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -41,7 +46,7 @@ pub fn status(err: Error) -> Status {
         Error::InvalidStage(_) | Error::InvalidInput(_) | Error::Config(_) => {
             Status::invalid_argument(message)
         }
-        Error::Unreachable(_) => Status::unavailable(message),
+        Error::Unreachable(_) | Error::FlagSource(_) => Status::unavailable(message),
         Error::NotInitialized | Error::InvalidFlag { .. } => Status::failed_precondition(message),
         Error::Database(_)
         | Error::Statement { .. }
@@ -115,6 +120,19 @@ fn name_arg(name: &str) -> Result<&str, Status> {
 }
 
 impl ControlPlane {
+    /// The hold of `migration`, when an external source wants a stage the rules refuse. A
+    /// source that cannot answer shows no hold (it is logged).
+    pub(crate) async fn hold(&self, migration: &str) -> Option<Hold> {
+        let source = self.source.as_deref()?;
+        match current_hold(source, &*self.store, migration).await {
+            Ok(hold) => hold,
+            Err(err) => {
+                tracing::warn!(%migration, error = %err, "cannot read the flag source");
+                None
+            }
+        }
+    }
+
     /// Every registered migration's current state.
     async fn all(&self) -> Result<Vec<proto::Migration>, Status> {
         let flags = self.store.load_all().await.map_err(status)?;
@@ -194,6 +212,13 @@ impl ControlService for ControlPlane {
                 left_legacy_only_at_micros: e.left_legacy_only_at,
             }),
             moves: moves(&record),
+            hold: self.hold(name).await.map(|h| proto::Hold {
+                wanted: h.wanted.to_string(),
+                serving: h.serving.to_string(),
+                reason: h.refusal.reason,
+                remedy: h.refusal.remedy,
+                source: h.source,
+            }),
         }))
     }
 

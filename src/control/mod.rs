@@ -56,10 +56,21 @@ impl ControlServer {
     /// A server over `store` (its database also holds mismatches and backfill runs).
     pub fn new(store: Arc<SqlFlagStore>, db: Database, tokens: AdminTokens) -> ControlServer {
         ControlServer {
-            plane: ControlPlane { store, db },
+            plane: ControlPlane {
+                store,
+                db,
+                source: None,
+            },
             tokens: Arc::new(tokens),
             prometheus: None,
         }
+    }
+
+    /// The external flag source the service's stages follow: holds (a stage it wants that the
+    /// transition rules refuse) are shown on the admin page and in `GetMigration`.
+    pub fn stage_source(mut self, source: Arc<dyn crate::flags::StageSource>) -> ControlServer {
+        self.plane.source = Some(source);
+        self
     }
 
     /// Also serve `GET /metrics` from this exporter.

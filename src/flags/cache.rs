@@ -9,8 +9,10 @@
 //! - After each reload the values are frozen into one immutable [`Snapshot`]. Taking a snapshot
 //!   is a single atomic load: that is what the tower layer does per request, so it costs no
 //!   cache lookups, clock reads or locks on the request path.
+//! - With an external [`StageSource`] ([`FlagCacheBuilder::source`]), each reload also asks it
+//!   for the wanted stages and holds them to the transition rules (see [`super::source`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -18,9 +20,10 @@ use arc_swap::ArcSwap;
 use opentelemetry::KeyValue;
 use tokio::sync::{Mutex, broadcast};
 
-use super::{FlagChange, FlagState, FlagStore};
+use super::source::{Hold, StageSource, WantedStage, assess};
+use super::{FlagChange, FlagState, FlagStore, StageChange};
 use crate::metrics::Metrics;
-use crate::{Result, Stage};
+use crate::{Error, Result, Stage};
 
 /// Where the value in force for a migration came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +45,9 @@ pub struct MigrationFlag {
     pub source: FlagSource,
     /// When it was loaded from the store (`None` for a fallback).
     pub loaded_at: Option<SystemTime>,
+    /// With an external source: the stage it wants that the transition rules refuse (the
+    /// `state` above is what is served instead).
+    pub held: Option<Arc<Hold>>,
     /// Stable hash of the migration name, for read rollout bucketing.
     pub(crate) name_hash: u64,
 }
@@ -130,6 +136,8 @@ struct Registered {
 /// Builds a [`FlagCache`].
 pub struct FlagCacheBuilder {
     store: Arc<dyn FlagStore>,
+    source: Option<Arc<dyn StageSource>>,
+    follow_unsafe: HashSet<Arc<str>>,
     migrations: Vec<Registered>,
     soft_ttl: Duration,
     metrics: Option<Metrics>,
@@ -142,6 +150,26 @@ impl FlagCacheBuilder {
         let name: Arc<str> = name.into().into();
         self.migrations.retain(|m| m.name != name);
         self.migrations.push(Registered { name, fallback });
+        self
+    }
+
+    /// Takes the wanted stages from `source` (an OpenFeature provider, say) instead of the
+    /// store, held to the transition rules against the store's evidence; the store's flag table
+    /// then mirrors what is served. See [`super::source`].
+    pub fn source(mut self, source: Arc<dyn StageSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// With an external source: whether a stage the rules refuse is held (`true`, the default)
+    /// or followed anyway as a forced, audited move (`false`).
+    pub fn hold_unsafe(mut self, migration: impl Into<String>, hold: bool) -> Self {
+        let name: Arc<str> = migration.into().into();
+        if hold {
+            self.follow_unsafe.remove(&name);
+        } else {
+            self.follow_unsafe.insert(name);
+        }
         self
     }
 
@@ -165,9 +193,17 @@ impl FlagCacheBuilder {
         let values = moka::sync::Cache::builder()
             .max_capacity(migrations.len().max(1) as u64 * 2)
             .build();
-        let changes = self.store.subscribe();
+        // A source that pushes its changes wakes the cache; else the store's NOTIFY does
+        // (another instance mirrored a move, a tuning changed), and the soft TTL in any case.
+        let changes = match &self.source {
+            Some(source) => source.changes().or_else(|| self.store.subscribe()),
+            None => self.store.subscribe(),
+        };
         let inner = Arc::new(Inner {
             store: self.store,
+            source: self.source,
+            follow_unsafe: self.follow_unsafe,
+            names: migrations.iter().map(|m| m.name.clone()).collect(),
             migrations,
             values,
             snapshot: ArcSwap::from_pointee(Snapshot::new(Vec::new(), 0)),
@@ -196,6 +232,9 @@ impl std::fmt::Debug for FlagCache {
 
 struct Inner {
     store: Arc<dyn FlagStore>,
+    source: Option<Arc<dyn StageSource>>,
+    follow_unsafe: HashSet<Arc<str>>,
+    names: Vec<Arc<str>>,
     migrations: Vec<Registered>,
     values: moka::sync::Cache<Arc<str>, MigrationFlag>,
     /// The published snapshot.
@@ -210,6 +249,8 @@ impl FlagCache {
     pub fn builder(store: Arc<dyn FlagStore>) -> FlagCacheBuilder {
         FlagCacheBuilder {
             store,
+            source: None,
+            follow_unsafe: HashSet::new(),
             migrations: Vec::new(),
             soft_ttl: Duration::from_secs(1),
             metrics: None,
@@ -243,20 +284,34 @@ impl FlagCache {
     pub fn store(&self) -> &Arc<dyn FlagStore> {
         &self.inner.store
     }
+
+    /// The external stage source, if the cache follows one.
+    pub fn source(&self) -> Option<&Arc<dyn StageSource>> {
+        self.inner.source.as_ref()
+    }
 }
 
 impl Inner {
     async fn reload(&self) -> Result<()> {
         let mut generation = self.reload_lock.lock().await;
         let loaded = self.store.load_all().await;
-        let now = SystemTime::now();
-        let outcome = match &loaded {
-            Ok(_) => "ok",
-            Err(_) => "error",
+        let wanted = match &self.source {
+            Some(source) => Some(source.stages(&self.names).await),
+            None => None,
         };
-        self.metrics
-            .flag_refresh
-            .add(1, &[KeyValue::new("outcome", outcome)]);
+        let now = SystemTime::now();
+        let source_error = match &wanted {
+            Some(Err(err)) => Some(format!("{}: {err}", self.describe_source())),
+            _ => None,
+        };
+        let failed = loaded.is_err() || source_error.is_some();
+        self.metrics.flag_refresh.add(
+            1,
+            &[KeyValue::new(
+                "outcome",
+                if failed { "error" } else { "ok" },
+            )],
+        );
         let rows: HashMap<&str, &std::result::Result<FlagState, String>> = match &loaded {
             Ok(rows) => rows
                 .iter()
@@ -267,12 +322,24 @@ impl Inner {
                 HashMap::new()
             }
         };
+        let wanted: Option<HashMap<&str, &WantedStage>> = match &wanted {
+            None => None,
+            Some(Ok(stages)) => Some(stages.iter().map(|w| (w.migration.as_str(), w)).collect()),
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, source = %self.describe_source(), "flag source unreachable; serving last known stages");
+                Some(HashMap::new())
+            }
+        };
         let mut flags = Vec::with_capacity(self.migrations.len());
         for registered in &self.migrations {
             let name = &registered.name;
             let attrs = [KeyValue::new("migration", name.to_string())];
-            let fresh = match rows.get(&**name) {
-                Some(Ok(state)) => Some(state.clone()),
+            let last = self.values.get(name);
+            let mut held = None;
+            // What the store holds for the migration (the stage served, with an external
+            // source), when it parsed.
+            let row = match rows.get(&**name) {
+                Some(Ok(state)) => Some(state),
                 Some(Err(problem)) => {
                     tracing::error!(migration = %name, %problem, "invalid flag row; the last good value stays in force");
                     self.metrics.flag_invalid.add(1, &attrs);
@@ -284,11 +351,37 @@ impl Inner {
                 }
                 None => None,
             };
-            let flag = match (fresh, self.values.get(name)) {
+            let fresh = match (&wanted, row) {
+                (None, row) => row.cloned(),
+                (Some(_), None) => None,
+                (Some(wanted), Some(row)) => match wanted.get(&**name).map(|w| &w.stage) {
+                    Some(Ok(stage)) => {
+                        let (state, hold) = self.follow(name, row, *stage).await;
+                        held = hold.map(Arc::new);
+                        Some(state)
+                    }
+                    Some(Err(problem)) => {
+                        tracing::error!(migration = %name, source = %self.describe_source(), %problem, "unusable stage from the flag source; the last known stage stays in force");
+                        self.metrics.flag_invalid.add(1, &attrs);
+                        // Never loaded in this process: the stage the store says is served
+                        // beats the fallback.
+                        last.is_none().then(|| row.clone())
+                    }
+                    // The source failed as a whole (counted and logged above).
+                    None => last.is_none().then(|| row.clone()),
+                },
+            };
+            self.report_hold(
+                name,
+                last.as_ref().and_then(|l| l.held.as_deref()),
+                held.as_deref(),
+            );
+            let flag = match (fresh, last) {
                 (Some(state), _) => MigrationFlag {
                     state: Arc::new(state),
                     source: FlagSource::Fresh,
                     loaded_at: Some(now),
+                    held,
                     name_hash: name_hash(name.as_bytes()),
                 },
                 (None, Some(last)) if last.source != FlagSource::Fallback => {
@@ -313,7 +406,94 @@ impl Inner {
         *generation += 1;
         self.snapshot
             .store(Arc::new(Snapshot::new(flags, *generation)));
-        loaded.map(drop)
+        loaded?;
+        match source_error {
+            Some(err) => Err(Error::FlagSource(err)),
+            None => Ok(()),
+        }
+    }
+
+    fn describe_source(&self) -> String {
+        self.source
+            .as_ref()
+            .map_or_else(String::new, |source| source.describe())
+    }
+
+    /// Moves the served stage (`row`, the store's) towards `wanted` from an external source, as
+    /// far as the transition rules allow: returns the state to serve and the hold, if refused.
+    async fn follow(
+        &self,
+        name: &str,
+        row: &FlagState,
+        wanted: Stage,
+    ) -> (FlagState, Option<Hold>) {
+        if row.stage == wanted {
+            return (row.clone(), None);
+        }
+        // The evidence, and the row as it is now (another instance may have moved it).
+        let record = match self.store.get(name).await {
+            Ok(record) => record,
+            Err(err) => {
+                tracing::warn!(migration = %name, error = %err, "cannot read the evidence; serving the last allowed stage");
+                return (row.clone(), None);
+            }
+        };
+        if record.state.stage == wanted {
+            return (record.state, None);
+        }
+        let source = self.describe_source();
+        let hold = assess(name, record.state.stage, wanted, &record.evidence, &source);
+        let force = hold.is_some() && self.follow_unsafe.contains(name);
+        if hold.is_some() && !force {
+            return (record.state, hold);
+        }
+        let change = StageChange::new(name, wanted, "external", format!("{source} wants {wanted}"))
+            .expect_version(record.state.version)
+            .force(force);
+        match self.store.set_stage(change).await {
+            Ok(outcome) => {
+                if let Some(refusal) = &outcome.overridden {
+                    tracing::warn!(migration = %name, %source, %refusal, "hold_unsafe = false: following the flag source into a refused stage (audited)");
+                } else {
+                    tracing::info!(migration = %name, %source, from = %record.state.stage, to = %wanted, "following the flag source");
+                }
+                (outcome.state, None)
+            }
+            // Another instance moved it first, or the evidence changed under us: the next
+            // reload looks again.
+            Err(err) => {
+                tracing::warn!(migration = %name, %source, error = %err, "could not follow the flag source yet; serving the last allowed stage");
+                (record.state, None)
+            }
+        }
+    }
+
+    /// Keeps `twintrack.flags.held` and the log in step with a migration's hold.
+    fn report_hold(&self, name: &str, before: Option<&Hold>, now: Option<&Hold>) {
+        let attrs = |h: &Hold| {
+            [
+                KeyValue::new("migration", name.to_owned()),
+                KeyValue::new("wanted", h.wanted.as_str()),
+                KeyValue::new("serving", h.serving.as_str()),
+            ]
+        };
+        let same = |a: &Hold, b: &Hold| a.wanted == b.wanted && a.serving == b.serving;
+        if let Some(before) = before
+            && now.is_none_or(|now| !same(before, now))
+        {
+            self.metrics.flag_held.record(0, &attrs(before));
+            if now.is_none() {
+                tracing::info!(migration = %name, wanted = %before.wanted, "no longer held");
+            }
+        }
+        if let Some(now) = now {
+            self.metrics.flag_held.record(1, &attrs(now));
+            if before.is_none_or(|before| !same(before, now)) {
+                tracing::error!(migration = %name, wanted = %now.wanted, serving = %now.serving, source = %now.source,
+                    reason = %now.refusal.reason, remedy = %now.refusal.remedy,
+                    "the flag source wants a stage the transition rules refuse; holding the last allowed stage");
+            }
+        }
     }
 }
 
@@ -331,6 +511,7 @@ fn fallback(name: &str, stage: Stage) -> MigrationFlag {
         }),
         source: FlagSource::Fallback,
         loaded_at: None,
+        held: None,
         name_hash: name_hash(name.as_bytes()),
     }
 }

@@ -34,8 +34,11 @@ mod cache;
 mod listen;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod listen_handle;
+#[cfg(feature = "openfeature")]
+mod openfeature;
 #[cfg(feature = "mysql")]
 mod poll;
+pub mod source;
 mod store;
 
 use std::future::Future;
@@ -44,6 +47,9 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 pub use cache::{FlagCache, FlagCacheBuilder, FlagSource, MigrationFlag, Snapshot};
+#[cfg(feature = "openfeature")]
+pub use openfeature::OpenFeatureSource;
+pub use source::{Hold, StageSource, WantedStage};
 pub use store::{SqlFlagStore, validate_migration_name};
 
 use crate::transition::{Evidence, Micros, Refusal};

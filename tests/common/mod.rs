@@ -335,6 +335,32 @@ impl TestMetrics {
         latest
     }
 
+    /// The latest value of u64 gauge `name` for the data point whose attributes include all of
+    /// `attrs` (string values).
+    pub fn gauge_u64_all(&self, name: &str, attrs: &[(&str, &str)]) -> Option<u64> {
+        use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+        self.provider.force_flush().unwrap();
+        let mut latest = None;
+        for rm in self.exporter.get_finished_metrics().unwrap() {
+            for sm in rm.scope_metrics() {
+                for m in sm.metrics().filter(|m| m.name() == name) {
+                    if let AggregatedMetrics::U64(MetricData::Gauge(gauge)) = m.data() {
+                        for dp in gauge.data_points() {
+                            if attrs.iter().all(|attr| {
+                                dp.attributes().any(|kv| {
+                                    kv.key.as_str() == attr.0 && kv.value.as_str() == attr.1
+                                })
+                            }) {
+                                latest = Some(dp.value());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        latest
+    }
+
     /// The latest value of u64 gauge `name` for the data point whose attributes include `attr`.
     pub fn gauge_u64(&self, name: &str, attr: (&str, i64)) -> Option<u64> {
         use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
