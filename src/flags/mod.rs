@@ -30,6 +30,8 @@
 //! ```
 
 mod cache;
+#[cfg(feature = "launchdarkly")]
+mod launchdarkly;
 #[cfg(feature = "postgres")]
 mod listen;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
@@ -47,6 +49,8 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 pub use cache::{FlagCache, FlagCacheBuilder, FlagSource, MigrationFlag, Snapshot};
+#[cfg(feature = "launchdarkly")]
+pub use launchdarkly::LaunchDarklySource;
 #[cfg(feature = "openfeature")]
 pub use openfeature::OpenFeatureSource;
 pub use source::{Hold, StageSource, WantedStage};
