@@ -15,6 +15,8 @@
 //! - `TWINTRACK_LISTEN`: default `127.0.0.1:8081`.
 //! - `TWINTRACK_CONFIG`: the migration's definition, default the `examples/articles.toml` built
 //!   in.
+//! - `TWINTRACK_FLAGS_FILE`: optional; a flagd flag-definition JSON file to take the stage from
+//!   (flag key `article_tags`), held to the transition rules (as in the quickstart).
 //! - `TWINTRACK_RYW_SECRET`: the key (16 bytes or more) signing read-your-writes tokens.
 //! - `TWINTRACK_DEBUG_HEADERS=1`: every response carries `x-twintrack-stage` and
 //!   `x-twintrack-read-from`.
@@ -41,7 +43,7 @@ use sqlx::PgPool;
 use tower::Layer as _;
 use twintrack::config::Config;
 use twintrack::dual::DualStore;
-use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore};
+use twintrack::flags::{FlagCache, FlagStore, OpenFeatureSource, SqlFlagStore};
 use twintrack::ryw::{ReadTarget, ReplicaOptions, ReplicaSet, Router as ReadRouter};
 use twintrack::{Database, RequestContext, TwinTrackLayer};
 use uuid::Uuid;
@@ -106,10 +108,15 @@ async fn run(url: &str) -> Result<(), BoxError> {
         .ok_or("the config defines no article_tags migration")?;
     let flag_store = Arc::new(SqlFlagStore::open(db.clone()).await?);
     flag_store.register(MIGRATION, "articles").await?;
-    let flags = FlagCache::builder(flag_store)
-        .migration(MIGRATION, migration.fallback_stage)
-        .build()
-        .await;
+    let mut flags = FlagCache::builder(flag_store).configured(&config);
+    // As the quickstart: stages from a flagd file, held to twintrack's rules.
+    if let Some(path) = std::env::var_os("TWINTRACK_FLAGS_FILE").filter(|p| !p.is_empty()) {
+        let source = OpenFeatureSource::flagd_file(&path)
+            .await?
+            .flag_keys_from(&config);
+        flags = flags.source(Arc::new(source));
+    }
+    let flags = flags.build().await;
 
     let router = read_router(&db).await?;
     let (legacy, new) = store::shapes();

@@ -139,13 +139,10 @@ async fn serve<DB: Native>(
     // twintrack's own tables, and the migration from the same file the CLI reads.
     let config = Config::parse(include_str!("../quickstart.toml"))?;
     let store = Arc::new(SqlFlagStore::open(db.clone()).await?);
-    let mut flags = FlagCache::builder(store.clone());
     for m in &config.migrations {
         store.register(&m.name, "quickstart").await?;
-        flags = flags
-            .migration(&m.name, m.fallback_stage)
-            .hold_unsafe(&m.name, m.hold_unsafe);
     }
+    let mut flags = FlagCache::builder(store.clone()).configured(&config);
     if let Some(path) = std::env::var_os("TWINTRACK_FLAGS_FILE").filter(|p| !p.is_empty()) {
         let source = OpenFeatureSource::flagd_file(&path)
             .await?

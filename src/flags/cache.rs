@@ -153,6 +153,16 @@ impl FlagCacheBuilder {
         self
     }
 
+    /// Registers every migration of `config` with its `fallback_stage` and `hold_unsafe`.
+    pub fn configured(mut self, config: &crate::config::Config) -> Self {
+        for m in &config.migrations {
+            self = self
+                .migration(&m.name, m.fallback_stage)
+                .hold_unsafe(&m.name, m.hold_unsafe);
+        }
+        self
+    }
+
     /// Takes the wanted stages from `source` (an OpenFeature provider, say) instead of the
     /// store, held to the transition rules against the store's evidence; the store's flag table
     /// then mirrors what is served. See [`super::source`].
