@@ -385,6 +385,23 @@ async fn quickstart_takes_its_stages_from_a_flagd_file_held_to_the_rules() {
         .call("GET", &format!("/users/{}/settings", created["id"]), "")
         .await;
     assert_eq!(status, 200, "{got}");
+    // A value that names no stage: the last known stage stays, the value is in the log.
+    std::fs::write(&flags, flagd_file("dual-write-please")).unwrap();
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("dual-write-please")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the bad value is logged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, stage, _) = qs.call("GET", "/users/999999/settings", "").await;
+    assert_eq!((status, stage.as_deref()), (404, Some("legacy_only")));
+    assert!(metrics_text(&qs).await.contains("twintrack_flags_invalid"));
+
     // And a valid file again is followed.
     std::fs::write(&flags, flagd_file("dual_write")).unwrap();
     wait_for_stage(&qs, "dual_write", Duration::from_secs(10)).await;
