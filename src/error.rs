@@ -79,6 +79,15 @@ pub enum Error {
     /// twintrack's own tables do not exist in this database yet.
     #[error("twintrack's tables are missing in this database: run `twintrack init` first")]
     NotInitialized,
+    /// An operating-system operation failed at run time (binding a listener, serving it).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// An external flag source (an OpenFeature provider, say) could not answer.
     #[error("flag source failed: {0}")]
     FlagSource(String),
@@ -92,6 +101,28 @@ pub enum Error {
 }
 
 impl Error {
+    /// OpenTelemetry's `error.type` for this error: the database's code for a failed statement
+    /// (see [`crate::metrics`]), else the kind of error.
+    pub fn error_type(&self) -> String {
+        match self {
+            Error::Unreachable(e)
+            | Error::Database(e)
+            | Error::Repository { source: e, .. }
+            | Error::Statement { source: e, .. } => crate::metrics::error_type(e),
+            Error::UnknownMigration(_) => "unknown_migration".into(),
+            Error::InvalidStage(_) | Error::InvalidFlag { .. } => "invalid_flag".into(),
+            Error::Refused(_) => "refused".into(),
+            Error::Precondition(_) => "precondition".into(),
+            Error::VersionConflict { .. } => "version_conflict".into(),
+            Error::Config(_) => "config".into(),
+            Error::NotInitialized => "not_initialized".into(),
+            Error::FlagSource(_) => "flag_source".into(),
+            Error::Io { source, .. } => format!("{:?}", source.kind()).to_lowercase(),
+            Error::InvalidInput(_) => "invalid_input".into(),
+            Error::Internal(_) => "internal".into(),
+        }
+    }
+
     /// Sorts an sqlx error into "could not reach the database" or "the statement failed".
     pub(crate) fn from_sqlx(err: sqlx::Error) -> Error {
         if let sqlx::Error::Database(db) = &err {

@@ -13,7 +13,7 @@
 //! | `twintrack.flags.held` | gauge | `migration`, `wanted`, `serving` | 1 while an external flag source wants a stage the transition rules refuse and `serving` is served instead; 0 once it is no longer held |
 //! | `twintrack.flags.age` | gauge (s) | `migration` | age of the value in force, after each reload |
 //! | `twintrack.dual.operations` | counter | `migration`, `op`, `side`, `outcome` | repository calls by the dual store |
-//! | `twintrack.dual.duration` | histogram (s) | `migration`, `op`, `side` | their latency |
+//! | `db.client.operation.duration` | histogram (s; buckets [`DURATION_BUCKETS`], 0.5 ms to 10 s) | `db.system.name` = `postgresql`/`sqlite`/`mariadb`, `db.operation.name` = `get`/`insert`/`update`/`delete`/`write`/…, `twintrack.migration`, `twintrack.side`, and `error.type` on failures (the SQLSTATE or MariaDB error number, else `io`, `pool_timeout`, `tls`, `protocol`, `decode`, `row_not_found`, `_OTHER`) | the latency of each repository call the dual store makes, failed ones included (OpenTelemetry's database client semantic conventions) |
 //! | `twintrack.shadow.results` | counter | `migration`, `result` = `match`/`transient`/`confirmed`/`skipped`/`unclassified` | compared reads (`skipped`: over the background cap; `unclassified`: a mismatch over the re-check cap) |
 //! | `twintrack.shadow.errors` | counter | `migration`, `side` | compared reads where a side failed (or panicked) |
 //! | `twintrack.repair.intents` | counter | `migration`, `event` = `recorded`/`repaired`/`failed` | repair intents |
@@ -28,6 +28,32 @@
 
 use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
 
+/// Bucket boundaries (s) of duration histograms: database calls, from a sub-millisecond
+/// primary-key read to a 10 s timeout. The SDK's default boundaries (0, 5, 10, 25 … 10,000) are
+/// made for milliseconds: in seconds, nearly every call lands in the first bucket.
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+];
+
+/// `error.type` for an sqlx error (OpenTelemetry's semantic conventions: low cardinality; the
+/// database's own code when it has one).
+pub(crate) fn error_type(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::Database(db) => db
+            .code()
+            .map_or_else(|| "database".into(), |c| c.into_owned()),
+        sqlx::Error::Io(_) => "io".into(),
+        sqlx::Error::PoolTimedOut => "pool_timeout".into(),
+        sqlx::Error::PoolClosed => "pool_closed".into(),
+        sqlx::Error::Tls(_) => "tls".into(),
+        sqlx::Error::Protocol(_) => "protocol".into(),
+        sqlx::Error::RowNotFound => "row_not_found".into(),
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => "decode".into(),
+        _ => "_OTHER".into(),
+    }
+}
+
 /// The instruments twintrack records into.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -38,7 +64,7 @@ pub struct Metrics {
     pub(crate) flag_age: Gauge<f64>,
     pub(crate) flag_held: Gauge<u64>,
     pub(crate) dual_ops: Counter<u64>,
-    pub(crate) dual_duration: Histogram<f64>,
+    pub(crate) db_duration: Histogram<f64>,
     pub(crate) shadow_results: Counter<u64>,
     pub(crate) shadow_errors: Counter<u64>,
     pub(crate) repair_intents: Counter<u64>,
@@ -94,10 +120,13 @@ impl Metrics {
                 .u64_counter("twintrack.dual.operations")
                 .with_description("Repository calls made by the dual store, by side and outcome")
                 .build(),
-            dual_duration: meter
-                .f64_histogram("twintrack.dual.duration")
+            db_duration: meter
+                .f64_histogram("db.client.operation.duration")
                 .with_unit("s")
-                .with_description("Latency of repository calls made by the dual store, per side")
+                .with_boundaries(DURATION_BUCKETS.to_vec())
+                .with_description(
+                    "Duration of database client operations (the dual store's repository calls, per side)",
+                )
                 .build(),
             shadow_results: meter
                 .u64_counter("twintrack.shadow.results")

@@ -25,19 +25,26 @@ use crate::Stage;
 pub type Micros = i64;
 
 /// What is known about a migration's data, recorded by backfill, verify and stage changes.
+/// Times are µs since the Unix epoch ([`Micros`]); RFC 3339 text (UTC) in JSON.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Evidence {
     /// When a backfill (legacy → new) last finished.
+    #[serde(default, with = "crate::util::rfc3339::option")]
     pub backfill_finished_at: Option<Micros>,
     /// When a verify last found both shapes equal.
+    #[serde(default, with = "crate::util::rfc3339::option")]
     pub verify_clean_at: Option<Micros>,
     /// When a reverse sync (new → legacy) last finished.
+    #[serde(default, with = "crate::util::rfc3339::option")]
     pub reverse_synced_at: Option<Micros>,
     /// When the migration last left `legacy_only` (writes before this never reached new).
+    #[serde(default, with = "crate::util::rfc3339::option")]
     pub left_legacy_only_at: Option<Micros>,
     /// When the migration last entered `new_only`.
+    #[serde(default, with = "crate::util::rfc3339::option")]
     pub entered_new_only_at: Option<Micros>,
     /// When the migration last left `new_only` (writes before this never reached legacy).
+    #[serde(default, with = "crate::util::rfc3339::option")]
     pub left_new_only_at: Option<Micros>,
 }
 

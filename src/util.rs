@@ -9,3 +9,92 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// Timestamps (µs since the Unix epoch, the unit of twintrack's tables) as RFC 3339 text in
+/// UTC with microseconds (`2026-12-01T15:04:05.123456Z`), for JSON; use with
+/// `#[serde(with = "crate::util::rfc3339")]` (or `rfc3339::option` for an `Option`).
+/// Formatting and parsing are the `time` crate's.
+pub(crate) mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _, ser::Error as _};
+    use time::format_description::well_known::Rfc3339;
+    use time::{OffsetDateTime, UtcOffset};
+
+    /// `micros` as RFC 3339 text (UTC); `None` when out of the representable range.
+    pub(crate) fn format(micros: i64) -> Option<String> {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000).ok()?;
+        at.to_offset(UtcOffset::UTC).format(&Rfc3339).ok()
+    }
+
+    /// RFC 3339 text (any offset) as µs since the epoch.
+    pub(crate) fn parse(text: &str) -> Option<i64> {
+        let at = OffsetDateTime::parse(text, &Rfc3339).ok()?;
+        i64::try_from(at.unix_timestamp_nanos() / 1000).ok()
+    }
+
+    pub(crate) fn serialize<S: Serializer>(micros: &i64, s: S) -> Result<S::Ok, S::Error> {
+        let text = format(*micros)
+            .ok_or_else(|| S::Error::custom(format!("timestamp {micros} µs is out of range")))?;
+        s.serialize_str(&text)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).ok_or_else(|| D::Error::custom(format!("not an RFC 3339 timestamp: {text:?}")))
+    }
+
+    /// The same for `Option<i64>` (`null` when `None`).
+    pub(crate) mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub(crate) fn serialize<S: Serializer>(
+            micros: &Option<i64>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match micros {
+                Some(m) => super::serialize(m, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<i64>, D::Error> {
+            let text = Option::<String>::deserialize(d)?;
+            text.map(|t| {
+                super::parse(&t).ok_or_else(|| {
+                    <D::Error as serde::de::Error>::custom(format!(
+                        "not an RFC 3339 timestamp: {t:?}"
+                    ))
+                })
+            })
+            .transpose()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::{format, parse};
+
+        #[test]
+        fn round_trips_in_utc_with_microseconds() {
+            assert_eq!(format(0).unwrap(), "1970-01-01T00:00:00Z");
+            assert_eq!(format(951_782_400_000_000).unwrap(), "2000-02-29T00:00:00Z");
+            assert_eq!(
+                format(1_795_233_906_123_456).unwrap(),
+                "2026-11-21T04:05:06.123456Z"
+            );
+            assert_eq!(format(-1).unwrap(), "1969-12-31T23:59:59.999999Z");
+            for micros in [0, 1, -1, 951_782_400_000_000, 1_795_233_906_123_456] {
+                assert_eq!(parse(&format(micros).unwrap()), Some(micros));
+            }
+            assert_eq!(
+                parse("2026-11-21T05:05:06.5+01:00"),
+                Some(1_795_233_906_500_000)
+            );
+            assert_eq!(format(i64::MAX), None);
+            for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "1795233906"] {
+                assert_eq!(parse(bad), None, "{bad}");
+            }
+        }
+    }
+}

@@ -605,6 +605,22 @@ async fn bad_admin_token_configuration_is_refused_by_serve() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // A port already taken is a runtime failure: 5, not 2.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .arg("--database-url")
+        .arg(&url)
+        .args([
+            "serve",
+            "--listen",
+            &taken.local_addr().unwrap().to_string(),
+        ])
+        .env("TWINTRACK_ADMIN_TOKEN", "0123456789abcdef")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("cannot listen on"), "{err}");
 }
 
 /// Turns new connections to a database off while alive (`ALLOW_CONNECTIONS false`, which holds

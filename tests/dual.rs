@@ -447,6 +447,22 @@ async fn failing_authoritative_write<DB: Native, I: K>(f: Fixture<DB, I>) {
             [format!("{}.put", authoritative.side)],
             "{b} {stage}"
         );
+        // The failed call is in the duration histogram, with its error.type (semantic
+        // conventions), in buckets made for database calls.
+        let side = authoritative.side;
+        let failed = [
+            ("twintrack.side", side),
+            ("db.operation.name", "write"),
+            ("error.type", "protocol"),
+            ("twintrack.migration", M),
+        ];
+        let bounds = twintrack::metrics::DURATION_BUCKETS;
+        assert_eq!(
+            f.metrics
+                .histogram_count("db.client.operation.duration", &failed, &bounds),
+            1,
+            "{b} {stage}"
+        );
         assert_eq!(
             f.sides(&id).await,
             (Some(settings("before")), Some(settings("before")))

@@ -202,13 +202,24 @@ async fn quickstart_on_the_default_sqlite_file_sees_cli_flips() {
         String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     for series in [
         "twintrack_dual_operations",
-        "twintrack_dual_duration",
+        "db_client_operation_duration_seconds_bucket{",
         "twintrack_flags_refresh",
         "twintrack_ryw_tokens",
     ] {
         assert!(
             text.contains(series),
             "{series} missing from /metrics:\n{text}"
+        );
+    }
+    // Durations in seconds, bucketed for database calls: sub-millisecond buckets exist.
+    for le in ["0.0005", "0.001", "0.005"] {
+        assert!(
+            text.lines().any(
+                |l| l.starts_with("db_client_operation_duration_seconds_bucket{")
+                    && l.contains("db_system_name=\"sqlite\"")
+                    && l.contains(&format!("le=\"{le}\""))
+            ),
+            "no {le} s bucket:\n{text}"
         );
     }
 

@@ -337,16 +337,16 @@ pub fn exit_code(err: &Error) -> u8 {
     match err {
         Error::Refused(_) | Error::VersionConflict { .. } | Error::Precondition(_) => 3,
         Error::Unreachable(_) => 4,
-        Error::UnknownMigration(_)
-        | Error::InvalidStage(_)
-        | Error::InvalidFlag { .. }
-        | Error::Config(_)
+        Error::UnknownMigration(_) | Error::InvalidStage(_) | Error::Config(_)
         | Error::InvalidInput(_)
         | Error::NotInitialized => 2,
         Error::Database(_)
         | Error::Statement { .. }
         | Error::Repository { .. }
         | Error::FlagSource(_)
+        | Error::Io { .. }
+        // A stored flag row that does not parse: the database's state, not the caller's input.
+        | Error::InvalidFlag { .. }
         | Error::Internal(_) => 5,
     }
 }

@@ -48,10 +48,14 @@ pub(crate) async fn run(env: &Env, listen: &str) -> Result<ExitCode, Error> {
         .build();
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::InvalidInput(format!("cannot listen on {addr}: {e}")))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::InvalidInput(format!("cannot listen on {addr}: {e}")))?;
+        .map_err(|source| Error::Io {
+            what: format!("cannot listen on {addr}"),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| Error::Io {
+        what: format!("cannot listen on {addr}"),
+        source,
+    })?;
     // Scripts and tests read this line to find the port (the address may say port 0).
     println!("twintrack control plane listening on http://{local}");
     let mut server = ControlServer::new(store, db, tokens).prometheus(prometheus);

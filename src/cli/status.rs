@@ -16,6 +16,7 @@ struct Row {
     migration: String,
     stage: Option<Stage>,
     version: Option<i64>,
+    #[serde(with = "crate::util::rfc3339::option")]
     updated_at: Option<i64>,
     updated_by: Option<String>,
     reason: Option<String>,

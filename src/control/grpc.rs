@@ -51,6 +51,7 @@ pub fn status(err: Error) -> Status {
         Error::Database(_)
         | Error::Statement { .. }
         | Error::Repository { .. }
+        | Error::Io { .. }
         | Error::Internal(_) => Status::internal(message),
     }
 }

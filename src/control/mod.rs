@@ -107,6 +107,9 @@ impl ControlServer {
         axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await
-            .map_err(|e| Error::InvalidInput(format!("the control server failed: {e}")))
+            .map_err(|source| Error::Io {
+                what: "the control server failed".into(),
+                source,
+            })
     }
 }

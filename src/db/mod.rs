@@ -59,6 +59,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// OpenTelemetry's `db.system.name`: `postgresql`, `sqlite`, or `mariadb` (the MySQL
+    /// backend runs on MariaDB only).
+    pub fn db_system_name(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgresql",
+            Backend::Sqlite => "sqlite",
+            Backend::MySql => "mariadb",
+        }
+    }
+
     /// The statement that begins a transaction which will write: on SQLite `BEGIN IMMEDIATE`
     /// takes the write lock up front (a deferred transaction that later writes fails at once
     /// if another writer committed in between); on PostgreSQL plain `BEGIN`.

@@ -249,18 +249,31 @@ where
         KeyValue::new("migration", self.inner.migration.clone())
     }
 
-    fn observe(&self, op: &'static str, side: Side, took: Duration, ok: bool) {
-        let attrs = [
-            self.migration_attr(),
-            KeyValue::new("op", op),
-            KeyValue::new("side", side.as_str()),
-            KeyValue::new("outcome", if ok { "ok" } else { "error" }),
-        ];
+    /// Records one repository call on `side`: `error` is its `error.type` when it failed.
+    fn observe(&self, op: &'static str, side: Side, took: Duration, error: Option<String>) {
         let metrics = &self.inner.metrics;
-        metrics
-            .dual_duration
-            .record(took.as_secs_f64(), &attrs[..3]);
-        metrics.dual_ops.add(1, &attrs);
+        metrics.dual_ops.add(
+            1,
+            &[
+                self.migration_attr(),
+                KeyValue::new("op", op),
+                KeyValue::new("side", side.as_str()),
+                KeyValue::new("outcome", if error.is_none() { "ok" } else { "error" }),
+            ],
+        );
+        let failed = error.is_some();
+        let attrs = [
+            KeyValue::new(
+                "db.system.name",
+                self.database_of(side).backend().db_system_name(),
+            ),
+            KeyValue::new("db.operation.name", op),
+            KeyValue::new("twintrack.migration", self.inner.migration.clone()),
+            KeyValue::new("twintrack.side", side.as_str()),
+            KeyValue::new("error.type", error.unwrap_or_default()),
+        ];
+        let attrs = if failed { &attrs[..] } else { &attrs[..4] };
+        metrics.db_duration.record(took.as_secs_f64(), attrs);
     }
 
     fn span(&self, op: &'static str, stage: crate::Stage, side: Side) -> tracing::Span {

@@ -199,7 +199,12 @@ where
             repair::clear_intent(self.database_of(authoritative), intent).await
         };
         let result = attempt.await;
-        self.observe("write", side, started.elapsed(), result.is_ok());
+        self.observe(
+            "write",
+            side,
+            started.elapsed(),
+            result.as_ref().err().map(Error::error_type),
+        );
         if let Err(err) = result {
             tracing::warn!(migration = %self.inner.migration, key = %key.to_text(), %side, error = %err,
                 "non-authoritative write failed; the repair intent stays");
@@ -226,7 +231,12 @@ where
             .instrument(self.span(what, stage, side))
             .await;
         let took = started.elapsed();
-        self.observe(what, side, took, result.is_ok());
+        self.observe(
+            what,
+            side,
+            took,
+            result.as_ref().err().map(crate::metrics::error_type),
+        );
         result.map(|v| (v, took)).map_err(self.side_error(side))
     }
 }

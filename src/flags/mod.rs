@@ -71,7 +71,8 @@ pub struct FlagState {
     pub stage: Stage,
     /// Incremented by every change; the compare-and-set token.
     pub version: i64,
-    /// When it last changed (µs since the Unix epoch).
+    /// When it last changed (µs since the Unix epoch; RFC 3339 text in JSON).
+    #[serde(with = "crate::util::rfc3339")]
     pub updated_at: Micros,
     /// Who changed it last.
     pub updated_by: String,
@@ -210,7 +211,8 @@ pub struct AuditEntry {
     pub id: i64,
     /// The migration.
     pub migration: String,
-    /// When (µs since the Unix epoch).
+    /// When (µs since the Unix epoch; RFC 3339 text in JSON).
+    #[serde(with = "crate::util::rfc3339")]
     pub at: Micros,
     /// Who.
     pub actor: String,

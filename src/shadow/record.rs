@@ -31,7 +31,8 @@ pub struct Mismatch {
     pub legacy_micros: i64,
     /// How long the new read took (µs).
     pub new_micros: i64,
-    /// When (µs since the Unix epoch).
+    /// When (µs since the Unix epoch; RFC 3339 in JSON).
+    #[serde(with = "crate::util::rfc3339")]
     pub at: i64,
 }
 

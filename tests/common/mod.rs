@@ -335,6 +335,37 @@ impl TestMetrics {
         latest
     }
 
+    /// The count of f64 histogram `name` over data points whose attributes include all of
+    /// `attrs`, and whether those points all have `bounds` as their bucket boundaries.
+    pub fn histogram_count(&self, name: &str, attrs: &[(&str, &str)], bounds: &[f64]) -> u64 {
+        use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+        self.provider.force_flush().unwrap();
+        let mut latest = 0;
+        for rm in self.exporter.get_finished_metrics().unwrap() {
+            for sm in rm.scope_metrics() {
+                for m in sm.metrics().filter(|m| m.name() == name) {
+                    if let AggregatedMetrics::F64(MetricData::Histogram(h)) = m.data() {
+                        latest = h
+                            .data_points()
+                            .filter(|dp| {
+                                attrs.iter().all(|attr| {
+                                    dp.attributes().any(|kv| {
+                                        kv.key.as_str() == attr.0 && kv.value.as_str() == attr.1
+                                    })
+                                })
+                            })
+                            .inspect(|dp| {
+                                assert_eq!(dp.bounds().collect::<Vec<_>>(), bounds, "{name}")
+                            })
+                            .map(|dp| dp.count())
+                            .sum();
+                    }
+                }
+            }
+        }
+        latest
+    }
+
     /// The latest value of u64 gauge `name` for the data point whose attributes include all of
     /// `attrs` (string values).
     pub fn gauge_u64_all(&self, name: &str, attrs: &[(&str, &str)]) -> Option<u64> {
