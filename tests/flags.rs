@@ -446,3 +446,96 @@ async fn uninitialised_sqlite_store_serves_fallback() {
     assert!(matches!(cache.refresh().await, Err(Error::NotInitialized)));
     assert!(matches!(s.get("m").await, Err(Error::NotInitialized)));
 }
+
+/// A move that would serve a side (or make it authoritative) while repair intents still
+/// target it is refused with the count and the remedy: those acknowledged writes have not
+/// landed there. Moves that do not start reading that side stay allowed; `--force` overrides,
+/// audited; once the intents are replayed the move goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn moves_onto_a_side_that_repair_intents_still_target_are_refused() {
+    for (backend, url, _guard) in backends().await {
+        let s = store(&url).await;
+        s.register("m", "t").await.unwrap();
+        for (stage, evidence) in [(Stage::DualWrite, false), (Stage::Shadow, true)] {
+            if evidence {
+                let at = twintrack_now();
+                s.record_evidence("m", EvidenceKind::BackfillFinished, at + 1, "t")
+                    .await
+                    .unwrap();
+                s.record_evidence("m", EvidenceKind::VerifyClean, at + 2, "t")
+                    .await
+                    .unwrap();
+            }
+            s.set_stage(StageChange::new("m", stage, "t", "setup"))
+                .await
+                .unwrap();
+        }
+        let db = s.database().clone();
+        let intent = |side: &'static str| {
+            let db = db.clone();
+            async move {
+                twintrack::db::query(
+                    "INSERT INTO twintrack_repair_intents (migration, key_text, target_side, created_at) VALUES ('m', '7', $1, 1)",
+                )
+                .bind(side)
+                .execute(&db)
+                .await
+                .unwrap();
+            }
+        };
+        intent("new").await;
+        let before = audit_len(&s, "m").await;
+        let err = s
+            .set_stage(StageChange::new("m", Stage::Live, "t", "go"))
+            .await
+            .unwrap_err();
+        let Error::Refused(refusal) = &err else {
+            panic!("{backend}: {err:?}")
+        };
+        assert!(
+            refusal
+                .reason
+                .contains("1 repair intents still target the new side"),
+            "{backend}: {refusal}"
+        );
+        assert!(refusal.remedy.contains("--repair"), "{refusal}");
+        assert_eq!(s.get("m").await.unwrap().state.stage, Stage::Shadow);
+        assert_eq!(
+            audit_len(&s, "m").await,
+            before,
+            "{backend}: nothing written"
+        );
+
+        // Rolling back does not start reading the new side: allowed.
+        s.set_stage(StageChange::new("m", Stage::DualWrite, "t", "back"))
+            .await
+            .unwrap();
+        s.set_stage(StageChange::new("m", Stage::Shadow, "t", "again"))
+            .await
+            .unwrap();
+        // Forced: allowed, the refusal in the audit entry.
+        let forced = s
+            .set_stage(StageChange::new("m", Stage::Live, "t", "incident").force(true))
+            .await
+            .unwrap();
+        assert!(forced.overridden.is_some(), "{backend}");
+        // Intents targeting legacy refuse the way back to reading legacy.
+        intent("legacy").await;
+        let err = s
+            .set_stage(StageChange::new("m", Stage::Shadow, "t", "back"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Refused(r) if r.reason.contains("target the legacy side")),
+            "{backend}: {err:?}"
+        );
+        // Replayed (gone): allowed.
+        twintrack::db::query("DELETE FROM twintrack_repair_intents WHERE migration = 'm'")
+            .execute(&db)
+            .await
+            .unwrap();
+        s.set_stage(StageChange::new("m", Stage::Shadow, "t", "back"))
+            .await
+            .unwrap();
+    }
+}

@@ -113,6 +113,46 @@ impl SqlFlagStore {
     }
 }
 
+/// A move that starts serving a side, or makes it authoritative, while repair intents in this
+/// database still target it: acknowledged writes have not reached that side yet, so reads
+/// there would miss them (and its later writes would be overwritten by their replays). Two
+/// databases keep the intents of writes made while legacy is authoritative here (the flag
+/// store's database); those made while the new shape is authoritative are in the new database,
+/// where reads settle them before serving.
+async fn unrepaired_toward(
+    tx: &mut Tx,
+    migration: &str,
+    from: Stage,
+    to: Stage,
+) -> Result<Option<transition::Refusal>> {
+    let (before, after) = (from.plan(), to.plan());
+    for side in [after.served, after.authoritative] {
+        if side == before.served || side == before.authoritative {
+            continue;
+        }
+        let pending: i64 = query(
+            "SELECT COUNT(*) FROM twintrack_repair_intents WHERE migration = $1 AND target_side = $2",
+        )
+        .bind(migration)
+        .bind(side.as_str())
+        .scalar(&mut *tx)
+        .await?;
+        if pending > 0 {
+            return Ok(Some(transition::Refusal {
+                from,
+                to,
+                reason: format!(
+                    "{pending} repair intents still target the {side} side: writes acknowledged there have not landed yet, and {to} would serve it"
+                ),
+                remedy: format!(
+                    "let the repair worker replay them (or run `twintrack verify {migration} --repair`), then retry; or pass --force"
+                ),
+            }));
+        }
+    }
+    Ok(None)
+}
+
 fn check_text(what: &str, value: &str, max: usize) -> Result<()> {
     if value.trim().is_empty() {
         return Err(Error::InvalidInput(format!("{what} must not be empty")));
@@ -380,7 +420,15 @@ impl FlagStore for SqlFlagStore {
                         overridden: None,
                     });
                 }
-                Some(Verdict::Allowed(_)) | None => None,
+                Some(Verdict::Allowed(_)) => {
+                    let from = from.expect("a verdict comes from a parsed stage");
+                    match unrepaired_toward(&mut tx, &change.migration, from, change.to).await? {
+                        Some(refusal) if change.force => Some(refusal),
+                        Some(refusal) => return Err(Error::Refused(refusal)),
+                        None => None,
+                    }
+                }
+                None => None,
                 Some(Verdict::Refused(refusal)) if change.force => Some(refusal),
                 Some(Verdict::Refused(refusal)) => return Err(Error::Refused(refusal)),
             };
