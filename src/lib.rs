@@ -98,6 +98,7 @@ mod retry;
 pub mod ryw;
 pub mod schema;
 pub mod shadow;
+pub mod shutdown;
 pub mod stage;
 pub mod transition;
 mod util;

@@ -916,3 +916,82 @@ async fn get_migration_and_the_admin_page_show_holds_of_a_flag_source() {
     assert!(!page.contains("id=\"held-other\""));
     task.abort();
 }
+
+/// `twintrack serve` on SIGTERM (and SIGINT): stops taking connections, answers what is in
+/// flight and exits 0; requests made during the shutdown get answers or a closed port, never a
+/// reset. The time to exit is printed.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_exits_0_on_sigterm_and_sigint_answering_what_is_in_flight() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let store = SqlFlagStore::open(Database::connect(&pg.url).await.unwrap())
+        .await
+        .unwrap();
+    store.register(M, "test").await.unwrap();
+    for signal in ["-TERM", "-INT"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+            .arg("--database-url")
+            .arg(&pg.url)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("TWINTRACK_ADMIN_TOKEN", format!("oncall={TOKEN}"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let base = common::listening_base(&mut child, "control plane");
+        let signalled = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let (base, signalled) = (base.clone(), signalled.clone());
+            clients.push(tokio::spawn(async move {
+                let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                    .build_http::<Full<Bytes>>();
+                let mut answered = 0u32;
+                loop {
+                    let req = http::Request::get(format!("{base}/admin"))
+                        .header("authorization", format!("Bearer {TOKEN}"))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    match client.request(req).await {
+                        Ok(res) => {
+                            assert_eq!(res.status(), 200);
+                            let _ = res.into_body().collect().await;
+                            answered += 1;
+                        }
+                        Err(e) if e.is_connect() && signalled.load(Ordering::SeqCst) => {
+                            return answered;
+                        }
+                        Err(e) => panic!("a request saw {e:?}"),
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let at = std::time::Instant::now();
+        signalled.store(true, Ordering::SeqCst);
+        let kill = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                at.elapsed() < Duration::from_secs(30),
+                "{signal}: still running"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        eprintln!("serve: {signal} to exit in {:?}", at.elapsed());
+        assert_eq!(status.code(), Some(0), "{signal}: {status:?}");
+        let mut answered = 0;
+        for client in clients {
+            answered += client.await.unwrap();
+        }
+        assert!(answered > 0, "{signal}: the load ran");
+    }
+}

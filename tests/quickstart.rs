@@ -496,3 +496,149 @@ async fn quickstart_reads_its_writes_through_a_lagging_replica() {
     assert_eq!(status, 200);
     assert_eq!(headers["x-twintrack-read-from"], "replica");
 }
+
+/// SIGTERM during load (two databases, dual writes): the quickstart stops taking connections,
+/// answers every request already made, stops its repair worker and exits 0; no request sees
+/// a reset (a request either gets its answer, or finds the port closed); every acknowledged
+/// write is in legacy, and in the new database or still a repair intent. The time to exit is
+/// printed (the issue's figure: within 5 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn quickstart_drains_its_requests_on_sigterm_and_exits_0() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let legacy_url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("legacy.db").display()
+    );
+    let new_url = format!("sqlite://{}?mode=rwc", dir.path().join("new.db").display());
+    let qs = Quickstart::start_with(
+        dir.path(),
+        Some(&legacy_url),
+        &[("NEW_DATABASE_URL", new_url.as_str())],
+    );
+    let (code, out) = cli(
+        dir.path(),
+        &legacy_url,
+        "stage set user_settings dual_write --reason sigterm-test",
+    );
+    assert_eq!(code, 0, "{out}");
+    wait_for_stage(&qs, "dual_write", Duration::from_secs(10)).await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let body =
+            format!(r#"{{"email":"u{i}@example.com","theme":"t0","notifications_enabled":true}}"#);
+        let (status, _, created) = qs.call("POST", "/users", &body).await;
+        assert_eq!(status, 201, "{created}");
+        ids.push(created["id"].as_i64().unwrap());
+    }
+
+    // Eight clients writing their own users, each on a kept-alive connection.
+    let signalled = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let (base, signalled) = (qs.base.clone(), signalled.clone());
+        let mine: Vec<i64> = ids.iter().copied().skip(c).step_by(8).collect();
+        clients.push(tokio::spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+            // Per user: the acknowledged theme, and any whose answer never came.
+            let mut acked: std::collections::HashMap<i64, Vec<String>> = Default::default();
+            let mut answered = 0u32;
+            for n in 1.. {
+                let id = mine[n % mine.len()];
+                let theme = format!("t{n}");
+                let req = http::Request::builder()
+                    .method("PUT")
+                    .uri(format!("{base}/users/{id}/settings"))
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"theme":"{theme}","notifications_enabled":false}}"#
+                    ))))
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(res) => {
+                        let status = res.status().as_u16();
+                        let _ = res.into_body().collect().await;
+                        assert!(status == 200, "PUT answered {status}");
+                        acked.insert(id, vec![theme]);
+                        answered += 1;
+                    }
+                    // The port is closed: the server has stopped taking connections.
+                    Err(e) if e.is_connect() && signalled.load(Ordering::SeqCst) => break,
+                    Err(e) => panic!(
+                        "a request saw {e:?} (signalled: {})",
+                        signalled.load(Ordering::SeqCst)
+                    ),
+                }
+            }
+            (acked, answered)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = qs.child.id();
+    let signalled_at = std::time::Instant::now();
+    signalled.store(true, Ordering::SeqCst);
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut qs = qs;
+    let status = loop {
+        if let Some(status) = qs.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled_at.elapsed() < Duration::from_secs(30),
+            "still running 30 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = signalled_at.elapsed();
+    eprintln!("SIGTERM to exit: {took:?}");
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+
+    let mut acked = std::collections::HashMap::new();
+    let mut answered = 0;
+    for client in clients {
+        let (mine, n) = client.await.unwrap();
+        acked.extend(mine);
+        answered += n;
+    }
+    assert!(answered > 50, "the load ran ({answered} answered PUTs)");
+
+    // Nothing acknowledged is lost: legacy holds it; the new database too, or an intent says so.
+    let legacy = twintrack::Database::connect(&legacy_url).await.unwrap();
+    let new = twintrack::Database::connect(&new_url).await.unwrap();
+    let mut behind = 0;
+    for (id, themes) in &acked {
+        let profile: String = twintrack::db::query("SELECT profile FROM users WHERE id = $1")
+            .bind(*id)
+            .scalar(&legacy)
+            .await
+            .unwrap();
+        let theme: Value = serde_json::from_str::<Value>(&profile).unwrap()["theme"].clone();
+        assert!(
+            themes.iter().any(|t| theme == *t),
+            "user {id}: legacy {theme}, acked {themes:?}"
+        );
+        let new_theme: Option<String> =
+            twintrack::db::query("SELECT theme FROM user_settings WHERE user_id = $1")
+                .bind(*id)
+                .fetch_optional(&new)
+                .await
+                .unwrap()
+                .map(|row| row.get("theme").unwrap());
+        if new_theme.as_deref() != theme.as_str() {
+            behind += 1;
+        }
+    }
+    let intents = twintrack::dual::pending_intents(&legacy, "user_settings")
+        .await
+        .unwrap();
+    assert!(
+        behind <= intents,
+        "{behind} keys behind in the new database, {intents} intents"
+    );
+    eprintln!("{answered} PUTs answered; {behind} keys behind, {intents} intents pending");
+}

@@ -125,7 +125,10 @@ async fn run(url: &str) -> Result<(), BoxError> {
         .primary_reads(migration.primary_reads)
         .definition(migration.definition(db.backend())?)
         .build()?;
-    let articles = Articles { pool, tags };
+    let articles = Articles {
+        pool,
+        tags: tags.clone(),
+    };
 
     let mut app = axum::Router::new()
         .route("/articles", post(create).get(with_tag))
@@ -143,14 +146,17 @@ async fn run(url: &str) -> Result<(), BoxError> {
         "twintrack articles listening on http://{}",
         listener.local_addr()?
     );
-    axum::serve(
+    twintrack::shutdown::serve(
         listener,
-        axum::ServiceExt::<Request>::into_make_service(app),
+        app,
+        twintrack::shutdown::signal(),
+        twintrack::shutdown::DEFAULT_GRACE,
     )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
     .await?;
+    // Every request has been answered: let background shadow work finish, exit 0.
+    if !tags.drain(std::time::Duration::from_secs(3)).await {
+        tracing::warn!("background shadow work still running at exit; it is diagnostics only");
+    }
     Ok(())
 }
 

@@ -36,7 +36,6 @@
 
 use std::sync::Arc;
 
-use axum::extract::Request;
 use twintrack::config::Config;
 use twintrack::db::Native;
 use twintrack::dual::DualStore;
@@ -184,19 +183,26 @@ async fn serve<DB: Native>(
         .primary_reads(migration.primary_reads)
         .definition(definition)
         .build()?;
-    if new_db.is_some() {
+    // SIGTERM or SIGINT stops the server (it drains the requests in flight) and the repair
+    // worker (between passes: an intent it has not replayed stays in the database).
+    let stopping = stop_flag();
+    let repair_worker = new_db.is_some().then(|| {
         // Two databases: a write whose second side failed (or whose process died before it)
         // left a repair intent; replay those older than a few seconds, every few seconds.
-        let store = settings.clone();
+        let (store, mut stop) = (settings.clone(), stopping.subscribe());
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                }
                 if let Err(err) = store.repair(std::time::Duration::from_secs(2)).await {
                     tracing::warn!(error = %err, "repair pass failed; trying again");
                 }
             }
-        });
-    }
+        })
+    });
+    let drained = settings.clone();
     let app = app::app(
         Users { settings },
         flags,
@@ -210,15 +216,31 @@ async fn serve<DB: Native>(
         "twintrack quickstart listening on http://{}",
         listener.local_addr()?
     );
-    axum::serve(
+    // On SIGTERM or SIGINT: refuse new connections, answer every request made (HTTP/1
+    // responses then say `Connection: close`), then close what is left.
+    twintrack::shutdown::serve(
         listener,
-        axum::ServiceExt::<Request>::into_make_service(app),
+        app,
+        twintrack::shutdown::signal(),
+        twintrack::shutdown::DEFAULT_GRACE,
     )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
     .await?;
+    // Every request has been answered. Stop the repair worker, let background shadow reads
+    // and the mismatch recorder finish, and exit 0.
+    let _ = stopping.send(true);
+    if let Some(worker) = repair_worker {
+        let _ = worker.await;
+    }
+    if !drained.drain(std::time::Duration::from_secs(3)).await {
+        tracing::warn!("background shadow work still running at exit; it is diagnostics only");
+    }
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// A stop flag the workers watch.
+fn stop_flag() -> tokio::sync::watch::Sender<bool> {
+    tokio::sync::watch::channel(false).0
 }
 
 /// The read router: the replicas in `REPLICA_DATABASE_URLS` (if any) and the token secret.

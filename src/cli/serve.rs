@@ -63,9 +63,8 @@ pub(crate) async fn run(env: &Env, listen: &str) -> Result<ExitCode, Error> {
         server = server.stage_source(source);
     }
     server
-        .serve(listener, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        // SIGTERM or SIGINT: stop accepting, let the requests in flight finish, exit 0.
+        .serve(listener, crate::shutdown::signal())
         .await?;
     Ok(ExitCode::SUCCESS)
 }

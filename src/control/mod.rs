@@ -104,12 +104,16 @@ impl ControlServer {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|source| Error::Io {
-                what: "the control server failed".into(),
-                source,
-            })
+        crate::shutdown::serve(
+            listener,
+            self.router(),
+            shutdown,
+            crate::shutdown::DEFAULT_GRACE,
+        )
+        .await
+        .map_err(|source| Error::Io {
+            what: "the control server failed".into(),
+            source,
+        })
     }
 }

@@ -211,6 +211,28 @@ where
         }
     }
 
+    /// Waits, at most `timeout`, for this store's work off the request path to finish: shadow
+    /// reads running in the background, mismatch classifications, and the mismatch recorder's
+    /// queue. Call it at shutdown, once the server has stopped taking requests (see
+    /// [`crate::shutdown`]). Returns whether all of it finished in time.
+    ///
+    /// A write's other side is not such work: it completes inside the request, or stays a
+    /// repair intent in the database for a repair worker (this process's, or the next one's),
+    /// so nothing is lost whether or not this is called.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let limit = u32::try_from(self.inner.shadow.background_limit.max(1)).unwrap_or(u32::MAX);
+        let work = async {
+            let _background = self.inner.background.acquire_many(limit).await;
+            let _classifying = self.inner.classifying.acquire_many(limit).await;
+            if let Some(queue) = self.inner.recorder.get() {
+                while queue.capacity() < queue.max_capacity() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, work).await.is_ok()
+    }
+
     /// How this store's shadow reads run and compare.
     pub fn shadow_options(&self) -> &ShadowOptions {
         &self.inner.shadow
