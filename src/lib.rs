@@ -81,9 +81,11 @@
 
 pub mod across;
 pub mod backfill;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 pub mod context;
+#[cfg(feature = "control")]
 pub mod control;
 pub mod db;
 pub mod definition;

@@ -203,90 +203,100 @@ impl Metrics {
     }
 }
 
-/// A Prometheus endpoint for twintrack's (and your own) OpenTelemetry metrics.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// // Once, first thing at start-up (twintrack's parts record through the global meter):
-/// let prometheus = twintrack::metrics::PrometheusExporter::install_global()?;
-/// let app: axum::Router = axum::Router::new(); // your routes
-/// let app = app.merge(prometheus.router()); // GET /metrics, Prometheus text format
-/// # Ok(()) }
-/// ```
-#[derive(Clone)]
-pub struct PrometheusExporter {
-    registry: prometheus::Registry,
-    provider: opentelemetry_sdk::metrics::SdkMeterProvider,
-}
+#[cfg(feature = "prometheus")]
+pub use exporter::PrometheusExporter;
 
-impl std::fmt::Debug for PrometheusExporter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PrometheusExporter").finish_non_exhaustive()
-    }
-}
+#[cfg(feature = "prometheus")]
+mod exporter {
+    use opentelemetry::metrics::Meter;
 
-impl PrometheusExporter {
-    /// An exporter with its own meter provider (not installed globally).
-    pub fn new() -> crate::Result<PrometheusExporter> {
-        let registry = prometheus::Registry::new();
-        let exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .build()
-            .map_err(|e| crate::Error::Config(format!("Prometheus exporter: {e}")))?;
-        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-            .with_reader(exporter)
-            .build();
-        Ok(PrometheusExporter { registry, provider })
+    use super::Metrics;
+
+    /// A Prometheus endpoint for twintrack's (and your own) OpenTelemetry metrics.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Once, first thing at start-up (twintrack's parts record through the global meter):
+    /// let prometheus = twintrack::metrics::PrometheusExporter::install_global()?;
+    /// let app: axum::Router = axum::Router::new(); // your routes
+    /// let app = app.merge(prometheus.router()); // GET /metrics, Prometheus text format
+    /// # Ok(()) }
+    /// ```
+    #[derive(Clone)]
+    pub struct PrometheusExporter {
+        registry: prometheus::Registry,
+        provider: opentelemetry_sdk::metrics::SdkMeterProvider,
     }
 
-    /// An exporter whose meter provider becomes the global one, so [`Metrics::global`] (the
-    /// default of every twintrack part) records into it. Call it before building those parts.
-    pub fn install_global() -> crate::Result<PrometheusExporter> {
-        let exporter = PrometheusExporter::new()?;
-        opentelemetry::global::set_meter_provider(exporter.provider.clone());
-        Ok(exporter)
-    }
-
-    /// twintrack's instruments on this exporter's provider.
-    pub fn metrics(&self) -> Metrics {
-        use opentelemetry::metrics::MeterProvider as _;
-        Metrics::new(&self.provider.meter("twintrack"))
-    }
-
-    /// A meter on this exporter's provider, for your own instruments.
-    pub fn meter(&self, name: &'static str) -> Meter {
-        use opentelemetry::metrics::MeterProvider as _;
-        self.provider.meter(name)
-    }
-
-    /// Everything recorded so far, in the Prometheus text format.
-    pub fn render(&self) -> String {
-        use prometheus::Encoder as _;
-        let mut out = Vec::new();
-        let encoder = prometheus::TextEncoder::new();
-        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
-            return format!("# error encoding metrics: {e}\n");
+    impl std::fmt::Debug for PrometheusExporter {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("PrometheusExporter").finish_non_exhaustive()
         }
-        String::from_utf8(out).unwrap_or_default()
     }
 
-    /// `GET /metrics`: read-only, no authentication, Prometheus text format.
-    pub fn router<S: Clone + Send + Sync + 'static>(&self) -> axum::Router<S> {
-        let exporter = self.clone();
-        axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let exporter = exporter.clone();
-                async move {
-                    (
-                        [(
-                            http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        exporter.render(),
-                    )
-                }
-            }),
-        )
+    impl PrometheusExporter {
+        /// An exporter with its own meter provider (not installed globally).
+        pub fn new() -> crate::Result<PrometheusExporter> {
+            let registry = prometheus::Registry::new();
+            let exporter = opentelemetry_prometheus::exporter()
+                .with_registry(registry.clone())
+                .build()
+                .map_err(|e| crate::Error::Config(format!("Prometheus exporter: {e}")))?;
+            let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+                .with_reader(exporter)
+                .build();
+            Ok(PrometheusExporter { registry, provider })
+        }
+
+        /// An exporter whose meter provider becomes the global one, so [`Metrics::global`] (the
+        /// default of every twintrack part) records into it. Call it before building those parts.
+        pub fn install_global() -> crate::Result<PrometheusExporter> {
+            let exporter = PrometheusExporter::new()?;
+            opentelemetry::global::set_meter_provider(exporter.provider.clone());
+            Ok(exporter)
+        }
+
+        /// twintrack's instruments on this exporter's provider.
+        pub fn metrics(&self) -> Metrics {
+            use opentelemetry::metrics::MeterProvider as _;
+            Metrics::new(&self.provider.meter("twintrack"))
+        }
+
+        /// A meter on this exporter's provider, for your own instruments.
+        pub fn meter(&self, name: &'static str) -> Meter {
+            use opentelemetry::metrics::MeterProvider as _;
+            self.provider.meter(name)
+        }
+
+        /// Everything recorded so far, in the Prometheus text format.
+        pub fn render(&self) -> String {
+            use prometheus::Encoder as _;
+            let mut out = Vec::new();
+            let encoder = prometheus::TextEncoder::new();
+            if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+                return format!("# error encoding metrics: {e}\n");
+            }
+            String::from_utf8(out).unwrap_or_default()
+        }
+
+        /// `GET /metrics`: read-only, no authentication, Prometheus text format.
+        pub fn router<S: Clone + Send + Sync + 'static>(&self) -> axum::Router<S> {
+            let exporter = self.clone();
+            axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let exporter = exporter.clone();
+                    async move {
+                        (
+                            [(
+                                http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            exporter.render(),
+                        )
+                    }
+                }),
+            )
+        }
     }
 }

@@ -10,6 +10,17 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// `2026-11-21T04:05:06Z` from µs since the Unix epoch (UTC; no time-zone database needed).
+#[cfg_attr(not(any(feature = "cli", feature = "control")), allow(dead_code))]
+pub(crate) fn format_micros(micros: i64) -> String {
+    if micros <= 0 {
+        return "-".into();
+    }
+    // Whole seconds for people; `--json` carries the microseconds.
+    crate::util::rfc3339::format(micros - micros.rem_euclid(1_000_000))
+        .unwrap_or_else(|| format!("{micros} µs"))
+}
+
 /// Timestamps (µs since the Unix epoch, the unit of twintrack's tables) as RFC 3339 text in
 /// UTC with microseconds (`2026-12-01T15:04:05.123456Z`), for JSON; use with
 /// `#[serde(with = "crate::util::rfc3339")]` (or `rfc3339::option` for an `Option`).

@@ -483,6 +483,14 @@ async fn moves_onto_a_side_that_repair_intents_still_target_are_refused() {
                 .unwrap();
             }
         };
+        // A write in flight has its intent too (two databases): it does not hold a move up.
+        twintrack::db::query(
+            "INSERT INTO twintrack_repair_intents (migration, key_text, target_side, created_at, last_error) VALUES ('m', '8', 'new', $1, 'pending')",
+        )
+        .bind(twintrack_now())
+        .execute(&db)
+        .await
+        .unwrap();
         intent("new").await;
         let before = audit_len(&s, "m").await;
         let err = s

@@ -49,15 +49,7 @@ impl Output {
     }
 }
 
-/// `2026-11-21T04:05:06Z` from µs since the Unix epoch (UTC; no time-zone database needed).
-pub(crate) fn format_micros(micros: i64) -> String {
-    if micros <= 0 {
-        return "-".into();
-    }
-    // Whole seconds for people; `--json` carries the microseconds.
-    crate::util::rfc3339::format(micros - micros.rem_euclid(1_000_000))
-        .unwrap_or_else(|| format!("{micros} µs"))
-}
+pub(crate) use crate::util::format_micros;
 
 #[cfg(test)]
 mod tests {

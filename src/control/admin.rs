@@ -19,10 +19,10 @@ use serde::Deserialize;
 
 use super::auth::{AdminIdentity, AdminTokens, COOKIE};
 use super::grpc::ControlPlane;
-use crate::cli::output::format_micros;
 use crate::db::now_micros;
 use crate::flags::{FlagStore, MigrationRecord, StageChange};
 use crate::transition::{self, Verdict};
+use crate::util::format_micros;
 use crate::{Error, Stage};
 
 #[derive(Clone)]

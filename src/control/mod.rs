@@ -35,7 +35,6 @@ pub use grpc::{ControlPlane, status};
 
 use crate::db::Database;
 use crate::flags::SqlFlagStore;
-use crate::metrics::PrometheusExporter;
 use crate::{Error, Result};
 
 /// The generated gRPC types (`twintrack.v1`).
@@ -49,7 +48,8 @@ pub mod proto {
 pub struct ControlServer {
     plane: ControlPlane,
     tokens: Arc<AdminTokens>,
-    prometheus: Option<PrometheusExporter>,
+    #[cfg(feature = "prometheus")]
+    prometheus: Option<crate::metrics::PrometheusExporter>,
 }
 
 impl ControlServer {
@@ -62,6 +62,7 @@ impl ControlServer {
                 source: None,
             },
             tokens: Arc::new(tokens),
+            #[cfg(feature = "prometheus")]
             prometheus: None,
         }
     }
@@ -74,7 +75,8 @@ impl ControlServer {
     }
 
     /// Also serve `GET /metrics` from this exporter.
-    pub fn prometheus(mut self, exporter: PrometheusExporter) -> ControlServer {
+    #[cfg(feature = "prometheus")]
+    pub fn prometheus(mut self, exporter: crate::metrics::PrometheusExporter) -> ControlServer {
         self.prometheus = Some(exporter);
         self
     }
@@ -84,11 +86,13 @@ impl ControlServer {
     pub fn router(&self) -> axum::Router {
         let grpc = proto::control_service_server::ControlServiceServer::new(self.plane.clone())
             .max_decoding_message_size(grpc::MAX_MESSAGE);
+        #[cfg_attr(not(feature = "prometheus"), allow(unused_mut))]
         let mut app = admin::router(admin::AdminState {
             plane: self.plane.clone(),
             tokens: self.tokens.clone(),
         })
         .merge(tonic::service::Routes::new(grpc).into_axum_router());
+        #[cfg(feature = "prometheus")]
         if let Some(exporter) = &self.prometheus {
             app = app.merge(exporter.router());
         }

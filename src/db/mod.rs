@@ -399,6 +399,7 @@ impl Database {
     /// only. SQLite: [`Database::begin`] (its write lock serialises everything).
     pub async fn begin_read_committed(&self) -> Result<Tx> {
         #[cfg(feature = "mysql")]
+        #[allow(irrefutable_let_patterns)] // a build with MySQL only
         if let Pool::MySql(pool) = &self.pool {
             use sqlx::Executor as _;
             let mut conn = pool.acquire().await?;

@@ -74,6 +74,7 @@ use std::time::Duration;
 use opentelemetry::KeyValue;
 
 pub use builder::{CommitHook, CommittedHook, DualStoreBuilder, FaultHooks};
+pub(crate) use repair::{IN_FLIGHT, IN_FLIGHT_FOR};
 pub use repair::{RepairReport, intents_targeting, pending_intents};
 pub(crate) use repair::{await_intents_targeting, integer_key, intents_pending_error};
 pub use resync::Resync;

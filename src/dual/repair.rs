@@ -33,6 +33,14 @@ pub struct RepairReport {
 
 /// Records, on `conn` (the authoritative side's transaction), that `side` missed (or may miss)
 /// a write of the key `key_text`. Returns the intent's id.
+/// The `last_error` of an intent written with its write, before the other side is tried (two
+/// databases): the write is still in flight until the intent is cleared or a failure noted.
+pub(crate) const IN_FLIGHT: &str = "pending";
+
+/// How long a write can be in flight: an intent still [`IN_FLIGHT`] after this was left by a
+/// process that stopped half-way, and waits for a repair worker.
+pub(crate) const IN_FLIGHT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(super) async fn record_intent(
     conn: Conn<'_>,
     migration: &str,

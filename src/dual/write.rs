@@ -159,7 +159,7 @@ where
                     &self.inner.migration,
                     &key_text,
                     side,
-                    "pending",
+                    repair::IN_FLIGHT,
                 )
                 .await?,
             ),

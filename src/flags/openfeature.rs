@@ -34,7 +34,7 @@ use open_feature::provider::FeatureProvider;
 use open_feature::{EvaluationContext, EvaluationErrorCode};
 
 use super::{BoxFuture, StageSource, WantedStage};
-use crate::{Error, Result, Stage};
+use crate::{Result, Stage};
 
 /// Longest flag value quoted in an error (a value is logged, not a whole document).
 const MAX_QUOTED: usize = 80;
@@ -101,7 +101,7 @@ impl OpenFeatureSource {
     /// provider watches it). An edit that is not valid JSON is ignored by the provider: the
     /// flags of the last valid version stay in force.
     ///
-    /// Errors: [`Error::InvalidInput`] when the file cannot be read or is not a valid flagd
+    /// Errors: [`crate::Error::InvalidInput`] when the file cannot be read or is not a valid flagd
     /// document at start (the provider gives up after 5 s).
     #[cfg(feature = "flagd")]
     pub async fn flagd_file(path: impl AsRef<std::path::Path>) -> Result<OpenFeatureSource> {
@@ -113,9 +113,10 @@ impl OpenFeatureSource {
         // The provider's own checks come after a 5 s wait for a first sync; fail fast on the
         // obvious cases.
         let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::InvalidInput(format!("flagd file {shown}: {e}")))?;
-        serde_json::from_str::<serde_json::Value>(&text)
-            .map_err(|e| Error::InvalidInput(format!("flagd file {shown}: not JSON: {e}")))?;
+            .map_err(|e| crate::Error::InvalidInput(format!("flagd file {shown}: {e}")))?;
+        serde_json::from_str::<serde_json::Value>(&text).map_err(|e| {
+            crate::Error::InvalidInput(format!("flagd file {shown}: not JSON: {e}"))
+        })?;
         let provider = FlagdProvider::new(FlagdOptions {
             resolver_type: ResolverType::File,
             source_configuration: Some(shown.clone()),
@@ -129,7 +130,7 @@ impl OpenFeatureSource {
             ..FlagdOptions::default()
         })
         .await
-        .map_err(|e| Error::InvalidInput(format!("flagd file {shown}: {e}")))?;
+        .map_err(|e| crate::Error::InvalidInput(format!("flagd file {shown}: {e}")))?;
         Ok(OpenFeatureSource::new(provider).named(format!("flagd file {shown}")))
     }
 

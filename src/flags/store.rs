@@ -118,7 +118,9 @@ impl SqlFlagStore {
 /// there would miss them (and its later writes would be overwritten by their replays). Two
 /// databases keep the intents of writes made while legacy is authoritative here (the flag
 /// store's database); those made while the new shape is authoritative are in the new database,
-/// where reads settle them before serving.
+/// where reads settle them before serving. Intents of writes still in flight (under
+/// [`IN_FLIGHT_FOR`](crate::dual::IN_FLIGHT_FOR) old, no failure noted) do not count: their
+/// writes finish, or their keys are settled by the reads that follow.
 async fn unrepaired_toward(
     tx: &mut Tx,
     migration: &str,
@@ -130,11 +132,18 @@ async fn unrepaired_toward(
         if side == before.served || side == before.authoritative {
             continue;
         }
+        // Not the intents of writes still in flight (written with the write, cleared when its
+        // other side lands): a read settles those of its key before serving.
+        let in_flight_since = now_micros()
+            - i64::try_from(crate::dual::IN_FLIGHT_FOR.as_micros()).unwrap_or(i64::MAX);
         let pending: i64 = query(
-            "SELECT COUNT(*) FROM twintrack_repair_intents WHERE migration = $1 AND target_side = $2",
+            "SELECT COUNT(*) FROM twintrack_repair_intents WHERE migration = $1 AND target_side = $2
+             AND NOT (last_error = $3 AND attempts = 0 AND created_at > $4)",
         )
         .bind(migration)
         .bind(side.as_str())
+        .bind(crate::dual::IN_FLIGHT)
+        .bind(in_flight_since)
         .scalar(&mut *tx)
         .await?;
         if pending > 0 {
