@@ -995,3 +995,100 @@ async fn serve_exits_0_on_sigterm_and_sigint_answering_what_is_in_flight() {
         assert!(answered > 0, "{signal}: the load ran");
     }
 }
+
+/// The admin page's sign-in is a server-side session: the cookie holds a random id, never the
+/// token; a signed-out or expired session gets the sign-in page; a CSRF token from another
+/// session is refused (and nothing moves); each session has its own CSRF token.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_sessions_are_server_side_expire_and_keep_their_own_csrf_tokens() {
+    let Some(pg) = common::pg::fresh_db().await else {
+        return;
+    };
+    let db = Database::connect(&pg.url).await.unwrap();
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    store.register(M, "test").await.unwrap();
+    let tokens = AdminTokens::parse(&format!("oncall={TOKEN}"))
+        .unwrap()
+        .with_session_ttl(Duration::from_secs(2));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(
+        ControlServer::new(store.clone(), db, tokens).serve(listener, std::future::pending()),
+    );
+
+    let sign_in = |proto: &'static str| {
+        let base = base.clone();
+        async move {
+            let (status, headers, _) = http(
+                &base,
+                "POST",
+                "/login",
+                &[
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("x-forwarded-proto", proto),
+                ],
+                &format!("token={TOKEN}"),
+            )
+            .await;
+            assert_eq!(status, 303);
+            headers["set-cookie"].to_str().unwrap().to_owned()
+        }
+    };
+    let set_cookie = sign_in("https").await;
+    assert!(!set_cookie.contains(TOKEN), "{set_cookie}");
+    for part in ["HttpOnly", "SameSite=Strict", "Secure", "Max-Age=2"] {
+        assert!(set_cookie.contains(part), "{part}: {set_cookie}");
+    }
+    assert!(!sign_in("http").await.contains("Secure"));
+    let a = set_cookie.split(';').next().unwrap().to_owned();
+    let b = sign_in("http").await.split(';').next().unwrap().to_owned();
+    assert_ne!(a, b, "a session per sign-in");
+    let id = a.split_once('=').unwrap().1;
+    assert_eq!(id.len(), 64, "256 random bits: {a}");
+
+    let page_of = |cookie: String| {
+        let base = base.clone();
+        async move { http(&base, "GET", "/admin", &[("cookie", cookie.as_str())], "").await }
+    };
+    let (status, _, page_a) = page_of(a.clone()).await;
+    assert_eq!(status, 200);
+    let (_, _, page_b) = page_of(b.clone()).await;
+    let csrf_a = form_value(&page_a, "advance-user_settings", "csrf");
+    let csrf_b = form_value(&page_b, "advance-user_settings", "csrf");
+    assert_ne!(csrf_a, csrf_b, "each session has its own CSRF token");
+
+    // Session A posting with B's CSRF token: refused, nothing moves.
+    let version = form_value(&page_a, "advance-user_settings", "expected_version");
+    let (status, _, _) = http(
+        &base,
+        "POST",
+        "/admin/stage",
+        &[
+            ("cookie", a.as_str()),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        &format!(
+            "migration={M}&to=dual_write&expected_version={version}&reason=r&confirm=yes&csrf={csrf_b}"
+        ),
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(stage_of(&store, M).await, Stage::LegacyOnly);
+
+    // Signed out: the session is gone on the server, whatever the browser still sends.
+    let (status, _, _) = http(&base, "POST", "/logout", &[("cookie", a.as_str())], "").await;
+    assert_eq!(status, 303);
+    let (status, _, page) = page_of(a.clone()).await;
+    assert_eq!(status, 401);
+    assert!(page.contains("name=\"token\""), "the sign-in page");
+    // Expired: after the TTL, B gets the sign-in page too.
+    assert_eq!(page_of(b.clone()).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, _, page) = page_of(b).await;
+    assert_eq!(status, 401);
+    assert!(page.contains("name=\"token\""));
+    // A made-up session id: the sign-in page.
+    let forged = format!("twintrack_session={}", "0".repeat(64));
+    assert_eq!(page_of(forged).await.0, 401);
+    task.abort();
+}

@@ -83,39 +83,47 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(state): State<AdminState>, Form(form): Form<LoginForm>) -> Response {
-    if form.token.len() > 4096 || state.tokens.verify(form.token.trim().as_bytes()).is_none() {
+async fn login(
+    State(state): State<AdminState>,
+    headers: http::HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let session = (form.token.len() <= 4096)
+        .then(|| state.tokens.sign_in(form.token.trim().as_bytes()))
+        .flatten();
+    let Some(session) = session else {
         return (
             StatusCode::UNAUTHORIZED,
             Html(login_page(Some("that token is not valid"))),
         )
             .into_response();
-    }
+    };
+    // `Secure` when the page is served over TLS (by a proxy in front, which says so).
+    let secure = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
     let cookie = format!(
-        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-        form.token.trim()
+        "{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        state.tokens.session_ttl().as_secs(),
+        if secure { "; Secure" } else { "" }
     );
-    match http::HeaderValue::from_str(&cookie) {
-        Ok(cookie) => (
-            StatusCode::SEE_OTHER,
-            [
-                (http::header::SET_COOKIE, cookie),
-                (
-                    http::header::LOCATION,
-                    http::HeaderValue::from_static("/admin"),
-                ),
-            ],
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::BAD_REQUEST,
-            Html(login_page(Some("invalid token"))),
-        )
-            .into_response(),
-    }
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (http::header::SET_COOKIE, cookie),
+            (http::header::LOCATION, "/admin".to_owned()),
+        ],
+    )
+        .into_response()
 }
 
-async fn logout() -> Response {
+async fn logout(
+    State(state): State<AdminState>,
+    who: Option<Extension<AdminIdentity>>,
+) -> Response {
+    if let Some(session) = who.as_ref().and_then(|Extension(who)| who.session()) {
+        state.tokens.sign_out(session);
+    }
     (
         StatusCode::SEE_OTHER,
         [

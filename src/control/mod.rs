@@ -30,7 +30,7 @@ mod grpc;
 use std::future::Future;
 use std::sync::Arc;
 
-pub use auth::{AdminIdentity, AdminTokens};
+pub use auth::{AdminIdentity, AdminTokens, SESSION_TTL};
 pub use grpc::{ControlPlane, status};
 
 use crate::db::Database;
