@@ -4,6 +4,12 @@
 //! own [`Meter`] to the builders (for example one backed by the SDK's in-memory exporter in
 //! tests) to route them elsewhere.
 //!
+//! In Prometheus (`PrometheusExporter`, or a collector's Prometheus exporter) the dots become
+//! underscores, a unit is appended (`_seconds`, `_bytes`) and counters end in `_total`:
+//! `db_client_operation_duration_seconds_bucket`, `twintrack_reads_total`. A Grafana dashboard
+//! and Prometheus alert rules over them ship in `examples/observability/` (a test checks that
+//! every series they name exists).
+//!
 //! | name | kind | attributes | meaning |
 //! |---|---|---|---|
 //! | `twintrack.flags.refresh` | counter | `outcome` = `ok`/`error` | flag cache reloads |
@@ -20,7 +26,7 @@
 //! | `twintrack.reads` | counter | `target` = `primary`/`replica`, `pin` = `none`/`wrote_in_request`/`token`/`replica_lagging`/`replica_down`/`replica_conflict`/`migration_rule`/`no_replicas` | routed reads, and why a read went to the primary |
 //! | `twintrack.ryw.tokens` | counter | `verdict` = `issued`/`accepted`/`missing`/`oversized`/`garbled`/`forged`/`expired`/`future`/`foreign_cluster` | read-your-writes tokens issued, and incoming ones by verdict |
 //! | `twintrack.replica.lag` | gauge (s) | `replica` | replay lag by time, after each poll |
-//! | `twintrack.replica.lag_bytes` | gauge (By) | `replica` | replay lag in WAL bytes, after each poll |
+//! | `twintrack.replica.wal_lag` (Prometheus: `twintrack_replica_wal_lag_bytes`) | gauge (By) | `replica` | replay lag in WAL bytes, after each poll |
 //! | `twintrack.replica.healthy` | gauge | `replica` | 1 while the replica serves reads, 0 while it is out |
 //! | `twintrack.backfill.rows` | counter | `migration`, `direction` | rows written by backfill copies |
 //! | `twintrack.backfill.pauses` | counter | `migration` | backfill pauses for replica lag |
@@ -156,7 +162,7 @@ impl Metrics {
                 .with_description("Replica replay lag by time, measured by each poll")
                 .build(),
             replica_lag_bytes: meter
-                .u64_gauge("twintrack.replica.lag_bytes")
+                .u64_gauge("twintrack.replica.wal_lag")
                 .with_unit("By")
                 .with_description("Replica replay lag in WAL bytes, measured by each poll")
                 .build(),
@@ -298,5 +304,156 @@ mod exporter {
                 }),
             )
         }
+    }
+}
+
+#[cfg(all(test, feature = "prometheus"))]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use opentelemetry::KeyValue;
+
+    use super::PrometheusExporter;
+
+    /// Every series name the Prometheus exporter shows once each instrument has recorded, plus
+    /// `twintrack serve`'s stage gauge.
+    fn exported_names() -> BTreeSet<String> {
+        let exporter = PrometheusExporter::new().unwrap();
+        let m = exporter.metrics();
+        let none: &[KeyValue] = &[];
+        for counter in [
+            &m.flag_refresh,
+            &m.flag_stale,
+            &m.flag_fallback,
+            &m.flag_invalid,
+            &m.dual_ops,
+            &m.shadow_results,
+            &m.shadow_errors,
+            &m.repair_intents,
+            &m.reads,
+            &m.ryw_tokens,
+            &m.backfill_rows,
+            &m.backfill_pauses,
+            &m.backfill_retries,
+            &m.verify_runs,
+            &m.verify_retries,
+            &m.shadow_dropped,
+        ] {
+            counter.add(1, none);
+        }
+        for gauge in [&m.flag_held, &m.replica_lag_bytes, &m.replica_healthy] {
+            gauge.record(1, none);
+        }
+        for gauge in [&m.flag_age, &m.replica_lag] {
+            gauge.record(1.0, none);
+        }
+        m.db_duration.record(0.001, none);
+        let mut names: BTreeSet<String> = exporter
+            .render()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| l.split(['{', ' ']).next().unwrap().to_owned())
+            .collect();
+        names.insert("twintrack_migration_stage".into());
+        names
+    }
+
+    /// The series a PromQL expression uses (twintrack's and the semantic conventions'): its
+    /// words, leaving out label selectors (`{…}`) and grouping labels (`by (…)`, `without (…)`).
+    fn metrics_in(expr: &str) -> Vec<String> {
+        let mut kept = String::new();
+        let mut rest = expr;
+        while let Some(c) = rest.chars().next() {
+            let grouping = ["by", "without"].iter().find_map(|kw| {
+                let after = rest.strip_prefix(kw)?.trim_start();
+                let starts_word = kept.ends_with(|p: char| !p.is_ascii_alphanumeric() && p != '_');
+                (starts_word && after.starts_with('(')).then_some(after)
+            });
+            if let Some(after) = grouping {
+                rest = after.split_once(')').map_or("", |(_, r)| r);
+            } else if c == '{' {
+                rest = rest.split_once('}').map_or("", |(_, r)| r);
+            } else {
+                kept.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        kept.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .filter(|t| t.starts_with("twintrack_") || t.starts_with("db_client_"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn exprs_in_json(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => exprs_in_json(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| exprs_in_json(v, out)),
+            _ => {}
+        }
+    }
+
+    /// `examples/observability/`: the Grafana dashboard is JSON, the alert rules are
+    /// Prometheus rule YAML, and every series either names is one twintrack exports.
+    #[test]
+    fn the_dashboard_and_the_alerts_parse_and_name_only_metrics_that_exist() {
+        let names = exported_names();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/observability");
+        let dashboard: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap(),
+        )
+        .expect("the dashboard is JSON");
+        let mut exprs = Vec::new();
+        exprs_in_json(&dashboard, &mut exprs);
+        assert!(exprs.len() >= 8, "{exprs:?}");
+        let rules: serde_json::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("alerts.yml")).unwrap())
+                .expect("the alert rules are YAML");
+        let mut alerts = 0;
+        for group in rules["groups"].as_array().expect("groups") {
+            for rule in group["rules"].as_array().expect("rules") {
+                assert!(rule["alert"].is_string(), "{rule}");
+                assert!(rule["annotations"]["summary"].is_string(), "{rule}");
+                exprs.push(rule["expr"].as_str().expect("expr").to_owned());
+                alerts += 1;
+            }
+        }
+        assert!(alerts >= 5, "{alerts} alerts");
+        for expr in &exprs {
+            let used = metrics_in(expr);
+            assert!(!used.is_empty(), "no twintrack series in {expr:?}");
+            for name in used {
+                assert!(
+                    names.contains(&name),
+                    "{name} (in {expr:?}) is not exported: {names:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_made_up_series_is_caught() {
+        let names = exported_names();
+        assert!(
+            names.contains("db_client_operation_duration_seconds_bucket"),
+            "{names:?}"
+        );
+        assert!(
+            metrics_in("rate(twintrack_no_such_thing_total[5m])")
+                .iter()
+                .any(|n| !names.contains(n))
+        );
+        assert_eq!(
+            metrics_in(
+                "sum by (le, twintrack_side) (rate(db_client_operation_duration_seconds_bucket{twintrack_migration=\"m\"}[5m]))"
+            ),
+            ["db_client_operation_duration_seconds_bucket"]
+        );
     }
 }

@@ -484,7 +484,7 @@ async fn a_stopped_replica_sends_reads_to_the_primary_without_errors() {
     assert_eq!(healthy(), Some(1));
     assert!(
         svc.metrics
-            .gauge_u64("twintrack.replica.lag_bytes", ("replica", 0))
+            .gauge_u64("twintrack.replica.wal_lag", ("replica", 0))
             .is_some(),
         "replica lag is reported"
     );
