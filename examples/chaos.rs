@@ -379,7 +379,12 @@ async fn main() -> std::process::ExitCode {
     repos::create_shapes::<i64>(&legacy_db).await.unwrap();
     repos::create_shapes::<i64>(&new_db).await.unwrap();
     twintrack::schema::install(&new_db).await.unwrap();
-    let store = Arc::new(SqlFlagStore::open(legacy_db.clone()).await.unwrap());
+    let store = Arc::new(
+        SqlFlagStore::open(legacy_db.clone())
+            .await
+            .unwrap()
+            .intents_also_in(new_db.clone()),
+    );
     store.register(M, "chaos").await.unwrap();
     store
         .set_stage(StageChange::new(

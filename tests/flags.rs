@@ -547,3 +547,53 @@ async fn moves_onto_a_side_that_repair_intents_still_target_are_refused() {
             .unwrap();
     }
 }
+
+/// Two databases: the new shape's database keeps the intents of writes made while it was
+/// authoritative (targeting legacy); with `intents_also_in`, a move back onto legacy is
+/// refused while they wait, as moves onto the new side are by the legacy database's own.
+#[tokio::test(flavor = "multi_thread")]
+async fn intents_in_the_new_database_gate_moves_onto_legacy() {
+    let (_legacy_dir, legacy_url) = common::sqlite_db();
+    let (_new_dir, new_url) = common::sqlite_db();
+    let new_db = Database::connect(&new_url).await.unwrap();
+    twintrack::schema::install(&new_db).await.unwrap();
+    let s = Arc::new(
+        SqlFlagStore::open(Database::connect(&legacy_url).await.unwrap())
+            .await
+            .unwrap()
+            .intents_also_in(new_db.clone()),
+    );
+    s.register("m", "t").await.unwrap();
+    s.set_stage(StageChange::new("m", Stage::Live, "t", "setup").force(true))
+        .await
+        .unwrap();
+    twintrack::db::query(
+        "INSERT INTO twintrack_repair_intents (migration, key_text, target_side, created_at, last_error) VALUES ('m', '3', 'legacy', 1, 'connection refused')",
+    )
+    .execute(&new_db)
+    .await
+    .unwrap();
+    let err = s
+        .set_stage(StageChange::new("m", Stage::Shadow, "t", "back"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Refused(r) if r.reason.contains("target the legacy side")),
+        "{err:?}"
+    );
+    assert_eq!(s.get("m").await.unwrap().state.stage, Stage::Live);
+    // ramp_down keeps reading and writing the new side first: not a move onto legacy (only
+    // the evidence gate applies, forced here).
+    s.set_stage(StageChange::new("m", Stage::RampDown, "t", "on").force(true))
+        .await
+        .unwrap();
+    let audit = s.audit_log("m", 1).await.unwrap();
+    assert!(
+        !audit[0]
+            .overridden
+            .as_deref()
+            .unwrap_or_default()
+            .contains("repair intents"),
+        "{audit:?}"
+    );
+}

@@ -137,7 +137,13 @@ async fn serve<DB: Native>(
 
     // twintrack's own tables, and the migration from the same file the CLI reads.
     let config = Config::parse(include_str!("../quickstart.toml"))?;
-    let store = Arc::new(SqlFlagStore::open(db.clone()).await?);
+    let mut store = SqlFlagStore::open(db.clone()).await?;
+    if let Some(new_db) = &new_db {
+        // Its repair intents (of writes made while the new shape was authoritative) gate
+        // moves onto the legacy side, as the legacy database's gate moves onto the new one.
+        store = store.intents_also_in(new_db.clone());
+    }
+    let store = Arc::new(store);
     for m in &config.migrations {
         store.register(&m.name, "quickstart").await?;
     }

@@ -6,8 +6,25 @@ use super::{Env, Output};
 use crate::flags::{FlagStore, SqlFlagStore, StageChange, StageOutcome, TuningChange};
 use crate::{Error, Stage};
 
-pub(crate) async fn set(env: &Env, out: &Output, change: StageChange) -> Result<ExitCode, Error> {
+/// The flag store for moving `migration`: with its new shape's database too when it lives
+/// apart (its repair intents gate moves onto the legacy side). A new database that cannot be
+/// reached is not waited for: the legacy database's own intents are still checked.
+async fn store_for(env: &Env, migration: &str) -> Result<SqlFlagStore, Error> {
     let store = SqlFlagStore::new(env.database().await?);
+    let config = env.config().ok().flatten();
+    let definition = config.as_ref().and_then(|c| c.migration(migration));
+    Ok(match env.new_database(definition, 1).await {
+        Ok(Some(new_db)) => store.intents_also_in(new_db),
+        Ok(None) => store,
+        Err(err) => {
+            tracing::warn!(error = %err, "the new database is unreachable; its repair intents are not checked");
+            store
+        }
+    })
+}
+
+pub(crate) async fn set(env: &Env, out: &Output, change: StageChange) -> Result<ExitCode, Error> {
+    let store = store_for(env, &change.migration).await?;
     let outcome = store.set_stage(change).await?;
     report(out, &outcome);
     Ok(ExitCode::SUCCESS)
@@ -19,7 +36,7 @@ pub(crate) async fn rollback(
     migration: &str,
     reason: &str,
 ) -> Result<ExitCode, Error> {
-    let store = SqlFlagStore::new(env.database().await?);
+    let store = store_for(env, migration).await?;
     let current = store.get(migration).await?.state;
     let Some(target) = current.stage.rollback_target() else {
         out.print(

@@ -25,6 +25,9 @@ const MAX_ACTOR: usize = 200;
 /// every [`FlagCache`](super::FlagCache) in the process; it stops when the store is dropped.
 pub struct SqlFlagStore {
     db: Database,
+    /// Two databases: the new shape's, which keeps the repair intents of writes made while the
+    /// new shape was authoritative (checked before a move onto the legacy side).
+    intents_elsewhere: Option<Database>,
     #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     changes: broadcast::Sender<FlagChange>,
     #[cfg(any(feature = "postgres", feature = "mysql"))]
@@ -52,6 +55,7 @@ impl SqlFlagStore {
     pub fn new(db: Database) -> SqlFlagStore {
         SqlFlagStore {
             db,
+            intents_elsewhere: None,
             changes: broadcast::channel(256).0,
             #[cfg(any(feature = "postgres", feature = "mysql"))]
             listener: None,
@@ -85,6 +89,14 @@ impl SqlFlagStore {
             });
         }
         Ok(self)
+    }
+
+    /// Two databases: `new_db` also holds repair intents (those of writes made while the new
+    /// shape was authoritative, targeting legacy). A stage move onto a side is refused while
+    /// intents in either database target it.
+    pub fn intents_also_in(mut self, new_db: Database) -> SqlFlagStore {
+        self.intents_elsewhere = Some(new_db);
+        self
     }
 
     /// The database this store lives in.
@@ -431,7 +443,20 @@ impl FlagStore for SqlFlagStore {
                 }
                 Some(Verdict::Allowed(_)) => {
                     let from = from.expect("a verdict comes from a parsed stage");
-                    match unrepaired_toward(&mut tx, &change.migration, from, change.to).await? {
+                    let here =
+                        unrepaired_toward(&mut tx, &change.migration, from, change.to).await?;
+                    let elsewhere = match (&here, &self.intents_elsewhere) {
+                        (None, Some(db)) => {
+                            let mut other = db.begin().await?;
+                            let found =
+                                unrepaired_toward(&mut other, &change.migration, from, change.to)
+                                    .await?;
+                            other.rollback().await?;
+                            found
+                        }
+                        _ => None,
+                    };
+                    match here.or(elsewhere) {
                         Some(refusal) if change.force => Some(refusal),
                         Some(refusal) => return Err(Error::Refused(refusal)),
                         None => None,
