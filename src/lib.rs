@@ -102,6 +102,8 @@ pub mod schema;
 pub mod shadow;
 pub mod shutdown;
 pub mod stage;
+#[cfg(feature = "otlp")]
+pub mod telemetry;
 pub mod transition;
 mod util;
 pub mod verify;

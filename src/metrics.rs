@@ -243,15 +243,46 @@ mod exporter {
     impl PrometheusExporter {
         /// An exporter with its own meter provider (not installed globally).
         pub fn new() -> crate::Result<PrometheusExporter> {
+            let (registry, builder) = Self::builder()?;
+            Ok(PrometheusExporter {
+                registry,
+                provider: builder.build(),
+            })
+        }
+
+        fn builder() -> crate::Result<(
+            prometheus::Registry,
+            opentelemetry_sdk::metrics::MeterProviderBuilder,
+        )> {
             let registry = prometheus::Registry::new();
             let exporter = opentelemetry_prometheus::exporter()
                 .with_registry(registry.clone())
                 .build()
                 .map_err(|e| crate::Error::Config(format!("Prometheus exporter: {e}")))?;
-            let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
-                .with_reader(exporter)
-                .build();
-            Ok(PrometheusExporter { registry, provider })
+            let builder =
+                opentelemetry_sdk::metrics::SdkMeterProvider::builder().with_reader(exporter);
+            Ok((registry, builder))
+        }
+
+        /// An exporter whose meter provider also feeds `extra` (OTLP), with `resource`.
+        #[cfg(feature = "otlp")]
+        pub(crate) fn with_reader<R: opentelemetry_sdk::metrics::reader::MetricReader>(
+            extra: Option<R>,
+            resource: opentelemetry_sdk::Resource,
+        ) -> crate::Result<PrometheusExporter> {
+            let (registry, mut builder) = Self::builder()?;
+            if let Some(reader) = extra {
+                builder = builder.with_reader(reader);
+            }
+            Ok(PrometheusExporter {
+                registry,
+                provider: builder.with_resource(resource).build(),
+            })
+        }
+
+        /// The meter provider behind this exporter.
+        pub fn provider(&self) -> opentelemetry_sdk::metrics::SdkMeterProvider {
+            self.provider.clone()
         }
 
         /// An exporter whose meter provider becomes the global one, so [`Metrics::global`] (the

@@ -642,3 +642,217 @@ async fn quickstart_drains_its_requests_on_sigterm_and_exits_0() {
     );
     eprintln!("{answered} PUTs answered; {behind} keys behind, {intents} intents pending");
 }
+
+/// What the OTLP receiver below was sent.
+#[derive(Default)]
+struct Received {
+    metrics: std::collections::BTreeSet<String>,
+    /// Attributes (key → value) of each data point of `db.client.operation.duration`.
+    duration_points: Vec<std::collections::BTreeMap<String, String>>,
+    /// Each span's name and attributes.
+    spans: Vec<(String, std::collections::BTreeMap<String, String>)>,
+    service_names: std::collections::BTreeSet<String>,
+}
+
+fn any_value(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(V::StringValue(s)) => s.clone(),
+        Some(V::IntValue(i)) => i.to_string(),
+        Some(V::BoolValue(b)) => b.to_string(),
+        Some(V::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn attributes(
+    kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue],
+) -> std::collections::BTreeMap<String, String> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), any_value(&kv.value)))
+        .collect()
+}
+
+/// A real OTLP/HTTP receiver on loopback (the collector protocol: protobuf bodies on
+/// `/v1/metrics` and `/v1/traces`, decoded with the protocol's own message types).
+async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Received>>) {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    use prost::Message as _;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Received::default()));
+    let (metrics_sink, traces_sink) = (received.clone(), received.clone());
+    let app = axum::Router::new()
+        .route(
+            "/v1/metrics",
+            axum::routing::post(move |body: Bytes| async move {
+                let req = ExportMetricsServiceRequest::decode(body).expect("OTLP metrics");
+                let mut r = metrics_sink.lock().unwrap();
+                for rm in &req.resource_metrics {
+                    if let Some(resource) = &rm.resource {
+                        let attrs = attributes(&resource.attributes);
+                        r.service_names.extend(attrs.get("service.name").cloned());
+                    }
+                    for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                        r.metrics.insert(m.name.clone());
+                        if m.name == "db.client.operation.duration"
+                            && let Some(Data::Histogram(h)) = &m.data
+                        {
+                            for dp in &h.data_points {
+                                let attrs = attributes(&dp.attributes);
+                                r.duration_points.push(attrs);
+                            }
+                        }
+                    }
+                }
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }),
+        )
+        .route(
+            "/v1/traces",
+            axum::routing::post(move |body: Bytes| async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("OTLP traces");
+                let mut r = traces_sink.lock().unwrap();
+                for rs in &req.resource_spans {
+                    for span in rs.scope_spans.iter().flat_map(|s| &s.spans) {
+                        r.spans
+                            .push((span.name.clone(), attributes(&span.attributes)));
+                    }
+                }
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, received)
+}
+
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/HTTP receiver, the quickstart exports
+/// metrics and spans over HTTP/protobuf: the semantic-convention duration histogram with
+/// `db.system.name`, `db.operation.name`, `twintrack.migration`, `twintrack.side`; a span per
+/// dual-store call and side with `twintrack.stage` and `twintrack.read_from`; the service named
+/// by `OTEL_SERVICE_NAME`. Its log still goes to stderr and `/metrics` still answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn quickstart_exports_metrics_and_spans_over_otlp_http() {
+    let (endpoint, received) = otlp_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let qs = Quickstart::start_with(
+        dir.path(),
+        None,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("OTEL_SERVICE_NAME", "quickstart-otlp-test"),
+            ("RUST_LOG", "info,sqlx=warn"),
+        ],
+    );
+    let url = "sqlite://twintrack-quickstart.db";
+    let (code, out) = cli(
+        dir.path(),
+        url,
+        "stage set user_settings dual_write --reason otlp",
+    );
+    assert_eq!(code, 0, "{out}");
+    wait_for_stage(&qs, "dual_write", Duration::from_secs(10)).await;
+    exercise_routes_in_dual_write(&qs).await;
+    assert!(
+        metrics_text(&qs)
+            .await
+            .contains("db_client_operation_duration_seconds")
+    );
+
+    let start = std::time::Instant::now();
+    loop {
+        {
+            let r = received.lock().unwrap();
+            let sides: std::collections::BTreeSet<&str> = r
+                .duration_points
+                .iter()
+                .filter_map(|p| p.get("twintrack.side").map(String::as_str))
+                .collect();
+            let dual_spans = r
+                .spans
+                .iter()
+                .filter(|(_, a)| a.contains_key("twintrack.migration"))
+                .count();
+            if sides.len() == 2 && dual_spans >= 2 {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "nothing (enough) received: metrics {:?}, {} spans",
+            received.lock().unwrap().metrics,
+            received.lock().unwrap().spans.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = received.lock().unwrap();
+    assert!(
+        r.service_names.contains("quickstart-otlp-test"),
+        "{:?}",
+        r.service_names
+    );
+    assert!(
+        r.metrics.contains("twintrack.flags.refresh"),
+        "{:?}",
+        r.metrics
+    );
+    let point = r
+        .duration_points
+        .iter()
+        .find(|p| p.get("twintrack.side").map(String::as_str) == Some("new"))
+        .unwrap();
+    for (key, value) in [
+        ("db.system.name", "sqlite"),
+        ("twintrack.migration", "user_settings"),
+    ] {
+        assert_eq!(point.get(key).map(String::as_str), Some(value), "{point:?}");
+    }
+    assert!(point.contains_key("db.operation.name"), "{point:?}");
+    let (name, attrs) = r
+        .spans
+        .iter()
+        .find(|(_, a)| a.get("twintrack.side").map(String::as_str) == Some("new"))
+        .unwrap();
+    assert_eq!(name, "write user_settings", "{attrs:?}");
+    for (key, value) in [
+        ("db.operation.name", "write"),
+        ("db.system.name", "sqlite"),
+        ("twintrack.migration", "user_settings"),
+        ("twintrack.stage", "dual_write"),
+        ("twintrack.read_from", "primary"),
+    ] {
+        assert_eq!(
+            attrs.get(key).map(String::as_str),
+            Some(value),
+            "{key}: {attrs:?}"
+        );
+    }
+}
+
+/// A write and reads in `dual_write`: both sides' calls.
+async fn exercise_routes_in_dual_write(qs: &Quickstart) {
+    let (status, _, created) = qs
+        .call(
+            "POST",
+            "/users",
+            r#"{"email":"otlp@example.com","theme":"dark","notifications_enabled":true}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let path = format!("/users/{}/settings", created["id"]);
+    for _ in 0..3 {
+        let (status, _, _) = qs.call("GET", &path, "").await;
+        assert_eq!(status, 200);
+    }
+}

@@ -1,5 +1,7 @@
-//! Every repository call the dual store makes runs in a span naming the migration, the
-//! operation, the stage and the side.
+//! Every repository call the dual store makes runs in a span (`twintrack.dual`, named
+//! `{db.operation.name} {migration}` for OpenTelemetry) carrying `db.operation.name`,
+//! `db.system.name`, `twintrack.migration`, `twintrack.stage` and `twintrack.side`
+//! (`twintrack.read_from` is recorded once the read is routed).
 //!
 //! In a test binary of its own: tracing caches whether a callsite is enabled process-wide, so a
 //! thread-scoped recorder must not share the process with other tests hitting the same spans.
@@ -44,7 +46,7 @@ where
         _: &tracing::span::Id,
         ctx: Context<'_, S>,
     ) {
-        if attrs.metadata().name() == "twintrack" {
+        if attrs.metadata().name() == "twintrack.dual" {
             let mut fields = BTreeMap::new();
             attrs.record(&mut Fields(&mut fields));
             let parent = match (attrs.parent(), attrs.is_contextual()) {
@@ -112,16 +114,21 @@ async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
         .iter()
         .map(|s| {
             format!(
-                "{} {} {} {}",
-                s["migration"], s["op"], s["stage"], s["side"]
+                "{} {} {} {} {} {}",
+                s["twintrack.migration"],
+                s["db.operation.name"],
+                s["twintrack.stage"],
+                s["twintrack.side"],
+                s["db.system.name"],
+                s["otel.name"],
             )
         })
         .collect();
     for expected in [
-        "user_settings write shadow legacy",
-        "user_settings write shadow new",
-        "user_settings read shadow legacy",
-        "user_settings read shadow new",
+        "user_settings write shadow legacy sqlite write user_settings",
+        "user_settings write shadow new sqlite write user_settings",
+        "user_settings read shadow legacy sqlite read user_settings",
+        "user_settings read shadow new sqlite read user_settings",
     ] {
         assert!(
             seen.iter().any(|s| s == expected),
@@ -150,7 +157,7 @@ async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
             .lock()
             .unwrap()
             .iter()
-            .map(|s| (s["side"].clone(), s["parent"].clone()))
+            .map(|s| (s["twintrack.side"].clone(), s["parent"].clone()))
             .collect();
         for side in ["legacy", "new"] {
             assert_eq!(

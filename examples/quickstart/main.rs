@@ -69,21 +69,19 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> Result<(), BoxError> {
-    // Logs go to stderr: stdout carries the one "listening on" line scripts wait for.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
+    // First: logs (to stderr: stdout carries the one "listening on" line scripts wait for),
+    // and the global meter and tracer twintrack's parts record through: Prometheus on
+    // /metrics, and OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let telemetry = twintrack::telemetry::init("quickstart", "info,sqlx=warn", true)?;
+    let prometheus = telemetry
+        .prometheus()
+        .cloned()
+        .ok_or("no Prometheus exporter")?;
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "sqlite://twintrack-quickstart.db?mode=rwc".into());
     let listen = std::env::var("TWINTRACK_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let debug_headers = std::env::var("TWINTRACK_DEBUG_HEADERS").as_deref() == Ok("1");
 
-    // First: twintrack's parts record through the global meter, which this makes Prometheus.
-    let prometheus = PrometheusExporter::install_global()?;
     let db = Database::connect(&url).await?;
     let new_db = match std::env::var("NEW_DATABASE_URL") {
         Ok(new_url) if !new_url.trim().is_empty() => {
@@ -106,7 +104,7 @@ async fn run() -> Result<(), BoxError> {
         _ => None,
     };
     // The backend is picked by the URL: the rest runs on that backend's native driver.
-    match db.backend() {
+    let served = match db.backend() {
         Backend::Postgres => {
             serve::<sqlx::Postgres>(db, new_db, &listen, debug_headers, prometheus).await
         }
@@ -114,7 +112,10 @@ async fn run() -> Result<(), BoxError> {
             serve::<sqlx::MySql>(db, new_db, &listen, debug_headers, prometheus).await
         }
         _ => serve::<sqlx::Sqlite>(db, new_db, &listen, debug_headers, prometheus).await,
-    }
+    };
+    // What is still buffered for OTLP goes out before the process ends.
+    telemetry.shutdown();
+    served
 }
 
 async fn serve<DB: Native>(

@@ -208,7 +208,21 @@ pub fn main() -> ExitCode {
         }
     };
     let out = Output::new(cli.json);
-    match runtime.block_on(run(cli, &out)) {
+    // Logs (RUST_LOG, default warnings) and, when OTEL_EXPORTER_OTLP_ENDPOINT is set, metrics
+    // and spans over OTLP, so a backfill's or a verify's figures reach the collector; `serve`
+    // also gets its Prometheus `/metrics` from the same meter provider.
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let telemetry =
+        match runtime.block_on(async { crate::telemetry::init("twintrack", "warn", serving) }) {
+            Ok(telemetry) => telemetry,
+            Err(err) => {
+                out.error(&err);
+                return ExitCode::from(exit_code(&err));
+            }
+        };
+    let result = runtime.block_on(run(cli, &out, &telemetry));
+    telemetry.shutdown();
+    match result {
         Ok(code) => code,
         Err(err) => {
             out.error(&err);
@@ -218,7 +232,11 @@ pub fn main() -> ExitCode {
 }
 
 /// Runs one parsed command.
-pub(crate) async fn run(cli: Cli, out: &Output) -> Result<ExitCode, Error> {
+pub(crate) async fn run(
+    cli: Cli,
+    out: &Output,
+    telemetry: &crate::telemetry::Telemetry,
+) -> Result<ExitCode, Error> {
     let env = Env::from_cli(&cli)?;
     match cli.command {
         Command::Init => init::run(&env, out).await,
@@ -294,7 +312,7 @@ pub(crate) async fn run(cli: Cli, out: &Output) -> Result<ExitCode, Error> {
             let segments = usize::try_from(segments).unwrap_or(64);
             data::verify(&env, out, &migration, segments, repair, keys).await
         }
-        Command::Serve { listen } => serve::run(&env, &listen).await,
+        Command::Serve { listen } => serve::run(&env, &listen, telemetry.prometheus()).await,
         Command::Mismatches { migration, limit } => {
             mismatches::run(&env, out, &migration, limit).await
         }

@@ -11,13 +11,20 @@ use crate::control::{AdminTokens, ControlServer};
 use crate::flags::{FlagCache, FlagStore, SqlFlagStore};
 use crate::metrics::PrometheusExporter;
 
-pub(crate) async fn run(env: &Env, listen: &str) -> Result<ExitCode, Error> {
+pub(crate) async fn run(
+    env: &Env,
+    listen: &str,
+    prometheus: Option<&PrometheusExporter>,
+) -> Result<ExitCode, Error> {
     let spec = std::env::var("TWINTRACK_ADMIN_TOKEN").unwrap_or_default();
     let tokens = AdminTokens::parse(&spec)?;
     let addr: std::net::SocketAddr = listen.parse().map_err(|e| {
         Error::InvalidInput(format!("--listen {listen:?}: {e} (expected host:port)"))
     })?;
-    let prometheus = PrometheusExporter::install_global()?;
+    let prometheus = match prometheus {
+        Some(exporter) => exporter.clone(),
+        None => PrometheusExporter::install_global()?,
+    };
     let db = env.database_with(8).await?;
     let store = Arc::new(SqlFlagStore::open(db.clone()).await?);
     // The stage of every migration known at start, as a gauge for dashboards and alerts.

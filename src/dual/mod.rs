@@ -299,8 +299,20 @@ where
         metrics.db_duration.record(took.as_secs_f64(), attrs);
     }
 
+    /// The span of one repository call on one side, with OpenTelemetry's database attributes
+    /// (its name `{db.operation.name} {migration}`, as the conventions name database spans)
+    /// and twintrack's; `twintrack.read_from` is recorded by the caller.
     fn span(&self, op: &'static str, stage: crate::Stage, side: Side) -> tracing::Span {
-        tracing::debug_span!("twintrack", migration = %self.inner.migration, op, stage = %stage, side = %side)
+        tracing::info_span!(
+            "twintrack.dual",
+            "otel.name" = format!("{op} {}", self.inner.migration),
+            "db.operation.name" = op,
+            "db.system.name" = self.database_of(side).backend().db_system_name(),
+            "twintrack.migration" = %self.inner.migration,
+            "twintrack.stage" = %stage,
+            "twintrack.side" = %side,
+            "twintrack.read_from" = tracing::field::Empty,
+        )
     }
 
     /// Tags a repository error with the side it came from.

@@ -493,8 +493,10 @@ where
             .run_read::<Db<R, X>, _, _, _>(
                 ctx,
                 self.inner.primary_reads,
-                |mut conn, _| async move {
-                    let read = self.call_side("read", op, side, stage, &mut conn).await?;
+                |mut conn, target| async move {
+                    let read = self
+                        .call_side_from("read", op, side, stage, &mut conn, target.as_str())
+                        .await?;
                     Ok((read, conn))
                 },
             )

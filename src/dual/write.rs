@@ -193,8 +193,10 @@ where
     ) {
         let started = Instant::now();
         let attempt = async {
+            let span = self.span("write", stage, side);
+            span.record("twintrack.read_from", "primary");
             self.resync_across(key, authoritative)
-                .instrument(self.span("write", stage, side))
+                .instrument(span)
                 .await?;
             repair::clear_intent(self.database_of(authoritative), intent).await
         };
@@ -214,7 +216,7 @@ where
         }
     }
 
-    /// Runs `op` on `side` over `conn`, in a span, timed and counted.
+    /// Runs `op` on `side` over `conn` (its primary), in a span, timed and counted.
     pub(super) async fn call_side<T, F>(
         &self,
         what: &'static str,
@@ -226,10 +228,27 @@ where
     where
         F: Operation<R, ConnOf<R, X>, T>,
     {
+        self.call_side_from(what, op, side, stage, conn, "primary")
+            .await
+    }
+
+    /// [`Self::call_side`] over a connection to `read_from` (`primary` or `replica`).
+    pub(super) async fn call_side_from<T, F>(
+        &self,
+        what: &'static str,
+        op: &F,
+        side: Side,
+        stage: Stage,
+        conn: &mut ConnOf<R, X>,
+        read_from: &'static str,
+    ) -> SideCall<T>
+    where
+        F: Operation<R, ConnOf<R, X>, T>,
+    {
         let started = Instant::now();
-        let result = op(self.repo(side), conn)
-            .instrument(self.span(what, stage, side))
-            .await;
+        let span = self.span(what, stage, side);
+        span.record("twintrack.read_from", read_from);
+        let result = op(self.repo(side), conn).instrument(span).await;
         let took = started.elapsed();
         self.observe(
             what,
