@@ -649,6 +649,20 @@ async fn main() -> std::process::ExitCode {
                             counts.clean_verifies.fetch_add(1, Ordering::Relaxed);
                         }
                     }
+                    // Writes acknowledged on a side the move would serve have not landed there:
+                    // as the remedy says, replay the intents (an operator's `verify --repair`
+                    // or a repair pass), then retry.
+                    Err(twintrack::Error::Refused(why))
+                        if why.reason.contains("repair intents") =>
+                    {
+                        if verbose() {
+                            eprintln!("chaos: {from} -> {to} refused: {why}");
+                        }
+                        let replayed = dual.repair(Duration::ZERO).await;
+                        if verbose() {
+                            eprintln!("chaos: repair pass: {replayed:?}");
+                        }
+                    }
                     Err(err) => eprintln!("chaos: {from} -> {to} refused: {err}"),
                 }
             }
@@ -797,6 +811,9 @@ async fn main() -> std::process::ExitCode {
             .await
         {
             Ok(_) => {}
+            Err(twintrack::Error::Refused(why)) if why.reason.contains("repair intents") => {
+                drain(&dual, &legacy_db, &new_db).await;
+            }
             Err(twintrack::Error::Refused(_)) => {
                 flags.refresh().await.unwrap();
                 backfill_once(&dual, Direction::Reverse)
