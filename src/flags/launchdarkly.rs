@@ -31,12 +31,12 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use launchdarkly_server_sdk as ld;
 
+use super::source::FlagKeys;
 use super::{BoxFuture, StageSource, WantedStage};
 use crate::{Error, Result, Stage};
 
@@ -44,7 +44,7 @@ use crate::{Error, Result, Stage};
 pub struct LaunchDarklySource {
     client: Arc<ld::Client>,
     context: ld::Context,
-    keys: HashMap<String, String>,
+    keys: FlagKeys,
 }
 
 impl std::fmt::Debug for LaunchDarklySource {
@@ -65,7 +65,7 @@ impl LaunchDarklySource {
                 .kind("service")
                 .build()
                 .expect("a constant, valid context"),
-            keys: HashMap::new(),
+            keys: FlagKeys::default(),
         }
     }
 
@@ -89,16 +89,14 @@ impl LaunchDarklySource {
 
     /// The flag key of `migration` (default: the migration's name).
     pub fn flag_key(mut self, migration: impl Into<String>, key: impl Into<String>) -> Self {
-        self.keys.insert(migration.into(), key.into());
+        self.keys.set(migration, key);
         self
     }
 
     /// The flag key of every migration in `config` ([`MigrationConfig::external_flag_key`](
     /// crate::config::MigrationConfig::external_flag_key)).
     pub fn flag_keys_from(mut self, config: &crate::config::Config) -> Self {
-        for m in &config.migrations {
-            self = self.flag_key(&m.name, m.external_flag_key());
-        }
+        self.keys.set_from(config);
         self
     }
 
@@ -114,7 +112,7 @@ impl LaunchDarklySource {
     }
 
     fn evaluate(&self, migration: &str) -> std::result::Result<Stage, String> {
-        let key = self.keys.get(migration).map_or(migration, String::as_str);
+        let key = self.keys.of(migration);
         let detail =
             self.client
                 .variation_detail(&self.context, key, ld::FlagValue::Str(String::new()));

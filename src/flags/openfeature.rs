@@ -27,12 +27,12 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use open_feature::provider::FeatureProvider;
 use open_feature::{EvaluationContext, EvaluationErrorCode};
 
+use super::source::FlagKeys;
 use super::{BoxFuture, StageSource, WantedStage};
 use crate::{Result, Stage};
 
@@ -42,7 +42,7 @@ const MAX_QUOTED: usize = 80;
 /// Stages from an OpenFeature provider. See the [module docs](self).
 pub struct OpenFeatureSource {
     provider: Arc<dyn FeatureProvider>,
-    keys: HashMap<String, String>,
+    keys: FlagKeys,
     context: EvaluationContext,
     name: String,
 }
@@ -62,7 +62,7 @@ impl OpenFeatureSource {
         let name = format!("OpenFeature provider {}", provider.metadata().name);
         OpenFeatureSource {
             provider: Arc::new(provider),
-            keys: HashMap::new(),
+            keys: FlagKeys::default(),
             context: EvaluationContext::default(),
             name,
         }
@@ -70,16 +70,14 @@ impl OpenFeatureSource {
 
     /// The flag key of `migration` (default: the migration's name).
     pub fn flag_key(mut self, migration: impl Into<String>, key: impl Into<String>) -> Self {
-        self.keys.insert(migration.into(), key.into());
+        self.keys.set(migration, key);
         self
     }
 
     /// The flag key of every migration in `config` ([`MigrationConfig::external_flag_key`](
     /// crate::config::MigrationConfig::external_flag_key)).
     pub fn flag_keys_from(mut self, config: &crate::config::Config) -> Self {
-        for m in &config.migrations {
-            self = self.flag_key(&m.name, m.external_flag_key());
-        }
+        self.keys.set_from(config);
         self
     }
 
@@ -135,7 +133,7 @@ impl OpenFeatureSource {
     }
 
     async fn evaluate(&self, migration: &str) -> std::result::Result<Stage, String> {
-        let key = self.keys.get(migration).map_or(migration, String::as_str);
+        let key = self.keys.of(migration);
         match self.provider.resolve_string_value(key, &self.context).await {
             Ok(details) => details.value.parse::<Stage>().map_err(|_| {
                 format!(

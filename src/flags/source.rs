@@ -84,6 +84,29 @@ impl StageSource for SqlFlagStore {
     }
 }
 
+/// Each migration's flag key in an external flag system: the migration's name unless set.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FlagKeys(std::collections::HashMap<String, String>);
+
+impl FlagKeys {
+    /// Sets `migration`'s key.
+    pub(crate) fn set(&mut self, migration: impl Into<String>, key: impl Into<String>) {
+        self.0.insert(migration.into(), key.into());
+    }
+
+    /// Sets the key of every migration in `config` (its `flag_key`, else its name).
+    pub(crate) fn set_from(&mut self, config: &crate::config::Config) {
+        for m in &config.migrations {
+            self.set(&m.name, m.external_flag_key());
+        }
+    }
+
+    /// The key of `migration`.
+    pub(crate) fn of<'a>(&'a self, migration: &'a str) -> &'a str {
+        self.0.get(migration).map_or(migration, String::as_str)
+    }
+}
+
 /// A stage an external source wants that the transition rules refuse: the service keeps
 /// serving `serving`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

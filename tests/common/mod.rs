@@ -369,31 +369,26 @@ impl TestMetrics {
     /// The latest value of u64 gauge `name` for the data point whose attributes include all of
     /// `attrs` (string values).
     pub fn gauge_u64_all(&self, name: &str, attrs: &[(&str, &str)]) -> Option<u64> {
-        use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
-        self.provider.force_flush().unwrap();
-        let mut latest = None;
-        for rm in self.exporter.get_finished_metrics().unwrap() {
-            for sm in rm.scope_metrics() {
-                for m in sm.metrics().filter(|m| m.name() == name) {
-                    if let AggregatedMetrics::U64(MetricData::Gauge(gauge)) = m.data() {
-                        for dp in gauge.data_points() {
-                            if attrs.iter().all(|attr| {
-                                dp.attributes().any(|kv| {
-                                    kv.key.as_str() == attr.0 && kv.value.as_str() == attr.1
-                                })
-                            }) {
-                                latest = Some(dp.value());
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        latest
+        self.gauge_u64_where(name, |kv| {
+            attrs
+                .iter()
+                .all(|attr| kv.iter().any(|(k, v)| *k == attr.0 && v.as_str() == attr.1))
+        })
     }
 
     /// The latest value of u64 gauge `name` for the data point whose attributes include `attr`.
     pub fn gauge_u64(&self, name: &str, attr: (&str, i64)) -> Option<u64> {
+        self.gauge_u64_where(name, |kv| {
+            kv.iter()
+                .any(|(k, v)| *k == attr.0 && **v == opentelemetry::Value::I64(attr.1))
+        })
+    }
+
+    fn gauge_u64_where(
+        &self,
+        name: &str,
+        matches: impl Fn(&[(&str, &opentelemetry::Value)]) -> bool,
+    ) -> Option<u64> {
         use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
         self.provider.force_flush().unwrap();
         let mut latest = None;
@@ -402,10 +397,11 @@ impl TestMetrics {
                 for m in sm.metrics().filter(|m| m.name() == name) {
                     if let AggregatedMetrics::U64(MetricData::Gauge(gauge)) = m.data() {
                         for dp in gauge.data_points() {
-                            if dp.attributes().any(|kv| {
-                                kv.key.as_str() == attr.0
-                                    && kv.value == opentelemetry::Value::I64(attr.1)
-                            }) {
+                            let kv: Vec<_> = dp
+                                .attributes()
+                                .map(|kv| (kv.key.as_str(), &kv.value))
+                                .collect();
+                            if matches(&kv) {
                                 latest = Some(dp.value());
                             }
                         }
