@@ -53,8 +53,8 @@ pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(2)
 ///    is answered, not dropped (closing an idle keep-alive connection at once, as a plain
 ///    graceful shutdown does, races a client's next request on it and fails that request);
 /// 3. after `grace`, or as soon as no connection is left, the remaining connections are shut
-///    down gracefully (HTTP/2 with `GOAWAY`, idle HTTP/1 ones closed), and their requests in
-///    flight complete before this returns.
+///    down gracefully (HTTP/2 with `GOAWAY`, idle HTTP/1 ones closed); their requests in flight
+///    get one more `grace` to complete (a stream that never ends, like a watch, is then cut).
 ///
 /// HTTP/1 and HTTP/2 (gRPC) on one port, as `axum::serve`.
 ///
@@ -123,7 +123,14 @@ where
     while graceful.count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    graceful.shutdown().await;
+    // Streams that never end by themselves (gRPC `WatchMigrations`) are not waited for past a
+    // second grace: the process exits 0 all the same.
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!("connections still open after the grace period; closing them");
+    }
     Ok(())
 }
 

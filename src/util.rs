@@ -26,7 +26,7 @@ pub(crate) fn format_micros(micros: i64) -> String {
 /// `#[serde(with = "crate::util::rfc3339")]` (or `rfc3339::option` for an `Option`).
 /// Formatting and parsing are the `time` crate's.
 pub(crate) mod rfc3339 {
-    use serde::{Deserialize, Deserializer, Serializer, de::Error as _, ser::Error as _};
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
     use time::format_description::well_known::Rfc3339;
     use time::{OffsetDateTime, UtcOffset};
 
@@ -42,10 +42,13 @@ pub(crate) mod rfc3339 {
         i64::try_from(at.unix_timestamp_nanos() / 1000).ok()
     }
 
+    /// RFC 3339 text; a value outside years 0–9999 (a hand-edited row, nanoseconds stored as
+    /// µs) stays the integer it is, so one bad row does not fail a whole listing.
     pub(crate) fn serialize<S: Serializer>(micros: &i64, s: S) -> Result<S::Ok, S::Error> {
-        let text = format(*micros)
-            .ok_or_else(|| S::Error::custom(format!("timestamp {micros} µs is out of range")))?;
-        s.serialize_str(&text)
+        match format(*micros) {
+            Some(text) => s.serialize_str(&text),
+            None => s.serialize_i64(*micros),
+        }
     }
 
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
@@ -86,6 +89,9 @@ pub(crate) mod rfc3339 {
     mod tests {
         use super::{format, parse};
 
+        #[derive(serde::Serialize)]
+        struct Wrapped(#[serde(with = "super")] i64);
+
         #[test]
         fn round_trips_in_utc_with_microseconds() {
             assert_eq!(format(0).unwrap(), "1970-01-01T00:00:00Z");
@@ -103,6 +109,12 @@ pub(crate) mod rfc3339 {
                 Some(1_795_233_906_500_000)
             );
             assert_eq!(format(i64::MAX), None);
+            let out_of_range = serde_json::to_string(&Wrapped(i64::MAX)).unwrap();
+            assert_eq!(out_of_range, i64::MAX.to_string());
+            assert_eq!(
+                serde_json::to_string(&Wrapped(0)).unwrap(),
+                "\"1970-01-01T00:00:00Z\""
+            );
             for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "1795233906"] {
                 assert_eq!(parse(bad), None, "{bad}");
             }

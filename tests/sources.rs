@@ -633,3 +633,66 @@ async fn the_sql_store_is_a_stage_source() {
     assert_eq!(wanted.len(), 1);
     assert_eq!(wanted[0].stage, Ok(Stage::LegacyOnly));
 }
+
+/// Following is edge-triggered: an instance acts on a wanted stage it has not settled yet, so
+/// two instances whose sources disagree for a while (one saw an edit first) do not undo each
+/// other's moves, and an operator's rollback is not undone by a source still saying the old
+/// stage. Every instance serves what twintrack's table holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_do_not_undo_each_others_moves_or_an_operators_rollback() {
+    let (_dir, url) = common::sqlite_db();
+    let store = store_at(&url).await;
+    let (a, b) = (MemoryProvider::new(), MemoryProvider::new());
+    a.set(M, Val::Str("shadow"));
+    b.set(M, Val::Str("shadow"));
+    store
+        .set_stage(StageChange::new(M, Stage::DualWrite, "test", "setup"))
+        .await
+        .unwrap();
+    let now = now_micros();
+    store
+        .record_evidence(M, EvidenceKind::BackfillFinished, now, "test")
+        .await
+        .unwrap();
+    store
+        .record_evidence(M, EvidenceKind::VerifyClean, now + 1, "test")
+        .await
+        .unwrap();
+    let metrics = TestMetrics::new();
+    let cache_a = cache_over(&store, a.source(), &metrics).await;
+    let cache_b = cache_over(&store, b.source(), &metrics).await;
+    assert_eq!(cache_b.snapshot().stage(M), Some(Stage::Shadow));
+
+    // A's source is edited first: A moves to live; B, still seeing shadow, follows the table.
+    a.set(M, Val::Str("live"));
+    cache_a.refresh().await.unwrap();
+    cache_b.refresh().await.unwrap();
+    cache_a.refresh().await.unwrap();
+    assert_eq!(cache_a.snapshot().stage(M), Some(Stage::Live));
+    assert_eq!(cache_b.snapshot().stage(M), Some(Stage::Live));
+    let moves = store
+        .audit_log(M, 100)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.actor == "external")
+        .count();
+    assert_eq!(moves, 2, "shadow then live, no back and forth");
+
+    // An operator rolls back during an incident: neither instance undoes it.
+    store
+        .set_stage(StageChange::new(M, Stage::Shadow, "oncall", "incident"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        cache_a.refresh().await.unwrap();
+        cache_b.refresh().await.unwrap();
+    }
+    assert_eq!(store.get(M).await.unwrap().state.stage, Stage::Shadow);
+    assert_eq!(cache_a.snapshot().stage(M), Some(Stage::Shadow));
+    assert_eq!(cache_b.snapshot().stage(M), Some(Stage::Shadow));
+    // A new edit in the source is followed again.
+    b.set(M, Val::Str("dualwrite"));
+    cache_b.refresh().await.unwrap();
+    assert_eq!(store.get(M).await.unwrap().state.stage, Stage::DualWrite);
+}

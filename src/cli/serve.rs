@@ -26,7 +26,30 @@ pub(crate) async fn run(
         None => PrometheusExporter::install_global()?,
     };
     let db = env.database_with(8).await?;
-    let store = Arc::new(SqlFlagStore::open(db.clone()).await?);
+    let mut store = SqlFlagStore::open(db.clone()).await?;
+    // Two databases: moves from the admin page and gRPC check the new database's repair
+    // intents too. One store holds one such database: the one the configured migrations share.
+    let config = env.config()?;
+    let mut apart = Vec::new();
+    for m in config.iter().flat_map(|c| &c.migrations) {
+        if let Some((url, _)) = env.new_database_url(Some(m))
+            && !apart.contains(&url)
+        {
+            apart.push(url);
+        }
+    }
+    match apart.len() {
+        0 => {}
+        1 => {
+            let new_db = crate::Database::connect(&apart[0]).await?;
+            store = store.intents_also_in(new_db);
+        }
+        n => tracing::warn!(
+            databases = n,
+            "migrations keep their new shapes in {n} databases: stage moves from the control plane check the legacy database's repair intents only"
+        ),
+    }
+    let store = Arc::new(store);
     // The stage of every migration known at start, as a gauge for dashboards and alerts.
     let mut cache = FlagCache::builder(store.clone());
     for flag in store.load_all().await? {

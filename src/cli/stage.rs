@@ -11,7 +11,7 @@ use crate::{Error, Stage};
 /// reached is not waited for: the legacy database's own intents are still checked.
 async fn store_for(env: &Env, migration: &str) -> Result<SqlFlagStore, Error> {
     let store = SqlFlagStore::new(env.database().await?);
-    let config = env.config().ok().flatten();
+    let config = env.config()?;
     let definition = config.as_ref().and_then(|c| c.migration(migration));
     Ok(match env.new_database(definition, 1).await {
         Ok(Some(new_db)) => store.intents_also_in(new_db),

@@ -214,7 +214,8 @@ where
 
     /// Waits, at most `timeout`, for this store's work off the request path to finish: shadow
     /// reads running in the background, mismatch classifications, and the mismatch recorder's
-    /// queue. Call it at shutdown, once the server has stopped taking requests (see
+    /// queue to empty (the batch it took last may still be being written: mismatches are
+    /// diagnostics). Call it at shutdown, once the server has stopped taking requests (see
     /// [`crate::shutdown`]). Returns whether all of it finished in time.
     ///
     /// A write's other side is not such work: it completes inside the request, or stays a

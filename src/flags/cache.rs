@@ -25,6 +25,10 @@ use super::{FlagChange, FlagState, FlagStore, StageChange};
 use crate::metrics::Metrics;
 use crate::{Error, Result, Stage};
 
+/// How long a reload waits for an external source's answer; past it, the source has failed
+/// for this reload.
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where the value in force for a migration came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlagSource {
@@ -212,6 +216,7 @@ impl FlagCacheBuilder {
         let inner = Arc::new(Inner {
             store: self.store,
             source: self.source,
+            settled: std::sync::Mutex::new(HashMap::new()),
             follow_unsafe: self.follow_unsafe,
             names: migrations.iter().map(|m| m.name.clone()).collect(),
             migrations,
@@ -243,6 +248,8 @@ impl std::fmt::Debug for FlagCache {
 struct Inner {
     store: Arc<dyn FlagStore>,
     source: Option<Arc<dyn StageSource>>,
+    /// Per migration, the wanted stage from the source this process last settled.
+    settled: std::sync::Mutex<HashMap<Arc<str>, Stage>>,
     follow_unsafe: HashSet<Arc<str>>,
     names: Vec<Arc<str>>,
     migrations: Vec<Registered>,
@@ -306,7 +313,15 @@ impl Inner {
         let mut generation = self.reload_lock.lock().await;
         let loaded = self.store.load_all().await;
         let wanted = match &self.source {
-            Some(source) => Some(source.stages(&self.names).await),
+            Some(source) => Some(
+                tokio::time::timeout(SOURCE_TIMEOUT, source.stages(&self.names))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::FlagSource(format!(
+                            "no answer within {SOURCE_TIMEOUT:?}"
+                        )))
+                    }),
+            ),
             None => None,
         };
         let now = SystemTime::now();
@@ -361,24 +376,42 @@ impl Inner {
                 }
                 None => None,
             };
+            let last_hold = last.as_ref().and_then(|l| l.held.clone());
+            // The state to serve, and whether it is the latest word (else: kept).
             let fresh = match (&wanted, row) {
-                (None, row) => row.cloned(),
+                (None, row) => row.map(|row| (row.clone(), FlagSource::Fresh)),
                 (Some(_), None) => None,
                 (Some(wanted), Some(row)) => match wanted.get(&**name).map(|w| &w.stage) {
                     Some(Ok(stage)) => {
-                        let (state, hold) = self.follow(name, row, *stage).await;
-                        held = hold.map(Arc::new);
-                        Some(state)
+                        // Edge-triggered: act on a wanted stage this process has not settled
+                        // yet (or one it holds, in case the evidence has come). A wanted stage
+                        // already settled is not pressed again, so an operator's rollback, or
+                        // another instance following a newer value first, is not undone by
+                        // this instance's older observation.
+                        let pressing = self.settled(name) != Some(*stage)
+                            || last_hold.as_ref().is_some_and(|h| h.wanted == *stage);
+                        if pressing {
+                            let (state, hold, settled) = self.follow(name, row, *stage).await;
+                            if settled {
+                                self.settle(name, *stage);
+                            }
+                            held = hold.map(Arc::new);
+                            Some((state, FlagSource::Fresh))
+                        } else {
+                            Some((row.clone(), FlagSource::Fresh))
+                        }
                     }
-                    Some(Err(problem)) => {
-                        tracing::error!(migration = %name, source = %self.describe_source(), %problem, "unusable stage from the flag source; the last known stage stays in force");
-                        self.metrics.flag_invalid.add(1, &attrs);
-                        // Never loaded in this process: the stage the store says is served
-                        // beats the fallback.
-                        last.is_none().then(|| row.clone())
+                    // The source's value is unusable, or the source failed as a whole (counted
+                    // and logged above): the stage twintrack's table serves stays in force (so
+                    // a rollback made meanwhile is followed), and so does any hold.
+                    unusable => {
+                        if let Some(Err(problem)) = unusable {
+                            tracing::error!(migration = %name, source = %self.describe_source(), %problem, "unusable stage from the flag source; the stage served stays in force");
+                            self.metrics.flag_invalid.add(1, &attrs);
+                        }
+                        held = last_hold.clone();
+                        Some((row.clone(), FlagSource::Stale))
                     }
-                    // The source failed as a whole (counted and logged above).
-                    None => last.is_none().then(|| row.clone()),
                 },
             };
             self.report_hold(
@@ -386,10 +419,13 @@ impl Inner {
                 last.as_ref().and_then(|l| l.held.as_deref()),
                 held.as_deref(),
             );
+            if let Some((_, FlagSource::Stale)) = &fresh {
+                self.metrics.flag_stale.add(1, &attrs);
+            }
             let flag = match (fresh, last) {
-                (Some(state), _) => MigrationFlag {
+                (Some((state, source)), _) => MigrationFlag {
                     state: Arc::new(state),
-                    source: FlagSource::Fresh,
+                    source,
                     loaded_at: Some(now),
                     held,
                     name_hash: name_hash(name.as_bytes()),
@@ -429,33 +465,46 @@ impl Inner {
             .map_or_else(String::new, |source| source.describe())
     }
 
+    /// The wanted stage of `migration` this process last settled (moved to, found in force,
+    /// or holds).
+    fn settled(&self, migration: &str) -> Option<Stage> {
+        let settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        settled.get(migration).copied()
+    }
+
+    fn settle(&self, migration: &Arc<str>, wanted: Stage) {
+        let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        settled.insert(migration.clone(), wanted);
+    }
+
     /// Moves the served stage (`row`, the store's) towards `wanted` from an external source, as
-    /// far as the transition rules allow: returns the state to serve and the hold, if refused.
+    /// far as the transition rules allow: returns the state to serve, the hold if refused, and
+    /// whether the outcome is settled (moved, already there, or held; not a failure to retry).
     async fn follow(
         &self,
         name: &str,
         row: &FlagState,
         wanted: Stage,
-    ) -> (FlagState, Option<Hold>) {
+    ) -> (FlagState, Option<Hold>, bool) {
         if row.stage == wanted {
-            return (row.clone(), None);
+            return (row.clone(), None, true);
         }
         // The evidence, and the row as it is now (another instance may have moved it).
         let record = match self.store.get(name).await {
             Ok(record) => record,
             Err(err) => {
                 tracing::warn!(migration = %name, error = %err, "cannot read the evidence; serving the last allowed stage");
-                return (row.clone(), None);
+                return (row.clone(), None, false);
             }
         };
         if record.state.stage == wanted {
-            return (record.state, None);
+            return (record.state, None, true);
         }
         let source = self.describe_source();
         let hold = assess(name, record.state.stage, wanted, &record.evidence, &source);
         let force = hold.is_some() && self.follow_unsafe.contains(name);
         if hold.is_some() && !force {
-            return (record.state, hold);
+            return (record.state, hold, true);
         }
         let change = StageChange::new(name, wanted, "external", format!("{source} wants {wanted}"))
             .expect_version(record.state.version)
@@ -467,13 +516,24 @@ impl Inner {
                 } else {
                     tracing::info!(migration = %name, %source, from = %record.state.stage, to = %wanted, "following the flag source");
                 }
-                (outcome.state, None)
+                (outcome.state, None, true)
             }
-            // Another instance moved it first, or the evidence changed under us: the next
-            // reload looks again.
+            // Refused by the store's own checks (repair intents still target the side): a
+            // hold like any other.
+            Err(Error::Refused(refusal)) => {
+                let hold = Hold {
+                    wanted,
+                    serving: record.state.stage,
+                    refusal,
+                    source,
+                };
+                (record.state, Some(hold), true)
+            }
+            // Another instance moved it first, or the store failed: the next reload looks
+            // again.
             Err(err) => {
                 tracing::warn!(migration = %name, %source, error = %err, "could not follow the flag source yet; serving the last allowed stage");
-                (record.state, None)
+                (record.state, None, false)
             }
         }
     }
