@@ -85,9 +85,11 @@ impl StageSource for SqlFlagStore {
 }
 
 /// Each migration's flag key in an external flag system: the migration's name unless set.
+#[cfg(any(feature = "openfeature", feature = "launchdarkly"))]
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FlagKeys(std::collections::HashMap<String, String>);
 
+#[cfg(any(feature = "openfeature", feature = "launchdarkly"))]
 impl FlagKeys {
     /// Sets `migration`'s key.
     pub(crate) fn set(&mut self, migration: impl Into<String>, key: impl Into<String>) {
