@@ -527,3 +527,67 @@ async fn a_million_uuid_keyed_articles_backfill_killed_resumed_verified_and_repa
     assert_eq!(code, 0, "{out}");
     assert_eq!(psql(url, "SELECT count(*) FROM article_tag"), "3000000");
 }
+
+/// SIGTERM while clients write: the articles service answers every request made, refuses
+/// new connections, and exits 0 (the time is printed).
+#[tokio::test(flavor = "multi_thread")]
+async fn articles_exits_0_on_sigterm_answering_what_is_in_flight() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(db) = common::pg::fresh_db().await else {
+        return;
+    };
+    let mut svc = Articles::start(&db.url);
+    let (code, out) = cli(&db.url, "init");
+    assert_eq!(code, 0, "{out}");
+    svc.stage(Stage::DualWrite).await;
+    let signalled = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (base, signalled) = (svc.base.clone(), signalled.clone());
+        clients.push(tokio::spawn(async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+            let mut answered = 0u32;
+            for n in 0.. {
+                let body = format!(r#"{{"title":"t{c}-{n}","body":"b","tags":["x","y"]}}"#);
+                let req = http::Request::post(format!("{base}/articles"))
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(res) => {
+                        assert_eq!(res.status(), 201);
+                        answered += 1;
+                    }
+                    Err(e) if e.is_connect() && signalled.load(Ordering::SeqCst) => break,
+                    Err(e) => panic!("a request saw {e:?}"),
+                }
+            }
+            answered
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let at = Instant::now();
+    signalled.store(true, Ordering::SeqCst);
+    let kill = Command::new("kill")
+        .args(["-TERM", &svc.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = loop {
+        if let Some(status) = svc.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(at.elapsed() < Duration::from_secs(30), "still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("articles: SIGTERM to exit in {:?}", at.elapsed());
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let mut answered = 0;
+    for client in clients {
+        answered += client.await.unwrap();
+    }
+    assert!(answered > 0, "the load ran");
+}
