@@ -569,21 +569,9 @@ async fn articles_exits_0_on_sigterm_answering_what_is_in_flight() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let at = Instant::now();
     signalled.store(true, Ordering::SeqCst);
-    let kill = Command::new("kill")
-        .args(["-TERM", &svc.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = loop {
-        if let Some(status) = svc.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(at.elapsed() < Duration::from_secs(30), "still running");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    eprintln!("articles: SIGTERM to exit in {:?}", at.elapsed());
+    let (status, took) = common::signal_and_wait(&mut svc.child, "-TERM").await;
+    eprintln!("articles: SIGTERM to exit in {took:?}");
     assert_eq!(status.code(), Some(0), "{status:?}");
     let mut answered = 0;
     for client in clients {

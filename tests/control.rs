@@ -969,24 +969,9 @@ async fn serve_exits_0_on_sigterm_and_sigint_answering_what_is_in_flight() {
             }));
         }
         tokio::time::sleep(Duration::from_millis(800)).await;
-        let at = std::time::Instant::now();
         signalled.store(true, Ordering::SeqCst);
-        let kill = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(kill.success());
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                at.elapsed() < Duration::from_secs(30),
-                "{signal}: still running"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        eprintln!("serve: {signal} to exit in {:?}", at.elapsed());
+        let (status, took) = common::signal_and_wait(&mut child, signal).await;
+        eprintln!("serve: {signal} to exit in {took:?}");
         assert_eq!(status.code(), Some(0), "{signal}: {status:?}");
         let mut answered = 0;
         for client in clients {

@@ -575,26 +575,9 @@ async fn quickstart_drains_its_requests_on_sigterm_and_exits_0() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let pid = qs.child.id();
-    let signalled_at = std::time::Instant::now();
     signalled.store(true, Ordering::SeqCst);
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
     let mut qs = qs;
-    let status = loop {
-        if let Some(status) = qs.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled_at.elapsed() < Duration::from_secs(30),
-            "still running 30 s after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let took = signalled_at.elapsed();
+    let (status, took) = common::signal_and_wait(&mut qs.child, "-TERM").await;
     eprintln!("SIGTERM to exit: {took:?}");
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 

@@ -523,3 +523,27 @@ pub fn listening_base(child: &mut std::process::Child, name: &str) -> String {
         .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
         .to_owned()
 }
+
+/// Sends `signal` (`-TERM`, `-INT`) to `child` and waits for it to exit (at most 30 s); its
+/// exit status and how long it took.
+pub async fn signal_and_wait(
+    child: &mut std::process::Child,
+    signal: &str,
+) -> (std::process::ExitStatus, std::time::Duration) {
+    let at = std::time::Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, at.elapsed());
+        }
+        assert!(
+            at.elapsed() < std::time::Duration::from_secs(30),
+            "{signal}: still running after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
