@@ -713,6 +713,8 @@ async fn column_kinds(
     let mut out = Vec::with_capacity(columns.len());
     for column in columns {
         let name = unquote(column);
+        // MySQL: the column's collation too (text keys need a binary no-pad one).
+        let mut collation: Option<String> = None;
         let declared: Option<String> = match db.backend() {
             Backend::Postgres => {
                 let exists: bool = query("SELECT to_regclass($1) IS NOT NULL")
@@ -777,16 +779,21 @@ async fn column_kinds(
                         "migration {migration:?}: {what} does not exist"
                     )));
                 }
-                Query::assert_safe(format!(
-                    "SELECT CAST(column_type AS CHAR) FROM information_schema.columns WHERE {in_table} AND column_name = $3"
+                let row = Query::assert_safe(format!(
+                    "SELECT CAST(column_type AS CHAR), CAST(collation_name AS CHAR) FROM information_schema.columns WHERE {in_table} AND column_name = $3"
                 ))
                 .bind(schema.map(str::to_owned))
                 .bind(bare)
                 .bind(&name)
                 .fetch_optional(db)
-                .await?
-                .map(|row| row.get_at(0))
-                .transpose()?
+                .await?;
+                match row {
+                    Some(row) => {
+                        collation = row.get_at(1)?;
+                        Some(row.get_at(0)?)
+                    }
+                    None => None,
+                }
             }
         };
         let Some(declared) = declared else {
@@ -797,13 +804,22 @@ async fn column_kinds(
         let kind = match db.backend() {
             Backend::Postgres => KeyKind::from_postgres(&declared),
             Backend::Sqlite => KeyKind::from_sqlite(&declared),
-            Backend::MySql => KeyKind::from_mysql(&declared),
+            Backend::MySql => KeyKind::from_mysql(&declared, collation.as_deref()),
         }
         .ok_or_else(|| {
             let allowed = match db.backend() {
-                // See `KeyKind::from_mysql` for why not text.
                 Backend::MySql => {
-                    "a signed bigint, int, mediumint, smallint or tinyint, or MariaDB's uuid (text keys are not supported on MySQL and MariaDB yet: their default collations compare case- and accent-insensitively)"
+                    if let Some(why) = KeyKind::mysql_text_refusal(
+                        &table_name,
+                        &name,
+                        &declared,
+                        collation.as_deref(),
+                    ) {
+                        return Error::Config(format!(
+                            "migration {migration:?}: {which}_key column {name} of {table_name} is of type {declared:?}: {why}"
+                        ));
+                    }
+                    "a signed bigint, int, mediumint, smallint or tinyint, MariaDB's uuid, or a varchar under a binary no-pad collation (utf8mb4_nopad_bin)"
                 }
                 _ => "bigint, integer, smallint, uuid, text or varchar",
             };

@@ -94,11 +94,13 @@ impl KeyKind {
         }
     }
 
-    /// The kind of a MySQL/MariaDB column by its `information_schema.columns.COLUMN_TYPE`, if
-    /// it can be a key: signed integers and MariaDB's `uuid`. Not text yet: MySQL's default
-    /// collations compare case- and accent-insensitively and pad, so a text key's equality and
-    /// order there are not Rust's.
-    pub(crate) fn from_mysql(column_type: &str) -> Option<KeyKind> {
+    /// The kind of a MySQL/MariaDB column by its `information_schema.columns` `COLUMN_TYPE` and
+    /// `COLLATION_NAME`, if it can be a key: signed integers, MariaDB's `uuid`, and `varchar`
+    /// under a binary no-pad collation ([`mysql_text_key_collation`]). Other text is refused
+    /// with [`KeyKind::mysql_text_refusal`]: MySQL's default collations compare case- and
+    /// accent-insensitively, and its other `_bin` collations ignore trailing spaces, so two
+    /// keys the database holds as one would be two keys to twintrack (and the reverse).
+    pub(crate) fn from_mysql(column_type: &str, collation: Option<&str>) -> Option<KeyKind> {
         let t = column_type.to_ascii_lowercase();
         if t.contains("unsigned") {
             return None;
@@ -107,6 +109,30 @@ impl KeyKind {
             "bigint" => Some(KeyKind::BigInt),
             "int" | "mediumint" | "smallint" | "tinyint" => Some(KeyKind::Int),
             "uuid" => Some(KeyKind::Uuid),
+            "varchar" if collation.is_some_and(mysql_text_key_collation) => Some(KeyKind::Text),
+            _ => None,
+        }
+    }
+
+    /// Why a MySQL/MariaDB text column `table`.`column` of `column_type` under `collation`
+    /// cannot be a key, and the remedy; `None` when the column is not text (then the usual list
+    /// of key types).
+    pub(crate) fn mysql_text_refusal(
+        table: &str,
+        column: &str,
+        column_type: &str,
+        collation: Option<&str>,
+    ) -> Option<String> {
+        let t = column_type.to_ascii_lowercase();
+        let base = t.split('(').next().unwrap_or_default().trim().to_owned();
+        let collation = collation.unwrap_or("none");
+        match base.as_str() {
+            "varchar" => Some(format!(
+                "its collation {collation} does not compare text byte for byte (case- or accent-insensitive, or ignoring trailing spaces), so keys equal to the database would differ to twintrack; a text key needs a binary no-pad collation: ALTER TABLE {table} MODIFY {column} {t} CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin (MySQL 8: utf8mb4_0900_bin; keep the column's NOT NULL and default)"
+            )),
+            "char" | "tinytext" | "text" | "mediumtext" | "longtext" => Some(format!(
+                "{base} columns pad or need a prefix index, so their equality is not the text's; a text key must be a varchar under a binary no-pad collation (utf8mb4_nopad_bin; MySQL 8: utf8mb4_0900_bin)"
+            )),
             _ => None,
         }
     }
@@ -120,6 +146,15 @@ impl KeyKind {
             KeyKind::Text => "text",
         }
     }
+}
+
+/// Whether a MySQL/MariaDB collation compares text byte for byte, as Rust does, so a
+/// `varchar` under it can be a key: MariaDB's `*_nopad_bin` collations and MySQL 8's
+/// `utf8mb4_0900_bin` (both `NO PAD`, by code point, which is UTF-8's byte order). Not the
+/// older `*_bin` collations: they are `PAD SPACE` (`'a' = 'a '`).
+pub(crate) fn mysql_text_key_collation(collation: &str) -> bool {
+    let c = collation.to_ascii_lowercase();
+    c.ends_with("_nopad_bin") || c == "utf8mb4_0900_bin"
 }
 
 impl fmt::Display for KeyKind {
@@ -484,6 +519,43 @@ impl<A: KeyScalar, B: KeyScalar, C: KeyScalar> Key for (A, B, C) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mysql_text_keys_need_a_collation_that_compares_byte_for_byte() {
+        let text = |ty, collation| KeyKind::from_mysql(ty, Some(collation));
+        assert_eq!(
+            text("varchar(64)", "utf8mb4_nopad_bin"),
+            Some(KeyKind::Text)
+        );
+        assert_eq!(text("VARCHAR(64)", "utf8mb4_0900_bin"), Some(KeyKind::Text));
+        assert_eq!(text("varchar(64)", "latin1_nopad_bin"), Some(KeyKind::Text));
+        for collation in [
+            "utf8mb4_bin",
+            "utf8mb4_general_ci",
+            "utf8mb4_0900_ai_ci",
+            "latin1_swedish_ci",
+            "utf8mb4_nopad_general_ci",
+        ] {
+            assert_eq!(text("varchar(64)", collation), None, "{collation}");
+            let why =
+                KeyKind::mysql_text_refusal("t", "k", "varchar(64)", Some(collation)).unwrap();
+            assert!(
+                why.contains(collation) && why.contains("ALTER TABLE t MODIFY k varchar(64)"),
+                "{why}"
+            );
+        }
+        for ty in ["char(10)", "text", "tinytext", "longtext"] {
+            assert_eq!(text(ty, "utf8mb4_nopad_bin"), None, "{ty}");
+            assert!(KeyKind::mysql_text_refusal("t", "k", ty, Some("utf8mb4_nopad_bin")).is_some());
+        }
+        assert_eq!(KeyKind::from_mysql("varchar(64)", None), None);
+        assert_eq!(
+            KeyKind::from_mysql("bigint(20)", None),
+            Some(KeyKind::BigInt)
+        );
+        assert_eq!(KeyKind::from_mysql("bigint(20) unsigned", None), None);
+        assert_eq!(KeyKind::mysql_text_refusal("t", "k", "double", None), None);
+    }
 
     fn round_trip<K: Key + PartialEq>(key: K) {
         let text = key.to_text();

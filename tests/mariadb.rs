@@ -198,7 +198,8 @@ async fn a_text_key_is_refused_clearly() {
         assert_eq!(code, 2, "{line}: {out}");
         assert!(
             out.contains("of type \"varchar(255)\"")
-                && out.contains("text keys are not supported on MySQL and MariaDB yet"),
+                && out.contains("does not compare text byte for byte")
+                && out.contains("ALTER TABLE users MODIFY email varchar(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"),
             "{line}: {out}"
         );
     }
@@ -765,4 +766,188 @@ async fn count(db: &Database, table: &str) -> i64 {
         .scalar(db)
         .await
         .unwrap()
+}
+
+/// Text keys on MariaDB: a `varchar` under a binary no-pad collation is a key, byte for byte as
+/// Rust compares it, so keys a default collation would take for one (`a`, `A`, `a `, `á` and
+/// `a` + a combining accent, `ss` and `ß`) are each copied, compared and repaired as
+/// themselves; a `_bin` text column compares with the same text under another collation
+/// (sqlx calls it `VARBINARY`). Every other text key column is refused with the reason and the
+/// remedy, before anything is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn text_keys_under_a_binary_no_pad_collation_are_copied_and_compared_byte_for_byte() {
+    use std::sync::Arc;
+    use twintrack::backfill::{self, BackfillOptions};
+    use twintrack::config::Config;
+    use twintrack::flags::{FlagStore, SqlFlagStore, StageChange};
+    use twintrack::verify::{self, VerifyOptions};
+
+    let Some(test) = mariadb::fresh_db().await else {
+        return;
+    };
+    let db = Database::connect(&test.url).await.unwrap();
+    let key = "VARCHAR(32) COLLATE utf8mb4_nopad_bin";
+    for sql in [
+        format!(
+            "CREATE TABLE legacy_t (k {key} PRIMARY KEY, label VARCHAR(20) COLLATE utf8mb4_bin NOT NULL)"
+        ),
+        format!("CREATE TABLE new_t (k {key} PRIMARY KEY, label VARCHAR(20) NOT NULL)"),
+        "INSERT INTO legacy_t SELECT CONCAT('key-', seq), CONCAT('v', seq) FROM seq_1_to_3000"
+            .into(),
+    ] {
+        Query::assert_safe(sql).execute(&db).await.unwrap();
+    }
+    let special = ["a", "A", "a ", "á", "a\u{301}", "ss", "ß", "", " "];
+    for (i, k) in special.iter().enumerate() {
+        query("INSERT INTO legacy_t (k, label) VALUES ($1, $2)")
+            .bind(*k)
+            .bind(format!("s{i}"))
+            .execute(&db)
+            .await
+            .unwrap();
+    }
+    let config = |legacy_key: &str| {
+        Config::parse(&format!(
+            r#"
+[[migration]]
+name = "t"
+legacy_table = "legacy_t"
+legacy_key = ["{legacy_key}"]
+new_table = "new_t"
+new_key = ["k"]
+copy = "INSERT INTO new_t SELECT k, label FROM legacy_t WHERE {{batch}} ON DUPLICATE KEY UPDATE label = VALUES(label)"
+legacy_projection = "SELECT k AS \"key\", label FROM legacy_t"
+new_projection = "SELECT k AS \"key\", label FROM new_t"
+"#
+        ))
+        .unwrap()
+        .migration("t")
+        .unwrap()
+        .definition(Backend::MySql)
+        .unwrap()
+    };
+    let def = config("k");
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    store.register("t", "test").await.unwrap();
+    store
+        .set_stage(StageChange::new("t", twintrack::Stage::DualWrite, "test", "t").force(true))
+        .await
+        .unwrap();
+    let backfill = async |def: &twintrack::definition::MigrationDef| {
+        let options = BackfillOptions {
+            batch_size: 500,
+            ..BackfillOptions::default()
+        };
+        backfill::run(
+            &db,
+            &*store,
+            def,
+            options,
+            twintrack::metrics::Metrics::global(),
+            |_| {},
+        )
+        .await
+    };
+    let verify = async |repair: bool| {
+        let options = VerifyOptions {
+            repair,
+            recheck_delay: Duration::from_millis(10),
+            ..VerifyOptions::default()
+        };
+        verify::run(
+            &db,
+            &*store,
+            &def,
+            options,
+            twintrack::metrics::Metrics::global(),
+        )
+        .await
+        .unwrap()
+    };
+
+    let report = backfill(&def).await.unwrap();
+    assert!(report.finished);
+    assert_eq!(
+        count(&db, "new_t").await,
+        3009,
+        "every key copied as itself"
+    );
+    for (i, k) in special.iter().enumerate() {
+        let label: Option<String> = query("SELECT label FROM new_t WHERE k = $1")
+            .bind(*k)
+            .scalar(&db)
+            .await
+            .unwrap();
+        assert_eq!(
+            label.as_deref(),
+            Some(format!("s{i}").as_str()),
+            "key {k:?}"
+        );
+    }
+    let v = verify(false).await;
+    assert!(v.clean, "{:?}", v.lines());
+    assert_eq!((v.legacy_rows, v.new_rows), (3009, 3009));
+
+    // Planted: `A` missing, `a ` changed, `ß ` extra, `key-17`'s label in another case.
+    for sql in [
+        "DELETE FROM new_t WHERE k = 'A'",
+        "UPDATE new_t SET label = 'changed' WHERE k = 'a '",
+        "INSERT INTO new_t VALUES ('ß ', 'extra')",
+        "UPDATE new_t SET label = 'V17' WHERE k = 'key-17'",
+    ] {
+        Query::assert_safe(sql).execute(&db).await.unwrap();
+    }
+    let v = verify(false).await;
+    let texts = |keys: &[twintrack::DynKey]| keys.iter().map(|k| k.to_text()).collect::<Vec<_>>();
+    assert_eq!(texts(&v.missing_in_new), ["A"], "{:?}", v.lines());
+    assert_eq!(texts(&v.missing_in_legacy), ["ß "], "{:?}", v.lines());
+    let mut changed: Vec<String> = v.different.iter().map(|d| d.key.to_text()).collect();
+    changed.sort();
+    assert_eq!(changed, ["a ", "key-17"], "{:?}", v.lines());
+    assert_eq!(v.unexplained_segments, 0);
+    let v = verify(true).await;
+    assert_eq!(v.repaired.len(), 4, "{:?}", v.lines());
+    let v = verify(false).await;
+    assert!(v.clean, "after --repair: {:?}", v.lines());
+    assert_eq!(count(&db, "new_t").await, 3009);
+
+    // Every other text key column: refused with the reason, nothing written.
+    for (column, says) in [
+        ("VARCHAR(32)", "does not compare text byte for byte"),
+        (
+            "VARCHAR(32) COLLATE utf8mb4_bin",
+            "its collation utf8mb4_bin does not compare text byte for byte",
+        ),
+        (
+            "VARCHAR(32) COLLATE latin1_swedish_ci",
+            "its collation latin1_swedish_ci",
+        ),
+        ("CHAR(32) COLLATE utf8mb4_nopad_bin", "char columns pad"),
+        ("TEXT", "text columns pad or need a prefix index"),
+    ] {
+        Query::assert_safe(format!(
+            "ALTER TABLE legacy_t ADD COLUMN other {column} NULL"
+        ))
+        .execute(&db)
+        .await
+        .unwrap();
+        let runs: i64 = query("SELECT COUNT(*) FROM twintrack_backfill_runs")
+            .scalar(&db)
+            .await
+            .unwrap();
+        let err = backfill(&config("other")).await.unwrap_err().to_string();
+        assert!(
+            err.contains(says) && err.contains("utf8mb4_nopad_bin"),
+            "{column}: {err}"
+        );
+        let after: i64 = query("SELECT COUNT(*) FROM twintrack_backfill_runs")
+            .scalar(&db)
+            .await
+            .unwrap();
+        assert_eq!(after, runs, "{column}: nothing written");
+        Query::assert_safe("ALTER TABLE legacy_t DROP COLUMN other")
+            .execute(&db)
+            .await
+            .unwrap();
+    }
 }

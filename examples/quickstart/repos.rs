@@ -89,11 +89,18 @@ impl UserId for uuid::Uuid {
 }
 
 impl UserId for String {
-    fn id_column(_: Backend) -> &'static str {
-        "TEXT NOT NULL PRIMARY KEY"
+    // MySQL: a text key is a `varchar` under a collation that compares byte for byte.
+    fn id_column(backend: Backend) -> &'static str {
+        match backend {
+            Backend::MySql => "VARCHAR(64) COLLATE utf8mb4_nopad_bin NOT NULL PRIMARY KEY",
+            _ => "TEXT NOT NULL PRIMARY KEY",
+        }
     }
-    fn key_type(_: Backend) -> &'static str {
-        "TEXT NOT NULL"
+    fn key_type(backend: Backend) -> &'static str {
+        match backend {
+            Backend::MySql => "VARCHAR(64) COLLATE utf8mb4_nopad_bin NOT NULL",
+            _ => "TEXT NOT NULL",
+        }
     }
     fn generate() -> Option<Self> {
         Some(format!("u-{}", uuid::Uuid::new_v4().simple()))

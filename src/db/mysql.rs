@@ -287,6 +287,14 @@ fn decode(row: &MySqlRow, i: usize) -> sqlx::Result<Value> {
         }
         "FLOAT" => Value::F64(f64::from(row.try_get_unchecked::<f32, _>(i)?)),
         "DOUBLE" => Value::F64(row.try_get_unchecked(i)?),
+        // sqlx names text under a `_bin` collation `VARBINARY` (the column carries MySQL's
+        // BINARY flag); only the `binary` character set makes bytes. Text is text whatever its
+        // collation, so a `_bin` column compares with the same text elsewhere.
+        "BINARY" | "VARBINARY" | "BLOB" | "TINYBLOB" | "MEDIUMBLOB" | "LONGBLOB"
+            if <str as sqlx::Type<MySql>>::compatible(&raw.type_info()) =>
+        {
+            Value::Text(row.try_get_unchecked(i)?)
+        }
         "BINARY" | "VARBINARY" | "BLOB" | "TINYBLOB" | "MEDIUMBLOB" | "LONGBLOB" | "GEOMETRY" => {
             Value::Bytes(row.try_get_unchecked(i)?)
         }

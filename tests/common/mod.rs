@@ -102,20 +102,21 @@ fn only_backends() -> Option<Vec<String>> {
     Some(only.split(',').map(|b| b.trim().to_owned()).collect())
 }
 
-/// [`shapes`], and MariaDB with `bigint` keys when available: for the guarantees that run
-/// there so far (the dual store in one database).
+/// [`shapes`], and MariaDB with `bigint` and text keys (`utf8mb4_nopad_bin`) when available.
 pub async fn shapes_with_mariadb() -> Vec<Shape> {
     let mut all = shapes().await;
-    if only_backends().is_none_or(|only| only.contains(&"mariadb".to_owned()))
-        && let Some(db) = mariadb::fresh_db().await
-    {
-        all.push(Shape {
-            backend: "mariadb",
-            key: "i64",
-            url: db.url,
-            replica_urls: db.replica_urls,
-            guard: None,
-        });
+    if only_backends().is_none_or(|only| only.contains(&"mariadb".to_owned())) {
+        for key in ["i64", "text"] {
+            if let Some(db) = mariadb::fresh_db().await {
+                all.push(Shape {
+                    backend: "mariadb",
+                    key,
+                    url: db.url,
+                    replica_urls: db.replica_urls,
+                    guard: None,
+                });
+            }
+        }
     }
     all
 }
@@ -131,6 +132,7 @@ macro_rules! each_shape_with_mariadb {
                 ("postgres", "i64") => $test::<sqlx::Postgres, i64>(shape $(, $arg)*).await,
                 ("postgres", "uuid") => $test::<sqlx::Postgres, uuid::Uuid>(shape $(, $arg)*).await,
                 ("mariadb", "i64") => $test::<sqlx::MySql, i64>(shape $(, $arg)*).await,
+                ("mariadb", "text") => $test::<sqlx::MySql, String>(shape $(, $arg)*).await,
                 other => panic!("no test shape {other:?}"),
             }
         }
@@ -201,12 +203,18 @@ impl TestKey for String {
     fn nth(n: u64) -> String {
         format!("key-{:x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
     }
-    fn column(_: twintrack::Backend) -> &'static str {
-        "TEXT"
+    fn column(backend: twintrack::Backend) -> &'static str {
+        match backend {
+            // The collation a text key takes there (byte for byte, no padding).
+            twintrack::Backend::MySql => "VARCHAR(64) COLLATE utf8mb4_nopad_bin",
+            _ => "TEXT",
+        }
     }
     fn random_sql(backend: twintrack::Backend) -> Option<&'static str> {
         Some(match backend {
             twintrack::Backend::Postgres => "md5(random()::text)",
+            // Unique per row (`RAND()` repeats across connections seeded alike).
+            twintrack::Backend::MySql => "MD5(UUID())",
             _ => "lower(hex(randomblob(8)))",
         })
     }
