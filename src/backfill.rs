@@ -646,7 +646,7 @@ async fn work(shared: &Shared, copier: &Copier) -> Result<()> {
             shared.rows.fetch_add(done.rows, Ordering::Relaxed);
             shared.keys.fetch_add(done.keys, Ordering::Relaxed);
             shared.batches.fetch_add(1, Ordering::Relaxed);
-            shared.metrics.backfill_rows.add(
+            shared.metrics.get().backfill_rows.add(
                 done.rows,
                 &[
                     KeyValue::new("migration", shared.def.name.clone()),
@@ -674,7 +674,7 @@ impl Shared {
         Fut: std::future::Future<Output = Result<T>>,
     {
         let counted = |reason: &'static str| {
-            self.metrics.backfill_retries.add(
+            self.metrics.get().backfill_retries.add(
                 1,
                 &[
                     KeyValue::new("migration", self.def.name.clone()),
@@ -1281,6 +1281,7 @@ async fn wait_for_replicas(shared: &Shared) -> Result<()> {
             shared.paused_now.store(true, Ordering::Relaxed);
             shared
                 .metrics
+                .get()
                 .backfill_pauses
                 .add(1, &[KeyValue::new("migration", shared.def.name.clone())]);
             tracing::info!(migration = %shared.def.name, reason = %why, "backfill paused");

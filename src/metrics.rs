@@ -1,8 +1,17 @@
 //! OpenTelemetry instruments, created once per [`Meter`] and shared by the parts that record.
 //!
-//! By default twintrack records through `opentelemetry::global::meter("twintrack")`; pass your
-//! own [`Meter`] to the builders (for example one backed by the SDK's in-memory exporter in
-//! tests) to route them elsewhere.
+//! twintrack never installs a global provider. By default ([`Metrics::global`]) it records
+//! through the meter provider the host has installed globally *at the time of each
+//! recording*, so a provider installed after twintrack's parts were built is used from then on
+//! (until one is installed, recordings go to OpenTelemetry's no-op provider). Or give the
+//! builders [`Metrics::from_provider`] (or [`Metrics::new`] with a [`Meter`]) to route them to a
+//! provider of your own. The three lines of a host that exports to a collector:
+//!
+//! ```ignore
+//! let provider = SdkMeterProvider::builder().with_periodic_exporter(MetricExporter::builder().with_http().build()?).build();
+//! opentelemetry::global::set_meter_provider(provider.clone()); // or: .metrics(Metrics::from_provider(&provider))
+//! // … build the FlagCache, DualStore, ReplicaSet as usual; at exit: provider.shutdown()?;
+//! ```
 //!
 //! In Prometheus (`PrometheusExporter`, or a collector's Prometheus exporter) the dots become
 //! underscores, a unit is appended (`_seconds`, `_bytes`) and counters end in `_total`:
@@ -32,7 +41,9 @@
 //! | `twintrack.backfill.pauses` | counter | `migration` | backfill pauses for replica lag |
 //! | `twintrack.verify.runs` | counter | `migration`, `result` = `clean`/`divergent` | verify runs |
 
-use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, MeterProvider};
 
 /// Bucket boundaries (s) of duration histograms: database calls, from a sub-millisecond
 /// primary-key read to a 10 s timeout. The SDK's default boundaries (0, 5, 10, 25 … 10,000) are
@@ -60,9 +71,20 @@ pub(crate) fn error_type(err: &sqlx::Error) -> String {
     }
 }
 
-/// The instruments twintrack records into.
+/// Where twintrack's parts record: a fixed set of instruments, or the host's global meter
+/// provider looked up at each recording (see the [module docs](self)). Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct Metrics {
+pub struct Metrics(Source);
+
+#[derive(Clone, Debug)]
+enum Source {
+    Fixed(Arc<Instruments>),
+    Global,
+}
+
+/// The instruments of one meter.
+#[derive(Debug)]
+pub(crate) struct Instruments {
     pub(crate) flag_refresh: Counter<u64>,
     pub(crate) flag_stale: Counter<u64>,
     pub(crate) flag_fallback: Counter<u64>,
@@ -87,10 +109,71 @@ pub struct Metrics {
     pub(crate) shadow_dropped: Counter<u64>,
 }
 
+/// The instruments built on the global provider, with the provider they were built on.
+type GlobalInstruments = (Arc<dyn MeterProvider + Send + Sync>, Arc<Instruments>);
+static GLOBAL: RwLock<Option<GlobalInstruments>> = RwLock::new(None);
+
+/// [`Instruments`] to record into now: borrowed from a fixed set, or the global provider's.
+pub(crate) enum Current<'a> {
+    Fixed(&'a Instruments),
+    Global(Arc<Instruments>),
+}
+
+impl std::ops::Deref for Current<'_> {
+    type Target = Instruments;
+    fn deref(&self) -> &Instruments {
+        match self {
+            Current::Fixed(i) => i,
+            Current::Global(i) => i,
+        }
+    }
+}
+
 impl Metrics {
-    /// Creates the instruments on `meter`.
+    /// Instruments on `meter`, fixed.
     pub fn new(meter: &Meter) -> Metrics {
-        Metrics {
+        Metrics(Source::Fixed(Arc::new(Instruments::new(meter))))
+    }
+
+    /// Instruments on `provider`'s `twintrack` meter, fixed (the host's provider, not installed
+    /// globally).
+    pub fn from_provider(provider: &(impl MeterProvider + ?Sized)) -> Metrics {
+        Metrics::new(&provider.meter("twintrack"))
+    }
+
+    /// The host's global meter provider's `twintrack` meter, looked up at each recording: a
+    /// provider installed later (`opentelemetry::global::set_meter_provider`) is used from
+    /// then on. Its instruments are built once per installed provider (one shared lock read
+    /// and a pointer compare per recording after that).
+    pub fn global() -> Metrics {
+        Metrics(Source::Global)
+    }
+
+    /// The instruments to record into now.
+    pub(crate) fn get(&self) -> Current<'_> {
+        match &self.0 {
+            Source::Fixed(i) => Current::Fixed(i),
+            Source::Global => Current::Global(global_instruments()),
+        }
+    }
+}
+
+/// The global provider's instruments, built again when another provider has been installed.
+fn global_instruments() -> Arc<Instruments> {
+    let provider = opentelemetry::global::meter_provider();
+    if let Some((built_on, instruments)) = &*GLOBAL.read().unwrap_or_else(PoisonError::into_inner)
+        && Arc::ptr_eq(built_on, &provider)
+    {
+        return instruments.clone();
+    }
+    let instruments = Arc::new(Instruments::new(&provider.meter("twintrack")));
+    *GLOBAL.write().unwrap_or_else(PoisonError::into_inner) = Some((provider, instruments.clone()));
+    instruments
+}
+
+impl Instruments {
+    fn new(meter: &Meter) -> Instruments {
+        Instruments {
             flag_refresh: meter
                 .u64_counter("twintrack.flags.refresh")
                 .with_description("Flag cache reloads from the flag store, by outcome")
@@ -201,11 +284,6 @@ impl Metrics {
                 )
                 .build(),
         }
-    }
-
-    /// Instruments on the global meter provider's `twintrack` meter.
-    pub fn global() -> Metrics {
-        Metrics::new(&opentelemetry::global::meter("twintrack"))
     }
 }
 
@@ -351,6 +429,7 @@ mod tests {
     fn exported_names() -> BTreeSet<String> {
         let exporter = PrometheusExporter::new().unwrap();
         let m = exporter.metrics();
+        let m = m.get();
         let none: &[KeyValue] = &[];
         for counter in [
             &m.flag_refresh,

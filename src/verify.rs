@@ -509,7 +509,7 @@ pub async fn run_across(
         }
     }
     let result = if clean { "clean" } else { "divergent" };
-    metrics.verify_runs.add(
+    metrics.get().verify_runs.add(
         1,
         &[
             KeyValue::new("migration", def.name.clone()),
@@ -1161,7 +1161,7 @@ impl RunOn for Query {
 /// Counts a verify's retry in `twintrack.verify.retries`.
 fn counted(ctx: &Ctx) -> impl Fn(&'static str) + '_ {
     move |reason: &'static str| {
-        ctx.metrics.verify_retries.add(
+        ctx.metrics.get().verify_retries.add(
             1,
             &[
                 KeyValue::new("migration", ctx.def.name.clone()),

@@ -1762,3 +1762,63 @@ async fn two_databases_a_read_settles_its_keys_intents_after_authority_moves() {
         "reads while the other database was down count as unsettled"
     );
 }
+
+/// twintrack installs no meter provider and records through the one the host has installed
+/// *when it records*: a store built before the host installs its provider (the order a service
+/// wiring telemetry after its data layer has) reports into it from then on.
+#[tokio::test]
+async fn a_meter_provider_installed_after_the_store_was_built_receives_its_recordings() {
+    let (_dir, url) = common::sqlite_db();
+    let db = Database::connect(&url).await.unwrap();
+    repos::create_shapes::<i64>(&db).await.unwrap();
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    store.register("user_settings", "t").await.unwrap();
+    store
+        .set_stage(StageChange::new("user_settings", Stage::DualWrite, "t", "t").force(true))
+        .await
+        .unwrap();
+    let flags = FlagCache::builder(store)
+        .migration("user_settings", Stage::LegacyOnly)
+        .build()
+        .await;
+    let (legacy, new) = repos::repos::<sqlx::Sqlite, i64>();
+    let users = Users {
+        settings: DualStore::builder(
+            "user_settings",
+            legacy,
+            new,
+            db.as_sqlite().unwrap().clone(),
+            flags,
+            SettingsResync::default(),
+        )
+        .build()
+        .unwrap(),
+    };
+    let settings = Settings {
+        theme: "x".into(),
+        notifications_enabled: true,
+    };
+    users
+        .create("before@example.com", settings.clone())
+        .await
+        .unwrap();
+
+    // Installed only now, after the store was built and had recorded.
+    let host = TestMetrics::new();
+    opentelemetry::global::set_meter_provider(host.provider.clone());
+    let id = users.create("after@example.com", settings).await.unwrap();
+    users.settings(&id).await.unwrap();
+    let writes = host.counter_all(
+        "twintrack.dual.operations",
+        &[("op", "write"), ("side", "new"), ("outcome", "ok")],
+    );
+    assert_eq!(writes, 1, "the write made after the provider was installed");
+    assert!(
+        host.histogram_count(
+            "db.client.operation.duration",
+            &[("twintrack.migration", "user_settings")],
+            &twintrack::metrics::DURATION_BUCKETS,
+        ) >= 3,
+        "durations of the write's two sides and the read"
+    );
+}

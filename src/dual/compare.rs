@@ -206,13 +206,14 @@ where
                 self.inner.bookkeeping.clone(),
                 move |reason, n| {
                     metrics
+                        .get()
                         .shadow_dropped
                         .add(n, &[attr.clone(), KeyValue::new("reason", reason)]);
                 },
             )
         });
         if recorder.try_send(mismatch).is_err() {
-            self.inner.metrics.shadow_dropped.add(
+            self.inner.metrics.get().shadow_dropped.add(
                 1,
                 &[self.migration_attr(), KeyValue::new("reason", "queue_full")],
             );
@@ -222,12 +223,13 @@ where
     pub(super) fn count_result(&self, result: &'static str) {
         self.inner
             .metrics
+            .get()
             .shadow_results
             .add(1, &[self.migration_attr(), KeyValue::new("result", result)]);
     }
 
     pub(super) fn count_shadow_error(&self, side: Side) {
-        self.inner.metrics.shadow_errors.add(
+        self.inner.metrics.get().shadow_errors.add(
             1,
             &[self.migration_attr(), KeyValue::new("side", side.as_str())],
         );

@@ -119,7 +119,7 @@ where
         ("failed", report.failed),
     ] {
         if n > 0 {
-            inner.metrics.repair_intents.add(
+            inner.metrics.get().repair_intents.add(
                 n,
                 &[
                     store.migration_attr(),

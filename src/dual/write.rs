@@ -114,7 +114,7 @@ where
     }
 
     pub(super) fn count_intent(&self, event: &'static str) {
-        self.inner.metrics.repair_intents.add(
+        self.inner.metrics.get().repair_intents.add(
             1,
             &[
                 self.migration_attr(),

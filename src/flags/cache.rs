@@ -330,7 +330,7 @@ impl Inner {
             _ => None,
         };
         let failed = loaded.is_err() || source_error.is_some();
-        self.metrics.flag_refresh.add(
+        self.metrics.get().flag_refresh.add(
             1,
             &[KeyValue::new(
                 "outcome",
@@ -367,7 +367,7 @@ impl Inner {
                 Some(Ok(state)) => Some(state),
                 Some(Err(problem)) => {
                     tracing::error!(migration = %name, %problem, "invalid flag row; the last good value stays in force");
-                    self.metrics.flag_invalid.add(1, &attrs);
+                    self.metrics.get().flag_invalid.add(1, &attrs);
                     None
                 }
                 None if loaded.is_ok() => {
@@ -407,7 +407,7 @@ impl Inner {
                     unusable => {
                         if let Some(Err(problem)) = unusable {
                             tracing::error!(migration = %name, source = %self.describe_source(), %problem, "unusable stage from the flag source; the stage served stays in force");
-                            self.metrics.flag_invalid.add(1, &attrs);
+                            self.metrics.get().flag_invalid.add(1, &attrs);
                         }
                         held = last_hold.clone();
                         Some((row.clone(), FlagSource::Stale))
@@ -420,7 +420,7 @@ impl Inner {
                 held.as_deref(),
             );
             if let Some((_, FlagSource::Stale)) = &fresh {
-                self.metrics.flag_stale.add(1, &attrs);
+                self.metrics.get().flag_stale.add(1, &attrs);
             }
             let flag = match (fresh, last) {
                 (Some((state, source)), _) => MigrationFlag {
@@ -431,20 +431,23 @@ impl Inner {
                     name_hash: name_hash(name.as_bytes()),
                 },
                 (None, Some(last)) if last.source != FlagSource::Fallback => {
-                    self.metrics.flag_stale.add(1, &attrs);
+                    self.metrics.get().flag_stale.add(1, &attrs);
                     MigrationFlag {
                         source: FlagSource::Stale,
                         ..last
                     }
                 }
                 (None, _) => {
-                    self.metrics.flag_fallback.add(1, &attrs);
+                    self.metrics.get().flag_fallback.add(1, &attrs);
                     fallback(name, registered.fallback)
                 }
             };
             if let Some(loaded_at) = flag.loaded_at {
                 let age = now.duration_since(loaded_at).unwrap_or_default();
-                self.metrics.flag_age.record(age.as_secs_f64(), &attrs);
+                self.metrics
+                    .get()
+                    .flag_age
+                    .record(age.as_secs_f64(), &attrs);
             }
             self.values.insert(name.clone(), flag.clone());
             flags.push(flag);
@@ -551,13 +554,13 @@ impl Inner {
         if let Some(before) = before
             && now.is_none_or(|now| !same(before, now))
         {
-            self.metrics.flag_held.record(0, &attrs(before));
+            self.metrics.get().flag_held.record(0, &attrs(before));
             if now.is_none() {
                 tracing::info!(migration = %name, wanted = %before.wanted, "no longer held");
             }
         }
         if let Some(now) = now {
-            self.metrics.flag_held.record(1, &attrs(now));
+            self.metrics.get().flag_held.record(1, &attrs(now));
             if before.is_none_or(|before| !same(before, now)) {
                 tracing::error!(migration = %name, wanted = %now.wanted, serving = %now.serving, source = %now.source,
                     reason = %now.refusal.reason, remedy = %now.refusal.remedy,

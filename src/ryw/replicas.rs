@@ -117,13 +117,14 @@ impl Replica {
         }
         let attrs = std::slice::from_ref(&self.attr);
         metrics
+            .get()
             .replica_healthy
             .record(u64::from(health.healthy), attrs);
         if let Some(lag) = health.lag {
-            metrics.replica_lag.record(lag.as_secs_f64(), attrs);
+            metrics.get().replica_lag.record(lag.as_secs_f64(), attrs);
         }
         if let Some(bytes) = health.lag_bytes {
-            metrics.replica_lag_bytes.record(bytes, attrs);
+            metrics.get().replica_lag_bytes.record(bytes, attrs);
         }
         self.health.store(Arc::new(health));
     }

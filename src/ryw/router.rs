@@ -545,7 +545,7 @@ impl Router {
             ryw.note_read(route.target);
         }
         let pin = route.pin.map_or("none", PinReason::as_str);
-        self.inner.metrics.reads.add(
+        self.inner.metrics.get().reads.add(
             1,
             &[
                 KeyValue::new("target", route.target.as_str()),
@@ -676,6 +676,7 @@ impl Router {
     fn count_token(&self, verdict: &'static str) {
         self.inner
             .metrics
+            .get()
             .ryw_tokens
             .add(1, &[KeyValue::new("verdict", verdict)]);
     }
