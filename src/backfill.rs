@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use serde::Serialize;
+use tracing::Instrument as _;
 
 use crate::db::{Backend, Conn, Database, Query, Row, Tx, Value, now_micros, query};
 use crate::definition::{Direction, MigrationDef, bound};
@@ -242,6 +243,15 @@ pub async fn run(
 }
 
 /// [`run`] with a copier of its own.
+#[tracing::instrument(
+    name = "twintrack.backfill",
+    skip_all,
+    fields(
+        otel.name = %format!("backfill {}", def.name),
+        twintrack.migration = %def.name,
+        twintrack.backfill.direction = options.direction.as_str(),
+    )
+)]
 pub(crate) async fn run_with(
     db: &Database,
     flags: &dyn FlagStore,
@@ -359,7 +369,7 @@ pub(crate) async fn run_with(
     for _ in 0..options.workers {
         let shared = shared.clone();
         let copier = copier.clone();
-        workers.spawn(async move { work(&shared, &copier).await });
+        workers.spawn(async move { work(&shared, &copier).await }.in_current_span());
     }
     let mut failure = None;
     while let Some(worker) = workers.join_next().await {
@@ -636,12 +646,22 @@ async fn work(shared: &Shared, copier: &Copier) -> Result<()> {
         loop {
             wait_for_replicas(shared).await?;
             let started = Instant::now();
+            let span = tracing::info_span!(
+                "twintrack.backfill.batch",
+                "otel.name" = format!("backfill batch {}", shared.def.name),
+                "twintrack.migration" = %shared.def.name,
+                "twintrack.backfill.chunk" = lease.chunk,
+                "twintrack.backfill.batch_size" = batch,
+                "twintrack.backfill.rows" = tracing::field::Empty,
+            );
             let Some(done) = shared
                 .retrying("copy a batch", || copy_batch(shared, copier, &lease, batch))
+                .instrument(span.clone())
                 .await?
             else {
                 break; // the lease was lost to another worker
             };
+            span.record("twintrack.backfill.rows", done.rows);
             let took = started.elapsed();
             shared.rows.fetch_add(done.rows, Ordering::Relaxed);
             shared.keys.fetch_add(done.keys, Ordering::Relaxed);

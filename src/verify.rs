@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::KeyValue;
 use serde::Serialize;
 use serde_json::Value as Json;
+use tracing::Instrument as _;
 
 use crate::across::CrossCopier;
 use crate::db::{Backend, Database, Query, Row, Value, now_micros};
@@ -301,6 +302,15 @@ pub async fn run_keys(
 /// way a side is never held in memory: summaries are per segment, and rows are read only for
 /// the few hundred of a differing piece. `--repair` copies through the definition's
 /// `copy_select` (see [`crate::across`]). The evidence opens the gates as in one database.
+#[tracing::instrument(
+    name = "twintrack.verify",
+    skip_all,
+    fields(
+        otel.name = %format!("verify {}", def.name),
+        twintrack.migration = %def.name,
+        twintrack.verify.result = tracing::field::Empty,
+    )
+)]
 pub async fn run_across(
     legacy_db: &Database,
     new_db: &Database,
@@ -509,6 +519,7 @@ pub async fn run_across(
         }
     }
     let result = if clean { "clean" } else { "divergent" };
+    tracing::Span::current().record("twintrack.verify.result", result);
     metrics.get().verify_runs.add(
         1,
         &[
@@ -1047,12 +1058,20 @@ async fn compare_pieces(
             found.differing_segments += 1;
         }
         let ctx = ctx.clone();
+        // A differing segment (or piece of one), looked into in a task of its own.
+        let span = tracing::info_span!(
+            "twintrack.verify.segment",
+            "otel.name" = format!("verify segment {}", ctx.def.name),
+            "twintrack.migration" = %ctx.def.name,
+            "twintrack.verify.legacy_rows" = l.rows,
+            "twintrack.verify.new_rows" = n.rows,
+        );
         if piece == range {
             // Cutting made no progress (every cut outside the range's rows): compare its rows
             // rather than cut it again, forever.
-            tasks.spawn(async move { compare_rows_found(&ctx, &piece).await });
+            tasks.spawn(async move { compare_rows_found(&ctx, &piece).await }.instrument(span));
         } else {
-            tasks.spawn(compare_range(ctx, piece, Some((l.rows, n.rows))));
+            tasks.spawn(compare_range(ctx, piece, Some((l.rows, n.rows))).instrument(span));
         }
     }
     while let Some(done) = tasks.join_next().await {

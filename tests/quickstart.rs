@@ -656,38 +656,59 @@ fn attributes(
         .collect()
 }
 
+type Sink = std::sync::Arc<std::sync::Mutex<Received>>;
+
+/// What an OTLP metrics export carried: service names, metric names, duration points.
+fn take_metrics(
+    req: &opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+    r: &mut Received,
+) {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    for rm in &req.resource_metrics {
+        if let Some(resource) = &rm.resource {
+            let attrs = attributes(&resource.attributes);
+            r.service_names.extend(attrs.get("service.name").cloned());
+        }
+        for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+            r.metrics.insert(m.name.clone());
+            if m.name == "db.client.operation.duration"
+                && let Some(Data::Histogram(h)) = &m.data
+            {
+                for dp in &h.data_points {
+                    r.duration_points.push(attributes(&dp.attributes));
+                }
+            }
+        }
+    }
+}
+
+/// What an OTLP traces export carried: each span's name and attributes.
+fn take_traces(
+    req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    r: &mut Received,
+) {
+    for rs in &req.resource_spans {
+        for span in rs.scope_spans.iter().flat_map(|s| &s.spans) {
+            r.spans
+                .push((span.name.clone(), attributes(&span.attributes)));
+        }
+    }
+}
+
 /// A real OTLP/HTTP receiver on loopback (the collector protocol: protobuf bodies on
 /// `/v1/metrics` and `/v1/traces`, decoded with the protocol's own message types).
-async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Received>>) {
+async fn otlp_receiver() -> (String, Sink) {
     use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
     use prost::Message as _;
-    let received = std::sync::Arc::new(std::sync::Mutex::new(Received::default()));
+    let received = Sink::default();
     let (metrics_sink, traces_sink) = (received.clone(), received.clone());
     let app = axum::Router::new()
         .route(
             "/v1/metrics",
             axum::routing::post(move |body: Bytes| async move {
                 let req = ExportMetricsServiceRequest::decode(body).expect("OTLP metrics");
-                let mut r = metrics_sink.lock().unwrap();
-                for rm in &req.resource_metrics {
-                    if let Some(resource) = &rm.resource {
-                        let attrs = attributes(&resource.attributes);
-                        r.service_names.extend(attrs.get("service.name").cloned());
-                    }
-                    for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
-                        r.metrics.insert(m.name.clone());
-                        if m.name == "db.client.operation.duration"
-                            && let Some(Data::Histogram(h)) = &m.data
-                        {
-                            for dp in &h.data_points {
-                                let attrs = attributes(&dp.attributes);
-                                r.duration_points.push(attrs);
-                            }
-                        }
-                    }
-                }
+                take_metrics(&req, &mut metrics_sink.lock().unwrap());
                 (
                     [("content-type", "application/x-protobuf")],
                     Vec::<u8>::new(),
@@ -698,13 +719,7 @@ async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Received>>)
             "/v1/traces",
             axum::routing::post(move |body: Bytes| async move {
                 let req = ExportTraceServiceRequest::decode(body).expect("OTLP traces");
-                let mut r = traces_sink.lock().unwrap();
-                for rs in &req.resource_spans {
-                    for span in rs.scope_spans.iter().flat_map(|s| &s.spans) {
-                        r.spans
-                            .push((span.name.clone(), attributes(&span.attributes)));
-                    }
-                }
+                take_traces(&req, &mut traces_sink.lock().unwrap());
                 (
                     [("content-type", "application/x-protobuf")],
                     Vec::<u8>::new(),
@@ -715,6 +730,100 @@ async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Received>>)
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (base, received)
+}
+
+/// The collector's gRPC services (`opentelemetry.proto.collector.{metrics,trace}.v1`), from
+/// the protocol's own generated server code.
+#[derive(Clone)]
+struct GrpcReceiver(Sink);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
+    for GrpcReceiver
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        take_metrics(req.get_ref(), &mut self.0.lock().unwrap());
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for GrpcReceiver
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        take_traces(req.get_ref(), &mut self.0.lock().unwrap());
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// A real OTLP/gRPC receiver on loopback.
+async fn otlp_grpc_receiver() -> (String, Sink) {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let received = Sink::default();
+    let receiver = GrpcReceiver(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MetricsServiceServer::new(receiver.clone()))
+            .add_service(TraceServiceServer::new(receiver))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (base, received)
+}
+
+/// Waits until `received` holds duration points of both sides and two dual-store spans.
+async fn wait_for_export(received: &Sink) {
+    let start = std::time::Instant::now();
+    loop {
+        {
+            let r = received.lock().unwrap();
+            let sides: std::collections::BTreeSet<&str> = r
+                .duration_points
+                .iter()
+                .filter_map(|p| p.get("twintrack.side").map(String::as_str))
+                .collect();
+            let dual_spans = r
+                .spans
+                .iter()
+                .filter(|(_, a)| a.contains_key("twintrack.migration"))
+                .count();
+            if sides.len() == 2 && dual_spans >= 2 {
+                return;
+            }
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let r = received.lock().unwrap();
+            panic!(
+                "nothing (enough) received: metrics {:?}, spans {:?}",
+                r.metrics,
+                r.spans.iter().map(|(name, _)| name).collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// With `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/HTTP receiver, the quickstart exports
@@ -753,32 +862,7 @@ async fn quickstart_exports_metrics_and_spans_over_otlp_http() {
             .contains("db_client_operation_duration_seconds")
     );
 
-    let start = std::time::Instant::now();
-    loop {
-        {
-            let r = received.lock().unwrap();
-            let sides: std::collections::BTreeSet<&str> = r
-                .duration_points
-                .iter()
-                .filter_map(|p| p.get("twintrack.side").map(String::as_str))
-                .collect();
-            let dual_spans = r
-                .spans
-                .iter()
-                .filter(|(_, a)| a.contains_key("twintrack.migration"))
-                .count();
-            if sides.len() == 2 && dual_spans >= 2 {
-                break;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "nothing (enough) received: metrics {:?}, {} spans",
-            received.lock().unwrap().metrics,
-            received.lock().unwrap().spans.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_export(&received).await;
     let r = received.lock().unwrap();
     assert!(
         r.service_names.contains("quickstart-otlp-test"),
@@ -821,6 +905,71 @@ async fn quickstart_exports_metrics_and_spans_over_otlp_http() {
             "{key}: {attrs:?}"
         );
     }
+}
+
+/// `OTEL_EXPORTER_OTLP_PROTOCOL=grpc`: the quickstart exports the same metrics and spans to
+/// a collector's gRPC services; `http/json` (not built) is refused with exit 2 naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn quickstart_exports_metrics_and_spans_over_otlp_grpc() {
+    let (endpoint, received) = otlp_grpc_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let qs = Quickstart::start_with(
+        dir.path(),
+        None,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("OTEL_SERVICE_NAME", "quickstart-otlp-grpc"),
+        ],
+    );
+    let (code, out) = cli(
+        dir.path(),
+        "sqlite://twintrack-quickstart.db",
+        "stage set user_settings dual_write --reason otlp",
+    );
+    assert_eq!(code, 0, "{out}");
+    wait_for_stage(&qs, "dual_write", Duration::from_secs(10)).await;
+    exercise_routes_in_dual_write(&qs).await;
+    wait_for_export(&received).await;
+    let r = received.lock().unwrap();
+    assert!(
+        r.service_names.contains("quickstart-otlp-grpc"),
+        "{:?}",
+        r.service_names
+    );
+    let point = r
+        .duration_points
+        .iter()
+        .find(|p| p.get("twintrack.side").map(String::as_str) == Some("legacy"))
+        .unwrap();
+    assert_eq!(
+        point.get("db.system.name").map(String::as_str),
+        Some("sqlite")
+    );
+    drop(r);
+    drop(qs);
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .current_dir(dir.path())
+        .args([
+            "--database-url",
+            "sqlite://twintrack-quickstart.db",
+            "status",
+        ])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=\"http/json\": expected http/protobuf or grpc"
+        ),
+        "{out}"
+    );
 }
 
 /// A write and reads in `dual_write`: both sides' calls.

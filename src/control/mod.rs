@@ -100,6 +100,7 @@ impl ControlServer {
             self.tokens.clone(),
             auth::require,
         ))
+        .layer(axum::middleware::from_fn(traced))
     }
 
     /// Serves until `shutdown` completes (HTTP/1.1 for pages, HTTP/2 for gRPC).
@@ -120,4 +121,59 @@ impl ControlServer {
             source,
         })
     }
+}
+
+/// Runs each control-plane call in a server span `twintrack.control` (authentication
+/// included): a gRPC call named `{rpc.service}/{rpc.method}` with `rpc.system` = `grpc`
+/// (OpenTelemetry's RPC conventions), a page or `/metrics` named `{http.request.method}
+/// {http.route}` with the response's `http.response.status_code`. Paths twintrack does not
+/// serve are named by the method alone (a route, not the path asked for: low cardinality).
+async fn traced(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument as _;
+    let path = request.uri().path();
+    let method = request.method().clone();
+    let span = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+        Some((service, rpc))
+            if service == proto::control_service_server::SERVICE_NAME && !rpc.contains('/') =>
+        {
+            tracing::info_span!(
+                "twintrack.control",
+                "otel.name" = format!("{service}/{rpc}"),
+                "otel.kind" = "server",
+                "rpc.system" = "grpc",
+                "rpc.service" = service,
+                "rpc.method" = rpc,
+                "http.response.status_code" = tracing::field::Empty,
+            )
+        }
+        _ => {
+            let route = [
+                "/",
+                "/admin",
+                "/admin/stage",
+                "/login",
+                "/logout",
+                "/metrics",
+            ]
+            .into_iter()
+            .find(|r| path == *r);
+            tracing::info_span!(
+                "twintrack.control",
+                "otel.name" = match route {
+                    Some(route) => format!("{method} {route}"),
+                    None => method.to_string(),
+                },
+                "otel.kind" = "server",
+                "http.request.method" = %method,
+                "http.route" = route.unwrap_or_default(),
+                "http.response.status_code" = tracing::field::Empty,
+            )
+        }
+    };
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }

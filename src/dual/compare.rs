@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use serde::Serialize;
+use tracing::Instrument as _;
 
 use super::read::{Pair, Reading, Subject};
 use super::{ConnOf, DualStore, KeyOf, Operation, Resync};
@@ -124,27 +125,49 @@ where
             Side::Legacy => (served_read, shadow_read),
             Side::New => (shadow_read, served_read),
         };
-        if self
-            .inner
-            .shadow
-            .comparison
-            .compare(&legacy.value, &new.value)
-            .is_ok()
-        {
+        let span = tracing::info_span!(
+            "twintrack.shadow.compare",
+            "otel.name" = format!("shadow compare {}", self.inner.migration),
+            "twintrack.migration" = %self.inner.migration,
+            "twintrack.stage" = %stage,
+            "twintrack.read_from" = %served,
+            "twintrack.shadow.result" = tracing::field::Empty,
+        );
+        let compared = span.in_scope(|| {
+            self.inner
+                .shadow
+                .comparison
+                .compare(&legacy.value, &new.value)
+        });
+        if compared.is_ok() {
+            span.record("twintrack.shadow.result", "match");
             self.count_result("match");
             return None;
         }
         let Ok(permit) = self.inner.classifying.clone().try_acquire_owned() else {
             // Too many re-checks in flight already: count it, do not pile up more work.
+            span.record("twintrack.shadow.result", "unclassified");
             self.count_result("unclassified");
             return None;
         };
+        span.record("twintrack.shadow.result", "mismatch");
+        // The second look runs in a task of its own, still in the request's trace.
+        let classifying = tracing::info_span!(
+            parent: &span,
+            "twintrack.shadow.classify",
+            "otel.name" = format!("shadow classify {}", self.inner.migration),
+            "twintrack.migration" = %self.inner.migration,
+            "twintrack.shadow.result" = tracing::field::Empty,
+        );
         let key = key.text();
-        Some(async move {
-            let _permit = permit;
-            self.classify(&key, stage, op, micros(legacy.took), micros(new.took))
-                .await
-        })
+        Some(
+            async move {
+                let _permit = permit;
+                self.classify(&key, stage, op, micros(legacy.took), micros(new.took))
+                    .await
+            }
+            .instrument(classifying),
+        )
     }
 
     /// The second look: both sides re-read on the primary after a delay; agreeing now is
@@ -187,6 +210,7 @@ where
             Err(diff) => (MismatchClass::Confirmed, diff),
         };
         self.count_result(class.as_str());
+        tracing::Span::current().record("twintrack.shadow.result", class.as_str());
         let mismatch = NewMismatch {
             key: key.to_owned(),
             class,
