@@ -236,6 +236,34 @@ async fn on_call_rolls_back_from_the_admin_page_in_a_real_browser() {
         page.contains("id=\"stage-user_settings\">dual_write<"),
         "{page}"
     );
+    // The pipeline: six stages, the current one marked, the rollback allowed, moves the
+    // rules refuse showing why.
+    let pipeline = &page[page
+        .find("id=\"pipeline-user_settings\"")
+        .expect("a pipeline")..];
+    let pipeline = &pipeline[..pipeline.find("</ol>").unwrap()];
+    assert_eq!(pipeline.matches("<li ").count(), 6, "{pipeline}");
+    assert!(
+        pipeline.contains(
+            "<li class=\"current\" title=\"current\"><span class=\"name\">dual_write</span>"
+        ),
+        "{pipeline}"
+    );
+    assert!(
+        pipeline.contains(
+            "<li class=\"allowed\" title=\"allowed now\"><span class=\"name\">legacy_only</span>"
+        ),
+        "{pipeline}"
+    );
+    let shadow = &pipeline[pipeline.find(">shadow<").unwrap() - 80..];
+    assert!(
+        shadow.contains("class=\"refused\"") && shadow.contains("backfill"),
+        "{shadow}"
+    );
+    let screenshot =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/admin-pipeline.png");
+    browser.screenshot(&screenshot).await;
+    eprintln!("screenshot: {}", screenshot.display());
 
     // Roll back with a reason and the confirmation tick.
     browser

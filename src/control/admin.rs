@@ -1,15 +1,18 @@
-//! The admin page: server-rendered HTML, no front-end build step.
+//! The admin page: server-rendered HTML from askama templates (`src/control/templates/`,
+//! every value escaped by the template engine), no front-end build step.
 //!
 //! One table row per migration: stage, version, last change (who, why, when), backfill
 //! progress, last clean verify, mismatches by class over the last 15 minutes, and the newest
-//! mismatches with their diffs. Each row has a rollback and an advance button; each asks for a
-//! reason and a confirmation tick, carries the version it was rendered at (so it never undoes a
-//! change it did not show) and a CSRF token, and is disabled, with the refusal's reason, when
-//! the transition rules forbid the move. The page reloads itself every 5 s unless a form is
-//! being filled in.
+//! mismatches with their diffs; under it the six stages as a pipeline, the current one marked,
+//! each other one marked allowed or refused with the transition rules' reason. Each row has a
+//! rollback and an advance button; each asks for a reason and a confirmation tick, carries the
+//! version it was rendered at (so it never undoes a change it did not show) and a CSRF token,
+//! and is disabled, with the refusal's reason, when the transition rules forbid the move. The
+//! page reloads itself every 5 s unless a form is being filled in.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
+
+use askama::Template;
 
 use axum::extract::{Form, Query, State};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -41,37 +44,17 @@ pub(crate) fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Escapes text for HTML.
-fn esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+#[derive(Template)]
+#[template(path = "login.html", config = "src/control/askama.toml")]
+struct LoginPage<'a> {
+    error: Option<&'a str>,
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}\
-table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;padding:.4rem;text-align:left;vertical-align:top}\
-.stage{font-weight:bold}.refused{color:#a40;font-size:.85em}.done{background:#e6f4e6;padding:.5rem}.err{background:#fbe9e7;padding:.5rem}\
-form.move{margin:.2rem 0}pre{white-space:pre-wrap;font-size:.8em;margin:0}";
-
+/// The sign-in page, with `error` above the form.
 pub(crate) fn login_page(error: Option<&str>) -> String {
-    let error = error
-        .map(|e| format!("<p class=\"err\" id=\"error\">{}</p>", esc(e)))
-        .unwrap_or_default();
-    format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>twintrack: sign in</title><style>{STYLE}</style></head>\
-<body><h1>twintrack</h1>{error}<form method=\"post\" action=\"/login\">\
-<label>Admin token <input type=\"password\" name=\"token\" id=\"token\" required autofocus></label> \
-<button type=\"submit\" id=\"login\">Sign in</button></form></body></html>"
-    )
+    LoginPage { error }
+        .render()
+        .unwrap_or_else(|e| format!("the sign-in page failed to render: {e}"))
 }
 
 async fn login_form() -> Html<String> {
@@ -149,8 +132,66 @@ async fn page(
 ) -> Response {
     match render(&state, &who, query.done.as_deref(), None).await {
         Ok(html) => Html(html).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, esc(&e.to_string())).into_response(),
+        // Plain text: nothing to escape.
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
+}
+
+#[derive(Template)]
+#[template(path = "page.html", config = "src/control/askama.toml")]
+struct Page<'a> {
+    who: &'a str,
+    csrf: &'a str,
+    done: Option<String>,
+    error: Option<&'a str>,
+    migrations: Vec<Row>,
+}
+
+/// One migration on the page.
+#[derive(Default)]
+struct Row {
+    name: String,
+    /// Why its record could not be read (then nothing else is shown).
+    unreadable: Option<String>,
+    stage: &'static str,
+    held: Option<String>,
+    version: i64,
+    when: String,
+    by: String,
+    why: String,
+    backfill: String,
+    verify: String,
+    mismatches: String,
+    moves: Vec<MoveForm>,
+    pipeline: Vec<PipelineStage>,
+    recent: Vec<Recent>,
+}
+
+/// A rollback or advance form.
+struct MoveForm {
+    /// `rollback-{migration}` or `advance-{migration}`.
+    id: String,
+    label: &'static str,
+    to: &'static str,
+    /// The rules' reason and remedy when they refuse the move (the form is disabled).
+    refusal: Option<String>,
+}
+
+/// One stage of the pipeline: `current`, `allowed` (a move the rules allow now) or
+/// `refused`, with the reason.
+struct PipelineStage {
+    stage: &'static str,
+    class: &'static str,
+    note: String,
+}
+
+/// One recent mismatch.
+struct Recent {
+    when: String,
+    key: String,
+    class: &'static str,
+    stage: String,
+    diff: String,
 }
 
 async fn render(
@@ -160,40 +201,18 @@ async fn render(
     error: Option<&str>,
 ) -> crate::Result<String> {
     let plane = &state.plane;
-    let csrf = who.csrf();
-    let mut html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>twintrack</title><style>{STYLE}</style></head><body>\
-<h1>twintrack migrations</h1><p>Signed in as <b>{}</b>. \
-<form method=\"post\" action=\"/logout\" style=\"display:inline\"><button>Sign out</button></form></p>",
-        esc(&who.name)
-    );
-    if let Some(done) = done {
-        let _ = write!(
-            html,
-            "<p class=\"done\" id=\"done\">{}</p>",
-            esc(&done.chars().take(300).collect::<String>())
-        );
-    }
-    if let Some(error) = error {
-        let _ = write!(html, "<p class=\"err\" id=\"error\">{}</p>", esc(error));
-    }
-    html.push_str(
-        "<table><thead><tr><th>migration</th><th>stage</th><th>version</th><th>last change</th>\
-<th>backfill</th><th>last clean verify</th><th>mismatches (15 min)</th><th>actions</th></tr></thead><tbody>",
-    );
     let since = now_micros() - 15 * 60 * 1_000_000;
-    let mut details = String::new();
+    let mut migrations = Vec::new();
     for flag in plane.store.load_all().await? {
         let name = flag.migration.clone();
         let record = match plane.store.get(&name).await {
             Ok(record) => record,
             Err(e) => {
-                let _ = write!(
-                    html,
-                    "<tr><td>{}</td><td colspan=\"7\" class=\"refused\">unreadable: {}</td></tr>",
-                    esc(&name),
-                    esc(&e.to_string())
-                );
+                migrations.push(Row {
+                    name,
+                    unreadable: Some(e.to_string()),
+                    ..Row::default()
+                });
                 continue;
             }
         };
@@ -213,7 +232,7 @@ async fn render(
             })
             .unwrap_or_else(|| "never".into());
         let counts = crate::shadow::mismatch_counts(&plane.db, &name, since).await?;
-        let counts = if counts.is_empty() {
+        let mismatches = if counts.is_empty() {
             "none".to_owned()
         } else {
             counts
@@ -222,111 +241,97 @@ async fn render(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let held = plane.hold(&name).await.map(|hold| {
+            format!(
+                "held: {} wants {}, refused: {}; {}",
+                hold.source, hold.wanted, hold.refusal.reason, hold.refusal.remedy
+            )
+        });
+        let recent = crate::shadow::list_mismatches(&plane.db, &name, 5)
+            .await?
+            .into_iter()
+            .map(|m| Recent {
+                when: format_micros(m.at),
+                key: m.key,
+                class: m.class.as_str(),
+                stage: m.stage,
+                diff: serde_json::to_string_pretty(&m.diff).unwrap_or_default(),
+            })
+            .collect();
         let s = &record.state;
-        let held = match plane.hold(&name).await {
-            Some(hold) => format!(
-                "<div class=\"refused\" id=\"held-{}\">held: {} wants {}, refused: {}; {}</div>",
-                esc(&name),
-                esc(&hold.source),
-                hold.wanted,
-                esc(&hold.refusal.reason),
-                esc(&hold.refusal.remedy)
-            ),
-            None => String::new(),
-        };
-        let _ = write!(
-            html,
-            "<tr id=\"m-{id}\"><td>{name}</td><td class=\"stage\" id=\"stage-{id}\">{stage}{held}</td><td>{version}</td>\
-<td>{when} by {by}<br><i>{why}</i></td><td>{backfill}</td><td>{verify}</td><td>{counts}</td><td>",
-            id = esc(&name),
-            name = esc(&name),
-            stage = s.stage.as_str(),
-            version = s.version,
-            when = format_micros(s.updated_at),
-            by = esc(&s.updated_by),
-            why = esc(&s.reason),
-            backfill = esc(&backfill),
-            verify = record
+        let next = Stage::ALL.get(s.stage as usize + 1).copied();
+        let moves = [
+            ("rollback", "Roll back", s.stage.rollback_target()),
+            ("advance", "Advance", next),
+        ]
+        .into_iter()
+        .filter_map(|(id, label, to)| {
+            let to = to?;
+            Some(MoveForm {
+                id: format!("{id}-{name}"),
+                label,
+                to: to.as_str(),
+                refusal: refusal(&record, to),
+            })
+        })
+        .collect();
+        let pipeline = Stage::ALL
+            .iter()
+            .map(|&stage| {
+                let (class, note) = if stage == s.stage {
+                    ("current", "current".to_owned())
+                } else {
+                    match transition::check(&s.migration, s.stage, stage, &record.evidence) {
+                        Verdict::Refused(r) => ("refused", r.reason),
+                        _ => ("allowed", "allowed now".to_owned()),
+                    }
+                };
+                PipelineStage {
+                    stage: stage.as_str(),
+                    class,
+                    note,
+                }
+            })
+            .collect();
+        migrations.push(Row {
+            stage: s.stage.as_str(),
+            held,
+            version: s.version,
+            when: format_micros(s.updated_at),
+            by: s.updated_by.clone(),
+            why: s.reason.clone(),
+            backfill,
+            verify: record
                 .evidence
                 .verify_clean_at
                 .map_or_else(|| "never".into(), format_micros),
-            counts = esc(&counts),
-        );
-        let next = Stage::ALL.get(s.stage as usize + 1).copied();
-        for (label, to) in [("Roll back", s.stage.rollback_target()), ("Advance", next)] {
-            if let Some(to) = to {
-                move_form(&mut html, &record, label, to, &csrf);
-            }
-        }
-        html.push_str("</td></tr>");
-        let recent = crate::shadow::list_mismatches(&plane.db, &name, 5).await?;
-        if !recent.is_empty() {
-            let _ = write!(
-                details,
-                "<h3>Recent mismatches: {}</h3><table><tr><th>when</th><th>key</th><th>class</th><th>stage</th><th>diff</th></tr>",
-                esc(&name)
-            );
-            for m in recent {
-                let _ = write!(
-                    details,
-                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><pre>{}</pre></td></tr>",
-                    format_micros(m.at),
-                    m.key,
-                    m.class.as_str(),
-                    esc(&m.stage),
-                    esc(&serde_json::to_string_pretty(&m.diff).unwrap_or_default())
-                );
-            }
-            details.push_str("</table>");
-        }
+            mismatches,
+            moves,
+            pipeline,
+            recent,
+            name,
+            unreadable: None,
+        });
     }
-    html.push_str("</tbody></table>");
-    html.push_str(&details);
-    html.push_str(
-        "<script>setInterval(function(){var busy=document.activeElement&&document.activeElement.tagName==='INPUT';\
-var typed=Array.prototype.some.call(document.querySelectorAll('input[name=reason]'),function(i){return i.value!=='';});\
-if(!busy&&!typed){location.replace('/admin');}},5000);</script></body></html>",
-    );
-    Ok(html)
+    let csrf = who.csrf();
+    Page {
+        who: &who.name,
+        csrf: &csrf,
+        done: done.map(|d| d.chars().take(300).collect()),
+        error,
+        migrations,
+    }
+    .render()
+    .map_err(|e| Error::Internal(format!("the admin page failed to render: {e}")))
 }
 
-fn move_form(html: &mut String, record: &MigrationRecord, label: &str, to: Stage, csrf: &str) {
+/// Why the rules refuse moving `record` to `to`, with the remedy; `None` when allowed.
+fn refusal(record: &MigrationRecord, to: Stage) -> Option<String> {
     let s = &record.state;
-    let refusal = match transition::check(&s.migration, s.stage, to, &record.evidence) {
+    match transition::check(&s.migration, s.stage, to, &record.evidence) {
         Verdict::Refused(r) => Some(format!("{} ({})", r.reason, r.remedy)),
         _ => None,
-    };
-    let disabled = if refusal.is_some() { " disabled" } else { "" };
-    let id = format!(
-        "{}-{}",
-        if label == "Roll back" {
-            "rollback"
-        } else {
-            "advance"
-        },
-        s.migration
-    );
-    let _ = write!(
-        html,
-        "<form class=\"move\" method=\"post\" action=\"/admin/stage\" id=\"{id}\">\
-<input type=\"hidden\" name=\"migration\" value=\"{m}\"><input type=\"hidden\" name=\"to\" value=\"{to}\">\
-<input type=\"hidden\" name=\"expected_version\" value=\"{v}\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-<input name=\"reason\" placeholder=\"reason\" required maxlength=\"1000\"{disabled}> \
-<label><input type=\"checkbox\" name=\"confirm\" value=\"yes\" required{disabled}> confirm</label> \
-<button type=\"submit\"{disabled}>{label} to {to}</button>",
-        id = esc(&id),
-        m = esc(&s.migration),
-        to = to.as_str(),
-        v = s.version,
-    );
-    if let Some(refusal) = refusal {
-        let _ = write!(
-            html,
-            "<div class=\"refused\">refused: {}</div>",
-            esc(&refusal)
-        );
     }
-    html.push_str("</form>");
 }
 
 #[derive(Deserialize)]
@@ -345,10 +350,11 @@ async fn set_stage(
     form: Result<Form<StageForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let fail = async |status: StatusCode, msg: String| {
-        let html = render(&state, &who, None, Some(&msg))
-            .await
-            .unwrap_or_else(|_| esc(&msg));
-        (status, Html(html)).into_response()
+        match render(&state, &who, None, Some(&msg)).await {
+            Ok(html) => (status, Html(html)).into_response(),
+            // Plain text: nothing to escape.
+            Err(_) => (status, msg).into_response(),
+        }
     };
     let Ok(Form(form)) = form else {
         return fail(
@@ -410,4 +416,66 @@ fn url_encode(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every value reaches the page escaped by the template engine: text, attribute values
+    /// (a migration name in an `id`), a diff, the sign-in error.
+    #[test]
+    fn every_value_on_the_page_is_escaped() {
+        let evil = "<script>alert(1)</script>\"'&";
+        let page = Page {
+            who: evil,
+            csrf: evil,
+            done: Some(evil.into()),
+            error: Some(evil),
+            migrations: vec![Row {
+                name: evil.into(),
+                stage: "shadow",
+                held: Some(evil.into()),
+                when: evil.into(),
+                by: evil.into(),
+                why: evil.into(),
+                backfill: evil.into(),
+                verify: evil.into(),
+                mismatches: evil.into(),
+                moves: vec![MoveForm {
+                    id: format!("advance-{evil}"),
+                    label: "Advance",
+                    to: "live",
+                    refusal: Some(evil.into()),
+                }],
+                pipeline: vec![PipelineStage {
+                    stage: "live",
+                    class: "refused",
+                    note: evil.into(),
+                }],
+                recent: vec![Recent {
+                    when: evil.into(),
+                    key: evil.into(),
+                    class: "confirmed",
+                    stage: evil.into(),
+                    diff: evil.into(),
+                }],
+                ..Row::default()
+            }],
+        }
+        .render()
+        .unwrap();
+        assert!(!page.contains("<script>alert"), "{page}");
+        assert!(!page.contains("\"'&"), "{page}");
+        // Each of the 20 fields at least once (the name several times), all escaped.
+        let escaped = page
+            .matches("&#60;script&#62;alert(1)&#60;/script&#62;")
+            .count();
+        assert!(escaped >= 20, "{escaped}: {page}");
+        let login = login_page(Some(evil));
+        assert!(
+            !login.contains("<script>alert") && login.contains("&#60;script&#62;"),
+            "{login}"
+        );
+    }
 }
