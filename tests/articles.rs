@@ -379,6 +379,21 @@ async fn bad_input_is_refused_and_writes_nothing() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
+
+    // Its telemetry is configured by the standard OTEL_* variables: a protocol it does not
+    // speak is exit 2, naming the variable.
+    let out = Command::new(common::example_binary("articles"))
+        .env("DATABASE_URL", &db.url)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("OTEL_EXPORTER_OTLP_PROTOCOL=\"http/json\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Source keys walked by every run so far.

@@ -558,7 +558,6 @@ async fn the_in_database_checksum_tells_apart_every_row_that_differs() {
     use std::sync::Arc;
     use twintrack::config::Config;
     use twintrack::flags::{FlagStore, SqlFlagStore, StageChange};
-    use twintrack::verify::{self, VerifyOptions};
 
     let Some(test) = mariadb::fresh_db().await else {
         return;
@@ -600,21 +599,7 @@ new_projection = "SELECT id AS \"key\", n, bin, b, a FROM new_t"
         .set_stage(StageChange::new("t", twintrack::Stage::DualWrite, "test", "t").force(true))
         .await
         .unwrap();
-    let verify = async || {
-        let options = VerifyOptions {
-            recheck_delay: Duration::from_millis(10),
-            ..VerifyOptions::default()
-        };
-        verify::run(
-            &db,
-            &*store,
-            &def,
-            options,
-            twintrack::metrics::Metrics::global(),
-        )
-        .await
-        .unwrap()
-    };
+    let verify = async || verify_now(&db, &store, &def, false).await;
     // Columns in another order, one in latin1: still the same rows.
     let v = verify().await;
     assert_eq!(v.row_hash, "checksum");
@@ -780,7 +765,6 @@ async fn text_keys_under_a_binary_no_pad_collation_are_copied_and_compared_byte_
     use twintrack::backfill::{self, BackfillOptions};
     use twintrack::config::Config;
     use twintrack::flags::{FlagStore, SqlFlagStore, StageChange};
-    use twintrack::verify::{self, VerifyOptions};
 
     let Some(test) = mariadb::fresh_db().await else {
         return;
@@ -848,22 +832,7 @@ new_projection = "SELECT k AS \"key\", label FROM new_t"
         )
         .await
     };
-    let verify = async |repair: bool| {
-        let options = VerifyOptions {
-            repair,
-            recheck_delay: Duration::from_millis(10),
-            ..VerifyOptions::default()
-        };
-        verify::run(
-            &db,
-            &*store,
-            &def,
-            options,
-            twintrack::metrics::Metrics::global(),
-        )
-        .await
-        .unwrap()
-    };
+    let verify = async |repair: bool| verify_now(&db, &store, &def, repair).await;
 
     let report = backfill(&def).await.unwrap();
     assert!(report.finished);
@@ -950,4 +919,27 @@ new_projection = "SELECT k AS \"key\", label FROM new_t"
             .await
             .unwrap();
     }
+}
+
+/// A verify of `def` (re-checks 10 ms apart), `--repair` with `repair`.
+async fn verify_now(
+    db: &Database,
+    store: &twintrack::flags::SqlFlagStore,
+    def: &twintrack::definition::MigrationDef,
+    repair: bool,
+) -> twintrack::verify::VerifyReport {
+    let options = twintrack::verify::VerifyOptions {
+        repair,
+        recheck_delay: Duration::from_millis(10),
+        ..Default::default()
+    };
+    twintrack::verify::run(
+        db,
+        store,
+        def,
+        options,
+        twintrack::metrics::Metrics::global(),
+    )
+    .await
+    .unwrap()
 }

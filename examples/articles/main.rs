@@ -56,13 +56,15 @@ type BoxError = Box<dyn std::error::Error>;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
+    // Logs to stderr (RUST_LOG), and OTLP export of metrics and spans when
+    // OTEL_EXPORTER_OTLP_ENDPOINT is set (OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_SERVICE_NAME, …).
+    let telemetry = match twintrack::telemetry::init("articles", "info,sqlx=warn", false) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("articles: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let Some(url) = std::env::var("DATABASE_URL")
         .ok()
         .filter(|u| !u.trim().is_empty())
@@ -76,7 +78,9 @@ async fn main() -> ExitCode {
         eprintln!("articles runs on PostgreSQL: DATABASE_URL must be a postgres:// URL");
         return ExitCode::from(2);
     }
-    match run(&url).await {
+    let result = run(&url).await;
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("articles: {e}");
