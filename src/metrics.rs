@@ -167,7 +167,13 @@ fn global_instruments() -> Arc<Instruments> {
         return instruments.clone();
     }
     let instruments = Arc::new(Instruments::new(&provider.meter("twintrack")));
-    *GLOBAL.write().unwrap_or_else(PoisonError::into_inner) = Some((provider, instruments.clone()));
+    let replaced = GLOBAL
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .replace((provider, instruments.clone()));
+    // Dropped outside the lock: the last reference to a replaced SDK provider shuts it down
+    // (a final export), which must not hold up every recording thread.
+    drop(replaced);
     instruments
 }
 

@@ -61,6 +61,9 @@ pub struct Telemetry {
 /// the exporter refuses).
 pub fn init(service: &str, default_filter: &str, prometheus: bool) -> Result<Telemetry> {
     let otlp = otlp_configured();
+    if otlp {
+        refuse_tls_endpoints()?;
+    }
     let (metrics_protocol, traces_protocol) = match otlp {
         true => (protocol("METRICS")?, protocol("TRACES")?),
         false => (Protocol::Http, Protocol::Http),
@@ -225,6 +228,26 @@ fn resource(service: &str) -> Resource {
         true => builder.build(),
         false => builder.with_service_name(service.to_owned()).build(),
     }
+}
+
+/// Refuses an `https://` OTLP endpoint: the exporters are built without TLS, and would fail
+/// every export quietly. A collector (or agent) reached over plain HTTP on the host or in the
+/// pod is the supported set-up for now.
+fn refuse_tls_endpoints() -> Result<()> {
+    for name in [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ] {
+        if let Ok(value) = std::env::var(name)
+            && value.trim().to_ascii_lowercase().starts_with("https://")
+        {
+            return Err(Error::Config(format!(
+                "{name}={value:?}: twintrack's OTLP exporters are built without TLS; export to a collector over http:// (one beside the service, which may forward over TLS)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// An OTLP transport.

@@ -951,6 +951,30 @@ async fn quickstart_exports_metrics_and_spans_over_otlp_grpc() {
     drop(r);
     drop(qs);
 
+    // A short CLI command (a verify) exports its figures at exit: its final flush over gRPC
+    // runs while its runtime still drives the connection.
+    let verify = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .current_dir(dir.path())
+        .arg("--database-url")
+        .arg("sqlite://twintrack-quickstart.db")
+        .arg("--config")
+        .arg(common::quickstart_config())
+        .args(["verify", "user_settings"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.code().is_some_and(|c| c <= 1),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let metrics = received.lock().unwrap().metrics.clone();
+    assert!(
+        metrics.contains("twintrack.verify.runs"),
+        "the verify's figures did not arrive: {metrics:?}"
+    );
+
     let refused = Command::new(env!("CARGO_BIN_EXE_twintrack"))
         .current_dir(dir.path())
         .args([
@@ -970,6 +994,23 @@ async fn quickstart_exports_metrics_and_spans_over_otlp_grpc() {
         ),
         "{out}"
     );
+    // A TLS endpoint would fail every export quietly: refused, naming it.
+    let refused = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+        .current_dir(dir.path())
+        .args([
+            "--database-url",
+            "sqlite://twintrack-quickstart.db",
+            "status",
+        ])
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "https://collector.example:4317",
+        )
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{out}");
+    assert!(out.contains("built without TLS"), "{out}");
 }
 
 /// A write and reads in `dual_write`: both sides' calls.

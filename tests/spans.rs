@@ -79,6 +79,20 @@ where
         self.0.lock().unwrap().push((id.clone(), fields));
     }
 
+    fn on_follows_from(
+        &self,
+        id: &tracing::span::Id,
+        follows: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        let Some(name) = ctx.span(follows).map(|s| s.name()) else {
+            return;
+        };
+        if let Some((_, fields)) = self.0.lock().unwrap().iter_mut().find(|(i, _)| i == id) {
+            fields.insert("follows_from".into(), name.into());
+        }
+    }
+
     fn on_record(
         &self,
         id: &tracing::span::Id,
@@ -335,7 +349,10 @@ async fn backfill_verify_shadow_and_control_plane_calls_run_in_spans() {
             .is_some_and(|c| c.contains_key("twintrack.shadow.result"))
         {
             assert_eq!(classified[0]["twintrack.shadow.result"], "confirmed");
-            assert_eq!(classified[0]["parent"], "twintrack.shadow.compare");
+            // Its own trace root, linked to the comparison: it does not hold the request's
+            // span open for the re-check's delay.
+            assert_eq!(classified[0]["parent"], "none");
+            assert_eq!(classified[0]["follows_from"], "twintrack.shadow.compare");
             break;
         }
         assert!(
@@ -365,7 +382,7 @@ async fn backfill_verify_shadow_and_control_plane_calls_run_in_spans() {
     let unknown = http::Request::get("/no/such/page?secret=1")
         .body(axum::body::Body::empty())
         .unwrap();
-    app.oneshot(unknown).await.unwrap();
+    app.clone().oneshot(unknown).await.unwrap();
     let control = tree.named("twintrack.control");
     assert_eq!(control.len(), 3, "{control:?}");
     assert_eq!(control[0]["otel.name"], "GET /admin");
@@ -381,4 +398,12 @@ async fn backfill_verify_shadow_and_control_plane_calls_run_in_spans() {
         control[2]["otel.name"], "GET",
         "a path not served names no route"
     );
+    // A method the service does not have is not a span name either.
+    let made_up = http::Request::post("/twintrack.v1.ControlService/MadeUpMethod")
+        .header("content-type", "application/grpc")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    app.oneshot(made_up).await.unwrap();
+    let control = tree.named("twintrack.control");
+    assert_eq!(control[3]["otel.name"], "POST", "{control:?}");
 }

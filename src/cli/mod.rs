@@ -221,7 +221,10 @@ pub fn main() -> ExitCode {
             }
         };
     let result = runtime.block_on(run(cli, &out, &telemetry));
-    telemetry.shutdown();
+    // On a blocking thread while this (current-thread) runtime keeps running: the gRPC
+    // exporter's connection is a task on it, and the final flush needs it driven.
+    let _ = runtime
+        .block_on(async move { tokio::task::spawn_blocking(move || telemetry.shutdown()).await });
     match result {
         Ok(code) => code,
         Err(err) => {

@@ -123,6 +123,18 @@ impl ControlServer {
     }
 }
 
+/// The methods of `twintrack.v1.ControlService` (`proto/twintrack/v1/control.proto`): span
+/// names come from this list, never from whatever path a client asks for.
+const RPCS: [&str; 7] = [
+    "ListMigrations",
+    "GetMigration",
+    "SetStage",
+    "Rollback",
+    "WatchMigrations",
+    "ListMismatches",
+    "GetProgress",
+];
+
 /// Runs each control-plane call in a server span `twintrack.control` (authentication
 /// included): a gRPC call named `{rpc.service}/{rpc.method}` with `rpc.system` = `grpc`
 /// (OpenTelemetry's RPC conventions), a page or `/metrics` named `{http.request.method}
@@ -137,7 +149,7 @@ async fn traced(
     let method = request.method().clone();
     let span = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
         Some((service, rpc))
-            if service == proto::control_service_server::SERVICE_NAME && !rpc.contains('/') =>
+            if service == proto::control_service_server::SERVICE_NAME && RPCS.contains(&rpc) =>
         {
             tracing::info_span!(
                 "twintrack.control",

@@ -151,14 +151,17 @@ where
             return None;
         };
         span.record("twintrack.shadow.result", "mismatch");
-        // The second look runs in a task of its own, still in the request's trace.
+        // The second look runs in a task of its own, after `recheck_delay`: a span of its own
+        // that follows from the comparison (an OpenTelemetry link), not a child, so the
+        // request's span is not held open until it ends.
         let classifying = tracing::info_span!(
-            parent: &span,
+            parent: None,
             "twintrack.shadow.classify",
             "otel.name" = format!("shadow classify {}", self.inner.migration),
             "twintrack.migration" = %self.inner.migration,
             "twintrack.shadow.result" = tracing::field::Empty,
         );
+        classifying.follows_from(&span);
         let key = key.text();
         Some(
             async move {

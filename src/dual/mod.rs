@@ -275,8 +275,8 @@ where
 
     /// Records one repository call on `side`: `error` is its `error.type` when it failed.
     fn observe(&self, op: &'static str, side: Side, took: Duration, error: Option<String>) {
-        let metrics = &self.inner.metrics;
-        metrics.get().dual_ops.add(
+        let metrics = self.inner.metrics.get();
+        metrics.dual_ops.add(
             1,
             &[
                 self.migration_attr(),
@@ -297,7 +297,7 @@ where
             KeyValue::new("error.type", error.unwrap_or_default()),
         ];
         let attrs = if failed { &attrs[..] } else { &attrs[..4] };
-        metrics.get().db_duration.record(took.as_secs_f64(), attrs);
+        metrics.db_duration.record(took.as_secs_f64(), attrs);
     }
 
     /// The span of one repository call on one side, with OpenTelemetry's database attributes
