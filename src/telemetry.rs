@@ -11,8 +11,9 @@
 //! ```
 //!
 //! Spans (all `INFO`): `twintrack.dual` per repository call and side, `twintrack.shadow.compare`
-//! per compared read and `twintrack.shadow.classify` for its re-check (in the request's trace,
-//! though it runs in a task of its own), `twintrack.backfill` per run and
+//! per compared read and `twintrack.shadow.classify` for its re-check (a root of its own that
+//! follows from the comparison: it runs after a delay and must not hold the request's span
+//! open), `twintrack.backfill` per run and
 //! `twintrack.backfill.batch` per batch, `twintrack.verify` per run and
 //! `twintrack.verify.segment` per differing segment looked into, `twintrack.control` per
 //! control-plane call (OpenTelemetry's RPC and HTTP server conventions).
