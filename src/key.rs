@@ -95,8 +95,8 @@ impl KeyKind {
     }
 
     /// The kind of a MySQL/MariaDB column by its `information_schema.columns` `COLUMN_TYPE` and
-    /// `COLLATION_NAME`, if it can be a key: signed integers, MariaDB's `uuid`, and `varchar`
-    /// under a binary no-pad collation ([`mysql_text_key_collation`]). Other text is refused
+    /// `COLLATION_NAME`, if it can be a key: signed integers and `varchar` under a binary
+    /// no-pad collation ([`mysql_text_key_collation`]). Other text is refused
     /// with [`KeyKind::mysql_text_refusal`]: MySQL's default collations compare case- and
     /// accent-insensitively, and its other `_bin` collations ignore trailing spaces, so two
     /// keys the database holds as one would be two keys to twintrack (and the reverse).
@@ -108,7 +108,8 @@ impl KeyKind {
         match t.split('(').next().unwrap_or_default().trim() {
             "bigint" => Some(KeyKind::BigInt),
             "int" | "mediumint" | "smallint" | "tinyint" => Some(KeyKind::Int),
-            "uuid" => Some(KeyKind::Uuid),
+            // Not MariaDB's `uuid` yet: its values reach twintrack as text, which a UUID key
+            // does not take (see `KeyPart::from_value`).
             "varchar" if collation.is_some_and(mysql_text_key_collation) => Some(KeyKind::Text),
             _ => None,
         }
@@ -558,6 +559,7 @@ mod tests {
             Some(KeyKind::BigInt)
         );
         assert_eq!(KeyKind::from_mysql("bigint(20) unsigned", None), None);
+        assert_eq!(KeyKind::from_mysql("uuid", None), None, "not yet");
         assert_eq!(KeyKind::mysql_text_refusal("t", "k", "double", None), None);
     }
 

@@ -893,6 +893,7 @@ new_projection = "SELECT k AS \"key\", label FROM new_t"
         ),
         ("CHAR(32) COLLATE utf8mb4_nopad_bin", "char columns pad"),
         ("TEXT", "text columns pad or need a prefix index"),
+        ("UUID", "MariaDB's uuid type is not supported as a key yet"),
     ] {
         Query::assert_safe(format!(
             "ALTER TABLE legacy_t ADD COLUMN other {column} NULL"
