@@ -251,7 +251,7 @@ impl CrossCopier {
             .fetch_all(&self.target)
             .await?
             .into_iter()
-            .map(|row| DynKey::from_values(row.into_values(), &self.kinds))
+            .map(|row| DynKey::from_row(row, &self.kinds))
             .collect::<Result<_>>()?;
         let (source_table, source_key) = self.def.source(self.direction);
         let mut also: Vec<DynKey> = Vec::new();
@@ -363,7 +363,7 @@ impl CrossCopier {
             .fetch_all(&mut tx)
             .await?
             .into_iter()
-            .map(|row| DynKey::from_values(row.into_values(), &self.kinds))
+            .map(|row| DynKey::from_row(row, &self.kinds))
             .collect::<Result<_>>()?;
         let done = self.sync(tx.conn(), &keys, &one).await?;
         tx.commit().await?;
@@ -455,8 +455,8 @@ impl CrossCopier {
                         .iter()
                         .map(|n| row.get::<Value>(n))
                         .collect::<Result<Vec<_>>>()?;
-                    let key =
-                        DynKey::from_values(parts, &self.kinds).map_err(|e| self.bad_key(&e))?;
+                    let key = DynKey::from_values_of(&row, parts, &self.kinds)
+                        .map_err(|e| self.bad_key(&e))?;
                     out.push(Fetched {
                         key,
                         data: RowData::Values(row.into_values()),

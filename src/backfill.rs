@@ -420,7 +420,7 @@ fn stored_key(text: Option<String>, kinds: &[KeyKind]) -> Result<Option<DynKey>>
 
 /// The key in `row`'s first columns.
 pub(crate) fn row_key(row: Row, kinds: &[KeyKind]) -> Result<DynKey> {
-    DynKey::from_values(row.into_values(), kinds)
+    DynKey::from_row(row, kinds)
 }
 
 /// The open run for this migration and direction, or a new one over the source's keys now.

@@ -819,7 +819,7 @@ async fn column_kinds(
                             "migration {migration:?}: {which}_key column {name} of {table_name} is of type {declared:?}: {why}"
                         ));
                     }
-                    "a signed bigint, int, mediumint, smallint or tinyint, or a varchar under a binary no-pad collation (utf8mb4_nopad_bin); MariaDB's uuid type is not supported as a key yet (its values reach twintrack as text)"
+                    "a signed bigint, int, mediumint, smallint or tinyint, MariaDB's uuid, or a varchar under a binary no-pad collation (utf8mb4_nopad_bin)"
                 }
                 _ => "bigint, integer, smallint, uuid, text or varchar",
             };

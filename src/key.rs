@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 use uuid::Uuid;
 
-use crate::db::Value;
+use crate::db::{Row, Value};
 use crate::{Error, Result};
 
 /// The most columns a composite key may have.
@@ -108,8 +108,8 @@ impl KeyKind {
         match t.split('(').next().unwrap_or_default().trim() {
             "bigint" => Some(KeyKind::BigInt),
             "int" | "mediumint" | "smallint" | "tinyint" => Some(KeyKind::Int),
-            // Not MariaDB's `uuid` yet: its values reach twintrack as text, which a UUID key
-            // does not take (see `KeyPart::from_value`).
+            // MariaDB's (10.7+): its values arrive as text, read as UUIDs (`DynKey::from_row`).
+            "uuid" => Some(KeyKind::Uuid),
             "varchar" if collation.is_some_and(mysql_text_key_collation) => Some(KeyKind::Text),
             _ => None,
         }
@@ -160,6 +160,18 @@ pub(crate) fn mysql_text_key_collation(collation: &str) -> bool {
         collation.to_ascii_lowercase().as_str(),
         "utf8mb4_nopad_bin" | "utf8mb4_0900_bin"
     )
+}
+
+/// Whether Rust's order of keys of `kinds` ([`DynKey`]'s `Ord`) is `backend`'s, so twintrack
+/// may pick the larger of two keys itself. Not for text (a collation orders it), nor for
+/// MariaDB's `uuid` (it compares two time-based UUIDs node field first, not byte for byte);
+/// every walk and range is the database's own order either way.
+pub(crate) fn rust_orders_as(backend: crate::Backend, kinds: &[KeyKind]) -> bool {
+    kinds.iter().all(|kind| match kind {
+        KeyKind::BigInt | KeyKind::Int => true,
+        KeyKind::Uuid => backend != crate::Backend::MySql,
+        KeyKind::Text => false,
+    })
 }
 
 impl fmt::Display for KeyKind {
@@ -287,12 +299,46 @@ impl DynKey {
         values: impl IntoIterator<Item = Value>,
         kinds: &[KeyKind],
     ) -> Result<DynKey> {
+        DynKey::from_decoded(values, kinds, false)
+    }
+
+    /// A key of `kinds` from the first columns of `row`, as [`DynKey::from_values`]; on
+    /// MySQL/MariaDB a UUID key column's text is read as the UUID it spells (MariaDB sends its
+    /// `uuid` type as text, and compares bound text with it as a UUID).
+    pub fn from_row(row: Row, kinds: &[KeyKind]) -> Result<DynKey> {
+        let uuids_as_text = row.uuids_as_text;
+        DynKey::from_decoded(row.into_values(), kinds, uuids_as_text)
+    }
+
+    /// [`DynKey::from_values`] for values taken out of `row` (by name, say): read as
+    /// [`DynKey::from_row`] reads them.
+    pub(crate) fn from_values_of(
+        row: &Row,
+        values: impl IntoIterator<Item = Value>,
+        kinds: &[KeyKind],
+    ) -> Result<DynKey> {
+        DynKey::from_decoded(values, kinds, row.uuids_as_text)
+    }
+
+    /// Not from text on other backends: an SQLite `UUID` column holding text would not
+    /// compare with the UUIDs (16-byte blobs) bound against it, and walks over it would skip
+    /// rows.
+    fn from_decoded(
+        values: impl IntoIterator<Item = Value>,
+        kinds: &[KeyKind],
+        uuids_as_text: bool,
+    ) -> Result<DynKey> {
         let mut parts = Vec::with_capacity(kinds.len());
         let mut values = values.into_iter();
         for kind in kinds {
-            let value = values
+            let mut value = values
                 .next()
                 .ok_or_else(|| Error::Internal("a key column is missing from the row".into()))?;
+            if let (KeyKind::Uuid, true, Value::Text(text)) = (kind, uuids_as_text, &value)
+                && let Ok(uuid) = Uuid::try_parse(text)
+            {
+                value = Value::Uuid(uuid);
+            }
             let shown = value.kind();
             parts.push(KeyPart::from_value(*kind, value).ok_or_else(|| {
                 Error::Internal(format!(
@@ -559,7 +605,7 @@ mod tests {
             Some(KeyKind::BigInt)
         );
         assert_eq!(KeyKind::from_mysql("bigint(20) unsigned", None), None);
-        assert_eq!(KeyKind::from_mysql("uuid", None), None, "not yet");
+        assert_eq!(KeyKind::from_mysql("uuid", None), Some(KeyKind::Uuid));
         assert_eq!(KeyKind::mysql_text_refusal("t", "k", "double", None), None);
     }
 

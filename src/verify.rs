@@ -835,7 +835,7 @@ async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
         }
     };
     let cuts = match &top.upper {
-        // Rust orders integer and UUID keys as the databases do.
+        // Only where Rust orders the keys as the database does (`top_range`).
         Upper::UpTo(max) => cuts.into_iter().filter(|c| c <= max).collect(),
         _ => cuts,
     };
@@ -847,10 +847,10 @@ async fn compare_everything(ctx: &Arc<Ctx>, segments: usize) -> Result<Found> {
 /// The keys a whole verify covers: up to the largest key either table holds when it starts
 /// (rows inserted after that are dual-written, as in a backfill), so a stream of inserts with
 /// ever larger keys (a sequence) cannot keep the top segment differing for as long as the
-/// verify runs. Every key when a key column is text (whose collation Rust cannot order by) or
-/// both tables are empty.
+/// verify runs. Every key when Rust cannot order the keys as the database does
+/// ([`crate::key::rust_orders_as`]) or both tables are empty.
 async fn top_range(ctx: &Ctx) -> Result<KeyRange> {
-    if ctx.kinds.contains(&KeyKind::Text) {
+    if !crate::key::rust_orders_as(ctx.legacy_db.backend(), &ctx.kinds) {
         return Ok(KeyRange::all());
     }
     let mut max: Option<DynKey> = None;
@@ -1553,7 +1553,7 @@ fn key_of(row: &Row, names: &[String], kinds: &[KeyKind]) -> Result<DynKey> {
         .iter()
         .map(|n| row.get::<Value>(&n.replace('"', "")))
         .collect::<Result<Vec<_>>>()?;
-    DynKey::from_values(values, kinds)
+    DynKey::from_values_of(row, values, kinds)
 }
 
 /// Key-by-key comparison of `range`, each key's rows as a multiset.

@@ -78,7 +78,7 @@ impl<DB: Native, I: K> Fixture<DB, I> {
             .await
             .unwrap()
             .into_iter()
-            .map(|r| I::from_dyn(DynKey::from_values(r.into_values(), I::KINDS).unwrap()).unwrap())
+            .map(|r| I::from_dyn(DynKey::from_row(r, I::KINDS).unwrap()).unwrap())
             .collect();
         keys.sort();
         keys

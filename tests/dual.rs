@@ -1246,7 +1246,7 @@ async fn kv_rows<I: K>(db: &Database, table: &str) -> BTreeMap<String, String> {
         .into_iter()
         .map(|r| {
             let v: String = r.get("v").unwrap();
-            let k = DynKey::from_values(r.into_values(), I::KINDS).unwrap();
+            let k = DynKey::from_row(r, I::KINDS).unwrap();
             (k.to_text(), v)
         })
         .collect()

@@ -761,11 +761,6 @@ async fn count(db: &Database, table: &str) -> i64 {
 /// remedy, before anything is written.
 #[tokio::test(flavor = "multi_thread")]
 async fn text_keys_under_a_binary_no_pad_collation_are_copied_and_compared_byte_for_byte() {
-    use std::sync::Arc;
-    use twintrack::backfill::{self, BackfillOptions};
-    use twintrack::config::Config;
-    use twintrack::flags::{FlagStore, SqlFlagStore, StageChange};
-
     let Some(test) = mariadb::fresh_db().await else {
         return;
     };
@@ -790,48 +785,10 @@ async fn text_keys_under_a_binary_no_pad_collation_are_copied_and_compared_byte_
             .await
             .unwrap();
     }
-    let config = |legacy_key: &str| {
-        Config::parse(&format!(
-            r#"
-[[migration]]
-name = "t"
-legacy_table = "legacy_t"
-legacy_key = ["{legacy_key}"]
-new_table = "new_t"
-new_key = ["k"]
-copy = "INSERT INTO new_t SELECT k, label FROM legacy_t WHERE {{batch}} ON DUPLICATE KEY UPDATE label = VALUES(label)"
-legacy_projection = "SELECT k AS \"key\", label FROM legacy_t"
-new_projection = "SELECT k AS \"key\", label FROM new_t"
-"#
-        ))
-        .unwrap()
-        .migration("t")
-        .unwrap()
-        .definition(Backend::MySql)
-        .unwrap()
-    };
-    let def = config("k");
-    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
-    store.register("t", "test").await.unwrap();
-    store
-        .set_stage(StageChange::new("t", twintrack::Stage::DualWrite, "test", "t").force(true))
-        .await
-        .unwrap();
-    let backfill = async |def: &twintrack::definition::MigrationDef| {
-        let options = BackfillOptions {
-            batch_size: 500,
-            ..BackfillOptions::default()
-        };
-        backfill::run(
-            &db,
-            &*store,
-            def,
-            options,
-            twintrack::metrics::Metrics::global(),
-            |_| {},
-        )
-        .await
-    };
+    let def = key_definition("k");
+    let store = dual_write_store(&db).await;
+    let backfill =
+        async |def: &twintrack::definition::MigrationDef| backfill_now(&db, &store, def).await;
     let verify = async |repair: bool| verify_now(&db, &store, &def, repair).await;
 
     let report = backfill(&def).await.unwrap();
@@ -893,7 +850,7 @@ new_projection = "SELECT k AS \"key\", label FROM new_t"
         ),
         ("CHAR(32) COLLATE utf8mb4_nopad_bin", "char columns pad"),
         ("TEXT", "text columns pad or need a prefix index"),
-        ("UUID", "MariaDB's uuid type is not supported as a key yet"),
+        ("BINARY(16)", "a key column must be a signed bigint"),
     ] {
         Query::assert_safe(format!(
             "ALTER TABLE legacy_t ADD COLUMN other {column} NULL"
@@ -905,7 +862,10 @@ new_projection = "SELECT k AS \"key\", label FROM new_t"
             .scalar(&db)
             .await
             .unwrap();
-        let err = backfill(&config("other")).await.unwrap_err().to_string();
+        let err = backfill(&key_definition("other"))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains(says) && err.contains("utf8mb4_nopad_bin"),
             "{column}: {err}"
@@ -920,6 +880,126 @@ new_projection = "SELECT k AS \"key\", label FROM new_t"
             .await
             .unwrap();
     }
+}
+
+/// MariaDB's `uuid` type as a key: its values arrive as text and are read as UUIDs; the
+/// database compares two time-based (v1) UUIDs node field first, not byte for byte, and every
+/// walk and range follows its order: a verify covers up to the largest key by the database's
+/// order, so an extra row whose key is the database's largest but not Rust's is still found
+/// (it was not, when twintrack picked the larger of the two tables' largest keys itself).
+#[tokio::test(flavor = "multi_thread")]
+async fn uuid_keys_are_walked_and_compared_in_the_databases_order() {
+    let Some(test) = mariadb::fresh_db().await else {
+        return;
+    };
+    let db = Database::connect(&test.url).await.unwrap();
+    // Time-based (v1) UUIDs, which the database compares node field first: the largest by
+    // its order and among the smallest by Rust's (byte for byte), and the reverse.
+    let db_largest = "00000000-0000-1000-8000-ffffffffffff";
+    let rust_largest = "ffffffff-0000-1000-8000-000000000000";
+    for sql in [
+        "CREATE TABLE legacy_t (k UUID PRIMARY KEY, label VARCHAR(20) NOT NULL)".to_owned(),
+        "CREATE TABLE new_t (k UUID PRIMARY KEY, label VARCHAR(20) NOT NULL)".to_owned(),
+        // `UUID()` makes v1 UUIDs.
+        "INSERT INTO legacy_t SELECT UUID(), CONCAT('t', seq) FROM seq_1_to_3000".to_owned(),
+        format!("INSERT INTO legacy_t VALUES ('{rust_largest}', 'top')"),
+    ] {
+        Query::assert_safe(sql).execute(&db).await.unwrap();
+    }
+    let def = key_definition("k");
+    let store = dual_write_store(&db).await;
+    let report = backfill_now(&db, &store, &def).await.unwrap();
+    assert!(report.finished);
+    let joined: i64 =
+        query("SELECT COUNT(*) FROM legacy_t l JOIN new_t n ON n.k = l.k AND n.label = l.label")
+            .scalar(&db)
+            .await
+            .unwrap();
+    assert_eq!(joined, 3001, "every key copied as itself");
+    let v = verify_now(&db, &store, &def, false).await;
+    assert!(v.clean, "{:?}", v.lines());
+    assert_eq!((v.legacy_rows, v.new_rows), (3001, 3001));
+
+    // Planted: the Rust-largest key missing, a time-based key's label changed, an extra row
+    // at the database's largest key.
+    let changed: String = query("SELECT CAST(k AS CHAR) FROM legacy_t WHERE label = 't17'")
+        .scalar(&db)
+        .await
+        .unwrap();
+    for sql in [
+        format!("DELETE FROM new_t WHERE k = '{rust_largest}'"),
+        format!("UPDATE new_t SET label = 'changed' WHERE k = '{changed}'"),
+        format!("INSERT INTO new_t VALUES ('{db_largest}', 'extra')"),
+    ] {
+        Query::assert_safe(sql).execute(&db).await.unwrap();
+    }
+    let v = verify_now(&db, &store, &def, false).await;
+    let texts = |keys: &[twintrack::DynKey]| keys.iter().map(|k| k.to_text()).collect::<Vec<_>>();
+    assert_eq!(texts(&v.missing_in_new), [rust_largest], "{:?}", v.lines());
+    assert_eq!(texts(&v.missing_in_legacy), [db_largest], "{:?}", v.lines());
+    let different: Vec<String> = v.different.iter().map(|d| d.key.to_text()).collect();
+    assert_eq!(different, [changed], "{:?}", v.lines());
+    let v = verify_now(&db, &store, &def, true).await;
+    assert_eq!(v.repaired.len(), 3, "{:?}", v.lines());
+    let v = verify_now(&db, &store, &def, false).await;
+    assert!(v.clean, "after --repair: {:?}", v.lines());
+    assert_eq!(count(&db, "new_t").await, 3001);
+}
+
+/// Migration `t` from `legacy_t` (keyed by `legacy_key`) to `new_t` (keyed by `k`), both with a
+/// `label`, copied by an upsert; the tables are the caller's.
+fn key_definition(legacy_key: &str) -> twintrack::definition::MigrationDef {
+    twintrack::config::Config::parse(&format!(
+        r#"
+[[migration]]
+name = "t"
+legacy_table = "legacy_t"
+legacy_key = ["{legacy_key}"]
+new_table = "new_t"
+new_key = ["k"]
+copy = "INSERT INTO new_t SELECT k, label FROM legacy_t WHERE {{batch}} ON DUPLICATE KEY UPDATE label = VALUES(label)"
+legacy_projection = "SELECT k AS \"key\", label FROM legacy_t"
+new_projection = "SELECT k AS \"key\", label FROM new_t"
+"#
+    ))
+    .unwrap()
+    .migration("t")
+    .unwrap()
+    .definition(Backend::MySql)
+    .unwrap()
+}
+
+/// The flag store in `db`, with migration `t` registered and forced to dual-write.
+async fn dual_write_store(db: &Database) -> std::sync::Arc<twintrack::flags::SqlFlagStore> {
+    use twintrack::flags::{FlagStore, SqlFlagStore, StageChange};
+    let store = std::sync::Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    store.register("t", "test").await.unwrap();
+    store
+        .set_stage(StageChange::new("t", twintrack::Stage::DualWrite, "test", "t").force(true))
+        .await
+        .unwrap();
+    store
+}
+
+/// A backfill of `def` in batches of 500.
+async fn backfill_now(
+    db: &Database,
+    store: &twintrack::flags::SqlFlagStore,
+    def: &twintrack::definition::MigrationDef,
+) -> twintrack::Result<twintrack::backfill::BackfillReport> {
+    let options = twintrack::backfill::BackfillOptions {
+        batch_size: 500,
+        ..Default::default()
+    };
+    twintrack::backfill::run(
+        db,
+        store,
+        def,
+        options,
+        twintrack::metrics::Metrics::global(),
+        |_| {},
+    )
+    .await
 }
 
 /// A verify of `def` (re-checks 10 ms apart), `--repair` with `repair`.

@@ -479,10 +479,7 @@ impl<DB: Native, K: UserId> Users<DB, K> {
         }
         .fetch_one(DB::conn(conn))
         .await?;
-        Ok(K::from_dyn(twintrack::DynKey::from_values(
-            row.into_values(),
-            K::KINDS,
-        )?)?)
+        Ok(K::from_dyn(twintrack::DynKey::from_row(row, K::KINDS)?)?)
     }
 
     /// Creates a user and its settings in one transaction; returns the id. (Two databases: the

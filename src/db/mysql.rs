@@ -221,7 +221,11 @@ pub(super) async fn each(
             .map(|i| decode(&row, i))
             .collect::<sqlx::Result<_>>()
             .map_err(crate::Error::from_sqlx)?;
-        f(Row { names, values })?;
+        f(Row {
+            names,
+            values,
+            uuids_as_text: true,
+        })?;
         seen += 1;
     }
     Ok(seen)
@@ -259,6 +263,7 @@ fn rows(native: Vec<MySqlRow>) -> sqlx::Result<Output> {
             Ok(Row {
                 names: names.clone(),
                 values,
+                uuids_as_text: true,
             })
         })
         .collect::<sqlx::Result<_>>()

@@ -44,7 +44,11 @@ pub(super) async fn each(
             .map(|i| decode(&row, i))
             .collect::<sqlx::Result<_>>()
             .map_err(crate::Error::from_sqlx)?;
-        f(Row { names, values })?;
+        f(Row {
+            names,
+            values,
+            uuids_as_text: false,
+        })?;
         seen += 1;
     }
     Ok(seen)
@@ -82,6 +86,7 @@ fn rows(native: Vec<SqliteRow>) -> sqlx::Result<Output> {
             Ok(Row {
                 names: names.clone(),
                 values,
+                uuids_as_text: false,
             })
         })
         .collect::<sqlx::Result<_>>()

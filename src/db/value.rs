@@ -194,6 +194,10 @@ impl<T: FromValue> FromValue for Option<T> {
 pub struct Row {
     pub(crate) names: Arc<[Box<str>]>,
     pub(crate) values: Vec<Value>,
+    /// The row came from MySQL/MariaDB, which sends MariaDB's `uuid` type as its text (sqlx
+    /// does not ask for MariaDB's extended type information), so a UUID key column's text is
+    /// a UUID there (see [`crate::DynKey::from_row`]).
+    pub(crate) uuids_as_text: bool,
 }
 
 impl Row {

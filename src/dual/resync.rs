@@ -202,7 +202,7 @@ where
                     .fetch_all(store.database_of(target))
                     .await?
                 {
-                    let held = DynKey::from_values(row.into_values(), kinds)?;
+                    let held = DynKey::from_row(row, kinds)?;
                     if !listed.contains(&held) {
                         all.push(KeyOf::<R, X>::from_dyn(held)?);
                     }

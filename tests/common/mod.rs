@@ -102,11 +102,12 @@ fn only_backends() -> Option<Vec<String>> {
     Some(only.split(',').map(|b| b.trim().to_owned()).collect())
 }
 
-/// [`shapes`], and MariaDB with `bigint` and text keys (`utf8mb4_nopad_bin`) when available.
+/// [`shapes`], and MariaDB with `bigint`, text (`utf8mb4_nopad_bin`) and `uuid` keys when
+/// available.
 pub async fn shapes_with_mariadb() -> Vec<Shape> {
     let mut all = shapes().await;
     if only_backends().is_none_or(|only| only.contains(&"mariadb".to_owned())) {
-        for key in ["i64", "text"] {
+        for key in ["i64", "text", "uuid"] {
             if let Some(db) = mariadb::fresh_db().await {
                 all.push(Shape {
                     backend: "mariadb",
@@ -133,6 +134,7 @@ macro_rules! each_shape_with_mariadb {
                 ("postgres", "uuid") => $test::<sqlx::Postgres, uuid::Uuid>(shape $(, $arg)*).await,
                 ("mariadb", "i64") => $test::<sqlx::MySql, i64>(shape $(, $arg)*).await,
                 ("mariadb", "text") => $test::<sqlx::MySql, String>(shape $(, $arg)*).await,
+                ("mariadb", "uuid") => $test::<sqlx::MySql, uuid::Uuid>(shape $(, $arg)*).await,
                 other => panic!("no test shape {other:?}"),
             }
         }
@@ -193,6 +195,7 @@ impl TestKey for uuid::Uuid {
     fn random_sql(backend: twintrack::Backend) -> Option<&'static str> {
         Some(match backend {
             twintrack::Backend::Postgres => "gen_random_uuid()",
+            twintrack::Backend::MySql => "UUID()",
             // A 16-byte blob, as sqlx stores a UUID in SQLite.
             _ => "randomblob(16)",
         })
