@@ -210,6 +210,8 @@ struct Shared {
     open_ended: bool,
     options: BackfillOptions,
     metrics: Metrics,
+    /// Keys and rows per minute, for the admin page's progress chart.
+    stats: crate::stats::Stats,
     run: Run,
     owner: String,
     rows: AtomicU64,
@@ -349,7 +351,9 @@ pub(crate) async fn run_with(
         open_ended,
         options: options.clone(),
         metrics,
-        owner: format!("{}-{:x}", std::process::id(), crate::context::random_key()),
+        // Unique across hosts: two containers' processes may have the same pid.
+        owner: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+        stats: crate::stats::Stats::new(db.clone(), def.name.as_str().into(), None),
         run,
         rows: AtomicU64::new(0),
         keys: AtomicU64::new(0),
@@ -382,6 +386,9 @@ pub(crate) async fn run_with(
                 ))))
             }
         }
+    }
+    if let Err(err) = shared.stats.flush().await {
+        tracing::warn!(migration = %def.name, error = %err, "could not write the backfill's per-minute figures");
     }
     if let Some(err) = failure {
         return Err(err);
@@ -666,6 +673,7 @@ async fn work(shared: &Shared, copier: &Copier) -> Result<()> {
             shared.rows.fetch_add(done.rows, Ordering::Relaxed);
             shared.keys.fetch_add(done.keys, Ordering::Relaxed);
             shared.batches.fetch_add(1, Ordering::Relaxed);
+            shared.stats.backfill(shared.run.id, done.keys, done.rows);
             shared.metrics.get().backfill_rows.add(
                 done.rows,
                 &[

@@ -157,10 +157,14 @@ impl RequestContext {
     }
 }
 
-/// A well-mixed 64-bit value, different on every call (a Weyl sequence through splitmix64).
+/// A well-mixed 64-bit value, different on every call (a Weyl sequence through splitmix64),
+/// from a start the OS picks once per process: two processes (two containers, each pid 1)
+/// never share a sequence, so their retry jitter and shadow sampling are independent.
 pub(crate) fn random_key() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0x853c_49e6_748f_ea9b);
-    splitmix64(NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed))
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    splitmix64(start.wrapping_add(NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)))
 }
 
 fn splitmix64(mut z: u64) -> u64 {

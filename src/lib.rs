@@ -102,6 +102,7 @@ pub mod schema;
 pub mod shadow;
 pub mod shutdown;
 pub mod stage;
+pub mod stats;
 #[cfg(feature = "otlp")]
 pub mod telemetry;
 pub mod transition;

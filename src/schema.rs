@@ -415,10 +415,47 @@ const STEPS: &[Step] = &[
             "CREATE INDEX IF NOT EXISTS twintrack_repair_intents_by_key ON twintrack_repair_intents (migration, key_text)",
         ],
     },
+    Step {
+        version: 6,
+        description: "per-minute figures for the admin page's charts (see crate::stats)",
+        postgres: &[r#"CREATE TABLE IF NOT EXISTS twintrack_stats (
+            migration TEXT NOT NULL,
+            minute BIGINT NOT NULL,
+            series TEXT NOT NULL,
+            label TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            count BIGINT NOT NULL,
+            total BIGINT NOT NULL,
+            buckets TEXT NOT NULL,
+            PRIMARY KEY (migration, minute, series, label, instance)
+        )"#],
+        sqlite: &[r#"CREATE TABLE IF NOT EXISTS twintrack_stats (
+            migration TEXT NOT NULL,
+            minute INTEGER NOT NULL,
+            series TEXT NOT NULL,
+            label TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            total INTEGER NOT NULL,
+            buckets TEXT NOT NULL,
+            PRIMARY KEY (migration, minute, series, label, instance)
+        )"#],
+        mysql: &[r#"CREATE TABLE IF NOT EXISTS twintrack_stats (
+            migration VARCHAR(255) NOT NULL,
+            minute BIGINT NOT NULL,
+            series VARCHAR(16) NOT NULL,
+            label VARCHAR(64) NOT NULL,
+            instance VARCHAR(64) NOT NULL,
+            count BIGINT NOT NULL,
+            total BIGINT NOT NULL,
+            buckets VARCHAR(1024) NOT NULL,
+            PRIMARY KEY (migration, minute, series, label, instance)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"#],
+    },
 ];
 
 /// The schema version this build of twintrack installs.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Creates or upgrades twintrack's tables. Idempotent; concurrent callers are serialised.
 /// Upgrades keep every row (schema version 4 turns the integer key columns into canonical key

@@ -6,6 +6,8 @@
 //! `TWINTRACK_REQUIRE_BROWSER=1` (set by `.ci/run`, which installs them) it fails instead.
 
 mod common;
+#[path = "../examples/quickstart/repos.rs"]
+mod repos;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -213,6 +215,38 @@ async fn on_call_rolls_back_from_the_admin_page_in_a_real_browser() {
         ))
         .await
         .unwrap();
+    // Real dual writes, for the latency chart: users created and updated through the
+    // quickstart's dual store, its figures written at drain.
+    repos::create_shapes::<i64>(&db).await.unwrap();
+    let flags = twintrack::flags::FlagCache::builder(store.clone())
+        .migration(M, Stage::LegacyOnly)
+        .build()
+        .await;
+    let (legacy, new) = repos::repos::<sqlx::Postgres, i64>();
+    let users = repos::Users {
+        settings: twintrack::dual::DualStore::builder(
+            M,
+            legacy,
+            new,
+            db.typed::<sqlx::Postgres>().unwrap().clone(),
+            flags,
+            repos::SettingsResync::default(),
+        )
+        .build()
+        .unwrap(),
+    };
+    for i in 0..40 {
+        let settings = repos::Settings {
+            theme: format!("theme-{i}"),
+            notifications_enabled: i % 2 == 0,
+        };
+        let id = users
+            .create(&format!("u{i}@example.com"), settings.clone())
+            .await
+            .unwrap();
+        users.update(&id, settings).await.unwrap();
+    }
+    assert!(users.settings.drain(Duration::from_secs(10)).await);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let tokens = AdminTokens::parse(&format!("oncall={TOKEN}")).unwrap();
@@ -259,6 +293,18 @@ async fn on_call_rolls_back_from_the_admin_page_in_a_real_browser() {
     assert!(
         shadow.contains("class=\"refused\"") && shadow.contains("backfill"),
         "{shadow}"
+    );
+    // The charts: the latency of 80 writes on each side drawn (p50 and p99), the mismatch
+    // chart empty and saying so.
+    let latency = &page[page
+        .find("id=\"chart-latency-user_settings\"")
+        .expect("a latency chart")..];
+    let latency = &latency[..latency.find("</figure>").unwrap()];
+    assert_eq!(latency.matches("<polyline").count(), 4, "{latency}");
+    assert!(latency.contains("(80 writes); new p50"), "{latency}");
+    assert!(
+        page.contains("no shadow comparisons in the last 60 minutes"),
+        "{page}"
     );
     let screenshot =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/admin-pipeline.png");

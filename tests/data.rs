@@ -143,6 +143,12 @@ impl<DB: Native, I: K> Fixture<DB, I> {
 
     /// The user service over the quickstart's dual store.
     async fn users(&self) -> Users<DB, I> {
+        self.users_with(twintrack::shadow::ShadowOptions::default())
+            .await
+    }
+
+    /// [`Fixture::users`] whose shadow reads run with `shadow`.
+    async fn users_with(&self, shadow: twintrack::shadow::ShadowOptions) -> Users<DB, I> {
         let flags = FlagCache::builder(self.store.clone())
             .migration(M, Stage::LegacyOnly)
             .build()
@@ -157,6 +163,7 @@ impl<DB: Native, I: K> Fixture<DB, I> {
                 flags,
                 SettingsResync::default(),
             )
+            .shadow(shadow)
             .build()
             .unwrap(),
         }
@@ -1372,4 +1379,140 @@ async fn a_sqlite_backfill_that_finds_the_database_busy_retries_and_copies_every
     assert!(report.finished);
     assert_eq!(f.count("user_settings").await, 2_000);
     assert!(metrics.counter("twintrack.backfill.retries", ("reason", "busy")) >= 1);
+}
+
+/// The admin page's charts from what really happened: writes and shadow reads through two
+/// dual stores (two processes' figures, each written whole, so writing again counts nothing
+/// twice), a confirmed mismatch, and a backfill run, read back by `twintrack serve`'s page.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_page_charts_what_the_stores_and_the_backfill_did() {
+    each_fixture!(charted);
+}
+
+async fn charted<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.seed(200).await;
+    f.stage(Stage::DualWrite).await;
+    let run = f.backfill(BackfillOptions::default()).await.unwrap();
+    f.stage(Stage::Shadow).await;
+    let shadow = twintrack::shadow::ShadowOptions {
+        recheck_delay: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let (one, two) = (
+        f.users_with(shadow.clone()).await,
+        f.users_with(shadow).await,
+    );
+    let keys = f.keys().await;
+    let settings = Settings {
+        theme: "dark".into(),
+        notifications_enabled: true,
+    };
+    // Written once after 19 writes, then again after the 20th: each write of a minute's
+    // figures replaces the last (39 if they added up).
+    for key in &keys[..19] {
+        one.update(key, settings.clone()).await.unwrap();
+    }
+    assert!(one.settings.drain(Duration::from_secs(10)).await, "{b}");
+    one.update(&keys[19], settings.clone()).await.unwrap();
+    for key in &keys[20..25] {
+        two.update(key, settings.clone()).await.unwrap();
+    }
+    for key in &keys[..10] {
+        one.settings(key).await.unwrap();
+    }
+    f.with_key(
+        "UPDATE user_settings SET theme = 'planted' WHERE user_id = $1",
+        &keys[30],
+    )
+    .await;
+    one.settings(&keys[30]).await.unwrap();
+    // Classified and written.
+    assert!(one.settings.drain(Duration::from_secs(10)).await, "{b}");
+    assert!(two.settings.drain(Duration::from_secs(10)).await, "{b}");
+    // By series/label: the count summed over processes, and how many processes wrote.
+    let mut sums: std::collections::BTreeMap<String, (i64, std::collections::BTreeSet<String>)> =
+        Default::default();
+    for r in
+        query("SELECT series, label, instance, count FROM twintrack_stats WHERE migration = $1")
+            .bind(M)
+            .fetch_all(&f.db)
+            .await
+            .unwrap()
+    {
+        let (series, label): (String, String) = (r.get("series").unwrap(), r.get("label").unwrap());
+        let sum = sums.entry(format!("{series}/{label}")).or_default();
+        sum.0 += r.get::<i64>("count").unwrap();
+        sum.1.insert(r.get("instance").unwrap());
+    }
+    let sums: Vec<(String, i64, usize)> = sums
+        .into_iter()
+        .map(|(what, (n, instances))| (what, n, instances.len()))
+        .collect();
+    let run_label = format!("backfill/{}", run.run_id);
+    assert_eq!(
+        sums,
+        [
+            (run_label, 200, 1),
+            ("shadow/confirmed".to_owned(), 1, 1),
+            ("shadow/match".to_owned(), 10, 1),
+            ("write/legacy".to_owned(), 25, 2),
+            ("write/new".to_owned(), 25, 2),
+        ],
+        "{b}"
+    );
+
+    // The page: each chart's figures in words, and a line drawn for each.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let tokens = twintrack::control::AdminTokens::parse("oncall=chart-token-0123456789").unwrap();
+    let server = twintrack::control::ControlServer::new(f.store.clone(), f.db.clone(), tokens);
+    let serving = tokio::spawn(async move {
+        server
+            .serve(listener, std::future::pending())
+            .await
+            .unwrap()
+    });
+    let (status, _, page) = common::http_with(
+        &base,
+        "GET",
+        "/admin",
+        "",
+        &[("authorization", "Bearer chart-token-0123456789")],
+    )
+    .await;
+    serving.abort();
+    assert_eq!(status, 200, "{b}");
+    let page = page.as_str().unwrap().to_owned();
+    let chart = |id: &str| -> String {
+        let at = page
+            .find(&format!("id=\"chart-{id}-{M}\""))
+            .unwrap_or_else(|| panic!("{b}: no {id} chart"));
+        page[at..at + page[at..].find("</figure>").unwrap()].to_owned()
+    };
+    let mismatches = chart("mismatches");
+    assert!(
+        mismatches.contains(
+            "11 comparisons in the last 60 minutes: confirmed 9.09% (1), transient 0.00% (0), unclassified 0.00% (0)"
+        ),
+        "{b}: {mismatches}"
+    );
+    let latency = chart("latency");
+    assert!(
+        latency.contains("(25 writes); new p50") && latency.ends_with("(25 writes)</p>"),
+        "{b}: {latency}"
+    );
+    assert_eq!(
+        latency.matches("<polyline").count(),
+        4,
+        "{b}: p50 and p99 of both sides"
+    );
+    let progress = chart("backfill");
+    assert!(
+        progress.contains(&format!(
+            "run {} (finished): 200 of 200 keys (100.00%), 200 rows copied",
+            run.run_id
+        )),
+        "{b}: {progress}"
+    );
 }

@@ -4,7 +4,9 @@
 //! One table row per migration: stage, version, last change (who, why, when), backfill
 //! progress, last clean verify, mismatches by class over the last 15 minutes, and the newest
 //! mismatches with their diffs; under it the six stages as a pipeline, the current one marked,
-//! each other one marked allowed or refused with the transition rules' reason. Each row has a
+//! each other one marked allowed or refused with the transition rules' reason; and three
+//! charts from the per-minute figures the services and backfills write (mismatch rate by
+//! class, write latency by side, backfill progress; see [`super::charts`]). Each row has a
 //! rollback and an advance button; each asks for a reason and a confirmation tick, carries the
 //! version it was rendered at (so it never undoes a change it did not show) and a CSRF token,
 //! and is disabled, with the refusal's reason, when the transition rules forbid the move. The
@@ -164,6 +166,7 @@ struct Row {
     mismatches: String,
     moves: Vec<MoveForm>,
     pipeline: Vec<PipelineStage>,
+    charts: Vec<super::charts::Chart>,
     recent: Vec<Recent>,
 }
 
@@ -217,9 +220,9 @@ async fn render(
             }
         };
         let runs = crate::backfill::latest_runs(&plane.db, &name).await?;
-        let backfill = runs
-            .iter()
-            .find(|r| r.direction == "forward")
+        let forward = runs.iter().find(|r| r.direction == "forward");
+        let charts = super::charts::charts(&plane.db, &name, forward).await?;
+        let backfill = forward
             .map(|r| {
                 let pct = 100.0 * r.keys_done as f64 / r.keys_total.max(1) as f64;
                 match r.finished_at {
@@ -308,6 +311,7 @@ async fn render(
             mismatches,
             moves,
             pipeline,
+            charts,
             recent,
             name,
             unreadable: None,

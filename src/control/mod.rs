@@ -25,6 +25,7 @@
 
 mod admin;
 mod auth;
+mod charts;
 mod grpc;
 
 use std::future::Future;

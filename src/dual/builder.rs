@@ -49,12 +49,16 @@ where
         flags: FlagCache,
         resync: X,
     ) -> Self {
+        let migration: Arc<str> = migration.into();
+        let db = handle_of(&pool);
         DualStoreBuilder {
             inner: Inner {
-                migration: migration.into(),
+                // Made again in `build`, with the final bookkeeping permits.
+                stats: crate::stats::Stats::new(db.clone(), migration.clone(), None),
+                migration,
                 legacy,
                 new,
-                db: handle_of(&pool),
+                db,
                 pool,
                 new_pool: None,
                 flags,
@@ -163,6 +167,11 @@ where
         }
         self.inner.bookkeeping =
             Arc::new(tokio::sync::Semaphore::new(shadow.bookkeeping_connections));
+        self.inner.stats = crate::stats::Stats::new(
+            self.inner.db.clone(),
+            self.inner.migration.clone(),
+            Some(self.inner.bookkeeping.clone()),
+        );
         let limit = self.inner.shadow.background_limit.max(1);
         self.inner.background = Arc::new(tokio::sync::Semaphore::new(limit));
         self.inner.classifying = Arc::new(tokio::sync::Semaphore::new(limit));

@@ -248,6 +248,7 @@ where
     }
 
     pub(super) fn count_result(&self, result: &'static str) {
+        self.inner.stats.shadow(result);
         self.inner
             .metrics
             .get()

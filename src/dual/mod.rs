@@ -141,6 +141,9 @@ struct Inner<R: ?Sized, X: Resync<R>> {
     shadow: ShadowOptions,
     metrics: Metrics,
     hooks: FaultHooks,
+    /// This process's per-minute figures for the admin page's charts (write latency by side,
+    /// shadow results), written to `db`.
+    stats: crate::stats::Stats,
     /// Caps `Background` shadow reads in flight.
     background: Arc<tokio::sync::Semaphore>,
     /// Caps mismatch classifications in flight (a real divergence can make every read one).
@@ -215,7 +218,8 @@ where
     /// Waits, at most `timeout`, for this store's work off the request path to finish: shadow
     /// reads running in the background, mismatch classifications, and the mismatch recorder's
     /// queue to empty (the batch it took last may still be being written: mismatches are
-    /// diagnostics). Call it at shutdown, once the server has stopped taking requests (see
+    /// diagnostics); then writes this process's per-minute figures for the admin page's
+    /// charts (otherwise written every 10 s). Call it at shutdown, once the server has stopped taking requests (see
     /// [`crate::shutdown`]). Returns whether all of it finished in time.
     ///
     /// A write's other side is not such work: it completes inside the request, or stays a
@@ -230,6 +234,9 @@ where
                 while queue.capacity() < queue.max_capacity() {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+            }
+            if let Err(err) = self.inner.stats.flush().await {
+                tracing::warn!(migration = %self.inner.migration, error = %err, "could not write the per-minute figures");
             }
         };
         tokio::time::timeout(timeout, work).await.is_ok()
@@ -298,6 +305,9 @@ where
         ];
         let attrs = if failed { &attrs[..] } else { &attrs[..4] };
         metrics.db_duration.record(took.as_secs_f64(), attrs);
+        if op == "write" {
+            self.inner.stats.write(side.as_str(), took);
+        }
     }
 
     /// The span of one repository call on one side, with OpenTelemetry's database attributes

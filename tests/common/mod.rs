@@ -494,6 +494,18 @@ pub async fn http(
     body: &str,
     token: Option<&str>,
 ) -> (u16, http::HeaderMap, serde_json::Value) {
+    let headers: Vec<(&str, &str)> = token.map(|t| ("x-twintrack-ryw", t)).into_iter().collect();
+    http_with(base, method, path, body, &headers).await
+}
+
+/// [`http`] with these request headers; a body that is not JSON comes back as a string.
+pub async fn http_with(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, http::HeaderMap, serde_json::Value) {
     use http_body_util::{BodyExt, Full};
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<bytes::Bytes>>();
@@ -501,8 +513,8 @@ pub async fn http(
         .method(method)
         .uri(format!("{base}{path}"))
         .header("content-type", "application/json");
-    if let Some(token) = token {
-        req = req.header("x-twintrack-ryw", token);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let req = req
         .body(Full::new(bytes::Bytes::from(body.to_owned())))
