@@ -12,6 +12,13 @@
 //!   50 ms apart) committed through the flag store, timed from the commit to each instance's
 //!   snapshot showing the new stage.
 //!
+//! - Cost per request: the statements and round trips each request kind (`GET`, `PUT`, `POST`
+//!   of a user, `DELETE` of a user) sends to PostgreSQL, one at a time, counted by a proxy
+//!   that reads the client's side of the protocol (each `Execute`, each statement of a simple
+//!   `Query`; a round trip is the client sending and then the server answering, connection
+//!   checks on acquire included): the same routes on one shape without twintrack, and
+//!   twintrack in `dual_write` without a replica and with one.
+//!
 //! Run: `cargo bench --bench e2e`.
 
 #[path = "../examples/quickstart/app.rs"]
@@ -54,6 +61,55 @@ fn arg(name: &str, default: u64) -> u64 {
 
 /// The baseline: the same routes, one shape, no twintrack.
 fn plain_app(db: Database) -> axum::Router {
+    #[derive(serde::Deserialize)]
+    struct NewUser {
+        email: String,
+        theme: String,
+        notifications_enabled: bool,
+    }
+    async fn create_user(
+        State((db, repo)): State<(PgPool, Arc<LegacySettings>)>,
+        axum::Json(user): axum::Json<NewUser>,
+    ) -> Result<(http::StatusCode, axum::Json<serde_json::Value>), http::StatusCode> {
+        let repo: &dyn SettingsRepo<sqlx::Postgres, i64> = &*repo;
+        let failed = |_| http::StatusCode::INTERNAL_SERVER_ERROR;
+        let mut tx = db.begin().await.map_err(failed)?;
+        let (id,): (i64,) = sqlx::query_as("INSERT INTO users (email) VALUES ($1) RETURNING id")
+            .bind(&user.email)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(failed)?;
+        let settings = Settings {
+            theme: user.theme,
+            notifications_enabled: user.notifications_enabled,
+        };
+        repo.put(&mut tx, id, settings).await.map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        Ok((
+            http::StatusCode::CREATED,
+            axum::Json(serde_json::json!({ "id": id })),
+        ))
+    }
+    async fn delete_user(
+        State((db, repo)): State<(PgPool, Arc<LegacySettings>)>,
+        Path(id): Path<i64>,
+    ) -> Result<http::StatusCode, http::StatusCode> {
+        let repo: &dyn SettingsRepo<sqlx::Postgres, i64> = &*repo;
+        let failed = |_| http::StatusCode::INTERNAL_SERVER_ERROR;
+        let mut tx = db.begin().await.map_err(failed)?;
+        repo.delete(&mut tx, id).await.map_err(failed)?;
+        let gone = sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?
+            .rows_affected();
+        tx.commit().await.map_err(failed)?;
+        if gone == 0 {
+            return Err(http::StatusCode::NOT_FOUND);
+        }
+        Ok(http::StatusCode::NO_CONTENT)
+    }
     let legacy = Arc::new(LegacySettings);
     let db = db.as_postgres().expect("a PostgreSQL database").clone();
     async fn get_settings(
@@ -92,8 +148,168 @@ fn plain_app(db: Database) -> axum::Router {
         Ok(axum::Json(s))
     }
     axum::Router::new()
+        .route("/users", axum::routing::post(create_user))
+        .route("/users/{id}", axum::routing::delete(delete_user))
         .route("/users/{id}/settings", get(get_settings).put(put_settings))
         .with_state((db, legacy))
+}
+
+/// What the clients of a [`counting_proxy`] sent.
+#[derive(Default)]
+struct Sent {
+    statements: AtomicU64,
+    round_trips: AtomicU64,
+}
+
+/// A TCP proxy to `target` (a PostgreSQL server) counting what its clients send (see the
+/// module docs); returns its port.
+async fn counting_proxy(target: u16, sent: Arc<Sent>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let waiting = Arc::new(AtomicBool::new(false));
+                let (sent_up, waiting_up) = (sent.clone(), waiting.clone());
+                let up = tokio::spawn(async move {
+                    let (mut buf, mut pending, mut started) = (vec![0u8; 65536], Vec::new(), false);
+                    while let Ok(n) = client_read.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        pending.extend_from_slice(&buf[..n]);
+                        count_messages(&mut pending, &mut started, &sent_up);
+                        waiting_up.store(true, Ordering::Relaxed);
+                        if server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = server_read.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if waiting.swap(false, Ordering::Relaxed) {
+                        sent.round_trips.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                up.abort();
+            });
+        }
+    });
+    port
+}
+
+/// Takes the whole messages at the front of `pending` (a client's bytes): the startup
+/// messages (no type byte), then typed ones; counts each `Execute` and each statement of a
+/// simple `Query` in `sent`.
+fn count_messages(pending: &mut Vec<u8>, started: &mut bool, sent: &Sent) {
+    loop {
+        let (head, at) = if *started { (5, 1) } else { (4, 0) };
+        if pending.len() < head {
+            return;
+        }
+        let len = u32::from_be_bytes(pending[at..at + 4].try_into().unwrap()) as usize;
+        let total = at + len;
+        if pending.len() < total {
+            return;
+        }
+        if *started {
+            match pending[0] {
+                b'E' => {
+                    sent.statements.fetch_add(1, Ordering::Relaxed);
+                }
+                b'Q' => {
+                    let text = String::from_utf8_lossy(&pending[5..total]);
+                    let n = text
+                        .trim_end_matches('\0')
+                        .split(';')
+                        .filter(|s| !s.trim().is_empty())
+                        .count();
+                    sent.statements.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        } else {
+            // An SSL or GSS encryption request is answered with one byte, then the startup
+            // message follows; anything else is the startup message.
+            let code = u32::from_be_bytes(pending[4..8].try_into().unwrap());
+            *started = !matches!(code, 80_877_103 | 80_877_104);
+        }
+        pending.drain(..total);
+    }
+}
+
+/// Statements and round trips per request of each kind, one request at a time, `n` of each
+/// after a first one (connections opened, statements prepared), against `base` (whose
+/// database connections go through the proxy counting into `sent`). `ids` are users to read
+/// and update, `doomed` `n + 1` users to delete.
+async fn cost_per_request(
+    base: &str,
+    sent: &Sent,
+    ids: &[i64],
+    doomed: &[i64],
+    n: usize,
+) -> Vec<(f64, f64)> {
+    static EMAIL: AtomicU64 = AtomicU64::new(0);
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut out = Vec::new();
+    for kind in ["GET", "PUT", "POST", "DELETE"] {
+        let mut measure_from = None;
+        for i in 0..=n {
+            if i == 1 {
+                measure_from = Some((
+                    sent.statements.load(Ordering::Relaxed),
+                    sent.round_trips.load(Ordering::Relaxed),
+                ));
+            }
+            let id = if kind == "DELETE" {
+                doomed[i]
+            } else {
+                ids[i % ids.len()]
+            };
+            let req = match kind {
+                "GET" => http::Request::get(format!("{base}/users/{id}/settings"))
+                    .body(Full::new(Bytes::new())),
+                "PUT" => http::Request::put(format!("{base}/users/{id}/settings"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"theme":"t{i}","notifications_enabled":true}}"#
+                    )))),
+                "POST" => http::Request::post(format!("{base}/users"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"email":"cost-{}@bench","theme":"t","notifications_enabled":true}}"#,
+                        EMAIL.fetch_add(1, Ordering::Relaxed)
+                    )))),
+                _ => http::Request::delete(format!("{base}/users/{id}"))
+                    .body(Full::new(Bytes::new())),
+            }
+            .unwrap();
+            let res = client.request(req).await.unwrap();
+            let status = res.status();
+            let _ = res.into_body().collect().await;
+            assert!(status.is_success(), "{kind} {id}: {status}");
+        }
+        let (s, r) = measure_from.unwrap();
+        out.push((
+            (sent.statements.load(Ordering::Relaxed) - s) as f64 / n as f64,
+            (sent.round_trips.load(Ordering::Relaxed) - r) as f64 / n as f64,
+        ));
+    }
+    out
 }
 
 async fn serve<S>(app: S) -> String
@@ -193,7 +409,8 @@ async fn main() {
     let flips = arg("--flips", 200) as usize;
     let cli_flips = arg("--cli-flips", 50) as usize;
     let cluster = pg::Cluster::start_durable().expect("start a durable PostgreSQL");
-    let url = cluster.fresh_db().await.url;
+    let test_db = cluster.fresh_db().await;
+    let (url, replica_url) = (test_db.url, test_db.replica_urls[0].clone());
     let db = Database::connect_with(
         &url,
         twintrack::db::ConnectOptions {
@@ -271,6 +488,118 @@ async fn main() {
         );
     }
 
+    // Cost per request: the same services over connections through a counting proxy.
+    let sent = Arc::new(Sent::default());
+    let proxied = async |url: &str| {
+        use std::str::FromStr;
+        let port = sqlx::postgres::PgConnectOptions::from_str(url)
+            .unwrap()
+            .get_port();
+        let proxy = counting_proxy(port, sent.clone()).await;
+        url.replace(&format!(":{port}/"), &format!(":{proxy}/"))
+    };
+    let counted_url = proxied(&url).await;
+    let counted_replica = proxied(&replica_url).await;
+    let counted = Database::connect(&counted_url).await.unwrap();
+    let doomed = async |n: usize| -> Vec<i64> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let (id,): (i64,) =
+                sqlx::query_as("INSERT INTO users (email) VALUES ($1) RETURNING id")
+                    .bind(format!(
+                        "doomed-{}-{i}@bench",
+                        sent.statements.load(Ordering::Relaxed)
+                    ))
+                    .fetch_one(db.as_postgres().unwrap())
+                    .await
+                    .unwrap();
+            ids.push(id);
+        }
+        ids
+    };
+    let n = arg("--cost-requests", 100) as usize;
+    let ids: Vec<i64> = (1..=n as i64).collect();
+    let mut costs = vec![(
+        "one shape, no twintrack",
+        cost_per_request(
+            &serve(plain_app(counted.clone())).await,
+            &sent,
+            &ids,
+            &doomed(n + 1).await,
+            n,
+        )
+        .await,
+    )];
+    for (what, replicas) in [
+        ("twintrack, no replica", Vec::new()),
+        ("twintrack, a replica", vec![counted_replica.clone()]),
+    ] {
+        let store = Arc::new(SqlFlagStore::open(counted.clone()).await.unwrap());
+        let flags = FlagCache::builder(store)
+            .migration(M, Stage::LegacyOnly)
+            .build()
+            .await;
+        let mut builder = twintrack::ryw::Router::builder(
+            counted.clone(),
+            b"e2e bench secret, 32 bytes long!".to_vec(),
+        );
+        if !replicas.is_empty() {
+            builder = builder.replicas(
+                twintrack::ryw::ReplicaSet::connect(
+                    counted.clone(),
+                    &replicas,
+                    twintrack::ryw::ReplicaOptions::default(),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        let router = builder.build().await.unwrap();
+        let users = Users {
+            settings: DualStore::builder(
+                M,
+                repos::repos::<sqlx::Postgres, i64>().0,
+                repos::repos::<sqlx::Postgres, i64>().1,
+                counted.as_postgres().unwrap().clone(),
+                flags.clone(),
+                SettingsResync::default(),
+            )
+            .router(router.clone())
+            .build()
+            .unwrap(),
+        };
+        let base = serve(app::app(users, flags, Some(router), false, None)).await;
+        costs.push((
+            what,
+            cost_per_request(&base, &sent, &ids, &doomed(n + 1).await, n).await,
+        ));
+    }
+    println!(
+        "\ncost per request (dual_write; one request at a time, {n} of each): statements / round trips to PostgreSQL\n"
+    );
+    println!(
+        "| request | {} |",
+        costs
+            .iter()
+            .map(|(what, _)| *what)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}", "---|".repeat(costs.len()));
+    for (i, kind) in ["GET", "PUT", "POST /users", "DELETE /users/{id}"]
+        .iter()
+        .enumerate()
+    {
+        println!(
+            "| {kind} | {} |",
+            costs
+                .iter()
+                .map(|(_, c)| format!("{:.2} / {:.2}", c[i].0, c[i].1))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+
     // Flip propagation to several instances.
     let mut caches = Vec::new();
     for _ in 0..instances {
@@ -318,6 +647,9 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     samples.sort();
+    if samples.is_empty() {
+        return;
+    }
     // The same through the CLI, from spawning `twintrack stage set` (so including the
     // process's start and its connection) to every instance's snapshot: an upper bound.
     let cli = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/twintrack");

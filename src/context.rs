@@ -90,6 +90,20 @@ impl RequestContext {
         }
     }
 
+    /// A write noted with [`RequestContext::note_write`] committed at `lsn` (read in its
+    /// commit's round trip).
+    pub(crate) fn committed_at(&self, lsn: crate::ryw::Lsn) {
+        if let Some(ryw) = &self.ryw {
+            ryw.committed_at(lsn);
+        }
+    }
+
+    /// Whether this request reads its writes (a router is in front: its response carries a
+    /// token when it wrote).
+    pub(crate) fn reads_your_writes(&self) -> bool {
+        self.ryw.is_some()
+    }
+
     /// Whether this request wrote (through the dual store, the router, or
     /// [`RequestContext::note_write`]).
     pub fn wrote(&self) -> bool {

@@ -540,6 +540,35 @@ async fn failing_other_side<DB: Native, I: K>(f: Fixture<DB, I>) {
     );
     assert_eq!(pending_intents(&f.db, M).await.unwrap(), 0);
 
+    // Through `write` (the store's own transaction, no savepoint): the other side fails, the
+    // transaction is rolled back, and the authoritative side is written again alone with the
+    // intent, in a new one. Committed once, nothing of the failed attempt left.
+    f.take_calls();
+    f.new.fail_put.store(true, Ordering::SeqCst);
+    f.users.update(&id, settings("changed")).await.unwrap();
+    f.new.fail_put.store(false, Ordering::SeqCst);
+    assert_eq!(
+        f.take_calls(),
+        ["legacy.put", "new.put", "legacy.put"],
+        "{b}"
+    );
+    assert_eq!(
+        f.sides(&id).await,
+        (
+            Some(settings("changed")),
+            Some(settings("a-very-long-theme-name"))
+        ),
+        "{b}"
+    );
+    assert_eq!(pending_intents(&f.db, M).await.unwrap(), 1, "{b}");
+    let report = f.users.settings.repair(Duration::ZERO).await.unwrap();
+    assert_eq!((report.copied, report.failed), (1, 0), "{b}: {report:?}");
+    assert_eq!(
+        f.sides(&id).await,
+        (Some(settings("changed")), Some(settings("changed"))),
+        "{b}"
+    );
+
     // A missed delete: repair removes the row the authoritative side no longer has.
     f.new.fail_delete.store(true, Ordering::SeqCst);
     let id2 = f

@@ -1136,3 +1136,95 @@ async fn a_replica_is_proven_on_demand_between_polls() {
     );
     assert!(took < Duration::from_secs(3), "{took:?}");
 }
+
+/// A write whose commit reads the primary's position (a request that will answer with a
+/// token) and whose future is dropped before the commit: nothing of it is committed, its
+/// connection is not handed back to the pool with the transaction open (it is closed, and
+/// the server rolls back), and the next writes commit as usual with tokens of their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_dropped_before_its_commit_leaves_nothing_behind() {
+    use sqlx::Connection as _;
+    let Some(db) = pg::fresh_db().await else {
+        return;
+    };
+    let svc = Svc::start(&db, Stage::DualWrite, RywOptions::default()).await;
+    let (id, _) = svc.create_user("dropped@example.com").await;
+    // Another session holds the new shape's row: the write's second side waits on it, after
+    // its first side was written.
+    let mut locker = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut locker).await.unwrap();
+    let (locker_pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+        .fetch_one(&mut locker)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM user_settings WHERE user_id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let ctx = RequestContext::from_cache(&svc.flags).with_read_your_writes(None);
+    let write = ctx.scope(svc.users.update(
+        &id,
+        Settings {
+            theme: "dropped".into(),
+            notifications_enabled: false,
+        },
+    ));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), write)
+            .await
+            .is_err(),
+        "the write waits on the locked row"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+    // No session of the service's pool is left inside a transaction.
+    let open = |primary: Database| async move {
+        twintrack::db::query(
+            "SELECT COUNT(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> $1 AND pid <> pg_backend_pid()
+               AND (state LIKE 'idle in transaction%' OR (state = 'active' AND query LIKE 'UPDATE%'))",
+        )
+        .bind(locker_pid)
+        .scalar::<i64>(&primary)
+        .await
+        .unwrap()
+    };
+    pg::eventually(Duration::from_secs(10), "no open transaction", || {
+        let primary = svc.primary.clone();
+        async move { open(primary).await == 0 }
+    })
+    .await;
+    let (legacy, new) = {
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let legacy: (Option<String>,) =
+            sqlx::query_as("SELECT profile->>'theme' FROM users WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        let new: (String,) = sqlx::query_as("SELECT theme FROM user_settings WHERE user_id = $1")
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        (legacy.0, new.0)
+    };
+    assert_eq!(
+        (legacy.as_deref(), new.as_str()),
+        (Some("t0"), "t0"),
+        "nothing of the dropped write committed"
+    );
+    // The next writes: committed, each answered with a token at or after its commit.
+    let after = async {
+        for i in 0..20 {
+            let wanted = format!("after-{i}");
+            let token = svc.put_theme(&id, &wanted).await;
+            let r = svc.get(&id, Some(&token)).await;
+            assert_eq!(theme(&r), wanted, "{r:?}");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), after)
+        .await
+        .expect("later writes are not held up by the dropped one");
+    assert_eq!(open(svc.primary.clone()).await, 0);
+}

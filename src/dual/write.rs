@@ -8,9 +8,9 @@ use tracing::Instrument;
 
 use super::repair;
 use super::{ConnOf, Db, DualStore, KeyOf, Operation, Resync};
-use crate::db::{Native, query};
+use crate::db::{Native, query, raw, raw_text};
 use crate::key::Key;
-use crate::{Error, Result, Side, Stage};
+use crate::{Error, RequestContext, Result, Side, Stage};
 
 /// Outcome of one side's call, with its latency.
 pub(super) type SideCall<T> = std::result::Result<(T, Duration), Error>;
@@ -21,9 +21,12 @@ where
     X: Resync<R>,
 {
     /// Runs `op` on the side(s) the pinned stage writes, authoritative first, and returns the
-    /// authoritative side's result. One database: one transaction, the other side in a
-    /// savepoint (a repair intent if it fails). Two databases: see
-    /// [`DualStoreBuilder::new_database`](super::DualStoreBuilder::new_database).
+    /// authoritative side's result. One database: one transaction; when the other side fails,
+    /// that transaction is rolled back and the write runs again on the authoritative side
+    /// alone, with a repair intent for the other, in a new one (no savepoint on the way of
+    /// every write: a failing side is the exception). In a request that will answer with a
+    /// read-your-writes token, the commit reads the primary's position in its own round trip.
+    /// Two databases: see [`DualStoreBuilder::new_database`](super::DualStoreBuilder::new_database).
     pub async fn write<T, F>(&self, key: &KeyOf<R, X>, op: F) -> Result<T>
     where
         T: Send,
@@ -32,15 +35,42 @@ where
         if self.is_split() {
             return self.write_split(key, op).await;
         }
-        let mut tx = self.inner.pool.begin().await?;
-        let out = self.write_in(&mut tx, key, op).await?;
-        self.commit(tx, key).await?;
+        let (stage, ctx) = self.begin_write()?;
+        let mut tx = Begun::begin(&self.inner.pool).await?;
+        let out = match self
+            .write_sides(tx.conn(), key, &op, stage, Other::Optimistic)
+            .await
+        {
+            Ok(out) => out,
+            Err(Failed::Other(side, err)) => {
+                tx.rollback().await;
+                tracing::warn!(key = %key.to_text(), %side, error = %err,
+                    "non-authoritative write failed; written again on the authoritative side with a repair intent");
+                tx = Begun::begin(&self.inner.pool).await?;
+                match self
+                    .write_sides(tx.conn(), key, &op, stage, Other::Intent(&err))
+                    .await
+                {
+                    Ok(out) => out,
+                    Err(failed) => {
+                        tx.rollback().await;
+                        return Err(failed.into());
+                    }
+                }
+            }
+            Err(Failed::Error(err)) => {
+                tx.rollback().await;
+                return Err(err);
+            }
+        };
+        self.commit_begun(tx, key, ctx.as_ref()).await?;
         Ok(out)
     }
 
     /// Like [`DualStore::write`], inside a transaction of the caller's (for writes that also
     /// touch tables outside the migration). Nothing is committed here. Both shapes must be in
-    /// the transaction's database.
+    /// the transaction's database. The other side runs in a savepoint (the caller's
+    /// transaction cannot be run again), rolled back to when it fails, with a repair intent.
     pub async fn write_in<T, F>(
         &self,
         tx: &mut sqlx::Transaction<'_, X::Database>,
@@ -56,43 +86,119 @@ where
                 "write_in needs both shapes in one database; use write".into(),
             ));
         }
+        let (stage, _) = self.begin_write()?;
+        self.write_sides(tx, key, &op, stage, Other::Savepoint)
+            .await
+            .map_err(Error::from)
+    }
+
+    /// The pinned stage of a write about to start; the request (if any) is pinned to the
+    /// primary from here, as the outcome may be committed.
+    fn begin_write(&self) -> Result<(Stage, Option<RequestContext>)> {
         let (flag, ctx) = self.flag()?;
-        // From here the outcome may be committed (by us or the caller): pin the request.
         if let Some(ctx) = &ctx {
             ctx.note_write();
         }
-        let stage = flag.stage();
+        Ok((flag.stage(), ctx))
+    }
+
+    /// Writes `stage`'s sides on `conn`, in a transaction begun by the caller: the
+    /// authoritative one, then the other as `other` says.
+    async fn write_sides<T, F>(
+        &self,
+        conn: &mut ConnOf<R, X>,
+        key: &KeyOf<R, X>,
+        op: &F,
+        stage: Stage,
+        other: Other<'_>,
+    ) -> std::result::Result<T, Failed>
+    where
+        T: Send,
+        F: Operation<R, ConnOf<R, X>, T>,
+    {
         let plan = stage.plan();
         let authoritative = plan.writes[0];
-        let conn: &mut ConnOf<R, X> = tx;
         let (out, _) = self
-            .call_side("write", &op, authoritative, stage, conn)
+            .call_side("write", op, authoritative, stage, conn)
             .await?;
         for &side in &plan.writes[1..] {
-            // A savepoint of our own rather than a nested sqlx transaction: on success it is
-            // left for the COMMIT to release, which saves the RELEASE round trip on every dual
-            // write; only a failure costs the ROLLBACK TO.
-            query("SAVEPOINT twintrack_other_side")
-                .execute(Db::<R, X>::conn(conn))
-                .await?;
-            if let Err(err) = self.call_side("write", &op, side, stage, conn).await {
-                query("ROLLBACK TO SAVEPOINT twintrack_other_side")
-                    .execute(Db::<R, X>::conn(conn))
-                    .await?;
-                let key_text = key.to_text();
-                tracing::warn!(key = %key_text, error = %err, "non-authoritative write failed; repair intent recorded");
-                repair::record_intent(
-                    Db::<R, X>::conn(conn),
-                    &self.inner.migration,
-                    &key_text,
-                    side,
-                    &err.to_string(),
-                )
-                .await?;
-                self.count_intent("recorded");
-            }
+            let failure = match other {
+                Other::Optimistic => match self.call_side("write", op, side, stage, conn).await {
+                    Ok(_) => continue,
+                    Err(err) => return Err(Failed::Other(side, err)),
+                },
+                Other::Intent(failure) => failure.to_string(),
+                Other::Savepoint => {
+                    // A savepoint of our own rather than a nested sqlx transaction: on success
+                    // it is left for the COMMIT to release (no RELEASE round trip).
+                    query("SAVEPOINT twintrack_other_side")
+                        .execute(Db::<R, X>::conn(conn))
+                        .await?;
+                    let Err(err) = self.call_side("write", op, side, stage, conn).await else {
+                        continue;
+                    };
+                    query("ROLLBACK TO SAVEPOINT twintrack_other_side")
+                        .execute(Db::<R, X>::conn(conn))
+                        .await?;
+                    tracing::warn!(key = %key.to_text(), error = %err, "non-authoritative write failed; repair intent recorded");
+                    err.to_string()
+                }
+            };
+            repair::record_intent(
+                Db::<R, X>::conn(conn),
+                &self.inner.migration,
+                &key.to_text(),
+                side,
+                &failure,
+            )
+            .await?;
+            self.count_intent("recorded");
         }
         Ok(out)
+    }
+
+    /// Commits `tx` (unless the fault-injection hook fails it first); in a request that will
+    /// answer with a read-your-writes token, with the primary's position read in the same
+    /// round trip and noted for the token.
+    async fn commit_begun(
+        &self,
+        tx: Begun<Db<R, X>>,
+        key: &KeyOf<R, X>,
+        ctx: Option<&RequestContext>,
+    ) -> Result<()> {
+        if let Some(hook) = &self.inner.hooks.before_commit {
+            let key = key.to_text();
+            if hook(&key) {
+                tx.rollback().await;
+                return Err(Error::Database(sqlx::Error::Protocol(format!(
+                    "fault injected before commit (key {key})"
+                ))));
+            }
+        }
+        let marking = match (&self.inner.router, ctx) {
+            (Some(router), Some(ctx)) if ctx.reads_your_writes() => {
+                router.commit_marking().map(|sql| (router, ctx, sql))
+            }
+            _ => None,
+        };
+        let Some((router, ctx, sql)) = marking else {
+            tx.commit_reading("COMMIT").await?;
+            return Ok(());
+        };
+        match tx
+            .commit_reading(sql)
+            .await?
+            .as_deref()
+            .map(|text| router.marked(text))
+        {
+            Some(Ok(lsn)) => ctx.committed_at(lsn),
+            // Committed all the same; the token then asks the primary.
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, "the position read with the commit did not parse")
+            }
+            None => tracing::warn!("the commit gave no position"),
+        }
+        Ok(())
     }
 
     /// Commits a write's transaction, unless the fault-injection hook asks to fail it here.
@@ -257,5 +363,98 @@ where
             result.as_ref().err().map(crate::metrics::error_type),
         );
         result.map(|v| (v, took)).map_err(self.side_error(side))
+    }
+}
+
+/// A transaction begun with `BEGIN` on a pooled connection, for [`DualStore::write`]'s commit
+/// that reads the primary's position in the same round trip (sqlx's `Transaction` would roll
+/// back a transaction committed by a statement of ours). Dropped before it ends (the caller's
+/// future dropped mid-write), the connection is closed rather than returned to the pool with
+/// the transaction open: the server rolls it back.
+struct Begun<DB: sqlx::Database> {
+    conn: Option<sqlx::pool::PoolConnection<DB>>,
+}
+
+impl<DB: Native> Begun<DB> {
+    async fn begin(pool: &sqlx::Pool<DB>) -> Result<Self> {
+        let mut begun = Begun {
+            conn: Some(pool.acquire().await?),
+        };
+        raw("BEGIN", DB::conn(begun.conn())).await?;
+        Ok(begun)
+    }
+
+    fn conn(&mut self) -> &mut DB::Connection {
+        self.conn
+            .as_deref_mut()
+            .expect("a transaction's connection is there until it ends")
+    }
+
+    /// Rolls back; when that fails the connection is closed (and the server rolls back).
+    async fn rollback(mut self) {
+        if raw("ROLLBACK", DB::conn(self.conn())).await.is_ok() {
+            // Ended: the connection goes back to the pool.
+            drop(self.conn.take());
+        }
+    }
+
+    /// Commits with `sql` (`COMMIT; SELECT …`) and returns what its `SELECT` read. On an error
+    /// the outcome is the database's (a failed `COMMIT` rolled back; a lost connection may have
+    /// committed, as with any commit): the connection is closed.
+    async fn commit_reading(mut self, sql: &'static str) -> Result<Option<String>> {
+        let read = raw_text(sql, DB::conn(self.conn())).await?;
+        // Ended: the connection goes back to the pool.
+        drop(self.conn.take());
+        Ok(read)
+    }
+}
+
+impl<DB: sqlx::Database> Drop for Begun<DB> {
+    fn drop(&mut self) {
+        if let Some(conn) = &mut self.conn {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// How [`DualStore::write_sides`] writes the side after the authoritative one.
+#[derive(Clone, Copy)]
+enum Other<'a> {
+    /// Straight on: a failure ends the attempt ([`Failed::Other`]), for the caller to roll
+    /// back and run again with [`Other::Intent`].
+    Optimistic,
+    /// Not at all: a repair intent for it, with the failure that made it so.
+    Intent(&'a Error),
+    /// In a savepoint, rolled back to on failure, then a repair intent (a caller's
+    /// transaction, which cannot be run again).
+    Savepoint,
+}
+
+/// Why [`DualStore::write_sides`] did not finish.
+enum Failed {
+    /// The non-authoritative side failed ([`Other::Optimistic`]): the transaction holds the
+    /// authoritative side's write and must be rolled back.
+    Other(Side, Error),
+    /// Anything else.
+    Error(Error),
+}
+
+impl From<Error> for Failed {
+    fn from(err: Error) -> Failed {
+        Failed::Error(err)
+    }
+}
+
+impl From<sqlx::Error> for Failed {
+    fn from(err: sqlx::Error) -> Failed {
+        Failed::Error(err.into())
+    }
+}
+
+impl From<Failed> for Error {
+    fn from(failed: Failed) -> Error {
+        match failed {
+            Failed::Other(_, err) | Failed::Error(err) => err,
+        }
     }
 }

@@ -69,10 +69,10 @@ where
             match this.ryw.as_ref() {
                 // Also after a handler error: whatever it committed must be readable next.
                 Some((router, state)) if state.wrote() && output.is_ok() => {
-                    let router = router.clone();
+                    let (router, state) = (router.clone(), state.clone());
                     *this.finishing = Some(Box::new(Finishing {
                         output: Some(output),
-                        token: Box::pin(async move { router.issue().await }),
+                        token: Box::pin(async move { router.issue_for(&state).await }),
                     }));
                 }
                 _ => return Poll::Ready(output),

@@ -84,6 +84,25 @@ pub(crate) async fn primary(primary: &Database, cluster: ClusterId, mark: Mark) 
     }
 }
 
+/// Commits and reads [`Mark::Token`]'s position in one round trip (a multi-statement simple
+/// query: the `SELECT` runs after the `COMMIT` succeeded, so the position is at or after the
+/// commit record). `None` on SQLite.
+pub(crate) fn commit_marking(backend: Backend) -> Option<&'static str> {
+    match backend {
+        Backend::Postgres => Some("COMMIT; SELECT CAST(pg_current_wal_insert_lsn() AS TEXT)"),
+        Backend::MySql => Some("COMMIT; SELECT CAST(@@gtid_binlog_pos AS CHAR)"),
+        Backend::Sqlite => None,
+    }
+}
+
+/// A position as [`commit_marking`]'s `SELECT` gives it.
+pub(crate) fn parse(backend: Backend, text: &str, cluster: ClusterId) -> Result<Lsn> {
+    match backend {
+        Backend::MySql => gtid_seq(text, cluster.timeline),
+        _ => text.parse(),
+    }
+}
+
 /// How far the replica on `conn` has replayed (`None`: nothing yet, or not a replica).
 pub(crate) async fn replayed(conn: Conn<'_>, cluster: ClusterId) -> Result<Option<Lsn>> {
     match conn.backend() {

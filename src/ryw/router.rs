@@ -140,6 +140,11 @@ impl Route {
 #[derive(Debug)]
 pub(crate) struct RequestRyw {
     wrote: AtomicBool,
+    /// Writes noted whose commit's position is not known (see [`RequestRyw::committed_at`]).
+    unpositioned: std::sync::atomic::AtomicU32,
+    /// The largest position a write of this request read in its own commit's round trip (0:
+    /// none).
+    position: std::sync::atomic::AtomicU64,
     token: Option<Token>,
     /// The replica chosen for this request, plus one (0: none yet).
     replica: AtomicUsize,
@@ -151,6 +156,8 @@ impl RequestRyw {
     pub(crate) fn new(token: Option<Token>) -> RequestRyw {
         RequestRyw {
             wrote: AtomicBool::new(false),
+            unpositioned: std::sync::atomic::AtomicU32::new(0),
+            position: std::sync::atomic::AtomicU64::new(0),
             token,
             replica: AtomicUsize::new(0),
             last_read: AtomicU8::new(0),
@@ -158,7 +165,24 @@ impl RequestRyw {
     }
 
     pub(crate) fn note_write(&self) {
+        self.unpositioned.fetch_add(1, Ordering::AcqRel);
         self.wrote.store(true, Ordering::Release);
+    }
+
+    /// One noted write committed, and the primary's position read in the commit's own round
+    /// trip was `lsn` (at or after its commit record).
+    pub(crate) fn committed_at(&self, lsn: Lsn) {
+        self.position.fetch_max(lsn.0, Ordering::AcqRel);
+        let _ = self
+            .unpositioned
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// A position at or after every commit of this request, when each of its writes read one
+    /// in its commit (a write noted any other way has none: then the primary is asked).
+    pub(crate) fn known_position(&self) -> Option<Lsn> {
+        let position = self.position.load(Ordering::Acquire);
+        (self.unpositioned.load(Ordering::Acquire) == 0 && position > 0).then_some(Lsn(position))
     }
 
     pub(crate) fn wrote(&self) -> bool {
@@ -685,7 +709,28 @@ impl Router {
     /// commits), this cluster, now. Without a position (SQLite, or the primary did not answer
     /// in time) the token pins for the fallback window instead.
     pub async fn issue(&self) -> String {
+        self.issue_at(None).await
+    }
+
+    /// [`Router::issue`] for a request: no read when its writes' commits told their position.
+    pub(crate) async fn issue_for(&self, request: &RequestRyw) -> String {
+        self.issue_at(request.known_position()).await
+    }
+
+    /// The statement that commits a transaction on the primary and reads its position in the
+    /// same round trip (`None`: SQLite, which has no replicas).
+    pub(crate) fn commit_marking(&self) -> Option<&'static str> {
+        super::position::commit_marking(self.inner.primary.backend())
+    }
+
+    /// The position in the text [`Router::commit_marking`]'s statement read.
+    pub(crate) fn marked(&self, text: &str) -> Result<Lsn> {
+        super::position::parse(self.inner.primary.backend(), text, self.inner.cluster)
+    }
+
+    async fn issue_at(&self, known: Option<Lsn>) -> String {
         let lsn = match self.inner.primary.backend() {
+            _ if known.is_some() => known,
             Backend::Postgres | Backend::MySql => {
                 let lsn = super::position::primary(
                     &self.inner.primary,
