@@ -154,6 +154,9 @@ fn plain_app(db: Database) -> axum::Router {
         .with_state((db, legacy))
 }
 
+/// Unique emails for the users the cost figures create.
+static EMAILS: AtomicU64 = AtomicU64::new(0);
+
 /// What the clients of a [`counting_proxy`] sent.
 #[derive(Default)]
 struct Sent {
@@ -262,7 +265,6 @@ async fn cost_per_request(
     doomed: &[i64],
     n: usize,
 ) -> Vec<(f64, f64)> {
-    static EMAIL: AtomicU64 = AtomicU64::new(0);
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let mut out = Vec::new();
@@ -292,7 +294,7 @@ async fn cost_per_request(
                     .header("content-type", "application/json")
                     .body(Full::new(Bytes::from(format!(
                         r#"{{"email":"cost-{}@bench","theme":"t","notifications_enabled":true}}"#,
-                        EMAIL.fetch_add(1, Ordering::Relaxed)
+                        EMAILS.fetch_add(1, Ordering::Relaxed)
                     )))),
                 _ => http::Request::delete(format!("{base}/users/{id}"))
                     .body(Full::new(Bytes::new())),
@@ -508,7 +510,7 @@ async fn main() {
                 sqlx::query_as("INSERT INTO users (email) VALUES ($1) RETURNING id")
                     .bind(format!(
                         "doomed-{}-{i}@bench",
-                        sent.statements.load(Ordering::Relaxed)
+                        EMAILS.fetch_add(1, Ordering::Relaxed)
                     ))
                     .fetch_one(db.as_postgres().unwrap())
                     .await

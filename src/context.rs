@@ -98,10 +98,9 @@ impl RequestContext {
         }
     }
 
-    /// Whether this request reads its writes (a router is in front: its response carries a
-    /// token when it wrote).
-    pub(crate) fn reads_your_writes(&self) -> bool {
-        self.ryw.is_some()
+    /// Whether the layer will answer this request with a read-your-writes token if it writes.
+    pub(crate) fn answers_with_token(&self) -> bool {
+        self.ryw.as_ref().is_some_and(|r| r.answers())
     }
 
     /// Whether this request wrote (through the dual store, the router, or

@@ -5,7 +5,8 @@
 //!
 //! The figures live in the service processes, the page in another one, so they meet in the
 //! database twintrack already writes to (the dual store's bookkeeping database, the backfill's
-//! flag database). Each process owns its rows (`instance`, random per process) and writes
+//! flag database). Each writer owns its rows (`instance`: random per dual store or backfill
+//! run, so per process) and writes
 //! each minute's figures whole (`count`, `total`, the latency buckets), not increments: a
 //! flush that fails or is retried never counts twice. One upsert per flush, rows for every
 //! `(minute, series, label)` touched since the last one; rows older than [`KEEP_MINUTES`] are
@@ -35,6 +36,9 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
 
 /// How long figures are kept: a day of minutes.
 pub const KEEP_MINUTES: i64 = 24 * 60;
+
+/// Rows a statement writes at most (8 parameters each: far below every backend's limit).
+const UPSERT_ROWS: usize = 500;
 
 const MINUTE_MICROS: i64 = 60_000_000;
 
@@ -109,12 +113,22 @@ struct Shared {
     migration: Arc<str>,
     instance: String,
     state: Mutex<State>,
+    /// Held across a flush, so two at once (the flusher's and `drain`'s) never write an
+    /// older total after a newer one.
+    flushing: tokio::sync::Mutex<()>,
+}
+
+/// A slot's figures, how many times they changed, and the change last written.
+#[derive(Default)]
+struct Kept {
+    figures: Figures,
+    version: u64,
+    written: u64,
 }
 
 #[derive(Default)]
 struct State {
-    /// Figures by slot, and whether they changed since they were last written.
-    slots: HashMap<Slot, (Figures, bool)>,
+    slots: HashMap<Slot, Kept>,
     flusher: bool,
     pruned_at: i64,
     /// A failed background write was logged as a warning (later ones at debug level).
@@ -136,6 +150,7 @@ impl Stats {
                 migration,
                 instance: uuid::Uuid::new_v4().simple().to_string(),
                 state: Mutex::default(),
+                flushing: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -184,14 +199,14 @@ impl Stats {
             let Ok(mut state) = self.shared.state.lock() else {
                 return;
             };
-            let (figures, dirty) = state.slots.entry((minute, series, label)).or_default();
-            figures.count += count;
-            figures.total += total;
+            let kept = state.slots.entry((minute, series, label)).or_default();
+            kept.figures.count += count;
+            kept.figures.total += total;
             if let Some(bucket) = bucket {
-                figures.buckets.resize(DURATION_BUCKETS.len() + 1, 0);
-                figures.buckets[bucket] += 1;
+                kept.figures.buckets.resize(DURATION_BUCKETS.len() + 1, 0);
+                kept.figures.buckets[bucket] += 1;
             }
-            *dirty = true;
+            kept.version += 1;
             !std::mem::replace(&mut state.flusher, true)
         };
         if start {
@@ -230,26 +245,27 @@ impl Stats {
         });
     }
 
-    /// Writes the figures that changed since the last write, in one statement, and forgets
-    /// minutes that are over and written. Failing, it keeps them for the next try.
+    /// Writes the figures that changed since the last write ([`UPSERT_ROWS`] rows a
+    /// statement), and forgets minutes that are over and written, and any older than
+    /// [`KEEP_MINUTES`] (so memory stays bounded while writes fail, say before `twintrack
+    /// init` made the table). Failing or cancelled, it leaves them to the next try.
     pub(crate) async fn flush(&self) -> Result<()> {
+        let _flushing = self.shared.flushing.lock().await;
         let now = now_micros();
         let current = now.div_euclid(MINUTE_MICROS) * MINUTE_MICROS;
-        let (dirty, prune): (Vec<(Slot, Figures)>, bool) = {
+        let oldest = current - KEEP_MINUTES * MINUTE_MICROS;
+        let (dirty, prune): (Vec<(Slot, Figures, u64)>, bool) = {
             let Ok(mut state) = self.shared.state.lock() else {
                 return Ok(());
             };
-            state
-                .slots
-                .retain(|(minute, _, _), (_, dirty)| *dirty || *minute >= current);
+            state.slots.retain(|(minute, _, _), kept| {
+                *minute >= oldest && (kept.version != kept.written || *minute >= current)
+            });
             let dirty = state
                 .slots
-                .iter_mut()
-                .filter(|(_, (_, dirty))| *dirty)
-                .map(|(slot, (figures, dirty))| {
-                    *dirty = false;
-                    (slot.clone(), figures.clone())
-                })
+                .iter()
+                .filter(|(_, kept)| kept.version != kept.written)
+                .map(|(slot, kept)| (slot.clone(), kept.figures.clone(), kept.version))
                 .collect();
             let prune = now - state.pruned_at > 60 * MINUTE_MICROS;
             if prune {
@@ -267,27 +283,27 @@ impl Stats {
             ),
             _ => None,
         };
-        if let Err(err) = self.upsert(&dirty).await {
+        for rows in dirty.chunks(UPSERT_ROWS) {
+            self.upsert(rows).await?;
             if let Ok(mut state) = self.shared.state.lock() {
-                for (slot, _) in dirty {
-                    if let Some((_, flag)) = state.slots.get_mut(&slot) {
-                        *flag = true;
+                for (slot, _, version) in rows {
+                    if let Some(kept) = state.slots.get_mut(slot) {
+                        kept.written = kept.written.max(*version);
                     }
                 }
             }
-            return Err(err);
         }
         if prune {
             query("DELETE FROM twintrack_stats WHERE migration = $1 AND minute < $2")
                 .bind(&*self.shared.migration)
-                .bind(current - KEEP_MINUTES * MINUTE_MICROS)
+                .bind(oldest)
                 .execute(&self.shared.db)
                 .await?;
         }
         Ok(())
     }
 
-    async fn upsert(&self, rows: &[(Slot, Figures)]) -> Result<()> {
+    async fn upsert(&self, rows: &[(Slot, Figures, u64)]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -311,7 +327,7 @@ impl Stats {
             }
         });
         let mut insert = Query::assert_safe(sql);
-        for ((minute, series, label), figures) in rows {
+        for ((minute, series, label), figures, _) in rows {
             insert = insert
                 .bind(&*self.shared.migration)
                 .bind(*minute)

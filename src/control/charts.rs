@@ -200,16 +200,19 @@ fn backfill_progress(
     let total = run.keys_total.max(1) as f64;
     let empty = BTreeMap::new();
     let figures = figures.unwrap_or(&empty);
-    let mut done = run.keys_done as f64;
-    let mut points = vec![(end, 100.0 * done / total)];
-    for (&minute, f) in figures.range(..=end).rev() {
-        // Before this minute's keys were done.
-        done = (done - f.count as f64).max(0.0);
-        points.push((minute, 100.0 * done / total));
+    // Where the run stood before its first recorded minute: what it has done now, less what
+    // the recorded minutes did.
+    let recorded: u64 = figures.values().map(|f| f.count).sum();
+    let mut done = (run.keys_done.max(0) as u64).saturating_sub(recorded);
+    // By the end of each minute (drawn at the next one's start, the last at `end`); a later
+    // point for the same time replaces an earlier one.
+    let mut by_time: BTreeMap<i64, f64> = BTreeMap::from([(start, 100.0 * done as f64 / total)]);
+    for (&minute, f) in figures {
+        done += f.count;
+        by_time.insert((minute + MINUTE).min(end), 100.0 * done as f64 / total);
     }
-    points.push((start, 0.0_f64.max(100.0 * done / total)));
-    points.reverse();
-    points.dedup_by_key(|(m, _)| *m);
+    by_time.insert(end, 100.0 * run.keys_done.max(0) as f64 / total);
+    let points: Vec<(i64, f64)> = by_time.into_iter().collect();
     let state = match run.finished_at {
         Some(at) if at > 0 => "finished",
         Some(_) => "abandoned",
@@ -379,18 +382,23 @@ mod tests {
             started_at: 10 * MINUTE + 5,
             finished_at: None,
         };
-        let by_minute: BTreeMap<i64, Figures> =
-            [(10 * MINUTE, figures(300)), (11 * MINUTE, figures(500))].into();
+        // 100 keys before the figures start; 300 in minute 10, 300 in 11, 100 so far in 12.
+        let by_minute: BTreeMap<i64, Figures> = [
+            (10 * MINUTE, figures(300)),
+            (11 * MINUTE, figures(300)),
+            (12 * MINUTE, figures(100)),
+        ]
+        .into();
         let chart = backfill_progress("m", &run, Some(&by_minute), 12 * MINUTE);
         assert_eq!(
             chart.summary,
             "run 7 (running): 800 of 1000 keys (80.00%), 800 rows copied"
         );
-        // 0% at 10:00, 30% at 11:00, 80% at 12:00 — on a 0–100% axis.
+        // 10% at 10:00, 40% at 11:00, 80% now (12:00) — on a 0–100% axis.
         let y = |pct: f64| format!("{:.1}", BOTTOM - (BOTTOM - TOP) * pct / 100.0);
         assert_eq!(
             chart.lines[0].points,
-            format!("44.0,{} 198.0,{} 352.0,{}", y(0.0), y(30.0), y(80.0))
+            format!("44.0,{} 198.0,{} 352.0,{}", y(10.0), y(40.0), y(80.0))
         );
     }
 

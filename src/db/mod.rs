@@ -33,8 +33,8 @@ use std::time::Duration;
 use sqlx::AssertSqlSafe;
 use sqlx::Connection as _;
 
+pub(crate) use query::raw;
 pub use query::{On, Query, query};
-pub(crate) use query::{raw, raw_text};
 pub use value::{FromValue, Row, Value};
 
 use crate::{Error, Result};

@@ -206,33 +206,6 @@ pub(crate) async fn raw(sql: &'static str, conn: Conn<'_>) -> Result<()> {
     result.map_err(Error::from_sqlx)
 }
 
-/// Runs statements separated by `;` (no parameters) in one round trip and returns the first
-/// column, as text, of the last row they gave (`None`: no rows).
-pub(crate) async fn raw_text(sql: &'static str, conn: Conn<'_>) -> Result<Option<String>> {
-    use sqlx::Row as _;
-    macro_rules! last_text {
-        ($conn:expr) => {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .fetch_all($conn)
-                .await
-                .and_then(|rows| {
-                    rows.last()
-                        .map(|row| row.try_get::<String, _>(0))
-                        .transpose()
-                })
-        };
-    }
-    let result = match conn {
-        #[cfg(feature = "postgres")]
-        Conn::Postgres(conn) => last_text!(conn),
-        #[cfg(feature = "sqlite")]
-        Conn::Sqlite(conn) => last_text!(conn),
-        #[cfg(feature = "mysql")]
-        Conn::MySql(conn) => last_text!(conn),
-    };
-    result.map_err(Error::from_sqlx)
-}
-
 /// Column names of a native row, shared by every row of one result.
 pub(crate) fn names<C: sqlx::Column>(columns: &[C]) -> std::sync::Arc<[Box<str>]> {
     columns.iter().map(|c| c.name().into()).collect()

@@ -39,8 +39,8 @@
 //! # Layout
 //!
 //! - `builder.rs`: [`DualStoreBuilder`], the options.
-//! - `write.rs`: writes, in one database (one transaction, the other side in a savepoint) or
-//!   across two (the authoritative side with an intent, then a re-sync).
+//! - `write.rs`: writes, in one database (one transaction; a savepoint in a caller's) or across
+//!   two (the authoritative side with an intent, then a re-sync).
 //! - `read.rs`: reads, one function per [`ShadowMode`](crate::shadow::ShadowMode).
 //! - `compare.rs`: comparing a read's two values and classifying a mismatch, in one place.
 //! - `resync.rs`: the one way a key is copied to the other side ([`Resync`]), used by the
@@ -51,9 +51,13 @@
 //!
 //! Both shapes live in one database: the sides are written in one transaction on the primary,
 //! the authoritative side first. If it fails, the other side is never called and the caller
-//! gets the error. The other side runs inside a savepoint; if it fails, the savepoint is rolled
-//! back, a *repair intent* for the key is written in the same transaction, and the write
-//! succeeds. [`DualStore::repair`] later re-syncs such keys from the authoritative side.
+//! gets the error. If the other side fails, the transaction is rolled back and the
+//! authoritative side written again alone, with a *repair intent* for the key, in a new one,
+//! and the write succeeds (so the authoritative side's operation runs twice then: keep effects
+//! outside the database out of it). In a caller's transaction ([`DualStore::write_in`]), which
+//! cannot be run again, the other side runs in a savepoint instead, rolled back to when it
+//! fails, with the intent in the same transaction. [`DualStore::repair`] later re-syncs such
+//! keys from the authoritative side.
 //!
 //! # Reads
 //!

@@ -1,6 +1,8 @@
-//! Writes: authoritative side first; the other side in a savepoint of the same transaction
-//! (one database) or re-synced by a task that outlives the caller (two databases), with a
-//! repair intent whenever it may have missed the write.
+//! Writes: authoritative side first; then, one database, the other side in the same
+//! transaction (when it fails: rolled back, the authoritative side written again alone with a
+//! repair intent; in a caller's transaction, a savepoint instead), or, two databases, re-synced
+//! by a task that outlives the caller, with a repair intent whenever it may have missed the
+//! write.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +10,7 @@ use tracing::Instrument;
 
 use super::repair;
 use super::{ConnOf, Db, DualStore, KeyOf, Operation, Resync};
-use crate::db::{Native, query, raw, raw_text};
+use crate::db::{Native, query};
 use crate::key::Key;
 use crate::{Error, RequestContext, Result, Side, Stage};
 
@@ -36,34 +38,40 @@ where
             return self.write_split(key, op).await;
         }
         let (stage, ctx) = self.begin_write()?;
-        let mut tx = Begun::begin(&self.inner.pool).await?;
+        // One pooled connection for the attempt, the retry and the position read.
+        let mut conn = self.inner.pool.acquire().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let out = match self
-            .write_sides(tx.conn(), key, &op, stage, Other::Optimistic)
+            .write_sides(&mut tx, key, &op, stage, Other::Optimistic)
             .await
         {
             Ok(out) => out,
             Err(Failed::Other(side, err)) => {
-                tx.rollback().await;
+                tx.rollback().await?;
                 tracing::warn!(key = %key.to_text(), %side, error = %err,
                     "non-authoritative write failed; written again on the authoritative side with a repair intent");
-                tx = Begun::begin(&self.inner.pool).await?;
-                match self
-                    .write_sides(tx.conn(), key, &op, stage, Other::Intent(&err))
-                    .await
-                {
-                    Ok(out) => out,
-                    Err(failed) => {
-                        tx.rollback().await;
-                        return Err(failed.into());
-                    }
+                tx = sqlx::Connection::begin(&mut *conn).await?;
+                self.write_sides(&mut tx, key, &op, stage, Other::Intent(&err))
+                    .await?
+            }
+            Err(Failed::Error(err)) => return Err(err),
+        };
+        self.commit(tx, key).await?;
+        // A request that will answer with a read-your-writes token: the position now, on the
+        // same connection (at or after the commit), so the token needs no connection of its
+        // own for it.
+        if let (Some(router), Some(ctx)) = (&self.inner.router, &ctx)
+            && ctx.answers_with_token()
+        {
+            match router.position_on(Db::<R, X>::conn(&mut conn)).await {
+                Ok(Some(lsn)) => ctx.committed_at(lsn),
+                Ok(None) => {}
+                // Committed all the same; the token then asks the primary itself.
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not read the position after the commit")
                 }
             }
-            Err(Failed::Error(err)) => {
-                tx.rollback().await;
-                return Err(err);
-            }
-        };
-        self.commit_begun(tx, key, ctx.as_ref()).await?;
+        }
         Ok(out)
     }
 
@@ -155,50 +163,6 @@ where
             self.count_intent("recorded");
         }
         Ok(out)
-    }
-
-    /// Commits `tx` (unless the fault-injection hook fails it first); in a request that will
-    /// answer with a read-your-writes token, with the primary's position read in the same
-    /// round trip and noted for the token.
-    async fn commit_begun(
-        &self,
-        tx: Begun<Db<R, X>>,
-        key: &KeyOf<R, X>,
-        ctx: Option<&RequestContext>,
-    ) -> Result<()> {
-        if let Some(hook) = &self.inner.hooks.before_commit {
-            let key = key.to_text();
-            if hook(&key) {
-                tx.rollback().await;
-                return Err(Error::Database(sqlx::Error::Protocol(format!(
-                    "fault injected before commit (key {key})"
-                ))));
-            }
-        }
-        let marking = match (&self.inner.router, ctx) {
-            (Some(router), Some(ctx)) if ctx.reads_your_writes() => {
-                router.commit_marking().map(|sql| (router, ctx, sql))
-            }
-            _ => None,
-        };
-        let Some((router, ctx, sql)) = marking else {
-            tx.commit_reading("COMMIT").await?;
-            return Ok(());
-        };
-        match tx
-            .commit_reading(sql)
-            .await?
-            .as_deref()
-            .map(|text| router.marked(text))
-        {
-            Some(Ok(lsn)) => ctx.committed_at(lsn),
-            // Committed all the same; the token then asks the primary.
-            Some(Err(err)) => {
-                tracing::warn!(error = %err, "the position read with the commit did not parse")
-            }
-            None => tracing::warn!("the commit gave no position"),
-        }
-        Ok(())
     }
 
     /// Commits a write's transaction, unless the fault-injection hook asks to fail it here.
@@ -363,57 +327,6 @@ where
             result.as_ref().err().map(crate::metrics::error_type),
         );
         result.map(|v| (v, took)).map_err(self.side_error(side))
-    }
-}
-
-/// A transaction begun with `BEGIN` on a pooled connection, for [`DualStore::write`]'s commit
-/// that reads the primary's position in the same round trip (sqlx's `Transaction` would roll
-/// back a transaction committed by a statement of ours). Dropped before it ends (the caller's
-/// future dropped mid-write), the connection is closed rather than returned to the pool with
-/// the transaction open: the server rolls it back.
-struct Begun<DB: sqlx::Database> {
-    conn: Option<sqlx::pool::PoolConnection<DB>>,
-}
-
-impl<DB: Native> Begun<DB> {
-    async fn begin(pool: &sqlx::Pool<DB>) -> Result<Self> {
-        let mut begun = Begun {
-            conn: Some(pool.acquire().await?),
-        };
-        raw("BEGIN", DB::conn(begun.conn())).await?;
-        Ok(begun)
-    }
-
-    fn conn(&mut self) -> &mut DB::Connection {
-        self.conn
-            .as_deref_mut()
-            .expect("a transaction's connection is there until it ends")
-    }
-
-    /// Rolls back; when that fails the connection is closed (and the server rolls back).
-    async fn rollback(mut self) {
-        if raw("ROLLBACK", DB::conn(self.conn())).await.is_ok() {
-            // Ended: the connection goes back to the pool.
-            drop(self.conn.take());
-        }
-    }
-
-    /// Commits with `sql` (`COMMIT; SELECT …`) and returns what its `SELECT` read. On an error
-    /// the outcome is the database's (a failed `COMMIT` rolled back; a lost connection may have
-    /// committed, as with any commit): the connection is closed.
-    async fn commit_reading(mut self, sql: &'static str) -> Result<Option<String>> {
-        let read = raw_text(sql, DB::conn(self.conn())).await?;
-        // Ended: the connection goes back to the pool.
-        drop(self.conn.take());
-        Ok(read)
-    }
-}
-
-impl<DB: sqlx::Database> Drop for Begun<DB> {
-    fn drop(&mut self) {
-        if let Some(conn) = &mut self.conn {
-            conn.close_on_drop();
-        }
     }
 }
 

@@ -81,6 +81,9 @@ where
             // An incoming token is only ever a hint: a bad one is counted and ignored.
             let token = router.accept(req.headers());
             ctx = ctx.with_read_your_writes(token);
+            if let Some(state) = ctx.ryw_state() {
+                state.will_answer();
+            }
             ryw = ctx
                 .ryw_arc()
                 .map(|state: Arc<RequestRyw>| (router.clone(), state));

@@ -66,7 +66,17 @@ pub(crate) enum Mark {
 
 /// The primary's position now.
 pub(crate) async fn primary(primary: &Database, cluster: ClusterId, mark: Mark) -> Result<Lsn> {
-    match (primary.backend(), mark) {
+    primary_on(primary.backend(), primary.into(), cluster, mark).await
+}
+
+/// The primary's position now, read on `on` (a connection to the primary, of `backend`).
+pub(crate) async fn primary_on(
+    backend: Backend,
+    primary: crate::db::On<'_>,
+    cluster: ClusterId,
+    mark: Mark,
+) -> Result<Lsn> {
+    match (backend, mark) {
         (Backend::MySql, _) => {
             let pos: String = query("SELECT CAST(@@gtid_binlog_pos AS CHAR)")
                 .scalar(primary)
@@ -81,25 +91,6 @@ pub(crate) async fn primary(primary: &Database, cluster: ClusterId, mark: Mark) 
             .scalar::<String>(primary)
             .await?
             .parse(),
-    }
-}
-
-/// Commits and reads [`Mark::Token`]'s position in one round trip (a multi-statement simple
-/// query: the `SELECT` runs after the `COMMIT` succeeded, so the position is at or after the
-/// commit record). `None` on SQLite.
-pub(crate) fn commit_marking(backend: Backend) -> Option<&'static str> {
-    match backend {
-        Backend::Postgres => Some("COMMIT; SELECT CAST(pg_current_wal_insert_lsn() AS TEXT)"),
-        Backend::MySql => Some("COMMIT; SELECT CAST(@@gtid_binlog_pos AS CHAR)"),
-        Backend::Sqlite => None,
-    }
-}
-
-/// A position as [`commit_marking`]'s `SELECT` gives it.
-pub(crate) fn parse(backend: Backend, text: &str, cluster: ClusterId) -> Result<Lsn> {
-    match backend {
-        Backend::MySql => gtid_seq(text, cluster.timeline),
-        _ => text.parse(),
     }
 }
 

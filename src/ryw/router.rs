@@ -140,6 +140,9 @@ impl Route {
 #[derive(Debug)]
 pub(crate) struct RequestRyw {
     wrote: AtomicBool,
+    /// The response will carry a token if the request wrote (set by the layer; a background
+    /// job's context has none to answer with).
+    answers: AtomicBool,
     /// Writes noted whose commit's position is not known (see [`RequestRyw::committed_at`]).
     unpositioned: std::sync::atomic::AtomicU32,
     /// The largest position a write of this request read in its own commit's round trip (0:
@@ -156,6 +159,7 @@ impl RequestRyw {
     pub(crate) fn new(token: Option<Token>) -> RequestRyw {
         RequestRyw {
             wrote: AtomicBool::new(false),
+            answers: AtomicBool::new(false),
             unpositioned: std::sync::atomic::AtomicU32::new(0),
             position: std::sync::atomic::AtomicU64::new(0),
             token,
@@ -181,8 +185,21 @@ impl RequestRyw {
     /// A position at or after every commit of this request, when each of its writes read one
     /// in its commit (a write noted any other way has none: then the primary is asked).
     pub(crate) fn known_position(&self) -> Option<Lsn> {
+        // The count first: a write noted after it is read cannot have its position missed
+        // (its `committed_at` raises the position before lowering the count).
+        let unpositioned = self.unpositioned.load(Ordering::Acquire);
         let position = self.position.load(Ordering::Acquire);
-        (self.unpositioned.load(Ordering::Acquire) == 0 && position > 0).then_some(Lsn(position))
+        (unpositioned == 0 && position > 0).then_some(Lsn(position))
+    }
+
+    /// The layer will answer this request with a token if it writes.
+    pub(crate) fn will_answer(&self) {
+        self.answers.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`RequestRyw::will_answer`] was called.
+    pub(crate) fn answers(&self) -> bool {
+        self.answers.load(Ordering::Relaxed)
     }
 
     pub(crate) fn wrote(&self) -> bool {
@@ -717,15 +734,23 @@ impl Router {
         self.issue_at(request.known_position()).await
     }
 
-    /// The statement that commits a transaction on the primary and reads its position in the
-    /// same round trip (`None`: SQLite, which has no replicas).
-    pub(crate) fn commit_marking(&self) -> Option<&'static str> {
-        super::position::commit_marking(self.inner.primary.backend())
-    }
-
-    /// The position in the text [`Router::commit_marking`]'s statement read.
-    pub(crate) fn marked(&self, text: &str) -> Result<Lsn> {
-        super::position::parse(self.inner.primary.backend(), text, self.inner.cluster)
+    /// The primary's position for a token (at or after every commit before the call), read on
+    /// `conn`, a connection to the primary: after a commit on it, no other connection is
+    /// needed. `None` on SQLite (no positions: tokens pin for a time window).
+    pub(crate) async fn position_on(&self, conn: crate::db::Conn<'_>) -> Result<Option<Lsn>> {
+        if self.inner.primary.backend() == Backend::Sqlite {
+            return Ok(None);
+        }
+        let read = super::position::primary_on(
+            self.inner.primary.backend(),
+            conn.into(),
+            self.inner.cluster,
+            super::position::Mark::Token,
+        );
+        tokio::time::timeout(self.inner.options.lsn_timeout, read)
+            .await
+            .map_err(|_| Error::Internal("reading the position timed out".into()))?
+            .map(Some)
     }
 
     async fn issue_at(&self, known: Option<Lsn>) -> String {
