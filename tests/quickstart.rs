@@ -975,19 +975,26 @@ async fn quickstart_exports_metrics_and_spans_over_otlp_grpc() {
         "the verify's figures did not arrive: {metrics:?}"
     );
 
-    let refused = Command::new(env!("CARGO_BIN_EXE_twintrack"))
-        .current_dir(dir.path())
-        .args([
-            "--database-url",
-            "sqlite://twintrack-quickstart.db",
-            "status",
-        ])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-        .env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{out}");
+    // `twintrack status` with these OTEL variables: its stderr, after checking it exited 2.
+    let refused = |env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_twintrack"))
+            .current_dir(dir.path())
+            .args([
+                "--database-url",
+                "sqlite://twintrack-quickstart.db",
+                "status",
+            ])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        stderr
+    };
+    let out = refused(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+    ]);
     assert!(
         out.contains(
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=\"http/json\": expected http/protobuf or grpc"
@@ -995,21 +1002,10 @@ async fn quickstart_exports_metrics_and_spans_over_otlp_grpc() {
         "{out}"
     );
     // A TLS endpoint would fail every export quietly: refused, naming it.
-    let refused = Command::new(env!("CARGO_BIN_EXE_twintrack"))
-        .current_dir(dir.path())
-        .args([
-            "--database-url",
-            "sqlite://twintrack-quickstart.db",
-            "status",
-        ])
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "https://collector.example:4317",
-        )
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{out}");
+    let out = refused(&[(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "https://collector.example:4317",
+    )]);
     assert!(out.contains("built without TLS"), "{out}");
 }
 

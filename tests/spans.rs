@@ -105,6 +105,20 @@ where
     }
 }
 
+/// The quickstart's shapes in a fresh SQLite database, `user_settings` registered and at `stage`.
+async fn quickstart_db(stage: Stage) -> (tempfile::TempDir, Database, Arc<SqlFlagStore>) {
+    let (dir, url) = common::sqlite_db();
+    let db = Database::connect(&url).await.unwrap();
+    repos::create_shapes::<i64>(&db).await.unwrap();
+    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
+    store.register("user_settings", "t").await.unwrap();
+    store
+        .set_stage(StageChange::new("user_settings", stage, "t", "t").force(true))
+        .await
+        .unwrap();
+    (dir, db, store)
+}
+
 #[tokio::test]
 async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
     let tree = Tree::default();
@@ -112,15 +126,7 @@ async fn repository_calls_run_in_spans_with_migration_stage_and_side() {
         tracing::subscriber::set_default(tracing_subscriber::registry().with(tree.clone()));
     tracing::callsite::rebuild_interest_cache();
 
-    let (_dir, url) = common::sqlite_db();
-    let db = Database::connect(&url).await.unwrap();
-    repos::create_shapes::<i64>(&db).await.unwrap();
-    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
-    store.register("user_settings", "t").await.unwrap();
-    store
-        .set_stage(StageChange::new("user_settings", Stage::Shadow, "t", "t").force(true))
-        .await
-        .unwrap();
+    let (_dir, db, store) = quickstart_db(Stage::Shadow).await;
     let flags = FlagCache::builder(store)
         .migration("user_settings", Stage::LegacyOnly)
         .soft_ttl(Duration::from_secs(3600))
@@ -226,9 +232,7 @@ async fn backfill_verify_shadow_and_control_plane_calls_run_in_spans() {
         tracing::subscriber::set_default(tracing_subscriber::registry().with(tree.clone()));
     tracing::callsite::rebuild_interest_cache();
 
-    let (_dir, url) = common::sqlite_db();
-    let db = Database::connect(&url).await.unwrap();
-    repos::create_shapes::<i64>(&db).await.unwrap();
+    let (_dir, db, store) = quickstart_db(Stage::DualWrite).await;
     twintrack::db::query(
         "WITH RECURSIVE g(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM g WHERE i < 300)
          INSERT INTO users (email, profile)
@@ -237,12 +241,6 @@ async fn backfill_verify_shadow_and_control_plane_calls_run_in_spans() {
     .execute(&db)
     .await
     .unwrap();
-    let store = Arc::new(SqlFlagStore::open(db.clone()).await.unwrap());
-    store.register("user_settings", "t").await.unwrap();
-    store
-        .set_stage(StageChange::new("user_settings", Stage::DualWrite, "t", "t").force(true))
-        .await
-        .unwrap();
     let def = twintrack::config::Config::load(&common::quickstart_config())
         .unwrap()
         .migration("user_settings")

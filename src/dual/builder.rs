@@ -51,10 +51,15 @@ where
     ) -> Self {
         let migration: Arc<str> = migration.into();
         let db = handle_of(&pool);
+        // One permit until `build` adds the rest the shadow options ask for.
+        let bookkeeping = Arc::new(tokio::sync::Semaphore::new(1));
         DualStoreBuilder {
             inner: Inner {
-                // Made again in `build`, with the final bookkeeping permits.
-                stats: crate::stats::Stats::new(db.clone(), migration.clone(), None),
+                stats: crate::stats::Stats::new(
+                    db.clone(),
+                    migration.clone(),
+                    Some(bookkeeping.clone()),
+                ),
                 migration,
                 legacy,
                 new,
@@ -68,7 +73,7 @@ where
                 hooks: FaultHooks::default(),
                 background: Arc::new(tokio::sync::Semaphore::new(1)),
                 classifying: Arc::new(tokio::sync::Semaphore::new(1)),
-                bookkeeping: Arc::new(tokio::sync::Semaphore::new(1)),
+                bookkeeping,
                 recorder: std::sync::OnceLock::new(),
                 router: None,
                 primary_reads: false,
@@ -165,13 +170,10 @@ where
                 "bookkeeping_connections must be at least 1".into(),
             ));
         }
-        self.inner.bookkeeping =
-            Arc::new(tokio::sync::Semaphore::new(shadow.bookkeeping_connections));
-        self.inner.stats = crate::stats::Stats::new(
-            self.inner.db.clone(),
-            self.inner.migration.clone(),
-            Some(self.inner.bookkeeping.clone()),
-        );
+        // The same semaphore the figures' writer holds, so both share the permits.
+        self.inner
+            .bookkeeping
+            .add_permits(shadow.bookkeeping_connections - 1);
         let limit = self.inner.shadow.background_limit.max(1);
         self.inner.background = Arc::new(tokio::sync::Semaphore::new(limit));
         self.inner.classifying = Arc::new(tokio::sync::Semaphore::new(limit));

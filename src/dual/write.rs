@@ -205,11 +205,7 @@ where
         T: Send,
         F: Operation<R, ConnOf<R, X>, T>,
     {
-        let (flag, ctx) = self.flag()?;
-        if let Some(ctx) = &ctx {
-            ctx.note_write();
-        }
-        let stage = flag.stage();
+        let (stage, ctx) = self.begin_write()?;
         let plan = stage.plan();
         let authoritative = plan.writes[0];
         let other = plan.writes.get(1).copied();
