@@ -23,7 +23,7 @@ use twintrack::dual::DualStore;
 use twintrack::flags::{BoxFuture, FlagCache, FlagStore, SqlFlagStore, StageChange};
 use twintrack::ryw::{
     ClusterId, HEADER, Lsn, ReadTarget, ReplicaOptions, ReplicaSet, Router, RywOptions, Token,
-    TokenSigner,
+    TokenPositions, TokenSigner,
 };
 use twintrack::shadow::{ShadowMode, ShadowOptions, list_mismatches};
 use twintrack::{Database, DynKey, RequestContext, Stage, TwinTrack};
@@ -880,6 +880,81 @@ async fn a_migration_can_ask_for_primary_reads() {
     assert_eq!((r.status, r.read_from.as_deref()), (200, Some("primary")));
     assert_eq!(svc.reads("primary", "migration_rule"), 1);
     assert_eq!(svc.reads("replica", "none"), 0);
+}
+
+/// An instance without replicas reads no position for its tokens (by default: one statement
+/// less per write); an instance with replicas (a fleet part-way through adding them) honours
+/// them by the fallback window, so every read with one still sees its write. With
+/// `TokenPositions::Always` the tokens carry the position, and that instance reads from its
+/// replica as soon as it has replayed the write.
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_of_an_instance_without_replicas_read_their_writes_on_one_with() {
+    let Some(db) = pg::fresh_db().await else {
+        return;
+    };
+    let reader = Svc::start(&db, Stage::LegacyOnly, RywOptions::default()).await;
+    for positions in [TokenPositions::WithReplicas, TokenPositions::Always] {
+        let options = RywOptions {
+            positions,
+            ..RywOptions::default()
+        };
+        let writer: Svc = Svc::start_with(
+            &db.url,
+            &[],
+            Stage::LegacyOnly,
+            options,
+            false,
+            Duration::from_millis(20),
+        )
+        .await;
+        let (id, _) = writer
+            .create_user(&format!("{positions:?}@example.com"))
+            .await;
+        reader.wait_replicas_caught_up().await;
+        let (mut stale, mut stale_without) = (0, 0);
+        let mut last = (String::new(), String::new(), Instant::now());
+        for i in 0..50 {
+            let value = format!("{positions:?}-{i}");
+            let written = Instant::now();
+            let token = writer.put_theme(&id, &value).await;
+            let lsn = reader
+                .router
+                .accept(&header_map(&token))
+                .expect("the writer's token is honoured")
+                .lsn;
+            assert_eq!(
+                lsn.is_some(),
+                positions == TokenPositions::Always,
+                "{lsn:?}"
+            );
+            if theme(&reader.get(&id, None).await) != value {
+                stale_without += 1;
+            }
+            let r = reader.get(&id, Some(&token)).await;
+            assert_eq!(r.status, 200, "{r:?}");
+            if theme(&r) != value {
+                stale += 1;
+            }
+            last = (token, value, written);
+        }
+        assert_eq!(stale, 0, "{positions:?}: stale reads with the token");
+        // The replica lags 300 ms: without the token, reads right after the write are stale.
+        assert!(stale_without > 0, "{positions:?}: the replica never lagged");
+        let (token, value, written) = last;
+        if positions == TokenPositions::Always {
+            reader
+                .read_until_the_replica_serves(&id, &token, &value, written, Duration::from_secs(4))
+                .await;
+        } else {
+            reader.wait_replicas_caught_up().await;
+            let r = reader.get(&id, Some(&token)).await;
+            assert_eq!(
+                (theme(&r), r.read_from.as_deref()),
+                (value.as_str(), Some("primary")),
+                "without a position the token pins for the fallback window"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

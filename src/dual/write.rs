@@ -62,6 +62,7 @@ where
         // own for it.
         if let (Some(router), Some(ctx)) = (&self.inner.router, &ctx)
             && ctx.answers_with_token()
+            && router.issues_positions()
         {
             match router.position_on(Db::<R, X>::conn(&mut conn)).await {
                 Ok(Some(lsn)) => ctx.committed_at(lsn),

@@ -17,6 +17,8 @@ mod router;
 mod token;
 
 pub use replicas::{NoReplica, OutReason, ReplicaHealth, ReplicaOptions, ReplicaSet, cluster_id};
-pub use router::{PinReason, ReadTarget, Route, Router, RouterBuilder, RywOptions, note_write};
+pub use router::{
+    PinReason, ReadTarget, Route, Router, RouterBuilder, RywOptions, TokenPositions, note_write,
+};
 pub(crate) use router::{ReplicaFailure, RequestRyw};
 pub use token::{ClusterId, HEADER, Lsn, MAX_LEN, Rejection, Token, TokenSigner};

@@ -8,8 +8,9 @@
 //! 3. the request already wrote → primary (`wrote_in_request`);
 //! 4. the request carried a valid token → the replica chosen earlier in this request if it is
 //!    still in service, else the least-behind healthy replica that has replayed the token's WAL
-//!    position, else the primary (`token`). A token without a position (SQLite, or a write
-//!    whose position could not be read) pins to the primary for [`RywOptions::fallback_window`];
+//!    position, else the primary (`token`). A token without a position (SQLite; an instance
+//!    without replicas, see [`TokenPositions`]; or a write whose position could not be read)
+//!    pins to the primary for [`RywOptions::fallback_window`];
 //! 5. otherwise → the replica chosen earlier in this request, else the least-behind healthy
 //!    one, else the primary (`replica_lagging` / `replica_down`).
 //!
@@ -50,6 +51,26 @@ pub struct RywOptions {
     /// Longest wait for the primary's WAL position when issuing a token; past it, the token
     /// carries no position and falls back to the time window. Default 1 s.
     pub lsn_timeout: Duration,
+    /// When tokens carry the primary's position. Default [`TokenPositions::WithReplicas`].
+    pub positions: TokenPositions,
+}
+
+/// When a token carries the primary's position (PostgreSQL's WAL LSN, MariaDB's GTID), which
+/// costs each write that answers with one a statement (read on the write's own connection,
+/// after its commit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TokenPositions {
+    /// When this router has replicas (the default). An instance without replicas reads from
+    /// the primary only and needs no position, and the instances sharing its configuration
+    /// neither; its tokens carry none, so an instance *with* replicas (a fleet part-way
+    /// through adding them) pins their reads to the primary for
+    /// [`RywOptions::fallback_window`], as for any token without a position.
+    #[default]
+    WithReplicas,
+    /// Always (on PostgreSQL and MariaDB): for an instance without replicas whose tokens are
+    /// honoured by instances with replicas, e.g. a write service and a read service sharing
+    /// the secret, so that those read from a replica as soon as it has replayed the write.
+    Always,
 }
 
 impl Default for RywOptions {
@@ -59,6 +80,7 @@ impl Default for RywOptions {
             fallback_window: Duration::from_secs(5),
             cookie: None,
             lsn_timeout: Duration::from_secs(1),
+            positions: TokenPositions::WithReplicas,
         }
     }
 }
@@ -429,6 +451,18 @@ impl Router {
         &self.inner.options
     }
 
+    /// Whether this router's tokens carry the primary's position (see [`TokenPositions`]):
+    /// PostgreSQL or MariaDB, and replicas here or [`TokenPositions::Always`].
+    pub(crate) fn issues_positions(&self) -> bool {
+        self.inner.primary.backend() != Backend::Sqlite
+            && (self.inner.options.positions == TokenPositions::Always
+                || self
+                    .inner
+                    .replicas
+                    .as_ref()
+                    .is_some_and(|set| !set.is_empty()))
+    }
+
     /// The database behind `target`.
     pub fn database(&self, target: ReadTarget) -> &Database {
         match (target, &self.inner.replicas) {
@@ -723,8 +757,9 @@ impl Router {
     }
 
     /// A token for a request that wrote: the primary's WAL position now (after the request's
-    /// commits), this cluster, now. Without a position (SQLite, or the primary did not answer
-    /// in time) the token pins for the fallback window instead.
+    /// commits; when this router issues positions, see [`TokenPositions`]), this cluster, now.
+    /// Without a position (SQLite, no replicas, or the primary did not answer in time) the
+    /// token pins for the fallback window instead.
     pub async fn issue(&self) -> String {
         self.issue_at(None).await
     }
@@ -756,6 +791,7 @@ impl Router {
     async fn issue_at(&self, known: Option<Lsn>) -> String {
         let lsn = match self.inner.primary.backend() {
             _ if known.is_some() => known,
+            _ if !self.issues_positions() => None,
             Backend::Postgres | Backend::MySql => {
                 let lsn = super::position::primary(
                     &self.inner.primary,
