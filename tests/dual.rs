@@ -589,6 +589,133 @@ async fn failing_other_side<DB: Native, I: K>(f: Fixture<DB, I>) {
     );
 }
 
+/// `DualStore::transaction`, the store's own transaction for writes that also touch other
+/// tables (the quickstart's create and delete): one unit with the caller's statements; when
+/// the other side fails, rolled back and run again with an intent (whatever the body did with
+/// the error); a body's error rolls everything back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_transaction_is_one_unit_and_runs_again_when_the_other_side_fails() {
+    each_fixture!(store_transaction, ShadowOptions::default());
+}
+
+async fn store_transaction<DB: Native, I: K>(f: Fixture<DB, I>) {
+    let b = &f.name;
+    f.stage(Stage::DualWrite).await;
+    let users_named = async |email: &str| -> i64 {
+        query("SELECT COUNT(*) FROM users WHERE email = $1")
+            .bind(email)
+            .scalar(&f.db)
+            .await
+            .unwrap()
+    };
+    // Both sides and the user row, in one transaction.
+    let id = f
+        .users
+        .create("tx@example.com", settings("a"))
+        .await
+        .unwrap();
+    assert_eq!(f.take_calls(), ["legacy.put", "new.put"], "{b}");
+    assert_eq!(
+        f.sides(&id).await,
+        (Some(settings("a")), Some(settings("a"))),
+        "{b}"
+    );
+
+    // The other side fails: run again, the user row inserted once, an intent for the other.
+    f.new.fail_put.store(true, Ordering::SeqCst);
+    let failed = f
+        .users
+        .create("tx2@example.com", settings("b"))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.take_calls(),
+        ["legacy.put", "new.put", "legacy.put"],
+        "{b}"
+    );
+    assert_eq!(users_named("tx2@example.com").await, 1, "{b}");
+    assert_eq!(f.sides(&failed).await, (Some(settings("b")), None), "{b}");
+    assert_eq!(pending_intents(&f.db, M).await.unwrap(), 1, "{b}");
+
+    // A body that swallows the other side's error still runs again: its first attempt is void.
+    let key = id.clone();
+    let out = f
+        .users
+        .settings
+        .transaction(move |tx| {
+            let key = key.clone();
+            Box::pin(async move {
+                let k = key.clone();
+                let swallowed = tx
+                    .write(&key, move |repo, conn| {
+                        repo.put(conn, k.clone(), settings("c"))
+                    })
+                    .await;
+                Ok::<_, twintrack::Error>(swallowed.is_err())
+            })
+        })
+        .await
+        .unwrap();
+    f.new.fail_put.store(false, Ordering::SeqCst);
+    assert!(
+        !out,
+        "{b}: the run that counts wrote with an intent, no error"
+    );
+    assert_eq!(
+        f.take_calls(),
+        ["legacy.put", "new.put", "legacy.put"],
+        "{b}"
+    );
+    assert_eq!(
+        f.sides(&id).await,
+        (Some(settings("c")), Some(settings("a"))),
+        "{b}"
+    );
+    assert_eq!(pending_intents(&f.db, M).await.unwrap(), 2, "{b}");
+
+    // The body's error: nothing of it committed, the error returned as it was.
+    let key = id.clone();
+    let err = f
+        .users
+        .settings
+        .transaction(move |tx| {
+            let key = key.clone();
+            Box::pin(async move {
+                let k = key.clone();
+                tx.write(&key, move |repo, conn| {
+                    repo.put(conn, k.clone(), settings("d"))
+                })
+                .await?;
+                Err::<(), _>(UserError::NotFound)
+            })
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UserError::NotFound), "{b}: {err:?}");
+    assert_eq!(f.take_calls(), ["legacy.put", "new.put"], "{b}");
+    assert_eq!(
+        f.sides(&id).await,
+        (Some(settings("c")), Some(settings("a"))),
+        "{b}"
+    );
+    // The quickstart's delete of an unknown user: rolled back the same way (404).
+    assert!(
+        matches!(
+            f.users.delete(&I::nth(9_999_999)).await,
+            Err(UserError::NotFound)
+        ),
+        "{b}"
+    );
+
+    let report = f.users.settings.repair(Duration::ZERO).await.unwrap();
+    assert_eq!((report.copied, report.failed), (2, 0), "{b}: {report:?}");
+    assert_eq!(
+        f.sides(&id).await,
+        (Some(settings("c")), Some(settings("c"))),
+        "{b}"
+    );
+}
+
 /// A failure injected after both statements ran and before the commit leaves neither written.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failure_before_commit_leaves_neither_side_written() {

@@ -498,16 +498,22 @@ impl<DB: Native, K: UserId> Users<DB, K> {
                 .await?;
             return Ok(id);
         }
-        let mut tx = self.settings.pool().begin().await?;
-        let id = Self::insert_user(&mut tx, email).await?;
-        let key = id.clone();
+        // One transaction of the store's own: the user row, then the settings on both sides.
+        let email = email.to_owned();
         self.settings
-            .write_in(&mut tx, &id, move |repo, conn| {
-                repo.put(conn, key.clone(), settings.clone())
+            .transaction(move |tx| {
+                let (email, settings) = (email.clone(), settings.clone());
+                Box::pin(async move {
+                    let id = Self::insert_user(tx.conn(), &email).await?;
+                    let key = id.clone();
+                    tx.write(&id, move |repo, conn| {
+                        repo.put(conn, key.clone(), settings.clone())
+                    })
+                    .await?;
+                    Ok(id)
+                })
             })
-            .await?;
-        tx.commit().await?;
-        Ok(id)
+            .await
     }
 
     /// The user's settings.
@@ -549,30 +555,35 @@ impl<DB: Native, K: UserId> Users<DB, K> {
     /// Deletes the user and its settings. (Two databases: the settings through the dual store,
     /// then the user row.)
     pub async fn delete(&self, id: &K) -> Result<(), UserError> {
-        let key = id.clone();
-        let delete_user = query("DELETE FROM users WHERE id = $1").bind_key(&id.to_dyn());
+        let delete_user = |id: &K| query("DELETE FROM users WHERE id = $1").bind_key(&id.to_dyn());
         if self.settings.is_split() {
+            let key = id.clone();
             self.settings
                 .write(id, move |repo, conn| repo.delete(conn, key.clone()))
                 .await?;
-            let gone = delete_user.execute(self.db()).await?;
+            let gone = delete_user(id).execute(self.db()).await?;
             return if gone == 0 {
                 Err(UserError::NotFound)
             } else {
                 Ok(())
             };
         }
-        let mut tx = self.settings.pool().begin().await?;
+        // One transaction of the store's own, rolled back when there was no such user.
+        let id = id.clone();
         self.settings
-            .write_in(&mut tx, id, move |repo, conn| {
-                repo.delete(conn, key.clone())
+            .transaction(move |tx| {
+                let id = id.clone();
+                Box::pin(async move {
+                    let key = id.clone();
+                    tx.write(&id, move |repo, conn| repo.delete(conn, key.clone()))
+                        .await?;
+                    let gone = delete_user(&id).execute(DB::conn(tx.conn())).await?;
+                    if gone == 0 {
+                        return Err(UserError::NotFound);
+                    }
+                    Ok(())
+                })
             })
-            .await?;
-        let gone = delete_user.execute(DB::conn(&mut tx)).await?;
-        if gone == 0 {
-            return Err(UserError::NotFound);
-        }
-        tx.commit().await?;
-        Ok(())
+            .await
     }
 }

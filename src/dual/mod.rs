@@ -54,9 +54,11 @@
 //! gets the error. If the other side fails, the transaction is rolled back and the
 //! authoritative side written again alone, with a *repair intent* for the key, in a new one,
 //! and the write succeeds (so the authoritative side's operation runs twice then: keep effects
-//! outside the database out of it). In a caller's transaction ([`DualStore::write_in`]), which
-//! cannot be run again, the other side runs in a savepoint instead, rolled back to when it
-//! fails, with the intent in the same transaction. [`DualStore::repair`] later re-syncs such
+//! outside the database out of it). Writes that also touch tables outside the migration run in
+//! a transaction of the store's own ([`DualStore::transaction`]), rolled back and run again the
+//! same way. In a caller's transaction ([`DualStore::write_in`]), which cannot be run again,
+//! the other side runs in a savepoint instead (a statement more per write), rolled back to
+//! when it fails, with the intent in the same transaction. [`DualStore::repair`] later re-syncs such
 //! keys from the authoritative side.
 //!
 //! # Reads
@@ -82,6 +84,7 @@ pub(crate) use repair::{IN_FLIGHT, IN_FLIGHT_FOR};
 pub use repair::{RepairReport, intents_targeting, pending_intents};
 pub(crate) use repair::{await_intents_targeting, integer_key, intents_pending_error};
 pub use resync::Resync;
+pub use write::StoreTx;
 
 use crate::db::{Database, Native};
 use crate::definition::MigrationDef;

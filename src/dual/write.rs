@@ -11,6 +11,7 @@ use tracing::Instrument;
 use super::repair;
 use super::{ConnOf, Db, DualStore, KeyOf, Operation, Resync};
 use crate::db::{Native, query};
+use crate::flags::BoxFuture;
 use crate::key::Key;
 use crate::{Error, RequestContext, Result, Side, Stage};
 
@@ -37,26 +38,114 @@ where
         if self.is_split() {
             return self.write_split(key, op).await;
         }
+        self.run_transaction(&OneWrite { key, op }).await
+    }
+
+    /// A transaction of the store's own, for writes that also touch tables outside the
+    /// migration (a row of a parent table, say): `body` runs the caller's statements on
+    /// [`StoreTx::conn`] and the migration's writes through [`StoreTx::write`], all in one
+    /// transaction on one pooled connection, committed when `body` returns `Ok` (rolled back
+    /// when it returns `Err`, which is returned).
+    ///
+    /// The other side of each write runs straight on, with no savepoint (which
+    /// [`DualStore::write_in`] needs, costing a statement a write). When one fails, the
+    /// transaction is rolled back and `body` runs once more, in a new one, with every write's
+    /// other side left to a repair intent, so `body` may run twice: keep effects outside the
+    /// database out of it, and give it owned values (it is an `Fn`; clone into its future).
+    /// In a request that will answer with a read-your-writes token, the position is read after
+    /// the commit on the same connection, as for [`DualStore::write`].
+    ///
+    /// Both shapes must be in one database: two databases are an [`Error::Config`].
+    ///
+    /// ```no_run
+    /// # use twintrack::dual::{DualStore, Resync};
+    /// # use twintrack::flags::BoxFuture;
+    /// # trait Settings: Send + Sync {
+    /// #     fn put<'c>(&'c self, conn: &'c mut sqlx::PgConnection, id: i64, theme: String)
+    /// #         -> BoxFuture<'c, sqlx::Result<bool>>;
+    /// # }
+    /// # async fn demo<X>(store: DualStore<dyn Settings, X>) -> twintrack::Result<i64>
+    /// # where X: Resync<dyn Settings, Database = sqlx::Postgres, Key = i64> {
+    /// let id = store
+    ///     .transaction(|tx| {
+    ///         Box::pin(async move {
+    ///             let (id,): (i64,) =
+    ///                 sqlx::query_as("INSERT INTO users (email) VALUES ($1) RETURNING id")
+    ///                     .bind("a@example.com")
+    ///                     .fetch_one(tx.conn())
+    ///                     .await?;
+    ///             tx.write(&id, move |repo, conn| repo.put(conn, id, "dark".into()))
+    ///                 .await?;
+    ///             Ok::<_, twintrack::Error>(id)
+    ///         })
+    ///     })
+    ///     .await?;
+    /// # Ok(id) }
+    /// ```
+    pub async fn transaction<T, E, F>(&self, body: F) -> std::result::Result<T, E>
+    where
+        T: Send,
+        E: From<Error> + Send,
+        F: for<'t> Fn(&'t mut StoreTx<'_, R, X>) -> BoxFuture<'t, std::result::Result<T, E>>
+            + Send
+            + Sync,
+    {
+        if self.is_split() {
+            return Err(Error::Config(
+                "transaction needs both shapes in one database; use write".into(),
+            )
+            .into());
+        }
+        self.run_transaction(&body).await
+    }
+
+    /// Runs `body` in a transaction on one pooled connection (see [`DualStore::transaction`]):
+    /// the other sides straight on; when one fails, rolled back and run again with intents.
+    async fn run_transaction<T, E, B>(&self, body: &B) -> std::result::Result<T, E>
+    where
+        T: Send,
+        E: From<Error> + Send,
+        B: TxBody<R, X, T, E>,
+    {
         let (stage, ctx) = self.begin_write()?;
         // One pooled connection for the attempt, the retry and the position read.
-        let mut conn = self.inner.pool.acquire().await?;
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let out = match self
-            .write_sides(&mut tx, key, &op, stage, Other::Optimistic)
-            .await
-        {
-            Ok(out) => out,
-            Err(Failed::Other(side, err)) => {
-                tx.rollback().await?;
-                tracing::warn!(key = %key.to_text(), %side, error = %err,
-                    "non-authoritative write failed; written again on the authoritative side with a repair intent");
-                tx = sqlx::Connection::begin(&mut *conn).await?;
-                self.write_sides(&mut tx, key, &op, stage, Other::Intent(&err))
-                    .await?
+        let mut conn = self.inner.pool.acquire().await.map_err(Error::from)?;
+        let mut failure: Option<(Side, Error)> = None;
+        let out = loop {
+            let mut tx = sqlx::Connection::begin(&mut *conn)
+                .await
+                .map_err(Error::from)?;
+            let mut store_tx = StoreTx {
+                store: self,
+                conn: &mut tx,
+                stage,
+                other: match &failure {
+                    None => Other::Optimistic,
+                    Some((_, err)) => Other::Intent(err),
+                },
+                failed: None,
+                first_key: None,
+            };
+            let out = body.run(&mut store_tx).await;
+            let (failed, first_key) = (store_tx.failed, store_tx.first_key);
+            match (failed, out) {
+                // The other side failed: whatever the body made of it, this attempt is void.
+                (Some((side, err)), _) if failure.is_none() => {
+                    tx.rollback().await.map_err(Error::from)?;
+                    tracing::warn!(key = first_key.as_deref().unwrap_or_default(), %side, error = %err,
+                        "non-authoritative write failed; written again on the authoritative side with a repair intent");
+                    failure = Some((side, err));
+                }
+                (_, Ok(out)) => {
+                    self.commit(tx, first_key.as_deref()).await?;
+                    break out;
+                }
+                (_, Err(err)) => {
+                    tx.rollback().await.map_err(Error::from)?;
+                    return Err(err);
+                }
             }
-            Err(Failed::Error(err)) => return Err(err),
         };
-        self.commit(tx, key).await?;
         // A request that will answer with a read-your-writes token: the position now, on the
         // same connection (at or after the commit), so the token needs no connection of its
         // own for it.
@@ -170,11 +259,10 @@ where
     async fn commit(
         &self,
         tx: sqlx::Transaction<'_, X::Database>,
-        key: &KeyOf<R, X>,
+        key: Option<&str>,
     ) -> Result<()> {
-        if let Some(hook) = &self.inner.hooks.before_commit {
-            let key = key.to_text();
-            if hook(&key) {
+        if let (Some(hook), Some(key)) = (&self.inner.hooks.before_commit, key) {
+            if hook(key) {
                 tx.rollback().await?;
                 return Err(Error::Database(sqlx::Error::Protocol(format!(
                     "fault injected before commit (key {key})"
@@ -232,7 +320,7 @@ where
             ),
             None => None,
         };
-        self.commit(tx, key).await?;
+        self.commit(tx, Some(&key_text)).await?;
         if let Some(hook) = &self.inner.hooks.after_authoritative_commit {
             hook(&key_text);
         }
@@ -324,6 +412,113 @@ where
             result.as_ref().err().map(crate::metrics::error_type),
         );
         result.map(|v| (v, took)).map_err(self.side_error(side))
+    }
+}
+
+/// A transaction of a [`DualStore`]'s own, handed to the body of [`DualStore::transaction`]:
+/// the caller's statements run on [`StoreTx::conn`], the migration's writes through
+/// [`StoreTx::write`].
+pub struct StoreTx<'a, R: ?Sized, X: Resync<R>> {
+    store: &'a DualStore<R, X>,
+    conn: &'a mut ConnOf<R, X>,
+    stage: Stage,
+    other: Other<'a>,
+    /// The first other side that failed: the attempt is void and runs again.
+    failed: Option<(Side, Error)>,
+    /// The first key written (named to the fault-injection hook before the commit).
+    first_key: Option<String>,
+}
+
+impl<R, X> StoreTx<'_, R, X>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+{
+    /// The transaction's connection, for the caller's own statements.
+    pub fn conn(&mut self) -> &mut ConnOf<R, X> {
+        self.conn
+    }
+
+    /// The pinned stage of the transaction (taken when it began, as for every write of it).
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// [`DualStore::write`] inside this transaction: `op` on the stage's sides, authoritative
+    /// first; returns the authoritative side's result. When the other side fails, this returns
+    /// an [`Error::Internal`] and the transaction runs again (the body's outcome is then
+    /// ignored, whatever it does with the error).
+    pub async fn write<T, F>(&mut self, key: &KeyOf<R, X>, op: F) -> Result<T>
+    where
+        T: Send,
+        F: Operation<R, ConnOf<R, X>, T>,
+    {
+        if let Some((side, _)) = &self.failed {
+            return Err(Error::Internal(format!(
+                "the {side} side failed earlier in this transaction, which runs again"
+            )));
+        }
+        if self.first_key.is_none() {
+            self.first_key = Some(key.to_text());
+        }
+        match (self.store)
+            .write_sides(self.conn, key, &op, self.stage, self.other)
+            .await
+        {
+            Ok(out) => Ok(out),
+            Err(Failed::Other(side, err)) => {
+                let message = format!(
+                    "the {side} side failed ({err}); the transaction runs again with a repair intent for it"
+                );
+                self.failed = Some((side, err));
+                Err(Error::Internal(message))
+            }
+            Err(Failed::Error(err)) => Err(err),
+        }
+    }
+}
+
+/// What [`DualStore::run_transaction`] runs: a caller's body, or one write.
+trait TxBody<R: ?Sized, X: Resync<R>, T, E>: Send + Sync {
+    fn run<'t>(&'t self, tx: &'t mut StoreTx<'_, R, X>)
+    -> BoxFuture<'t, std::result::Result<T, E>>;
+}
+
+impl<R: ?Sized, X: Resync<R>, T, E, F> TxBody<R, X, T, E> for F
+where
+    F: for<'t> Fn(&'t mut StoreTx<'_, R, X>) -> BoxFuture<'t, std::result::Result<T, E>>
+        + Send
+        + Sync,
+{
+    fn run<'t>(
+        &'t self,
+        tx: &'t mut StoreTx<'_, R, X>,
+    ) -> BoxFuture<'t, std::result::Result<T, E>> {
+        self(tx)
+    }
+}
+
+/// [`DualStore::write`]'s body: one operation on one key.
+struct OneWrite<'k, K, F> {
+    key: &'k K,
+    op: F,
+}
+
+impl<R, X, T, F> TxBody<R, X, T, Error> for OneWrite<'_, KeyOf<R, X>, F>
+where
+    R: ?Sized + Send + Sync + 'static,
+    X: Resync<R>,
+    T: Send,
+    F: Operation<R, ConnOf<R, X>, T>,
+{
+    fn run<'t>(&'t self, tx: &'t mut StoreTx<'_, R, X>) -> BoxFuture<'t, Result<T>> {
+        Box::pin(async move {
+            // Calls the operation by reference: a write may run it twice (a retry).
+            tx.write(self.key, |repo: &R, conn: &mut ConnOf<R, X>| {
+                (self.op)(repo, conn)
+            })
+            .await
+        })
     }
 }
 
