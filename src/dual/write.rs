@@ -261,13 +261,13 @@ where
         tx: sqlx::Transaction<'_, X::Database>,
         key: Option<&str>,
     ) -> Result<()> {
-        if let (Some(hook), Some(key)) = (&self.inner.hooks.before_commit, key) {
-            if hook(key) {
-                tx.rollback().await?;
-                return Err(Error::Database(sqlx::Error::Protocol(format!(
-                    "fault injected before commit (key {key})"
-                ))));
-            }
+        if let (Some(hook), Some(key)) = (&self.inner.hooks.before_commit, key)
+            && hook(key)
+        {
+            tx.rollback().await?;
+            return Err(Error::Database(sqlx::Error::Protocol(format!(
+                "fault injected before commit (key {key})"
+            ))));
         }
         Ok(tx.commit().await?)
     }
