@@ -132,12 +132,12 @@ where
                 // The other side failed: whatever the body made of it, this attempt is void.
                 (Some((side, err)), _) if failure.is_none() => {
                     tx.rollback().await.map_err(Error::from)?;
-                    tracing::warn!(key = first_key.as_deref().unwrap_or_default(), %side, error = %err,
+                    tracing::warn!(key = first_key.as_ref().map(Key::to_text).unwrap_or_default(), %side, error = %err,
                         "non-authoritative write failed; written again on the authoritative side with a repair intent");
                     failure = Some((side, err));
                 }
                 (_, Ok(out)) => {
-                    self.commit(tx, first_key.as_deref()).await?;
+                    self.commit(tx, first_key.as_ref()).await?;
                     break out;
                 }
                 (_, Err(err)) => {
@@ -259,10 +259,11 @@ where
     async fn commit(
         &self,
         tx: sqlx::Transaction<'_, X::Database>,
-        key: Option<&str>,
+        key: Option<&KeyOf<R, X>>,
     ) -> Result<()> {
         if let (Some(hook), Some(key)) = (&self.inner.hooks.before_commit, key)
-            && hook(key)
+            && let key = key.to_text()
+            && hook(&key)
         {
             tx.rollback().await?;
             return Err(Error::Database(sqlx::Error::Protocol(format!(
@@ -320,7 +321,7 @@ where
             ),
             None => None,
         };
-        self.commit(tx, Some(&key_text)).await?;
+        self.commit(tx, Some(key)).await?;
         if let Some(hook) = &self.inner.hooks.after_authoritative_commit {
             hook(&key_text);
         }
@@ -426,7 +427,7 @@ pub struct StoreTx<'a, R: ?Sized, X: Resync<R>> {
     /// The first other side that failed: the attempt is void and runs again.
     failed: Option<(Side, Error)>,
     /// The first key written (named to the fault-injection hook before the commit).
-    first_key: Option<String>,
+    first_key: Option<KeyOf<R, X>>,
 }
 
 impl<R, X> StoreTx<'_, R, X>
@@ -459,7 +460,7 @@ where
             )));
         }
         if self.first_key.is_none() {
-            self.first_key = Some(key.to_text());
+            self.first_key = Some(key.clone());
         }
         match (self.store)
             .write_sides(self.conn, key, &op, self.stage, self.other)
