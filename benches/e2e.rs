@@ -4,9 +4,11 @@
 //! - Throughput: 32 keep-alive HTTP/1.1 clients over loopback against the quickstart in
 //!   `dual_write` (twintrack layer, dual store writing both shapes in one transaction, read
 //!   router) and against the same routes writing one shape without twintrack (the legacy
-//!   repository called directly, no layer). 70% `GET /users/{id}/settings`, 30% `PUT`, over
-//!   1,000 users; `--seconds` per round (default 10), the two alternated for `--rounds`
-//!   (default 3).
+//!   repository called directly, no layer), and writing both shapes by hand (both
+//!   repositories in one transaction, no twintrack: the floor for a dual write here). 70%
+//!   `GET /users/{id}/settings`, 30% `PUT`, over 1,000 users; `--seconds` per round (default
+//!   10), for `--rounds` (default 3); within a round the three take turns in `--slices`
+//!   (default 5) equal slices, so that the machine's drift hits them alike.
 //! - Flip propagation: `--instances` flag caches (default 5), each with its own store and its
 //!   own `LISTEN` connection as separate service instances have; `--flips` flips (default 200,
 //!   50 ms apart) committed through the flag store, timed from the commit to each instance's
@@ -37,7 +39,7 @@ use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioExecutor;
-use repos::{LegacySettings, Settings, SettingsRepo, SettingsResync, Users};
+use repos::{LegacySettings, NewSettings, Settings, SettingsRepo, SettingsResync, Users};
 use sqlx::PgPool;
 use twintrack::dual::DualStore;
 use twintrack::flags::{FlagCache, FlagStore, SqlFlagStore, StageChange};
@@ -152,6 +154,46 @@ fn plain_app(db: Database) -> axum::Router {
         .route("/users/{id}", axum::routing::delete(delete_user))
         .route("/users/{id}/settings", get(get_settings).put(put_settings))
         .with_state((db, legacy))
+}
+
+/// The floor for a dual write on this machine: the throughput routes writing both shapes by
+/// hand, in one transaction (the legacy repository, then the new one), reading legacy; no
+/// twintrack.
+fn by_hand_app(db: Database) -> axum::Router {
+    type Repos = (LegacySettings, NewSettings);
+    async fn get_settings(
+        State((db, repos)): State<(PgPool, Arc<Repos>)>,
+        Path(id): Path<i64>,
+    ) -> Result<axum::Json<Settings>, http::StatusCode> {
+        let legacy: &dyn SettingsRepo<sqlx::Postgres, i64> = &repos.0;
+        let failed = |_| http::StatusCode::INTERNAL_SERVER_ERROR;
+        let mut conn = db.acquire().await.map_err(failed)?;
+        match legacy.get(&mut conn, id, false).await.map_err(failed)? {
+            Some(s) => Ok(axum::Json(s)),
+            None => Err(http::StatusCode::NOT_FOUND),
+        }
+    }
+    async fn put_settings(
+        State((db, repos)): State<(PgPool, Arc<Repos>)>,
+        Path(id): Path<i64>,
+        axum::Json(s): axum::Json<Settings>,
+    ) -> Result<axum::Json<Settings>, http::StatusCode> {
+        let legacy: &dyn SettingsRepo<sqlx::Postgres, i64> = &repos.0;
+        let new: &dyn SettingsRepo<sqlx::Postgres, i64> = &repos.1;
+        let failed = |_| http::StatusCode::INTERNAL_SERVER_ERROR;
+        let mut tx = db.begin().await.map_err(failed)?;
+        if !legacy.put(&mut tx, id, s.clone()).await.map_err(failed)? {
+            return Err(http::StatusCode::NOT_FOUND);
+        }
+        new.put(&mut tx, id, s.clone()).await.map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        Ok(axum::Json(s))
+    }
+    let repos = Arc::new((LegacySettings, NewSettings { standalone: false }));
+    let db = db.as_postgres().expect("a PostgreSQL database").clone();
+    axum::Router::new()
+        .route("/users/{id}/settings", get(get_settings).put(put_settings))
+        .with_state((db, repos))
 }
 
 /// Unique emails for the users the cost figures create.
@@ -338,8 +380,9 @@ where
     base
 }
 
-/// Runs 32 clients against `base` for `seconds`; returns requests per second (and errors).
-async fn load(base: &str, seconds: u64) -> (f64, u64) {
+/// Runs 32 clients against `base` for `run`; returns the requests served, the time it took
+/// and the errors.
+async fn load(base: &str, run: Duration) -> (u64, Duration, u64) {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -383,17 +426,14 @@ async fn load(base: &str, seconds: u64) -> (f64, u64) {
         }));
     }
     let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    tokio::time::sleep(run).await;
     let n = done.load(Ordering::Relaxed);
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         let _ = c.await;
     }
-    (
-        n as f64 / took.as_secs_f64(),
-        errors.load(Ordering::Relaxed),
-    )
+    (n, took, errors.load(Ordering::Relaxed))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -407,6 +447,7 @@ async fn main() {
     }
     let seconds = arg("--seconds", 10);
     let rounds = arg("--rounds", 3);
+    let slices = arg("--slices", 5).max(1);
     let instances = arg("--instances", 5) as usize;
     let flips = arg("--flips", 200) as usize;
     let cli_flips = arg("--cli-flips", 50) as usize;
@@ -472,21 +513,36 @@ async fn main() {
     }
     let twintrack_base = serve(app::app(users, flags, Some(router), false, None)).await;
     let plain_base = serve(plain_app(db.clone())).await;
+    let by_hand_base = serve(by_hand_app(db.clone())).await;
 
     println!(
-        "\nend-to-end throughput: 32 HTTP clients, 70% GET / 30% PUT over {USERS} users, {seconds} s per round, durable PostgreSQL\n"
+        "\nend-to-end throughput: 32 HTTP clients, 70% GET / 30% PUT over {USERS} users, {seconds} s per round and variant (in {slices} interleaved slices), durable PostgreSQL\n"
     );
-    println!("| round | one shape, no twintrack | twintrack, dual_write | ratio | errors |");
-    println!("|---|---|---|---|---|");
-    let mut ratios = Vec::new();
+    println!(
+        "| round | one shape, no twintrack | both shapes by hand, no twintrack | twintrack, dual_write | ratio to one shape | ratio to both by hand | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let slice = Duration::from_secs(seconds) / slices as u32;
     for round in 1..=rounds {
-        let (plain, e1) = load(&plain_base, seconds).await;
-        let (ours, e2) = load(&twintrack_base, seconds).await;
-        ratios.push(ours / plain);
+        // The three interleaved in slices, so that the machine's drift hits them alike.
+        let mut served = [(0u64, Duration::ZERO); 3];
+        let mut errors = 0;
+        for _ in 0..slices {
+            for (total, base) in
+                served
+                    .iter_mut()
+                    .zip([&plain_base, &by_hand_base, &twintrack_base])
+            {
+                let (n, took, e) = load(base, slice).await;
+                *total = (total.0 + n, total.1 + took);
+                errors += e;
+            }
+        }
+        let [plain, by_hand, ours] = served.map(|(n, took)| n as f64 / took.as_secs_f64());
         println!(
-            "| {round} | {plain:.0} req/s | {ours:.0} req/s | {:.2}× | {} |",
+            "| {round} | {plain:.0} req/s | {by_hand:.0} req/s | {ours:.0} req/s | {:.3}× | {:.3}× | {errors} |",
             ours / plain,
-            e1 + e2
+            ours / by_hand,
         );
     }
 
