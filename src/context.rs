@@ -67,6 +67,13 @@ impl RequestContext {
         self
     }
 
+    /// [`RequestContext::with_read_your_writes`] for a token the router knows by `tag`.
+    pub(crate) fn with_tagged_token(mut self, token: Option<(Token, u64)>) -> RequestContext {
+        let (token, tag) = token.map_or((None, 0), |(token, tag)| (Some(token), tag));
+        self.ryw = Some(Arc::new(RequestRyw::tagged(token, tag)));
+        self
+    }
+
     /// A context for work outside any request (a job, one message of a consumer): the cache's
     /// current snapshot, a random rollout key, and read-your-writes state of its own.
     pub fn from_cache(flags: &FlagCache) -> RequestContext {

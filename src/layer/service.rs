@@ -79,8 +79,8 @@ where
         let mut ryw = None;
         if let Some(router) = &self.router {
             // An incoming token is only ever a hint: a bad one is counted and ignored.
-            let token = router.accept(req.headers());
-            ctx = ctx.with_read_your_writes(token);
+            let token = router.accept_tagged(req.headers());
+            ctx = ctx.with_tagged_token(token);
             if let Some(state) = ctx.ryw_state() {
                 state.will_answer();
             }

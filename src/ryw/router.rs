@@ -10,7 +10,8 @@
 //!    still in service, else the least-behind healthy replica that has replayed the token's WAL
 //!    position, else the primary (`token`). A token without a position (SQLite; an instance
 //!    without replicas, see [`TokenPositions`]; or a write whose position could not be read)
-//!    pins to the primary for [`RywOptions::fallback_window`];
+//!    pins to the primary for [`RywOptions::fallback_window`], after which the primary's
+//!    position, read once for the request, stands in for the token's;
 //! 5. otherwise → the replica chosen earlier in this request, else the least-behind healthy
 //!    one, else the primary (`replica_lagging` / `replica_down`).
 //!
@@ -41,9 +42,12 @@ use crate::{Error, Result};
 pub struct RywOptions {
     /// How long a token is honoured. Default 30 s, at most 10 min.
     pub ttl: Duration,
-    /// How long a token without a WAL position (SQLite; or a write whose position could not be
-    /// read) pins reads to the primary. Default 5 s, the replicas' default lag limit: a replica
-    /// in service is never further behind than that. Capped by `ttl`.
+    /// How long a token without a WAL position (from an instance without replicas, see
+    /// [`TokenPositions`]; SQLite; or a write whose position could not be read) pins reads to
+    /// the primary outright. Past it, the request reads the primary's position once and a
+    /// replica serves it only when it has replayed that (no clocks are trusted for
+    /// freshness). Default 5 s, the replicas' default lag limit (a replica that far behind
+    /// would not serve it anyway). Capped by `ttl`.
     pub fallback_window: Duration,
     /// Also set and read the token as this cookie (`HttpOnly; SameSite=Lax; Path=/`), for
     /// browsers that do not echo headers. Default: header only.
@@ -63,8 +67,10 @@ pub enum TokenPositions {
     /// When this router has replicas (the default). An instance without replicas reads from
     /// the primary only and needs no position, and the instances sharing its configuration
     /// neither; its tokens carry none, so an instance *with* replicas (a fleet part-way
-    /// through adding them) pins their reads to the primary for
-    /// [`RywOptions::fallback_window`], as for any token without a position.
+    /// through adding them) serves their reads from the primary for
+    /// [`RywOptions::fallback_window`], then reads the primary's position once per such
+    /// request and serves it from a replica that has replayed that, as for any token without
+    /// a position.
     #[default]
     WithReplicas,
     /// Always (on PostgreSQL and MariaDB): for an instance without replicas whose tokens are
@@ -171,6 +177,12 @@ pub(crate) struct RequestRyw {
     /// none).
     position: std::sync::atomic::AtomicU64,
     token: Option<Token>,
+    /// For a token without a position: the primary's position read for it, at or after the
+    /// token's writes (0: not read).
+    floor: std::sync::atomic::AtomicU64,
+    /// The token's identity (a hash of its signed text; 0: none), under which the router
+    /// keeps the position read for it across requests.
+    tag: u64,
     /// The replica chosen for this request, plus one (0: none yet).
     replica: AtomicUsize,
     /// Where the latest read went: 0 none, 1 primary, 2 replica.
@@ -179,12 +191,19 @@ pub(crate) struct RequestRyw {
 
 impl RequestRyw {
     pub(crate) fn new(token: Option<Token>) -> RequestRyw {
+        RequestRyw::tagged(token, 0)
+    }
+
+    /// [`RequestRyw::new`] for a token known by `tag` (see [`Router::accept_tagged`]).
+    pub(crate) fn tagged(token: Option<Token>, tag: u64) -> RequestRyw {
         RequestRyw {
             wrote: AtomicBool::new(false),
             answers: AtomicBool::new(false),
             unpositioned: std::sync::atomic::AtomicU32::new(0),
             position: std::sync::atomic::AtomicU64::new(0),
             token,
+            floor: std::sync::atomic::AtomicU64::new(0),
+            tag,
             replica: AtomicUsize::new(0),
             last_read: AtomicU8::new(0),
         }
@@ -232,6 +251,16 @@ impl RequestRyw {
         self.token
     }
 
+    /// The position the token's writes are known to be at or before: the token's own, else
+    /// the primary's read for it (see [`Router::open`]).
+    fn token_position(&self) -> Option<Lsn> {
+        let token = self.token?;
+        token.lsn.or_else(|| {
+            let floor = self.floor.load(Ordering::Acquire);
+            (floor > 0).then_some(Lsn(floor))
+        })
+    }
+
     pub(crate) fn last_read(&self) -> Option<ReadTarget> {
         match self.last_read.load(Ordering::Relaxed) {
             1 => Some(ReadTarget::Primary),
@@ -274,6 +303,11 @@ impl RequestRyw {
 }
 
 struct Inner {
+    /// The position read for each token without one, by its tag, for the token's lifetime: a
+    /// token's later requests wait for that one position, not a newer one each time.
+    floors: moka::sync::Cache<u64, u64>,
+    /// Keys the tags' hashes (random per process).
+    tag_hasher: std::collections::hash_map::RandomState,
     primary: Database,
     replicas: Option<ReplicaSet>,
     signer: TokenSigner,
@@ -360,6 +394,11 @@ impl RouterBuilder {
         };
         Ok(Router {
             inner: Arc::new(Inner {
+                floors: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(self.options.ttl)
+                    .build(),
+                tag_hasher: std::collections::hash_map::RandomState::new(),
                 primary: self.primary,
                 replicas: self.replicas,
                 signer,
@@ -486,22 +525,11 @@ impl Router {
             if ryw.wrote() {
                 return Route::primary(PinReason::WroteInRequest);
             }
-            if let Some(token) = ryw.token() {
-                match token.lsn {
+            if ryw.token().is_some() {
+                match ryw.token_position() {
                     Some(lsn) => min_lsn = Some(lsn),
-                    None => {
-                        let window = self
-                            .inner
-                            .options
-                            .fallback_window
-                            .min(self.inner.options.ttl);
-                        let until = token
-                            .issued_at_ms
-                            .saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
-                        if now_ms() < until {
-                            return Route::primary(PinReason::Token);
-                        }
-                    }
+                    // Without a position, the primary until one is read (see `open`).
+                    None => return Route::primary(PinReason::Token),
                 }
             }
             if let Some(index) = ryw.chosen()
@@ -552,6 +580,9 @@ impl Router {
         last_failure: Option<ReplicaFailure>,
     ) -> (Route, std::result::Result<PoolConnection<DB>, sqlx::Error>) {
         let mut route = self.route(ctx, primary_only, excluded);
+        if route.pin == Some(PinReason::Token) && self.read_floor(ctx).await {
+            route = self.route(ctx, primary_only, excluded);
+        }
         if excluded != 0 && route.target == ReadTarget::Primary {
             route.pin = Some(pin_after(last_failure));
         }
@@ -575,6 +606,57 @@ impl Router {
         (route, conn)
     }
 
+    /// For a token without a position (issued where no position was read: an instance without
+    /// replicas, SQLite's time window, a read that timed out), past the fallback window: reads
+    /// the primary's position now, which is at or after the token's writes (they committed
+    /// before the token was issued, so before this request came), and keeps it for the rest of
+    /// the request and, by the token's tag, for the token's later requests (so that a replica
+    /// catches up with it rather than with a newer position each time). No clocks are compared for freshness: within the window the primary serves
+    /// without a read, after it a replica does once it has replayed that position. Returns
+    /// whether a position was read.
+    async fn read_floor(&self, ctx: Option<&RequestContext>) -> bool {
+        let Some(ryw) = ctx.and_then(RequestContext::ryw_state) else {
+            return false;
+        };
+        let Some(token) = ryw.token() else {
+            return false;
+        };
+        if token.lsn.is_some() || ryw.token_position().is_some() {
+            return false;
+        }
+        let window = self
+            .inner
+            .options
+            .fallback_window
+            .min(self.inner.options.ttl);
+        let until = token
+            .issued_at_ms
+            .saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
+        if now_ms() < until || self.inner.primary.backend() == Backend::Sqlite {
+            return false;
+        }
+        if let Some(lsn) = self.inner.floors.get(&ryw.tag).filter(|_| ryw.tag != 0) {
+            ryw.floor.fetch_max(lsn, Ordering::AcqRel);
+            return true;
+        }
+        let read = super::position::primary(
+            &self.inner.primary,
+            self.inner.cluster,
+            super::position::Mark::Token,
+        );
+        match tokio::time::timeout(self.inner.options.lsn_timeout, read).await {
+            Ok(Ok(lsn)) => {
+                ryw.floor.fetch_max(lsn.0, Ordering::AcqRel);
+                if ryw.tag != 0 {
+                    self.inner.floors.insert(ryw.tag, lsn.0);
+                }
+                true
+            }
+            // The primary serves, as without a position.
+            _ => false,
+        }
+    }
+
     /// Asks a replica that should have replayed the request's token by now whether it has.
     async fn prove<DB: Native>(
         &self,
@@ -584,7 +666,7 @@ impl Router {
         let set = self.inner.replicas.as_ref()?;
         let ryw = ctx?.ryw_state()?;
         let token = ryw.token()?;
-        let min = token.lsn?;
+        let min = ryw.token_position()?;
         let (index, lag) = set.candidate(excluded, ryw.chosen())?;
         let due = token
             .issued_at_ms
@@ -722,6 +804,12 @@ impl Router {
     /// The token for an incoming request's headers: the `x-twintrack-ryw` header, else the
     /// configured cookie. Every verdict is counted; only a valid token is returned.
     pub fn accept(&self, headers: &HeaderMap) -> Option<Token> {
+        self.accept_tagged(headers).map(|(token, _)| token)
+    }
+
+    /// [`Router::accept`], with the token's tag: a hash of its signed text, which names this
+    /// one token (0 never).
+    pub(crate) fn accept_tagged(&self, headers: &HeaderMap) -> Option<(Token, u64)> {
         let value = headers
             .get(HEADER)
             .map(HeaderValue::as_bytes)
@@ -741,7 +829,9 @@ impl Router {
             Ok(_) => "accepted",
             Err(why) => why,
         });
-        verdict.ok()
+        let token = verdict.ok()?;
+        let tag = std::hash::BuildHasher::hash_one(&self.inner.tag_hasher, value?).max(1);
+        Some((token, tag))
     }
 
     fn cookie_value<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
