@@ -638,27 +638,10 @@ async fn store_transaction<DB: Native, I: K>(f: Fixture<DB, I>) {
     assert_eq!(pending_intents(&f.db, M).await.unwrap(), 1, "{b}");
 
     // A body that swallows the other side's error still runs again: its first attempt is void.
-    let key = id.clone();
-    let out = f
-        .users
-        .settings
-        .transaction(move |tx| {
-            let key = key.clone();
-            Box::pin(async move {
-                let k = key.clone();
-                let swallowed = tx
-                    .write(&key, move |repo, conn| {
-                        repo.put(conn, k.clone(), settings("c"))
-                    })
-                    .await;
-                Ok::<_, twintrack::Error>(swallowed.is_err())
-            })
-        })
-        .await
-        .unwrap();
+    let swallowed = put_in_transaction(&f, &id, "c", true).await.unwrap();
     f.new.fail_put.store(false, Ordering::SeqCst);
     assert!(
-        !out,
+        !swallowed,
         "{b}: the run that counts wrote with an intent, no error"
     );
     assert_eq!(
@@ -674,25 +657,23 @@ async fn store_transaction<DB: Native, I: K>(f: Fixture<DB, I>) {
     assert_eq!(pending_intents(&f.db, M).await.unwrap(), 2, "{b}");
 
     // The body's error: nothing of it committed, the error returned as it was.
-    let key = id.clone();
-    let err = f
-        .users
-        .settings
-        .transaction(move |tx| {
-            let key = key.clone();
-            Box::pin(async move {
-                let k = key.clone();
-                tx.write(&key, move |repo, conn| {
-                    repo.put(conn, k.clone(), settings("d"))
-                })
-                .await?;
-                Err::<(), _>(UserError::NotFound)
-            })
-        })
-        .await
-        .unwrap_err();
+    let err = put_in_transaction(&f, &id, "d", false).await.unwrap_err();
     assert!(matches!(err, UserError::NotFound), "{b}: {err:?}");
     assert_eq!(f.take_calls(), ["legacy.put", "new.put"], "{b}");
+    assert_eq!(
+        f.sides(&id).await,
+        (Some(settings("c")), Some(settings("a"))),
+        "{b}"
+    );
+    // The authoritative side's error swallowed by the body: never committed, an error.
+    f.legacy.fail_put.store(true, Ordering::SeqCst);
+    let err = put_in_transaction(&f, &id, "e", true).await.unwrap_err();
+    f.legacy.fail_put.store(false, Ordering::SeqCst);
+    assert!(
+        matches!(err, UserError::Failed(twintrack::Error::Internal(_))),
+        "{b}: {err:?}"
+    );
+    assert_eq!(f.take_calls(), ["legacy.put"], "{b}");
     assert_eq!(
         f.sides(&id).await,
         (Some(settings("c")), Some(settings("a"))),
@@ -714,6 +695,36 @@ async fn store_transaction<DB: Native, I: K>(f: Fixture<DB, I>) {
         (Some(settings("c")), Some(settings("c"))),
         "{b}"
     );
+}
+
+/// Puts `theme` for `id` in a store transaction. `swallow`: the body ignores the write's error
+/// and returns whether there was one; else it returns the write's error, or `NotFound`.
+async fn put_in_transaction<DB: Native, I: K>(
+    f: &Fixture<DB, I>,
+    id: &I,
+    theme: &'static str,
+    swallow: bool,
+) -> Result<bool, UserError> {
+    let key = id.clone();
+    f.users
+        .settings
+        .transaction(move |tx| {
+            let key = key.clone();
+            Box::pin(async move {
+                let k = key.clone();
+                let wrote = tx
+                    .write(&key, move |repo, conn| {
+                        repo.put(conn, k.clone(), settings(theme))
+                    })
+                    .await;
+                if swallow {
+                    return Ok(wrote.is_err());
+                }
+                wrote?;
+                Err(UserError::NotFound)
+            })
+        })
+        .await
 }
 
 /// A failure injected after both statements ran and before the commit leaves neither written.
@@ -1468,6 +1479,14 @@ async fn two_databases_lose_nothing<DB: Native, I: K>(shape: Shape) {
     })
     .build()
     .unwrap();
+    // One transaction over both shapes needs them in one database.
+    let joined = store
+        .transaction(|_| Box::pin(async { Ok::<_, twintrack::Error>(()) }))
+        .await;
+    assert!(
+        matches!(joined, Err(twintrack::Error::Config(_))),
+        "{b}: {joined:?}"
+    );
 
     let mut model = BTreeMap::new();
     let (mut dropped, mut completed, mut refused) = (0u32, 0u32, 0u32);

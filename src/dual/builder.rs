@@ -25,7 +25,8 @@ pub type CommittedHook = Arc<dyn Fn(&str) + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct FaultHooks {
     /// When it returns true for a key, the write fails after both sides were written and
-    /// before the commit.
+    /// before the commit. For [`DualStore::transaction`](super::DualStore::transaction): the
+    /// first key the transaction wrote (none written: not called).
     pub before_commit: Option<CommitHook>,
     /// Called with the key right after the authoritative side committed (two databases).
     pub after_authoritative_commit: Option<CommittedHook>,

@@ -28,7 +28,8 @@ where
     /// that transaction is rolled back and the write runs again on the authoritative side
     /// alone, with a repair intent for the other, in a new one (no savepoint on the way of
     /// every write: a failing side is the exception). In a request that will answer with a
-    /// read-your-writes token, the commit reads the primary's position in its own round trip.
+    /// read-your-writes token whose router issues positions ([`TokenPositions`](crate::ryw::TokenPositions)),
+    /// the primary's position is read right after the commit on the same connection.
     /// Two databases: see [`DualStoreBuilder::new_database`](super::DualStoreBuilder::new_database).
     pub async fn write<T, F>(&self, key: &KeyOf<R, X>, op: F) -> Result<T>
     where
@@ -51,9 +52,17 @@ where
     /// [`DualStore::write_in`] needs, costing a statement a write). When one fails, the
     /// transaction is rolled back and `body` runs once more, in a new one, with every write's
     /// other side left to a repair intent, so `body` may run twice: keep effects outside the
-    /// database out of it, and give it owned values (it is an `Fn`; clone into its future).
-    /// In a request that will answer with a read-your-writes token, the position is read after
-    /// the commit on the same connection, as for [`DualStore::write`].
+    /// database out of it, and what a rollback does not undo (sequence values drawn, session
+    /// locks and variables, DDL); give it owned values (it is an `Fn`, and its future may
+    /// borrow only the [`StoreTx`]: clone into it).
+    ///
+    /// Return every error of [`StoreTx::write`] (`?`): a transaction in which a write failed is
+    /// never committed. A body that returns `Ok` after one gets an [`Error::Internal`] (the
+    /// transaction rolled back), as does the other side's failure that the body swallowed
+    /// when the rerun fails. `E` is the body's error type; twintrack's own errors (begin,
+    /// commit, the checks above) come as `E::from(Error)`. In a request that will answer with
+    /// a read-your-writes token, the position is read after the commit on the same
+    /// connection, as for [`DualStore::write`].
     ///
     /// Both shapes must be in one database: two databases are an [`Error::Config`].
     ///
@@ -90,12 +99,7 @@ where
             + Send
             + Sync,
     {
-        if self.is_split() {
-            return Err(Error::Config(
-                "transaction needs both shapes in one database; use write".into(),
-            )
-            .into());
-        }
+        self.one_database("transaction")?;
         self.run_transaction(&body).await
     }
 
@@ -124,24 +128,44 @@ where
                     Some((_, err)) => Other::Intent(err),
                 },
                 failed: None,
+                swallowed: None,
                 first_key: None,
             };
             let out = body.run(&mut store_tx).await;
-            let (failed, first_key) = (store_tx.failed, store_tx.first_key);
+            let StoreTx {
+                failed,
+                swallowed,
+                first_key,
+                ..
+            } = store_tx;
             match (failed, out) {
                 // The other side failed: whatever the body made of it, this attempt is void.
-                (Some((side, err)), _) if failure.is_none() => {
+                (Some((side, err)), _) => {
+                    if failure.is_some() {
+                        // A rerun leaves other sides to intents; should one fail all the same,
+                        // the attempt is still never committed.
+                        rollback_quietly(tx).await;
+                        return Err(err.into());
+                    }
                     tx.rollback().await.map_err(Error::from)?;
                     tracing::warn!(key = first_key.as_ref().map(Key::to_text).unwrap_or_default(), %side, error = %err,
                         "non-authoritative write failed; written again on the authoritative side with a repair intent");
                     failure = Some((side, err));
                 }
-                (_, Ok(out)) => {
+                (None, Ok(_)) if swallowed.is_some() => {
+                    rollback_quietly(tx).await;
+                    return Err(Error::Internal(format!(
+                        "a write in the transaction failed ({}) and the body went on to return Ok; rolled back",
+                        swallowed.unwrap_or_default()
+                    ))
+                    .into());
+                }
+                (None, Ok(out)) => {
                     self.commit(tx, first_key.as_ref()).await?;
                     break out;
                 }
-                (_, Err(err)) => {
-                    tx.rollback().await.map_err(Error::from)?;
+                (None, Err(err)) => {
+                    rollback_quietly(tx).await;
                     return Err(err);
                 }
             }
@@ -179,15 +203,21 @@ where
         T: Send,
         F: Operation<R, ConnOf<R, X>, T>,
     {
-        if self.is_split() {
-            return Err(Error::Config(
-                "write_in needs both shapes in one database; use write".into(),
-            ));
-        }
+        self.one_database("write_in")?;
         let (stage, _) = self.begin_write()?;
         self.write_sides(tx, key, &op, stage, Other::Savepoint)
             .await
             .map_err(Error::from)
+    }
+
+    /// An [`Error::Config`] for `what` (a transaction joining both shapes) on two databases.
+    fn one_database(&self, what: &str) -> Result<()> {
+        match self.is_split() {
+            true => Err(Error::Config(format!(
+                "{what} needs both shapes in one database; use write"
+            ))),
+            false => Ok(()),
+        }
     }
 
     /// The pinned stage of a write about to start; the request (if any) is pinned to the
@@ -426,6 +456,8 @@ pub struct StoreTx<'a, R: ?Sized, X: Resync<R>> {
     other: Other<'a>,
     /// The first other side that failed: the attempt is void and runs again.
     failed: Option<(Side, Error)>,
+    /// Any other failed write's error, as text: the attempt is never committed.
+    swallowed: Option<String>,
     /// The first key written (named to the fault-injection hook before the commit).
     first_key: Option<KeyOf<R, X>>,
 }
@@ -448,7 +480,8 @@ where
     /// [`DualStore::write`] inside this transaction: `op` on the stage's sides, authoritative
     /// first; returns the authoritative side's result. When the other side fails, this returns
     /// an [`Error::Internal`] and the transaction runs again (the body's outcome is then
-    /// ignored, whatever it does with the error).
+    /// ignored, whatever it does with the error). Any other error is returned as it is, and
+    /// the transaction will not be committed: return it.
     pub async fn write<T, F>(&mut self, key: &KeyOf<R, X>, op: F) -> Result<T>
     where
         T: Send,
@@ -474,8 +507,29 @@ where
                 self.failed = Some((side, err));
                 Err(Error::Internal(message))
             }
-            Err(Failed::Error(err)) => Err(err),
+            Err(Failed::Error(err)) => {
+                self.swallowed.get_or_insert_with(|| err.to_string());
+                Err(err)
+            }
         }
+    }
+}
+
+impl<R: ?Sized, X: Resync<R>> std::fmt::Debug for StoreTx<'_, R, X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTx")
+            .field("migration", &self.store.inner.migration)
+            .field("stage", &self.stage)
+            .field("failed", &self.failed.as_ref().map(|(side, _)| side))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rolls `tx` back; a failure is only logged (the caller's own error says more, and the pool
+/// tests the connection before it is used again).
+async fn rollback_quietly<DB: sqlx::Database>(tx: sqlx::Transaction<'_, DB>) {
+    if let Err(err) = tx.rollback().await {
+        tracing::warn!(error = %err, "rolling back a failed transaction failed");
     }
 }
 
