@@ -64,17 +64,33 @@ where
     /// a read-your-writes token, the position is read after the commit on the same
     /// connection, as for [`DualStore::write`].
     ///
-    /// Both shapes must be in one database: two databases are an [`Error::Config`].
+    /// Both shapes must be in one database: two databases are an [`Error::Config`]. Implement
+    /// the store's [`Resync`] for `dyn YourRepository + 'a` (every `'a`, as the quickstart's
+    /// `SettingsResync` does): the body's future must be `Send`, and rustc proves that of a
+    /// future holding a trait object only for every lifetime ("implementation of `Resync` is
+    /// not general enough" otherwise).
     ///
     /// ```no_run
-    /// # use twintrack::dual::{DualStore, Resync};
+    /// # use twintrack::dual::{DualStore, NativeConnection, Resync};
     /// # use twintrack::flags::BoxFuture;
     /// # trait Settings: Send + Sync {
     /// #     fn put<'c>(&'c self, conn: &'c mut sqlx::PgConnection, id: i64, theme: String)
     /// #         -> BoxFuture<'c, sqlx::Result<bool>>;
     /// # }
-    /// # async fn demo<X>(store: DualStore<dyn Settings, X>) -> twintrack::Result<i64>
-    /// # where X: Resync<dyn Settings, Database = sqlx::Postgres, Key = i64> {
+    /// # struct KeyCopy;
+    /// # impl<'a> Resync<dyn Settings + 'a> for KeyCopy {
+    /// #     type Database = sqlx::Postgres;
+    /// #     type Key = i64;
+    /// #     type Record = String;
+    /// #     fn load<'c>(&'c self, _: &'c (dyn Settings + 'a), _: &'c mut sqlx::PgConnection, _: &'c i64)
+    /// #         -> BoxFuture<'c, sqlx::Result<Option<String>>> { todo!() }
+    /// #     fn store<'c>(&'c self, _: &'c (dyn Settings + 'a), _: &'c mut sqlx::PgConnection, _: &'c i64,
+    /// #         _: String) -> BoxFuture<'c, sqlx::Result<()>> { todo!() }
+    /// #     fn delete<'c>(&'c self, _: &'c (dyn Settings + 'a), _: &'c mut sqlx::PgConnection, _: &'c i64)
+    /// #         -> BoxFuture<'c, sqlx::Result<()>> { todo!() }
+    /// # }
+    /// # async fn demo(store: DualStore<dyn Settings, KeyCopy>) -> twintrack::Result<i64> {
+    /// // A user row and its settings, in one transaction of the store's own.
     /// let id = store
     ///     .transaction(|tx| {
     ///         Box::pin(async move {
