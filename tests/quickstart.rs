@@ -805,12 +805,13 @@ async fn wait_for_export(received: &Sink) {
                 .iter()
                 .filter_map(|p| p.get("twintrack.side").map(String::as_str))
                 .collect();
-            let dual_spans = r
+            // Both sides' spans: batches are cut on a timer, so the first may hold only one.
+            let span_sides: std::collections::BTreeSet<&str> = r
                 .spans
                 .iter()
-                .filter(|(_, a)| a.contains_key("twintrack.migration"))
-                .count();
-            if sides.len() == 2 && dual_spans >= 2 {
+                .filter_map(|(_, a)| a.get("twintrack.side").map(String::as_str))
+                .collect();
+            if sides.len() == 2 && span_sides.len() == 2 {
                 return;
             }
         }
