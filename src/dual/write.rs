@@ -83,11 +83,11 @@ where
     /// #     type Key = i64;
     /// #     type Record = String;
     /// #     fn load<'c>(&'c self, _: &'c (dyn Settings + 'a), _: &'c mut sqlx::PgConnection, _: &'c i64)
-    /// #         -> BoxFuture<'c, sqlx::Result<Option<String>>> { todo!() }
+    /// #         -> BoxFuture<'c, sqlx::Result<Option<String>>> { Box::pin(async { Ok(None) }) }
     /// #     fn store<'c>(&'c self, _: &'c (dyn Settings + 'a), _: &'c mut sqlx::PgConnection, _: &'c i64,
-    /// #         _: String) -> BoxFuture<'c, sqlx::Result<()>> { todo!() }
+    /// #         _: String) -> BoxFuture<'c, sqlx::Result<()>> { Box::pin(async { Ok(()) }) }
     /// #     fn delete<'c>(&'c self, _: &'c (dyn Settings + 'a), _: &'c mut sqlx::PgConnection, _: &'c i64)
-    /// #         -> BoxFuture<'c, sqlx::Result<()>> { todo!() }
+    /// #         -> BoxFuture<'c, sqlx::Result<()>> { Box::pin(async { Ok(()) }) }
     /// # }
     /// # async fn demo(store: DualStore<dyn Settings, KeyCopy>) -> twintrack::Result<i64> {
     /// // A user row and its settings, in one transaction of the store's own.
