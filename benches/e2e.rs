@@ -8,7 +8,8 @@
 //!   repositories in one transaction, no twintrack: the floor for a dual write here). 70%
 //!   `GET /users/{id}/settings`, 30% `PUT`, over 1,000 users; `--seconds` per round (default
 //!   10), for `--rounds` (default 3); within a round the three take turns in `--slices`
-//!   (default 5) equal slices, so that the machine's drift hits them alike.
+//!   (default 9) equal slices, in an order that rotates from slice to slice, so that the
+//!   machine's drift (other tenants, PostgreSQL's checkpoints and autovacuum) hits them alike.
 //! - Flip propagation: `--instances` flag caches (default 5), each with its own store and its
 //!   own `LISTEN` connection as separate service instances have; `--flips` flips (default 200,
 //!   50 ms apart) committed through the flag store, timed from the commit to each instance's
@@ -436,6 +437,54 @@ async fn load(base: &str, run: Duration) -> (u64, Duration, u64) {
     (n, took, errors.load(Ordering::Relaxed))
 }
 
+/// `TWINTRACK_ICOUNT=<variant>:<kind>:<n>` (`plain`, `by_hand` or `twintrack`; `get` or
+/// `put`): run `n` requests of that kind one at a time against that variant and exit, for
+/// `benches/icount.sh e2e` (callgrind counts the service's instructions per request: run at
+/// `n` and `2n`, the difference over `n`, free of start-up).
+fn icount_spec() -> Option<(String, String, u64)> {
+    let spec = std::env::var("TWINTRACK_ICOUNT").ok()?;
+    let parts: Vec<&str> = spec.split(':').collect();
+    let parsed = match parts[..] {
+        [
+            variant @ ("plain" | "by_hand" | "twintrack"),
+            kind @ ("get" | "put"),
+            n,
+        ] => n
+            .parse()
+            .ok()
+            .map(|n| (variant.to_owned(), kind.to_owned(), n)),
+        _ => None,
+    };
+    if parsed.is_none() {
+        eprintln!("TWINTRACK_ICOUNT wants <plain|by_hand|twintrack>:<get|put>:<n>, not {spec:?}");
+        std::process::exit(2);
+    }
+    parsed
+}
+
+/// `n` requests of `kind` against `base`, one at a time, over the first `users` users.
+async fn one_at_a_time(base: &str, kind: &str, n: u64, users: i64) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    for i in 0..n {
+        let id = 1 + (i as i64 % users);
+        let req = match kind {
+            "put" => http::Request::put(format!("{base}/users/{id}/settings"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(format!(
+                    r#"{{"theme":"t{}","notifications_enabled":true}}"#,
+                    i % 100
+                )))),
+            _ => http::Request::get(format!("{base}/users/{id}/settings"))
+                .body(Full::new(Bytes::new())),
+        }
+        .unwrap();
+        let res = client.request(req).await.unwrap();
+        assert!(res.status().is_success(), "{kind} {id}: {}", res.status());
+        let _ = res.into_body().collect().await;
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -447,10 +496,11 @@ async fn main() {
     }
     let seconds = arg("--seconds", 10);
     let rounds = arg("--rounds", 3);
-    let slices = arg("--slices", 5).max(1);
+    let slices = arg("--slices", 9).max(1);
     let instances = arg("--instances", 5) as usize;
     let flips = arg("--flips", 200) as usize;
     let cli_flips = arg("--cli-flips", 50) as usize;
+    let icount = icount_spec();
     let cluster = pg::Cluster::start_durable().expect("start a durable PostgreSQL");
     let test_db = cluster.fresh_db().await;
     let (url, replica_url) = (test_db.url, test_db.replica_urls[0].clone());
@@ -499,7 +549,9 @@ async fn main() {
         .build()
         .unwrap(),
     };
-    for i in 0..USERS {
+    // Under callgrind (`TWINTRACK_ICOUNT`) every request is slow: a few users do.
+    let users_n = if icount.is_some() { 20 } else { USERS };
+    for i in 0..users_n {
         users
             .create(
                 &format!("u{i}@bench"),
@@ -514,6 +566,15 @@ async fn main() {
     let twintrack_base = serve(app::app(users, flags, Some(router), false, None)).await;
     let plain_base = serve(plain_app(db.clone())).await;
     let by_hand_base = serve(by_hand_app(db.clone())).await;
+    if let Some((variant, kind, n)) = icount {
+        let base = match variant.as_str() {
+            "plain" => &plain_base,
+            "by_hand" => &by_hand_base,
+            _ => &twintrack_base,
+        };
+        one_at_a_time(base, &kind, n, users_n).await;
+        return;
+    }
 
     println!(
         "\nend-to-end throughput: 32 HTTP clients, 70% GET / 30% PUT over {USERS} users, {seconds} s per round and variant (in {slices} interleaved slices), durable PostgreSQL\n"
@@ -527,13 +588,14 @@ async fn main() {
         // The three interleaved in slices, so that the machine's drift hits them alike.
         let mut served = [(0u64, Duration::ZERO); 3];
         let mut errors = 0;
-        for _ in 0..slices {
-            for (total, base) in
-                served
-                    .iter_mut()
-                    .zip([&plain_base, &by_hand_base, &twintrack_base])
-            {
-                let (n, took, e) = load(base, slice).await;
+        let bases = [&plain_base, &by_hand_base, &twintrack_base];
+        for turn in 0..slices as usize {
+            // Each slice in another order, so that none of the three always runs right after
+            // the same one (whose dead tuples, WAL and checkpoints it would inherit).
+            for i in 0..3 {
+                let variant = (i + turn) % 3;
+                let (n, took, e) = load(bases[variant], slice).await;
+                let total = &mut served[variant];
                 *total = (total.0 + n, total.1 + took);
                 errors += e;
             }

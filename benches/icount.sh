@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Instructions per request for the layer benchmark's variants, counted by callgrind: the same
-# number on a busy or an idle machine. Each variant runs N and 2N times; the difference / N is
-# the per-request count, free of start-up cost.
-#   bash benches/icount.sh            (needs valgrind: apt-get install valgrind)
+# Instructions per request, counted by callgrind: the same number on a busy or an idle machine.
+# Each variant runs N and 2N times; the difference / N is the per-request count, free of
+# start-up cost.
+#   bash benches/icount.sh        the layer benchmark's variants
+#   bash benches/icount.sh e2e    the end-to-end service's GET and PUT (one shape, both shapes
+#                                 by hand, twintrack): the service's own instructions, the
+#                                 database's not included (PostgreSQL runs in its own processes)
+# (needs valgrind: apt-get install valgrind)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bench=${1:-layer}
 N=${N:-2000}
-bin=$(cargo bench --bench layer --no-run --message-format=json 2>/dev/null \
-  | grep -o '"executable":"[^"]*"' | grep '/layer-' | head -1 | cut -d'"' -f4)
+[ "$bench" = e2e ] && N=${N_E2E:-200}
+bin=$(cargo bench --bench "$bench" --no-run --message-format=json 2>/dev/null \
+  | grep -o '"executable":"[^"]*"' | grep "/$bench-" | head -1 | cut -d'"' -f4)
 count() {
   TWINTRACK_ICOUNT="$1:$2" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" 2>&1 \
     | sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
@@ -36,6 +42,16 @@ row() {
   printf '%-28s %10s %10s %8s %7s\n' "$1" "$2" "$3" "$(($3 - $2))" \
     "$(awk -v a="$2" -v b="$3" 'BEGIN { printf "%.3f", b / a }')"
 }
+if [ "$bench" = e2e ]; then
+  printf '%-28s %10s %10s %10s %7s\n' request 'one shape' 'by hand' twintrack 'to hand'
+  for kind in get put; do
+    plain=$(per_request "plain:$kind"); hand=$(per_request "by_hand:$kind")
+    ours=$(per_request "twintrack:$kind")
+    printf '%-28s %10s %10s %10s %7s\n' "$kind" "$plain" "$hand" "$ours" \
+      "$(awk -v a="$hand" -v b="$ours" 'BEGIN { printf "%.3f", b / a }')"
+  done
+  exit 0
+fi
 printf '%-28s %10s %10s %8s %7s\n' variant bare twintrack added ratio
 noop=$(per_request noop_bare); layered=$(per_request noop_twintrack)
 row "noop service_fn" "$noop" "$layered"
