@@ -9,7 +9,7 @@ use tokio::task::futures::TaskLocalFuture;
 
 use crate::RequestContext;
 use crate::flags::BoxFuture;
-use crate::ryw::{HEADER, RequestRyw, Router};
+use crate::ryw::{HEADER_NAME, RequestRyw, Router};
 
 pin_project! {
     /// Response future of [`TwinTrack`](super::TwinTrack): the inner future, run with the
@@ -85,7 +85,7 @@ fn add_token<B>(response: &mut Response<B>, router: &Router, token: &str) {
     let headers = response.headers_mut();
     // Tokens are ASCII by construction.
     if let Ok(value) = HeaderValue::from_str(token) {
-        headers.insert(HEADER, value);
+        headers.insert(HEADER_NAME, value);
     }
     if let Some(cookie) = router.set_cookie(token)
         && let Ok(value) = HeaderValue::from_str(&cookie)

@@ -21,4 +21,5 @@ pub use router::{
     PinReason, ReadTarget, Route, Router, RouterBuilder, RywOptions, TokenPositions, note_write,
 };
 pub(crate) use router::{ReplicaFailure, RequestRyw};
+pub(crate) use token::HEADER_NAME;
 pub use token::{ClusterId, HEADER, Lsn, MAX_LEN, Rejection, Token, TokenSigner};

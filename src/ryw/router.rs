@@ -30,7 +30,7 @@ use sqlx::Transaction;
 use sqlx::pool::PoolConnection;
 
 use super::replicas::{NoReplica, ReplicaSet};
-use super::token::{ClusterId, HEADER, Lsn, Rejection, Token, TokenSigner};
+use super::token::{ClusterId, HEADER_NAME, Lsn, Rejection, Token, TokenSigner};
 use crate::RequestContext;
 use crate::db::{Backend, Database, Native};
 use crate::flags::BoxFuture;
@@ -811,7 +811,7 @@ impl Router {
     /// one token (0 never).
     pub(crate) fn accept_tagged(&self, headers: &HeaderMap) -> Option<(Token, u64)> {
         let value = headers
-            .get(HEADER)
+            .get(HEADER_NAME)
             .map(HeaderValue::as_bytes)
             .or_else(|| self.cookie_value(headers));
         let verdict = match value {

@@ -30,11 +30,14 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::util::hex;
+use crate::util::push_hex;
 use crate::{Error, Result};
 
 /// The response and request header that carries the token.
 pub const HEADER: &str = "x-twintrack-ryw";
+
+/// [`HEADER`] as a header name, so looking it up or setting it parses nothing.
+pub(crate) const HEADER_NAME: http::HeaderName = http::HeaderName::from_static(HEADER);
 
 /// The longest token accepted; anything longer is rejected unread.
 pub const MAX_LEN: usize = 256;
@@ -160,14 +163,20 @@ impl TokenSigner {
     }
 
     fn payload(token: &Token) -> String {
-        let lsn = match token.lsn {
-            Some(Lsn(v)) => format!("{v:016x}"),
-            None => "-".into(),
+        use std::fmt::Write as _;
+        // One buffer, with room for the signature `sign` appends.
+        let mut out = String::with_capacity(128);
+        out.push_str("v1.");
+        let _ = match token.lsn {
+            Some(Lsn(v)) => write!(out, "{v:016x}"),
+            None => write!(out, "-"),
         };
-        format!(
-            "v1.{lsn}.{}.{}.{}",
+        let _ = write!(
+            out,
+            ".{}.{}.{}",
             token.cluster.system_identifier, token.cluster.timeline, token.issued_at_ms
-        )
+        );
+        out
     }
 
     fn signature(&self, payload: &str) -> Hmac<Sha256> {
@@ -182,7 +191,7 @@ impl TokenSigner {
         let tag = self.signature(&payload).finalize().into_bytes();
         let mut out = payload;
         out.push('.');
-        out.push_str(&hex(&tag));
+        push_hex(&mut out, &tag);
         out
     }
 
@@ -255,14 +264,14 @@ fn is_lower_hex(b: u8) -> bool {
     b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
+/// A tag's 32 bytes from its 64 lowercase hex digits.
+fn decode_hex(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 || !s.bytes().all(is_lower_hex) {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    let mut tag = [0u8; 32];
+    hex::decode_to_slice(s, &mut tag).ok()?;
+    Some(tag)
 }
 
 #[cfg(test)]
