@@ -69,6 +69,7 @@
 
 mod builder;
 mod compare;
+mod labels;
 mod read;
 mod repair;
 mod resync;
@@ -94,6 +95,7 @@ use crate::metrics::Metrics;
 use crate::ryw::Router;
 use crate::shadow::ShadowOptions;
 use crate::{Error, RequestContext, Result, Side};
+use labels::Call;
 
 /// The native connection type of database `DB` (`PgConnection`, `SqliteConnection`).
 pub type NativeConnection<DB> = <DB as sqlx::Database>::Connection;
@@ -148,6 +150,9 @@ struct Inner<R: ?Sized, X: Resync<R>> {
     shadow: ShadowOptions,
     metrics: Metrics,
     hooks: FaultHooks,
+    /// The span name and metric attributes of each repository call (set by `build`, which
+    /// knows both sides' databases).
+    labels: labels::CallLabels,
     /// This process's per-minute figures for the admin page's charts (write latency by side,
     /// shadow results), written to `db`.
     stats: crate::stats::Stats,
@@ -288,31 +293,26 @@ where
     }
 
     /// Records one repository call on `side`: `error` is its `error.type` when it failed.
-    fn observe(&self, op: &'static str, side: Side, took: Duration, error: Option<String>) {
+    fn observe(&self, call: Call, side: Side, took: Duration, error: Option<String>) {
         let metrics = self.inner.metrics.get();
-        metrics.dual_ops.add(
-            1,
-            &[
-                self.migration_attr(),
-                KeyValue::new("op", op),
-                KeyValue::new("side", side.as_str()),
-                KeyValue::new("outcome", if error.is_none() { "ok" } else { "error" }),
-            ],
-        );
-        let failed = error.is_some();
-        let attrs = [
-            KeyValue::new(
-                "db.system.name",
-                self.database_of(side).backend().db_system_name(),
-            ),
-            KeyValue::new("db.operation.name", op),
-            KeyValue::new("twintrack.migration", self.inner.migration.clone()),
-            KeyValue::new("twintrack.side", side.as_str()),
-            KeyValue::new("error.type", error.unwrap_or_default()),
-        ];
-        let attrs = if failed { &attrs[..] } else { &attrs[..4] };
-        metrics.db_duration.record(took.as_secs_f64(), attrs);
-        if op == "write" {
+        let labels = &self.inner.labels;
+        match error {
+            None => {
+                metrics.dual_ops.add(1, labels.ops_ok(call, side));
+                metrics
+                    .db_duration
+                    .record(took.as_secs_f64(), labels.duration_ok(call, side));
+            }
+            Some(error) => {
+                let mut ops = labels.ops_ok(call, side).to_vec();
+                ops[3] = KeyValue::new("outcome", "error");
+                metrics.dual_ops.add(1, &ops);
+                let mut attrs = labels.duration_ok(call, side).to_vec();
+                attrs.push(KeyValue::new("error.type", error));
+                metrics.db_duration.record(took.as_secs_f64(), &attrs);
+            }
+        }
+        if call == Call::Write {
             self.inner.stats.write(side.as_str(), took);
         }
     }
@@ -320,11 +320,11 @@ where
     /// The span of one repository call on one side, with OpenTelemetry's database attributes
     /// (its name `{db.operation.name} {migration}`, as the conventions name database spans)
     /// and twintrack's; `twintrack.read_from` is recorded by the caller.
-    fn span(&self, op: &'static str, stage: crate::Stage, side: Side) -> tracing::Span {
+    fn span(&self, call: Call, stage: crate::Stage, side: Side) -> tracing::Span {
         tracing::info_span!(
             "twintrack.dual",
-            "otel.name" = format!("{op} {}", self.inner.migration),
-            "db.operation.name" = op,
+            "otel.name" = self.inner.labels.span_name(call),
+            "db.operation.name" = call.as_str(),
             "db.system.name" = self.database_of(side).backend().db_system_name(),
             "twintrack.migration" = %self.inner.migration,
             "twintrack.stage" = %stage,

@@ -12,6 +12,7 @@ use sqlx::{AssertSqlSafe, Connection};
 use tracing::Instrument;
 
 use super::compare::{Observed, sampled};
+use super::labels::Call;
 use super::write::SideCall;
 use super::{ConnOf, Db, DualStore, KeyOf, Operation, Resync};
 use crate::context::random_key;
@@ -413,7 +414,7 @@ where
         };
         let attempt = |mut conn: PoolConnection<Db<R, X>>, target: ReadTarget| async move {
             let mut tx = conn.begin_with(AssertSqlSafe(begin)).await?;
-            let served_result = match self.call_side("read", op, served, stage, &mut tx).await {
+            let served_result = match self.call_side(Call::Read, op, served, stage, &mut tx).await {
                 // On a replica that failed the way replicas fail: the pair is retried elsewhere.
                 Err(err)
                     if matches!(target, ReadTarget::Replica(_))
@@ -424,7 +425,7 @@ where
                 other => other,
             };
             let shadow_result =
-                AssertUnwindSafe(self.call_side("read", op, shadow, stage, &mut tx))
+                AssertUnwindSafe(self.call_side(Call::Read, op, shadow, stage, &mut tx))
                     .catch_unwind()
                     .await;
             // Read-only: nothing to keep, and nothing to wait for. Dropped, the transaction
@@ -486,7 +487,9 @@ where
         };
         let Some((router, ctx)) = routed else {
             let mut conn = self.pool_of(side).acquire().await?;
-            let read = self.call_side("read", op, side, stage, &mut conn).await?;
+            let read = self
+                .call_side(Call::Read, op, side, stage, &mut conn)
+                .await?;
             return Ok((read, conn));
         };
         router
@@ -495,7 +498,7 @@ where
                 self.inner.primary_reads,
                 |mut conn, target| async move {
                     let read = self
-                        .call_side_from("read", op, side, stage, &mut conn, target.as_str())
+                        .call_side_from(Call::Read, op, side, stage, &mut conn, target.as_str())
                         .await?;
                     Ok((read, conn))
                 },

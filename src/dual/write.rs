@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
+use super::labels::Call;
 use super::repair;
 use super::{ConnOf, Db, DualStore, KeyOf, Operation, Resync};
 use crate::db::{Native, query};
@@ -263,11 +264,12 @@ where
         let plan = stage.plan();
         let authoritative = plan.writes[0];
         let (out, _) = self
-            .call_side("write", op, authoritative, stage, conn)
+            .call_side(Call::Write, op, authoritative, stage, conn)
             .await?;
         for &side in &plan.writes[1..] {
             let failure = match other {
-                Other::Optimistic => match self.call_side("write", op, side, stage, conn).await {
+                Other::Optimistic => match self.call_side(Call::Write, op, side, stage, conn).await
+                {
                     Ok(_) => continue,
                     Err(err) => return Err(Failed::Other(side, err)),
                 },
@@ -278,7 +280,7 @@ where
                     query("SAVEPOINT twintrack_other_side")
                         .execute(Db::<R, X>::conn(conn))
                         .await?;
-                    let Err(err) = self.call_side("write", op, side, stage, conn).await else {
+                    let Err(err) = self.call_side(Call::Write, op, side, stage, conn).await else {
                         continue;
                     };
                     query("ROLLBACK TO SAVEPOINT twintrack_other_side")
@@ -350,7 +352,7 @@ where
         let mut tx = self.pool_of(authoritative).begin().await?;
         let conn: &mut ConnOf<R, X> = &mut tx;
         let (out, _) = self
-            .call_side("write", &op, authoritative, stage, conn)
+            .call_side(Call::Write, &op, authoritative, stage, conn)
             .await?;
         let key_text = key.to_text();
         // Written before the commit, so that no crash or drop can lose the other side's write.
@@ -395,7 +397,7 @@ where
     ) {
         let started = Instant::now();
         let attempt = async {
-            let span = self.span("write", stage, side);
+            let span = self.span(Call::Write, stage, side);
             span.record("twintrack.read_from", "primary");
             self.resync_across(key, authoritative)
                 .instrument(span)
@@ -404,7 +406,7 @@ where
         };
         let result = attempt.await;
         self.observe(
-            "write",
+            Call::Write,
             side,
             started.elapsed(),
             result.as_ref().err().map(Error::error_type),
@@ -421,7 +423,7 @@ where
     /// Runs `op` on `side` over `conn` (its primary), in a span, timed and counted.
     pub(super) async fn call_side<T, F>(
         &self,
-        what: &'static str,
+        call: Call,
         op: &F,
         side: Side,
         stage: Stage,
@@ -430,14 +432,14 @@ where
     where
         F: Operation<R, ConnOf<R, X>, T>,
     {
-        self.call_side_from(what, op, side, stage, conn, "primary")
+        self.call_side_from(call, op, side, stage, conn, "primary")
             .await
     }
 
     /// [`Self::call_side`] over a connection to `read_from` (`primary` or `replica`).
     pub(super) async fn call_side_from<T, F>(
         &self,
-        what: &'static str,
+        call: Call,
         op: &F,
         side: Side,
         stage: Stage,
@@ -448,12 +450,12 @@ where
         F: Operation<R, ConnOf<R, X>, T>,
     {
         let started = Instant::now();
-        let span = self.span(what, stage, side);
+        let span = self.span(call, stage, side);
         span.record("twintrack.read_from", read_from);
         let result = op(self.repo(side), conn).instrument(span).await;
         let took = started.elapsed();
         self.observe(
-            what,
+            call,
             side,
             took,
             result.as_ref().err().map(crate::metrics::error_type),
