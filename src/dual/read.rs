@@ -16,7 +16,7 @@ use super::labels::Call;
 use super::write::SideCall;
 use super::{ConnOf, Db, DualStore, KeyOf, Operation, Resync};
 use crate::context::random_key;
-use crate::db::{Backend, Native};
+use crate::db::{Backend, Native, acquire};
 use crate::key::Key;
 use crate::ryw::{ReadTarget, ReplicaFailure};
 use crate::shadow::ShadowMode;
@@ -446,7 +446,7 @@ where
                     .run_read::<Db<R, X>, _, _, _>(ctx, self.inner.primary_reads, attempt)
                     .await
             }
-            None => attempt(self.inner.pool.acquire().await?, ReadTarget::Primary).await,
+            None => attempt(acquire(&self.inner.pool).await?, ReadTarget::Primary).await,
         }
     }
 
@@ -486,7 +486,7 @@ where
             _ => None,
         };
         let Some((router, ctx)) = routed else {
-            let mut conn = self.pool_of(side).acquire().await?;
+            let mut conn = acquire(self.pool_of(side)).await?;
             let read = self
                 .call_side(Call::Read, op, side, stage, &mut conn)
                 .await?;

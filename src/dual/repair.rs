@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Connection};
 
 use super::{ConnOf, Db, DualStore, KeyOf, Resync};
-use crate::db::{Backend, Conn, Database, Native, now_micros, query};
+use crate::db::{Backend, Conn, Database, Native, acquire, now_micros, query};
 use crate::definition::Resynced;
 use crate::key::Key;
 use crate::{Result, Side};
@@ -310,7 +310,7 @@ where
         }
         _ => "SELECT id FROM twintrack_repair_intents WHERE id = $1",
     };
-    let mut conn = store.pool_of(intents_side).acquire().await?;
+    let mut conn = acquire(store.pool_of(intents_side)).await?;
     let mut tx = conn
         .begin_with(AssertSqlSafe(backend.begin_write()))
         .await?;

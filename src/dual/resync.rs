@@ -5,7 +5,7 @@ use sqlx::{AssertSqlSafe, Connection};
 
 use super::{ConnOf, Db, DualStore, KeyOf, NativeConnection};
 use crate::backfill::KeyCopier;
-use crate::db::{Conn, Native, Query};
+use crate::db::{Conn, Native, Query, acquire, begin};
 use crate::definition::{Resynced, bound};
 use crate::flags::BoxFuture;
 use crate::key::{DynKey, Key};
@@ -123,10 +123,10 @@ where
     /// until the target has committed, so concurrent copies of one key land in commit order.
     pub(super) async fn resync_across(&self, key: &KeyOf<R, X>, source: Side) -> Result<Resynced> {
         let target = source.other();
-        let begin = <Db<R, X> as Native>::BACKEND.begin_write();
-        let mut source_conn = self.pool_of(source).acquire().await?;
-        let mut source_tx = source_conn.begin_with(AssertSqlSafe(begin)).await?;
-        let mut target_tx = self.pool_of(target).begin().await?;
+        let begin_write = <Db<R, X> as Native>::BACKEND.begin_write();
+        let mut source_conn = acquire(self.pool_of(source)).await?;
+        let mut source_tx = source_conn.begin_with(AssertSqlSafe(begin_write)).await?;
+        let mut target_tx = begin(self.pool_of(target)).await?;
         if <Db<R, X> as Native>::BACKEND == crate::Backend::Postgres {
             // A copy one way and a copy the other way of one key lock in opposite orders, and
             // neither database sees a cycle spanning both: a bounded wait ends it (the intent
@@ -210,7 +210,7 @@ where
             }
             // Read under the batch's row locks, write the other database, commit it: the
             // batch (and its locks) commits after, so no dual write can slip in between.
-            let mut target_conn = store.pool_of(target).acquire().await?;
+            let mut target_conn = acquire(store.pool_of(target)).await?;
             let mut target_tx = target_conn.begin().await?;
             for key in &all {
                 store

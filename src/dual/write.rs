@@ -11,7 +11,7 @@ use tracing::Instrument;
 use super::labels::Call;
 use super::repair;
 use super::{ConnOf, Db, DualStore, KeyOf, Operation, Resync};
-use crate::db::{Native, query};
+use crate::db::{Native, acquire, begin, query};
 use crate::flags::BoxFuture;
 use crate::key::Key;
 use crate::{Error, RequestContext, Result, Side, Stage};
@@ -130,7 +130,7 @@ where
     {
         let (stage, ctx) = self.begin_write()?;
         // One pooled connection for the attempt, the retry and the position read.
-        let mut conn = self.inner.pool.acquire().await.map_err(Error::from)?;
+        let mut conn = acquire(&self.inner.pool).await.map_err(Error::from)?;
         let mut failure: Option<(Side, Error)> = None;
         let out = loop {
             let mut tx = sqlx::Connection::begin(&mut *conn)
@@ -349,7 +349,7 @@ where
         let other = plan.writes.get(1).copied();
         // An older write still on its way to this side must land first, not after this one.
         self.settle_pending(key, authoritative, ctx.as_ref()).await;
-        let mut tx = self.pool_of(authoritative).begin().await?;
+        let mut tx = begin(self.pool_of(authoritative)).await?;
         let conn: &mut ConnOf<R, X> = &mut tx;
         let (out, _) = self
             .call_side(Call::Write, &op, authoritative, stage, conn)

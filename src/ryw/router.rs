@@ -597,7 +597,7 @@ impl Router {
             return (route, Ok(conn));
         }
         let conn = match DB::typed(self.database(route.target)) {
-            Some(pool) => pool.acquire().await,
+            Some(pool) => crate::db::acquire(pool).await,
             None => Err(wrong_backend::<DB>()),
         };
         if conn.is_ok() {
@@ -676,7 +676,7 @@ impl Router {
         }
         let check = async {
             let pool = DB::typed(set.replica(index)).ok_or_else(wrong_backend::<DB>)?;
-            let mut conn = pool.acquire().await?;
+            let mut conn = crate::db::acquire(pool).await?;
             let replayed = super::position::replayed(DB::conn(&mut conn), set.cluster()).await?;
             Ok::<_, Error>((conn, replayed))
         };
@@ -798,7 +798,7 @@ impl Router {
         let pool =
             DB::typed(&self.inner.primary).ok_or_else(|| Error::from(wrong_backend::<DB>()))?;
         note_write();
-        Ok(pool.begin().await?)
+        Ok(crate::db::begin(pool).await?)
     }
 
     /// The token for an incoming request's headers: the `x-twintrack-ryw` header, else the
