@@ -72,11 +72,15 @@ pub(crate) fn integer_key(key_text: &str) -> Option<i64> {
         .filter(|k: &i64| k.to_string() == key_text)
 }
 
-/// Drops an intent whose write has landed.
-pub(super) async fn clear_intent(db: &Database, id: i64) -> Result<()> {
+/// PostgreSQL: `BEGIN` and a 2 s `lock_timeout` for the transaction, in one simple query (one
+/// round trip).
+pub(super) const PG_BEGIN_BOUNDED: &str = "BEGIN; SET LOCAL lock_timeout = '2s'";
+
+/// Drops an intent whose write has landed, on `on` (its database, or a connection to it).
+pub(super) async fn clear_intent<'e>(on: impl Into<crate::db::On<'e>>, id: i64) -> Result<()> {
     query("DELETE FROM twintrack_repair_intents WHERE id = $1")
         .bind(id)
-        .execute(db)
+        .execute(on)
         .await?;
     Ok(())
 }
@@ -311,15 +315,13 @@ where
         _ => "SELECT id FROM twintrack_repair_intents WHERE id = $1",
     };
     let mut conn = acquire(store.pool_of(intents_side)).await?;
-    let mut tx = conn
-        .begin_with(AssertSqlSafe(backend.begin_write()))
-        .await?;
-    if wait && backend == Backend::Postgres {
-        // The repair worker holds the row while its copy runs: waited for, not forever.
-        query("SET LOCAL lock_timeout = '2s'")
-            .execute(Db::<R, X>::conn(&mut tx))
-            .await?;
-    }
+    // PostgreSQL, waiting: the repair worker holds the row while its copy runs; waited for,
+    // not forever.
+    let begin = match (wait, backend) {
+        (true, Backend::Postgres) => PG_BEGIN_BOUNDED,
+        _ => backend.begin_write(),
+    };
+    let mut tx = conn.begin_with(AssertSqlSafe(begin)).await?;
     let held = query(sql)
         .bind(id)
         .fetch_optional(Db::<R, X>::conn(&mut tx))
@@ -332,11 +334,11 @@ where
             // SQLite has no row locks: release the file's write lock before the copy takes it
             // (the intents may live in the source's file).
             tx.rollback().await?;
-            let done = store.resync_across(key, source).await?;
+            let done = store.resync_across(key, source, None).await?;
             clear_intent(store.database_of(intents_side), id).await?;
             return Ok(Some(done));
         }
-        store.resync_across(key, source).await?
+        store.resync_across(key, source, None).await?
     } else {
         let conn: &mut ConnOf<R, X> = &mut tx;
         store.resync_in(conn, key, source).await?

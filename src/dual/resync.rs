@@ -3,9 +3,9 @@
 
 use sqlx::{AssertSqlSafe, Connection};
 
-use super::{ConnOf, Db, DualStore, KeyOf, NativeConnection};
+use super::{ConnOf, Db, DualStore, KeyOf, NativeConnection, repair};
 use crate::backfill::KeyCopier;
-use crate::db::{Conn, Native, Query, acquire, begin};
+use crate::db::{Conn, Native, Query, acquire};
 use crate::definition::{Resynced, bound};
 use crate::flags::BoxFuture;
 use crate::key::{DynKey, Key};
@@ -121,27 +121,36 @@ where
     /// Two databases: copies `key` from `source` to the other side. The source transaction
     /// holds the key's row (the [`Resync::load`] lock on PostgreSQL, the write lock on SQLite)
     /// until the target has committed, so concurrent copies of one key land in commit order.
-    pub(super) async fn resync_across(&self, key: &KeyOf<R, X>, source: Side) -> Result<Resynced> {
+    /// `intent` (in the source's database), the repair intent this copy fulfils, is dropped
+    /// after both commits on the source's connection (no connection of its own: two round
+    /// trips fewer); if that fails, it stays and a replay copies the key once more.
+    pub(super) async fn resync_across(
+        &self,
+        key: &KeyOf<R, X>,
+        source: Side,
+        intent: Option<i64>,
+    ) -> Result<Resynced> {
         let target = source.other();
-        let begin_write = <Db<R, X> as Native>::BACKEND.begin_write();
+        let backend = <Db<R, X> as Native>::BACKEND;
         let mut source_conn = acquire(self.pool_of(source)).await?;
-        let mut source_tx = source_conn.begin_with(AssertSqlSafe(begin_write)).await?;
-        let mut target_tx = begin(self.pool_of(target)).await?;
-        if <Db<R, X> as Native>::BACKEND == crate::Backend::Postgres {
-            // A copy one way and a copy the other way of one key lock in opposite orders, and
-            // neither database sees a cycle spanning both: a bounded wait ends it (the intent
-            // stays and is replayed).
-            for tx in [&mut source_tx, &mut target_tx] {
-                crate::db::query("SET LOCAL lock_timeout = '2s'")
-                    .execute(Db::<R, X>::conn(tx))
-                    .await?;
-            }
-        }
+        let mut target_conn = acquire(self.pool_of(target)).await?;
+        // PostgreSQL: a copy one way and a copy the other way of one key lock in opposite
+        // orders, and neither database sees a cycle spanning both: a bounded wait ends it (the
+        // intent stays and is replayed). Set in `BEGIN`'s own round trip.
+        let (source_begin, target_begin) = match backend {
+            crate::Backend::Postgres => (repair::PG_BEGIN_BOUNDED, repair::PG_BEGIN_BOUNDED),
+            other => (other.begin_write(), "BEGIN"),
+        };
+        let mut source_tx = source_conn.begin_with(AssertSqlSafe(source_begin)).await?;
+        let mut target_tx = target_conn.begin_with(AssertSqlSafe(target_begin)).await?;
         let done = self
             .copy_with_resync(&mut source_tx, Some(&mut target_tx), key, source)
             .await?;
         target_tx.commit().await?;
         source_tx.commit().await?;
+        if let Some(id) = intent {
+            repair::clear_intent(Db::<R, X>::conn(&mut source_conn), id).await?;
+        }
         Ok(done)
     }
 }

@@ -399,10 +399,9 @@ where
         let attempt = async {
             let span = self.span(Call::Write, stage, side);
             span.record("twintrack.read_from", "primary");
-            self.resync_across(key, authoritative)
+            self.resync_across(key, authoritative, Some(intent))
                 .instrument(span)
-                .await?;
-            repair::clear_intent(self.database_of(authoritative), intent).await
+                .await
         };
         let result = attempt.await;
         self.observe(
