@@ -6,9 +6,10 @@
 //!   router) and against the same routes writing one shape without twintrack (the legacy
 //!   repository called directly, no layer), and writing both shapes by hand (both
 //!   repositories in one transaction, no twintrack: the floor for a dual write here). 70%
-//!   `GET /users/{id}/settings`, 30% `PUT`, over 1,000 users; `--seconds` per round (default
-//!   10), for `--rounds` (default 3); within a round the three take turns in `--slices`
-//!   (default 9) equal slices, in an order that rotates from slice to slice, so that the
+//!   `GET /users/{id}/settings`, 30% `PUT`, over 1,000 users; `--seconds` per round and
+//!   variant (default 30: at 10, rounds of one build spread over ±4% on a shared 2-core
+//!   machine), for `--rounds` (default 3); within a round the three take turns in `--slices`
+//!   (default 15) equal slices, in an order that rotates from slice to slice, so that the
 //!   machine's drift (other tenants, PostgreSQL's checkpoints and autovacuum) hits them alike.
 //! - Flip propagation: `--instances` flag caches (default 5), each with its own store and its
 //!   own `LISTEN` connection as separate service instances have; `--flips` flips (default 200,
@@ -20,7 +21,8 @@
 //!   that reads the client's side of the protocol (each `Execute`, each statement of a simple
 //!   `Query`; a round trip is the client sending and then the server answering, connection
 //!   checks on acquire included): the same routes on one shape without twintrack, and
-//!   twintrack in `dual_write` without a replica and with one.
+//!   twintrack in `dual_write` without a replica, with one, and with the new shape in a
+//!   second database (both databases' statements counted).
 //!
 //! Run: `cargo bench --bench e2e`.
 
@@ -494,9 +496,9 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let seconds = arg("--seconds", 10);
+    let seconds = arg("--seconds", 30);
     let rounds = arg("--rounds", 3);
-    let slices = arg("--slices", 9).max(1);
+    let slices = arg("--slices", 15).max(1);
     let instances = arg("--instances", 5) as usize;
     let flips = arg("--flips", 200) as usize;
     let cli_flips = arg("--cli-flips", 50) as usize;
@@ -650,12 +652,25 @@ async fn main() {
         )
         .await,
     )];
-    for (what, replicas) in [
-        ("twintrack, no replica", Vec::new()),
-        ("twintrack, a replica", vec![counted_replica.clone()]),
+    // The new shape in a database of its own (on the same server, through the same proxy):
+    // the figures count both databases' statements.
+    let counted_new = Database::connect(&proxied(&cluster.fresh_db().await.url).await)
+        .await
+        .unwrap();
+    repos::create_shapes_apart::<i64>(&counted, &counted_new)
+        .await
+        .unwrap();
+    twintrack::schema::install(&counted_new).await.unwrap();
+    for (what, replicas, new_db) in [
+        ("twintrack, no replica", Vec::new(), None),
+        ("twintrack, a replica", vec![counted_replica.clone()], None),
+        ("twintrack, two databases", Vec::new(), Some(&counted_new)),
     ] {
-        let store = Arc::new(SqlFlagStore::open(counted.clone()).await.unwrap());
-        let flags = FlagCache::builder(store)
+        let mut store = SqlFlagStore::open(counted.clone()).await.unwrap();
+        if let Some(new_db) = new_db {
+            store = store.intents_also_in(new_db.clone());
+        }
+        let flags = FlagCache::builder(Arc::new(store))
             .migration(M, Stage::LegacyOnly)
             .build()
             .await;
@@ -675,18 +690,23 @@ async fn main() {
             );
         }
         let router = builder.build().await.unwrap();
+        let (legacy, new) = match new_db {
+            None => repos::repos::<sqlx::Postgres, i64>(),
+            Some(_) => repos::split_repos::<sqlx::Postgres, i64>(),
+        };
+        let mut settings = DualStore::builder(
+            M,
+            legacy,
+            new,
+            counted.as_postgres().unwrap().clone(),
+            flags.clone(),
+            SettingsResync::default(),
+        );
+        if let Some(new_db) = new_db {
+            settings = settings.new_database(new_db.as_postgres().unwrap().clone());
+        }
         let users = Users {
-            settings: DualStore::builder(
-                M,
-                repos::repos::<sqlx::Postgres, i64>().0,
-                repos::repos::<sqlx::Postgres, i64>().1,
-                counted.as_postgres().unwrap().clone(),
-                flags.clone(),
-                SettingsResync::default(),
-            )
-            .router(router.clone())
-            .build()
-            .unwrap(),
+            settings: settings.router(router.clone()).build().unwrap(),
         };
         let base = serve(app::app(users, flags, Some(router), false, None)).await;
         costs.push((
