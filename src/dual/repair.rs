@@ -72,9 +72,17 @@ pub(crate) fn integer_key(key_text: &str) -> Option<i64> {
         .filter(|k: &i64| k.to_string() == key_text)
 }
 
-/// PostgreSQL: `BEGIN` and a 2 s `lock_timeout` for the transaction, in one simple query (one
-/// round trip).
-pub(super) const PG_BEGIN_BOUNDED: &str = "BEGIN; SET LOCAL lock_timeout = '2s'";
+/// The `BEGIN` of a transaction whose row-lock waits end after 2 s: on PostgreSQL, `BEGIN`
+/// and `SET LOCAL lock_timeout` in one simple query (one round trip); elsewhere `plain`
+/// (MariaDB bounds the statement that waits instead). When it fails, close the connection
+/// rather than release it (`PoolConnection::close_on_drop`): a failure after the `BEGIN` of
+/// the pair leaves a transaction sqlx does not know of.
+pub(super) fn bounded_begin(backend: Backend, plain: &'static str) -> &'static str {
+    match backend {
+        Backend::Postgres => "BEGIN; SET LOCAL lock_timeout = '2s'",
+        _ => plain,
+    }
+}
 
 /// Drops an intent whose write has landed, on `on` (its database, or a connection to it).
 pub(super) async fn clear_intent<'e>(on: impl Into<crate::db::On<'e>>, id: i64) -> Result<()> {
@@ -315,40 +323,49 @@ where
         _ => "SELECT id FROM twintrack_repair_intents WHERE id = $1",
     };
     let mut conn = acquire(store.pool_of(intents_side)).await?;
-    // PostgreSQL, waiting: the repair worker holds the row while its copy runs; waited for,
-    // not forever.
-    let begin = match (wait, backend) {
-        (true, Backend::Postgres) => PG_BEGIN_BOUNDED,
-        _ => backend.begin_write(),
-    };
-    let mut tx = conn.begin_with(AssertSqlSafe(begin)).await?;
-    let held = query(sql)
-        .bind(id)
-        .fetch_optional(Db::<R, X>::conn(&mut tx))
-        .await?;
-    if held.is_none() {
-        return Ok(None);
-    }
-    let done = if store.is_split() {
-        if backend == Backend::Sqlite {
-            // SQLite has no row locks: release the file's write lock before the copy takes it
-            // (the intents may live in the source's file).
-            tx.rollback().await?;
-            let done = store.resync_across(key, source, None).await?;
-            clear_intent(store.database_of(intents_side), id).await?;
-            return Ok(Some(done));
+    let replayed: Result<Option<Resynced>> = async {
+        // Waiting: the repair worker holds the row while its copy runs; waited for, not
+        // forever.
+        let begin = match wait {
+            true => bounded_begin(backend, backend.begin_write()),
+            false => backend.begin_write(),
+        };
+        let mut tx = conn.begin_with(AssertSqlSafe(begin)).await?;
+        let held = query(sql)
+            .bind(id)
+            .fetch_optional(Db::<R, X>::conn(&mut tx))
+            .await?;
+        if held.is_none() {
+            return Ok(None);
         }
-        store.resync_across(key, source, None).await?
-    } else {
-        let conn: &mut ConnOf<R, X> = &mut tx;
-        store.resync_in(conn, key, source).await?
-    };
-    query("DELETE FROM twintrack_repair_intents WHERE id = $1")
-        .bind(id)
-        .execute(Db::<R, X>::conn(&mut tx))
-        .await?;
-    tx.commit().await?;
-    Ok(Some(done))
+        let done = if store.is_split() {
+            if backend == Backend::Sqlite {
+                // SQLite has no row locks: release the file's write lock before the copy takes
+                // it (the intents may live in the source's file).
+                tx.rollback().await?;
+                let done = store.resync_across(key, source, None).await?;
+                clear_intent(store.database_of(intents_side), id).await?;
+                return Ok(Some(done));
+            }
+            store.resync_across(key, source, None).await?
+        } else {
+            let conn: &mut ConnOf<R, X> = &mut tx;
+            store.resync_in(conn, key, source).await?
+        };
+        query("DELETE FROM twintrack_repair_intents WHERE id = $1")
+            .bind(id)
+            .execute(Db::<R, X>::conn(&mut tx))
+            .await?;
+        tx.commit().await?;
+        Ok(Some(done))
+    }
+    .await;
+    if replayed.is_err() {
+        // Closed rather than reused: a begin of two statements that failed after its `BEGIN`
+        // leaves a transaction sqlx does not know of.
+        conn.close_on_drop();
+    }
+    replayed
 }
 
 /// Two databases: drops the intent `id` (in `side`'s database, created at `created_at`) when

@@ -136,18 +136,32 @@ where
         let mut target_conn = acquire(self.pool_of(target)).await?;
         // PostgreSQL: a copy one way and a copy the other way of one key lock in opposite
         // orders, and neither database sees a cycle spanning both: a bounded wait ends it (the
-        // intent stays and is replayed). Set in `BEGIN`'s own round trip.
-        let (source_begin, target_begin) = match backend {
-            crate::Backend::Postgres => (repair::PG_BEGIN_BOUNDED, repair::PG_BEGIN_BOUNDED),
-            other => (other.begin_write(), "BEGIN"),
+        // intent stays and is replayed).
+        let copied: Result<Resynced> = async {
+            let begin = repair::bounded_begin(backend, backend.begin_write());
+            let mut source_tx = source_conn.begin_with(AssertSqlSafe(begin)).await?;
+            let begin = repair::bounded_begin(backend, "BEGIN");
+            let mut target_tx = target_conn.begin_with(AssertSqlSafe(begin)).await?;
+            let done = self
+                .copy_with_resync(&mut source_tx, Some(&mut target_tx), key, source)
+                .await?;
+            target_tx.commit().await?;
+            source_tx.commit().await?;
+            Ok(done)
+        }
+        .await;
+        let done = match copied {
+            Ok(done) => done,
+            Err(err) => {
+                // Closed rather than reused: a begin of two statements that failed after its
+                // `BEGIN` leaves a transaction sqlx does not know of.
+                source_conn.close_on_drop();
+                target_conn.close_on_drop();
+                return Err(err);
+            }
         };
-        let mut source_tx = source_conn.begin_with(AssertSqlSafe(source_begin)).await?;
-        let mut target_tx = target_conn.begin_with(AssertSqlSafe(target_begin)).await?;
-        let done = self
-            .copy_with_resync(&mut source_tx, Some(&mut target_tx), key, source)
-            .await?;
-        target_tx.commit().await?;
-        source_tx.commit().await?;
+        // Back to its pool before the intent's delete, which may wait for the intent's row.
+        drop(target_conn);
         if let Some(id) = intent {
             repair::clear_intent(Db::<R, X>::conn(&mut source_conn), id).await?;
         }
