@@ -61,10 +61,7 @@ where
                     migration.clone(),
                     Some(bookkeeping.clone()),
                 ),
-                labels: super::labels::CallLabels::new(
-                    &migration,
-                    [db.backend().db_system_name(); 2],
-                ),
+                labels: super::labels::CallLabels::new(&migration, db.backend().db_system_name()),
                 migration,
                 legacy,
                 new,
@@ -182,16 +179,6 @@ where
         let limit = self.inner.shadow.background_limit.max(1);
         self.inner.background = Arc::new(tokio::sync::Semaphore::new(limit));
         self.inner.classifying = Arc::new(tokio::sync::Semaphore::new(limit));
-        let system = |db: &crate::Database| db.backend().db_system_name();
-        let new_db = self
-            .inner
-            .new_pool
-            .as_ref()
-            .map_or(&self.inner.db, |(_, db)| db);
-        self.inner.labels = super::labels::CallLabels::new(
-            &self.inner.migration,
-            [system(&self.inner.db), system(new_db)],
-        );
         Ok(DualStore {
             inner: Arc::new(self.inner),
         })

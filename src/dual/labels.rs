@@ -1,6 +1,6 @@
 //! What each repository call of a dual store records, built once per store: on the way of a
-//! call that succeeds, no string is formatted and no attribute list is built (only a failed
-//! call's `error.type` is new each time).
+//! call that succeeds, no string is formatted and no attribute list is built (a failed call
+//! copies its lists to set `outcome` and add `error.type`).
 
 use opentelemetry::KeyValue;
 
@@ -39,9 +39,9 @@ const CALLS: [Call; 2] = [Call::Read, Call::Write];
 const SIDES: [Side; 2] = [Side::Legacy, Side::New];
 
 impl CallLabels {
-    /// Labels for `migration`, whose sides live in databases of `db_system` (by side: the
-    /// `db.system.name` of the legacy side's database, then the new side's).
-    pub(super) fn new(migration: &str, db_system: [&'static str; 2]) -> CallLabels {
+    /// Labels for `migration`, whose shapes live in databases of `db_system` (the
+    /// `db.system.name`: both sides' pools are of one backend, even across two databases).
+    pub(super) fn new(migration: &str, db_system: &'static str) -> CallLabels {
         let name: opentelemetry::StringValue = migration.to_owned().into();
         let ops = |call: Call, side: Side| {
             [
@@ -53,7 +53,7 @@ impl CallLabels {
         };
         let duration = |call: Call, side: Side| {
             [
-                KeyValue::new("db.system.name", db_system[side_index(side)]),
+                KeyValue::new("db.system.name", db_system),
                 KeyValue::new("db.operation.name", call.as_str()),
                 KeyValue::new("twintrack.migration", name.clone()),
                 KeyValue::new("twintrack.side", side.as_str()),
@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn each_call_and_side_has_its_own_labels() {
-        let labels = CallLabels::new("user_settings", ["postgresql", "mariadb"]);
+        let labels = CallLabels::new("user_settings", "mariadb");
         assert_eq!(labels.span_name(Call::Read), "read user_settings");
         assert_eq!(labels.span_name(Call::Write), "write user_settings");
         let text = |attrs: &[KeyValue]| {
@@ -108,7 +108,7 @@ mod tests {
         );
         assert_eq!(
             text(labels.duration_ok(Call::Read, Side::Legacy)),
-            "db.system.name=postgresql db.operation.name=read twintrack.migration=user_settings twintrack.side=legacy"
+            "db.system.name=mariadb db.operation.name=read twintrack.migration=user_settings twintrack.side=legacy"
         );
         assert_eq!(
             text(labels.duration_ok(Call::Write, Side::New)),

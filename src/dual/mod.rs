@@ -150,8 +150,7 @@ struct Inner<R: ?Sized, X: Resync<R>> {
     shadow: ShadowOptions,
     metrics: Metrics,
     hooks: FaultHooks,
-    /// The span name and metric attributes of each repository call (set by `build`, which
-    /// knows both sides' databases).
+    /// The span name and metric attributes of each repository call.
     labels: labels::CallLabels,
     /// This process's per-minute figures for the admin page's charts (write latency by side,
     /// shadow results), written to `db`.

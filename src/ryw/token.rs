@@ -164,8 +164,9 @@ impl TokenSigner {
 
     fn payload(token: &Token) -> String {
         use std::fmt::Write as _;
-        // One buffer, with room for the signature `sign` appends.
-        let mut out = String::with_capacity(128);
+        // One buffer, with room for the longest payload (72 bytes) and the signature `sign`
+        // appends (65).
+        let mut out = String::with_capacity(144);
         out.push_str("v1.");
         let _ = match token.lsn {
             Some(Lsn(v)) => write!(out, "{v:016x}"),
