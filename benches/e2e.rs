@@ -9,8 +9,8 @@
 //!   `GET /users/{id}/settings`, 30% `PUT`, over 1,000 users; `--seconds` per round and
 //!   variant (default 30: at 10, rounds of one build spread over ±4% on a shared 2-core
 //!   machine), for `--rounds` (default 3); within a round the three take turns in `--slices`
-//!   (default 15) equal slices, in an order that rotates from slice to slice, so that the
-//!   machine's drift (other tenants, PostgreSQL's checkpoints and autovacuum) hits them alike.
+//!   (default 18) equal slices, walking their six orders, so that the machine's drift (other
+//!   tenants, PostgreSQL's checkpoints and autovacuum) hits them alike.
 //! - Flip propagation: `--instances` flag caches (default 5), each with its own store and its
 //!   own `LISTEN` connection as separate service instances have; `--flips` flips (default 200,
 //!   50 ms apart) committed through the flag store, timed from the commit to each instance's
@@ -50,6 +50,15 @@ use twintrack::{Database, Stage};
 
 const M: &str = "user_settings";
 const USERS: i64 = 1000;
+/// The six orders of the three throughput variants (one shape, by hand, twintrack).
+const ORDERS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [2, 1, 0],
+    [1, 2, 0],
+    [0, 2, 1],
+    [2, 0, 1],
+    [1, 0, 2],
+];
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -498,7 +507,7 @@ async fn main() {
     }
     let seconds = arg("--seconds", 30);
     let rounds = arg("--rounds", 3);
-    let slices = arg("--slices", 15).max(1);
+    let slices = arg("--slices", 18).max(1);
     let instances = arg("--instances", 5) as usize;
     let flips = arg("--flips", 200) as usize;
     let cli_flips = arg("--cli-flips", 50) as usize;
@@ -592,10 +601,9 @@ async fn main() {
         let mut errors = 0;
         let bases = [&plain_base, &by_hand_base, &twintrack_base];
         for turn in 0..slices as usize {
-            // Each slice in another order, so that none of the three always runs right after
-            // the same one (whose dead tuples, WAL and checkpoints it would inherit).
-            for i in 0..3 {
-                let variant = (i + turn) % 3;
+            // The slices walk the six orders of the three, so that each follows each of the
+            // others equally often (inheriting its dead tuples, WAL and checkpoints).
+            for variant in ORDERS[turn % ORDERS.len()] {
                 let (n, took, e) = load(bases[variant], slice).await;
                 let total = &mut served[variant];
                 *total = (total.0 + n, total.1 + took);

@@ -2,12 +2,15 @@
 # Instructions per request, counted by callgrind: the same number on a busy or an idle machine.
 # Each variant runs N and 2N times; the difference / N is the per-request count, free of
 # start-up cost.
-#   bash benches/icount.sh        the layer benchmark's variants
+#   bash benches/icount.sh        the layer benchmark's variants (N=2000)
 #   bash benches/icount.sh e2e    the end-to-end service's GET and PUT (one shape, both shapes
-#                                 by hand, twintrack): the service's own instructions, the
-#                                 database's not included (PostgreSQL runs in its own processes)
+#                                 by hand, twintrack; N_E2E=200 requests): the whole bench
+#                                 process's instructions, its in-process HTTP client's and timed
+#                                 background work's (pools, flag cache) included, PostgreSQL's
+#                                 not (its own processes); varies by about 1,000 between runs
 # (needs valgrind: apt-get install valgrind)
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 bench=${1:-layer}
 N=${N:-2000}
@@ -15,8 +18,11 @@ N=${N:-2000}
 bin=$(cargo bench --bench "$bench" --no-run --message-format=json 2>/dev/null \
   | grep -o '"executable":"[^"]*"' | grep "/$bench-" | head -1 | cut -d'"' -f4)
 count() {
-  TWINTRACK_ICOUNT="$1:$2" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" 2>&1 \
-    | sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
+  local n
+  n=$(TWINTRACK_ICOUNT="$1:$2" valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" 2>&1 \
+    | sed -n 's/.*Collected : \([0-9]*\).*/\1/p')
+  [[ -n $n ]] || { echo "no count for $1 ($2 runs): run it without valgrind to see why" >&2; exit 1; }
+  echo "$n"
 }
 # The main thread only (the in-process variants run there): the count then leaves out
 # background threads (a file watcher, database workers) whose timing varies between runs.
