@@ -337,23 +337,19 @@ async fn cost_per_request(
                 ids[i % ids.len()]
             };
             let req = match kind {
-                "GET" => http::Request::get(format!("{base}/users/{id}/settings"))
-                    .body(Full::new(Bytes::new())),
-                "PUT" => http::Request::put(format!("{base}/users/{id}/settings"))
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(format!(
-                        r#"{{"theme":"t{i}","notifications_enabled":true}}"#
-                    )))),
+                "GET" => settings_request(base, id, None),
+                "PUT" => settings_request(base, id, Some(i as u64)),
                 "POST" => http::Request::post(format!("{base}/users"))
                     .header("content-type", "application/json")
                     .body(Full::new(Bytes::from(format!(
                         r#"{{"email":"cost-{}@bench","theme":"t","notifications_enabled":true}}"#,
                         EMAILS.fetch_add(1, Ordering::Relaxed)
-                    )))),
+                    ))))
+                    .unwrap(),
                 _ => http::Request::delete(format!("{base}/users/{id}"))
-                    .body(Full::new(Bytes::new())),
-            }
-            .unwrap();
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            };
             let res = client.request(req).await.unwrap();
             let status = res.status();
             let _ = res.into_body().collect().await;
@@ -411,20 +407,7 @@ async fn load(base: &str, run: Duration) -> (u64, Duration, u64) {
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
                 let id = 1 + (rng % USERS as u64);
-                let req = if rng % 10 < 3 {
-                    let body = format!(
-                        r#"{{"theme":"t{}","notifications_enabled":true}}"#,
-                        rng % 100
-                    );
-                    http::Request::put(format!("{base}/users/{id}/settings"))
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(body)))
-                        .unwrap()
-                } else {
-                    http::Request::get(format!("{base}/users/{id}/settings"))
-                        .body(Full::new(Bytes::new()))
-                        .unwrap()
-                };
+                let req = settings_request(&base, id, (rng % 10 < 3).then_some(rng % 100));
                 match client.request(req).await {
                     Ok(res) if res.status().is_success() => {
                         let _ = res.into_body().collect().await;
@@ -473,23 +456,31 @@ fn icount_spec() -> Option<(String, String, u64)> {
     parsed
 }
 
+/// `GET /users/{id}/settings`, or with `theme` a `PUT` of settings with that theme.
+fn settings_request(
+    base: &str,
+    id: impl std::fmt::Display,
+    theme: Option<u64>,
+) -> http::Request<Full<Bytes>> {
+    let uri = format!("{base}/users/{id}/settings");
+    match theme {
+        Some(theme) => http::Request::put(uri)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!(
+                r#"{{"theme":"t{theme}","notifications_enabled":true}}"#
+            )))),
+        None => http::Request::get(uri).body(Full::new(Bytes::new())),
+    }
+    .unwrap()
+}
+
 /// `n` requests of `kind` against `base`, one at a time, over the first `users` users.
 async fn one_at_a_time(base: &str, kind: &str, n: u64, users: i64) {
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     for i in 0..n {
         let id = 1 + (i as i64 % users);
-        let req = match kind {
-            "put" => http::Request::put(format!("{base}/users/{id}/settings"))
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(format!(
-                    r#"{{"theme":"t{}","notifications_enabled":true}}"#,
-                    i % 100
-                )))),
-            _ => http::Request::get(format!("{base}/users/{id}/settings"))
-                .body(Full::new(Bytes::new())),
-        }
-        .unwrap();
+        let req = settings_request(base, id, (kind == "put").then_some(i % 100));
         let res = client.request(req).await.unwrap();
         assert!(res.status().is_success(), "{kind} {id}: {}", res.status());
         let _ = res.into_body().collect().await;
