@@ -352,10 +352,7 @@ where
             let conn: &mut ConnOf<R, X> = &mut tx;
             store.resync_in(conn, key, source).await?
         };
-        query("DELETE FROM twintrack_repair_intents WHERE id = $1")
-            .bind(id)
-            .execute(Db::<R, X>::conn(&mut tx))
-            .await?;
+        clear_intent(Db::<R, X>::conn(&mut tx), id).await?;
         tx.commit().await?;
         Ok(Some(done))
     }
